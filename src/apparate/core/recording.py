@@ -1,0 +1,110 @@
+"""Recording: every candidate ramp's output on a stream of inputs, in arrival order.
+
+Made once by running a model with all candidate ramps active; used for initial placement
+(bootstrap data) and replayed through any policy. Stored as one `.npz` of plain arrays (loaded
+with pickles disallowed) whose `meta` entry is UTF-8 JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "apparate.recording/1"
+
+
+@dataclass(frozen=True, eq=False)
+class Recording:
+    conf: np.ndarray  # [N, S] confidence of each candidate ramp, in [0, 1]
+    pred: np.ndarray  # [N, S] each ramp's predicted class
+    final: np.ndarray  # [N] the original model's predicted class
+    labels: np.ndarray | None = None  # [N] ground truth, -1 where unknown
+    lengths: np.ndarray | None = None  # [N] cost key (e.g. tokens); None for fixed-size inputs
+    site_names: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        conf = np.asarray(self.conf, dtype=np.float32)
+        pred = np.asarray(self.pred, dtype=np.int32)
+        final = np.asarray(self.final, dtype=np.int32).reshape(-1)
+        if conf.ndim != 2 or pred.shape != conf.shape:
+            raise ValueError(f"conf and pred must both be [inputs, sites], got {conf.shape} and {pred.shape}")
+        n = conf.shape[0]
+        if final.shape != (n,):
+            raise ValueError(f"final has {final.size} entries for {n} inputs")
+        if np.isnan(conf).any() or (conf.size and (conf.min() < 0 or conf.max() > 1)):
+            raise ValueError("conf must be finite and in [0, 1]")
+        labels = None if self.labels is None else np.asarray(self.labels, dtype=np.int32).reshape(-1)
+        lengths = None if self.lengths is None else np.asarray(self.lengths, dtype=np.int32).reshape(-1)
+        for name, arr in (("labels", labels), ("lengths", lengths)):
+            if arr is not None and arr.shape != (n,):
+                raise ValueError(f"{name} has {arr.size} entries for {n} inputs")
+        names = tuple(self.site_names)
+        if names and len(names) != conf.shape[1]:
+            raise ValueError(f"{len(names)} site names for {conf.shape[1]} sites")
+        for attr, value in (("conf", conf), ("pred", pred), ("final", final), ("labels", labels),
+                            ("lengths", lengths), ("site_names", names), ("meta", dict(self.meta))):
+            object.__setattr__(self, attr, value)
+
+    @property
+    def num_inputs(self) -> int:
+        return int(self.conf.shape[0])
+
+    @property
+    def num_sites(self) -> int:
+        return int(self.conf.shape[1])
+
+    @property
+    def agree(self) -> np.ndarray:
+        """[N, S]: each ramp's answer equals the original model's."""
+        return self.pred == self.final[:, None]
+
+    def __len__(self) -> int:
+        return self.num_inputs
+
+    def take(self, index: Any) -> "Recording":
+        """A recording of a subset of the inputs (a slice, mask or index array)."""
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return Recording(self.conf[index], self.pred[index], self.final[index], pick(self.labels),
+                         pick(self.lengths), self.site_names, self.meta)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_suffix(".npz")
+        arrays = {"conf": self.conf, "pred": self.pred, "final": self.final}
+        if self.labels is not None:
+            arrays["labels"] = self.labels
+        if self.lengths is not None:
+            arrays["lengths"] = self.lengths
+        meta = {"format": FORMAT, "site_names": list(self.site_names), "meta": self.meta}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recording":
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"no recording at {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except Exception as e:  # a truncated or foreign file
+            raise ValueError(f"{path} is not a readable recording: {e}") from None
+        try:
+            meta = json.loads(bytes(data["meta"]).decode())
+        except (KeyError, ValueError):
+            raise ValueError(f"{path} has no recording metadata") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a recording of format {FORMAT!r}: {meta.get('format')!r}")
+        missing = {"conf", "pred", "final"} - set(data)
+        if missing:
+            raise ValueError(f"{path} lacks {sorted(missing)}")
+        return cls(data["conf"], data["pred"], data["final"], data.get("labels"), data.get("lengths"),
+                   tuple(meta.get("site_names", ())), meta.get("meta", {}))

@@ -1,0 +1,131 @@
+"""Settings: every tunable of the control loops, with its documented default.
+
+Defaults follow the public artifact's constants (reference notes §5.5) where they make sense for
+this design and say so where they differ. Windows are counted in inputs, not batches, so that
+batch size does not change what they mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- accuracy -------------------------------------------------------------------------
+    accuracy_constraint: float = 0.01
+    """A: max share of released answers that may differ from the original model's (1%)."""
+    tuning_margin: float = 0.005
+    """Thresholds are tuned to A - margin, a safety margin against sample noise (notes A5).
+    The artifact's comments say 0.5%; its code effectively uses A - 0.01% (0.0099)."""
+
+    # --- ramp budget ------------------------------------------------------------------------
+    ramp_budget: float = 0.02
+    """B: active ramps may add at most this share to worst-case latency (notes A4; artifact 5%)."""
+    max_ramps: int | None = None
+    """Optional cap on the number of active ramps (artifact: 3 for CV, 2 for NLP)."""
+
+    # --- threshold tuning -------------------------------------------------------------------
+    window_inputs: int = 512
+    """Tuning window: the most recent inputs (the artifact used the last 4 batches)."""
+    recent_inputs: int = 128
+    """Violation window: the current thresholds are checked against these latest inputs."""
+    min_tune_inputs: int = 64
+    """A configuration is tuned only once this many inputs have seen all its ramps."""
+    retune_every_inputs: int = 256
+    """Periodic re-tune, so thresholds can also rise when inputs get easier (NLP artifact: every
+    100 batches at batch 40)."""
+    init_step: float = 0.01
+    min_step: float = 0.001
+    emergency_after: int = 2
+    """Violations in a row before the emergency action (artifact: >= 2 violating batches)."""
+    emergency_action: str = "retune_recent"
+    """'retune_recent' re-tunes on the violation window alone; 'zero' (artifact CV) disables the
+    ramps that released wrong answers there; 'shrink' (artifact NLP) scales their thresholds."""
+    emergency_shrink: float = 0.1
+
+    # --- ramp adjustment --------------------------------------------------------------------
+    adjust_every_batches: int = 30
+    """Ramp adjustment period (artifact: 30 batches for CV, 100 for NLP)."""
+    utility_batches: int = 20
+    """Utility history per ramp, in batches (artifact: 20)."""
+    min_evidence_inputs: int = 64
+    """A ramp is judged only on at least this many inputs of history (the artifact judged an
+    empty history as negative)."""
+    negative_share: float = 1.0
+    """A ramp is negative when at least this share of its history batches had utility <= 0
+    (artifact: all of them for CV, 60% for NLP)."""
+    tune_gap: float = 0.02
+    """If re-tuning alone wins this much more latency (fraction of vanilla), adjust nothing
+    (artifact: 2 pp for CV, 5 pp for NLP)."""
+    exit_rate_guard: float = 0.9
+    """No deeper ramp is added when the remaining ramps already release this share."""
+    new_ramp_threshold: float = 0.0
+    """Threshold of a newly added ramp until it is tuned (artifact: 0 for CV, 0.01 for NLP)."""
+    move_removes: str = "lowest"
+    """When probing earlier with no room: remove the 'lowest'-utility ramp (notes A7) or the
+    'highest' (the artifact's behaviour, for fidelity runs)."""
+    cooldown_adjustments: int = 2
+    """Damping: a site removed as negative is not re-added for this many adjustments, doubling
+    each time it fails again."""
+
+    # --- initial placement ------------------------------------------------------------------
+    placement: str = "greedy"
+    """'greedy' adds the ramp with the best tuned latency win per cost until none helps;
+    'spaced' is the artifact's: greedy count, then evenly spaced positions."""
+    placement_batch_size: int = 8
+    """Batch size whose latencies drive placement and the initial tune."""
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        need(0 <= self.accuracy_constraint < 1, f"accuracy_constraint must be in [0, 1), got {self.accuracy_constraint}")
+        need(0 <= self.tuning_margin <= self.accuracy_constraint,
+             f"tuning_margin must be in [0, accuracy_constraint], got {self.tuning_margin}")
+        need(self.ramp_budget >= 0, f"ramp_budget must be >= 0, got {self.ramp_budget}")
+        need(self.max_ramps is None or self.max_ramps >= 0, f"max_ramps must be >= 0, got {self.max_ramps}")
+        for name in ("window_inputs", "recent_inputs", "min_tune_inputs", "retune_every_inputs",
+                     "adjust_every_batches", "utility_batches", "emergency_after", "placement_batch_size"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.min_evidence_inputs >= 0, "min_evidence_inputs must be >= 0")
+        need(self.recent_inputs <= self.window_inputs, "recent_inputs must not exceed window_inputs")
+        need(self.min_tune_inputs <= self.window_inputs, "min_tune_inputs must not exceed window_inputs")
+        need(0 < self.min_step <= self.init_step, "need 0 < min_step <= init_step")
+        need(0 < self.negative_share <= 1, "negative_share must be in (0, 1]")
+        need(0 <= self.exit_rate_guard <= 1, "exit_rate_guard must be in [0, 1]")
+        need(0 <= self.new_ramp_threshold <= 1, "new_ramp_threshold must be in [0, 1]")
+        need(0 < self.emergency_shrink < 1, "emergency_shrink must be in (0, 1)")
+        need(self.cooldown_adjustments >= 0, "cooldown_adjustments must be >= 0")
+        need(self.emergency_action in ("retune_recent", "zero", "shrink"),
+             f"emergency_action must be retune_recent, zero or shrink, got {self.emergency_action!r}")
+        need(self.move_removes in ("lowest", "highest"), f"move_removes must be lowest or highest, got {self.move_removes!r}")
+        need(self.placement in ("greedy", "spaced"), f"placement must be greedy or spaced, got {self.placement!r}")
+
+    @property
+    def tuning_target(self) -> float:
+        """Accuracy loss the tuner aims for on its window."""
+        return self.accuracy_constraint - self.tuning_margin
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Settings":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown settings: {sorted(unknown)}")
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> "Settings":
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def for_nlp(cls, **changes: Any) -> "Settings":
+        """The artifact's NLP variants of the defaults (notes §5.5)."""
+        base = dict(adjust_every_batches=100, negative_share=0.6, tune_gap=0.05,
+                    new_ramp_threshold=0.01, emergency_action="shrink")
+        return cls(**{**base, **changes})

@@ -1,0 +1,339 @@
+"""Accuracy-aware threshold tuning.
+
+`greedy_thresholds` is the search of the paper's artifact (notes §2.2): a coordinate-wise hill
+climb over per-ramp thresholds with multiplicative steps. Each round tries raising every ramp's
+threshold by its step and takes the feasible move that loses the least accuracy per unit of
+latency won; a taken step doubles, and when no move is feasible every step halves, until all
+steps are at the minimum. Differences from the artifact, on purpose:
+
+* ramp 0 can be the best direction (the artifact's truthiness test treated it as "none");
+* accuracy lost is signed, so a move that also fixes answers ranks best (the artifact used |.|);
+* a move that loses accuracy without winning latency is never taken;
+* feasibility is "wrong answers <= target * N" on integer counts, and latencies are compared in
+  integer nanoseconds, so the search is exact and deterministic whatever the summation order.
+
+The implementation is exact but incremental: per ramp, inputs are kept sorted by uncertainty, so
+raising a threshold touches only the band of inputs between the old and new value, and all the
+halving rounds that would find nothing are folded into one evaluation. The plain version that
+re-simulates every candidate lives in the tests as the oracle this one must match move for move.
+
+`grid_thresholds` (exhaustive over a grid) and `shared_threshold` (one threshold for all ramps)
+are the searches the baselines use.
+"""
+
+from __future__ import annotations
+
+import itertools
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from .exits import ExitResult, check_thresholds, check_window, first_exit, simulate
+from .profile import LatencyTable
+
+# Loops longer than this switch from plain Python to numpy (a numpy call costs ~1-4 us).
+VECTOR_CUTOFF = 96
+
+
+@dataclass(frozen=True, eq=False)
+class TuneResult:
+    thresholds: np.ndarray  # [R]
+    result: ExitResult  # the thresholds applied to the window they were tuned on
+    rounds: int = 0  # evaluation rounds the search used
+
+
+def allowed_wrong(target: float, n: int) -> int:
+    """How many released answers may differ from the original's on n inputs."""
+    if not 0 <= target <= 1:
+        raise ValueError(f"accuracy target (loss) must be in [0, 1], got {target}")
+    return int(np.floor(target * n + 1e-9))
+
+
+def _check_inputs(conf, agree, table: LatencyTable) -> tuple[np.ndarray, np.ndarray]:
+    conf, agree = check_window(conf, agree)
+    if table.num_ramps != conf.shape[1]:
+        raise ValueError(f"latency table has {table.num_ramps} ramps but the window has {conf.shape[1]}")
+    return conf, agree
+
+
+def greedy_thresholds(
+    conf: np.ndarray,
+    agree: np.ndarray,
+    table: LatencyTable,
+    target: float,
+    fixed: Mapping[int, float] | None = None,
+    init_step: float = 0.01,
+    min_step: float = 0.001,
+    max_rounds: int = 100_000,
+) -> TuneResult:
+    """Per-ramp thresholds that win the most latency with at most `target` accuracy loss.
+
+    conf, agree: [N, R] for the active ramps in site order. `fixed` maps ramp positions (0..R-1)
+    to thresholds that are kept as they are (the partial re-tune of offending ramps).
+    """
+    conf, agree = _check_inputs(conf, agree, table)
+    if not 0 < min_step <= init_step:
+        raise ValueError(f"need 0 < min_step <= init_step, got {min_step}, {init_step}")
+    n, R = conf.shape
+    allowed = allowed_wrong(target, n)
+    thr = [0.0] * R
+    searchable = [True] * R
+    for r, t in (fixed or {}).items():
+        if not 0 <= r < R:
+            raise ValueError(f"fixed ramp {r} out of range 0..{R - 1}")
+        thr[r] = float(t)
+        searchable[r] = False
+
+    # Setup in numpy, then the search in plain Python: a round touches few inputs, and at these
+    # sizes a numpy call costs more than the work it would do.
+    u_t = 1.0 - conf.T  # [R, N] uncertainty
+    lat_np = table.all_ns
+    lat = lat_np.tolist()
+    ag_np = agree.T.astype(np.int64)
+    ag = ag_np.tolist()
+    if fixed:
+        thr_np = check_thresholds(thr, R)
+        e_a = first_exit(u_t.T, thr_np)
+        cc_a = np.append(ag_np, np.ones((1, n), dtype=np.int64), axis=0)[e_a, np.arange(n)]
+    else:  # nothing exits yet: every answer is the original's, at the end
+        e_a = np.full(n, R, dtype=np.int64)
+        cc_a = np.ones(n, dtype=np.int64)
+    cl_a = lat_np[e_a]
+    e, cc, cl = e_a.tolist(), cc_a.tolist(), cl_a.tolist()  # exit, right?, latency per input
+    wrong = n - sum(cc)
+    rows = np.arange(R)[:, None]
+    order = np.argsort(u_t, axis=1)  # [R, N] inputs by uncertainty, per ramp (ties in any order)
+    ords = order.tolist()
+    us = u_t[rows, order].tolist()
+    pos_np = np.empty_like(order)
+    pos_np[rows, order] = np.arange(n)
+    pos_rows: list[list[int] | None] = [None] * R  # converted on first use
+
+    def pos_of(r: int) -> list[int]:
+        row = pos_rows[r]
+        if row is None:
+            row = pos_rows[r] = pos_np[r].tolist()
+        return row
+
+    lo = [bisect_left(us[r], thr[r]) for r in range(R)]  # inputs already below the threshold
+    step = [float(init_step)] * R
+
+    # Per ramp, the sums over its band [lo, hi) of what moving those inputs to the ramp would
+    # change: wrong answers (bw) and latency won (bl). Kept current by deltas: moving a band
+    # edge adds or removes the segment between, and a move elsewhere adjusts by each moved
+    # input's change in contribution. The arrays e_a, cc_a, cl_a mirror e, cc, cl for the
+    # vectorised paths taken when a loop would be long.
+    hi_of = lo[:]
+    bw = [0] * R
+    bl = [0] * R
+
+    pending: list[tuple[list[int], int]] = []  # moves not yet mirrored into e_a, cc_a, cl_a
+
+    def sync() -> None:
+        for moved, r in pending:
+            M = np.asarray(moved)
+            e_a[M], cc_a[M], cl_a[M] = r, ag_np[r, M], lat[r]
+        pending.clear()
+
+    def set_hi(r: int, hi: int) -> None:
+        """Move ramp r's band edge to `hi`, adding or removing the segment in between."""
+        h0 = hi_of[r]
+        if hi == h0:
+            return
+        a_, b_, sign = (h0, hi, 1) if hi > h0 else (hi, h0, -1)
+        if b_ - a_ > VECTOR_CUTOFF:
+            sync()
+            o = order[r, a_:b_]
+            o = o[e_a[o] > r]
+            sw, sl = int((cc_a[o] - ag_np[r, o]).sum()), int((cl_a[o] - lat[r]).sum())
+        else:
+            a, L = ag[r], lat[r]
+            sw = sl = 0
+            for m in ords[r][a_:b_]:
+                if e[m] > r:
+                    sw += cc[m] - a[m]
+                    sl += cl[m] - L
+        bw[r] += sign * sw
+        bl[r] += sign * sl
+        hi_of[r] = hi
+
+    def shift_bands(moved: list[int], chosen: int) -> None:
+        """Adjust every other band for inputs that now exit at `chosen`."""
+        a, L = ag[chosen], lat[chosen]
+        if len(moved) * R > VECTOR_CUTOFF:
+            sync()
+            M = np.asarray(moved)
+            P = pos_np[:, M]
+            inband = (P >= np.asarray(lo)[:, None]) & (P < np.asarray(hi_of)[:, None])
+            inband[chosen] = False
+            old = (e_a[M][None, :] > rows) & inband
+            new = (chosen > rows) & inband
+            agr = ag_np[:, M]
+            dsw = (new * (ag_np[chosen, M][None, :] - agr)).sum(1) - (old * (cc_a[M][None, :] - agr)).sum(1)
+            dsl = (new.sum(1) * L - old @ cl_a[M]) - (new.sum(1) - old.sum(1)) * lat_np[:R]
+            for r in range(R):
+                bw[r] += int(dsw[r])
+                bl[r] += int(dsl[r])
+            return
+        for r in range(R):
+            if r == chosen or hi_of[r] <= lo[r]:
+                continue
+            pr, lr, hr, ar, Lr = pos_of(r), lo[r], hi_of[r], ag[r], lat[r]
+            dsw = dsl = 0
+            for m in moved:
+                if lr <= pr[m] < hr:
+                    if e[m] > r:  # remove the old contribution
+                        dsw -= cc[m] - ar[m]
+                        dsl -= cl[m] - Lr
+                    if chosen > r:  # add the new one
+                        dsw += a[m] - ar[m]
+                        dsl += L - Lr
+            bw[r] += dsw
+            bl[r] += dsl
+
+    rounds = 0
+    while rounds < max_rounds:
+        rounds += 1
+        live = [r for r in range(R) if searchable[r] and thr[r] < 1.0]
+        if not live:
+            break
+        # Level k = the artifact's k-th halving round; the first level with a move wins. The
+        # bands follow the levels down, so they are exactly the next round's bands.
+        k, chosen = 0, -1
+        cand: dict[int, tuple[float, float]] = {}
+        probe = live
+        while True:
+            scale = 0.5 ** k
+            best_r, best_score, neutral_r = -1, 0.0, -1
+            free: list[int] = []
+            shrinking = []  # ramps whose step can still halve; the others stay as probed
+            for r in probe:
+                s = step[r] * scale
+                if s <= min_step:
+                    s = min_step
+                else:
+                    shrinking.append(r)
+                v = thr[r] + s
+                if v > 1.0:
+                    v = 1.0
+                set_hi(r, bisect_left(us[r], v, lo[r]))
+                cand[r] = (v, s)
+                dw, dl = bw[r], bl[r]
+                if wrong + dw > allowed:
+                    continue
+                if dl > 0:
+                    score = dw / dl
+                    if best_r < 0 or score < best_score:
+                        best_r, best_score = r, score
+                    if dw == 0:
+                        free.append(r)
+                elif dw <= 0:
+                    if neutral_r < 0:
+                        neutral_r = r
+                    free.append(r)
+            chosen = best_r if best_r >= 0 else neutral_r
+            if chosen >= 0 or not shrinking:
+                break
+            probe = shrinking
+            k += 1
+        if chosen < 0:
+            break
+        # Apply: steps as after k halvings, the move, then the doublings.
+        for r in live:
+            step[r] = cand[r][1]
+        o, a, L = ords[chosen], ag[chosen], lat[chosen]
+        moved = [m for m in o[lo[chosen]:hi_of[chosen]] if e[m] > chosen]
+        thr[chosen] = cand[chosen][0]
+        lo[chosen] = hi_of[chosen]
+        bw[chosen] = bl[chosen] = 0
+        if moved:
+            shift_bands(moved, chosen)
+            for m in moved:
+                wrong += cc[m] - a[m]
+                e[m], cc[m], cl[m] = chosen, a[m], L
+            pending.append((moved, chosen))
+        for r in set(free) | {chosen}:
+            step[r] *= 2.0
+
+    thr_out = np.array(thr, dtype=np.float64)
+    e_out = np.array(e, dtype=np.int64)
+    result = ExitResult(exit_index=e_out, correct=np.array(cc, dtype=bool),
+                        latency_ms=table.all_ms[e_out], vanilla_ms=table.vanilla_ms, num_ramps=R)
+    return TuneResult(thresholds=thr_out, result=result, rounds=rounds)
+
+
+def _best_feasible(conf, agree, table: LatencyTable, candidates: np.ndarray, target: float, chunk: int = 4096) -> TuneResult:
+    """Evaluate candidate threshold vectors [C, R]; keep the lowest mean latency within target.
+
+    Ties go to the earliest candidate. All-zero thresholds (no exits) are always feasible, so
+    callers include them to guarantee an answer.
+    """
+    n, R = conf.shape
+    allowed = allowed_wrong(target, n)
+    u = 1.0 - conf
+    lat = table.all_ns
+    agree_end = np.concatenate([agree, np.ones((n, 1), dtype=bool)], axis=1)
+    best, best_lat = None, None
+    for start in range(0, len(candidates), chunk):
+        c = candidates[start:start + chunk]  # [C, R]
+        fires = u[None, :, :] < c[:, None, :]  # [C, N, R]
+        idx = np.where(fires.any(axis=2), fires.argmax(axis=2), R)  # [C, N]
+        wrong = n - agree_end[np.arange(n)[None, :], idx].sum(axis=1)
+        total = lat[idx].sum(axis=1)
+        total = np.where(wrong <= allowed, total, np.iinfo(np.int64).max)
+        i = int(np.argmin(total))
+        if total[i] != np.iinfo(np.int64).max and (best_lat is None or total[i] < best_lat):
+            best, best_lat = c[i].copy(), total[i]
+    assert best is not None, "candidates must include an always-feasible point"
+    return TuneResult(thresholds=best, result=simulate(conf, agree, best, table, validate=False),
+                      rounds=len(candidates))
+
+
+def grid_thresholds(
+    conf: np.ndarray,
+    agree: np.ndarray,
+    table: LatencyTable,
+    target: float,
+    grid: np.ndarray | None = None,
+    max_points: int = 2_000_000,
+) -> TuneResult:
+    """Exhaustive search over a threshold grid per ramp (the "opt" baselines). Cost: |grid|^R."""
+    conf, agree = _check_inputs(conf, agree, table)
+    g = np.linspace(0.0, 1.0, 21) if grid is None else np.unique(np.asarray(grid, dtype=np.float64))
+    check_thresholds(g, g.size)
+    if g[0] != 0.0:
+        g = np.insert(g, 0, 0.0)
+    R = conf.shape[1]
+    if g.size ** R > max_points:
+        raise ValueError(f"grid of {g.size}^{R} points exceeds max_points={max_points}; "
+                         "use a coarser grid or greedy_thresholds")
+    cands = np.array(list(itertools.product(g, repeat=R)), dtype=np.float64).reshape(-1, R)
+    return _best_feasible(conf, agree, table, cands, target, chunk=max(1, 2_000_000 // max(conf.size, 1)))
+
+
+def shared_threshold(
+    conf: np.ndarray,
+    agree: np.ndarray,
+    table: LatencyTable,
+    target: float,
+    grid: np.ndarray | None = None,
+) -> TuneResult:
+    """The best single threshold applied to every ramp (BranchyNet/DeeBERT-style tuning).
+
+    By default the candidates are every distinct uncertainty just passed (exact), thinned to
+    at most 2,001 evenly spaced quantiles on large windows.
+    """
+    conf, agree = _check_inputs(conf, agree, table)
+    if grid is None:
+        u = np.unique(1.0 - conf)
+        if u.size > 2000:
+            u = np.quantile(u, np.linspace(0, 1, 2000))
+        g = np.unique(np.concatenate([[0.0], np.minimum(np.nextafter(u, 2.0), 1.0)]))
+    else:
+        g = np.unique(np.concatenate([[0.0], np.asarray(grid, dtype=np.float64)]))
+        check_thresholds(g, g.size)
+    R = conf.shape[1]
+    cands = np.repeat(g[:, None], R, axis=1)
+    return _best_feasible(conf, agree, table, cands, target, chunk=max(1, 2_000_000 // max(conf.size, 1)))
