@@ -39,8 +39,8 @@ class LatencyTable:
     all_ns: np.ndarray = field(init=False)  # the same in integer ns: sums exact in any order
 
     def __post_init__(self) -> None:
-        site = np.asarray(self.site_ms, dtype=np.float64).reshape(-1)
-        ramp = np.asarray(self.ramp_ms, dtype=np.float64).reshape(-1)
+        site = np.array(self.site_ms, dtype=np.float64).reshape(-1)  # own copies: made read-only
+        ramp = np.array(self.ramp_ms, dtype=np.float64).reshape(-1)
         if site.shape != ramp.shape:
             raise ValueError(f"site_ms has {site.size} entries but ramp_ms has {ramp.size}")
         if not (np.all(np.isfinite(site)) and np.all(np.isfinite(ramp)) and np.isfinite(self.vanilla_ms)):
@@ -50,13 +50,18 @@ class LatencyTable:
         object.__setattr__(self, "site_ms", site)
         object.__setattr__(self, "ramp_ms", ramp)
         object.__setattr__(self, "vanilla_ms", float(self.vanilla_ms))
+        for arr in (site, ramp):
+            arr.flags.writeable = False  # tables are cached and shared
         exit_ms = site + np.cumsum(ramp)
         end_ms = float(self.vanilla_ms + ramp.sum())
         all_ms = np.append(exit_ms, end_ms)
+        all_ns = np.rint(all_ms * 1e6).astype(np.int64)
+        for arr in (exit_ms, all_ms, all_ns):
+            arr.flags.writeable = False
         object.__setattr__(self, "exit_ms", exit_ms)
         object.__setattr__(self, "end_ms", end_ms)
         object.__setattr__(self, "all_ms", all_ms)
-        object.__setattr__(self, "all_ns", np.rint(all_ms * 1e6).astype(np.int64))
+        object.__setattr__(self, "all_ns", all_ns)
 
     @property
     def num_ramps(self) -> int:
@@ -171,9 +176,16 @@ class LatencyProfile:
 
     def table(self, batch_size: float, sites: Sequence[int] | np.ndarray, length: float | None = None) -> LatencyTable:
         """Latency table for the given active sites (site order) at one batch size."""
+        key = ("table", float(batch_size), tuple(int(s) for s in sites), None if length is None else float(length))
+        hit = self._cache.get(key)  # type: ignore[attr-defined]
+        if hit is not None:
+            return hit
         idx = self._check_sites(sites)
         site, ramp, van = self.at(batch_size, length)
-        return LatencyTable(site_ms=site[idx], ramp_ms=ramp[idx], vanilla_ms=van)
+        out = LatencyTable(site_ms=site[idx], ramp_ms=ramp[idx], vanilla_ms=van)
+        if len(self._cache) < 4096:  # type: ignore[attr-defined]
+            self._cache[key] = out  # type: ignore[attr-defined]
+        return out
 
     def vanilla(self, batch_size: float, length: float | None = None) -> float:
         return self.at(batch_size, length)[2]

@@ -16,9 +16,10 @@ class Settings:
     # --- accuracy -------------------------------------------------------------------------
     accuracy_constraint: float = 0.01
     """A: max share of released answers that may differ from the original model's (1%)."""
-    tuning_margin: float = 0.005
+    tuning_margin: float = 0.002
     """Thresholds are tuned to A - margin, a safety margin against sample noise (notes A5).
-    The artifact's comments say 0.5%; its code effectively uses A - 0.01% (0.0099)."""
+    The artifact's comments say 0.5%, its code effectively A - 0.01% (0.0099); with smoothed
+    agreement (below) out-of-sample loss tracks the target closely, so 0.2% suffices."""
 
     # --- ramp budget ------------------------------------------------------------------------
     ramp_budget: float = 0.02
@@ -27,17 +28,22 @@ class Settings:
     """Optional cap on the number of active ramps (artifact: 3 for CV, 2 for NLP)."""
 
     # --- threshold tuning -------------------------------------------------------------------
-    window_inputs: int = 512
+    window_inputs: int = 1024
     """Tuning window: the most recent inputs (the artifact used the last 4 batches)."""
-    recent_inputs: int = 128
+    recent_inputs: int = 256
     """Violation window: the current thresholds are checked against these latest inputs."""
-    min_tune_inputs: int = 64
+    min_tune_inputs: int = 128
     """A configuration is tuned only once this many inputs have seen all its ramps."""
     retune_every_inputs: int = 256
     """Periodic re-tune, so thresholds can also rise when inputs get easier (NLP artifact: every
     100 batches at batch 40)."""
     init_step: float = 0.01
     min_step: float = 0.001
+    agreement_bin: int = 32
+    """Tune on agreement smoothed along confidence in bins of this many inputs (0 = raw 0/1
+    agreement, as the artifact). Raw agreement overfits small windows: see core/calibration."""
+    agreement_prior: float = 1.0
+    """Pseudo-observations of a ramp's mean agreement added to each bin."""
     emergency_after: int = 2
     """Violations in a row before the emergency action (artifact: >= 2 violating batches)."""
     emergency_action: str = "retune_recent"
@@ -91,6 +97,7 @@ class Settings:
                      "adjust_every_batches", "utility_batches", "emergency_after", "placement_batch_size"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.min_evidence_inputs >= 0, "min_evidence_inputs must be >= 0")
+        need(self.agreement_bin >= 0 and self.agreement_prior >= 0, "agreement_bin and agreement_prior must be >= 0")
         need(self.recent_inputs <= self.window_inputs, "recent_inputs must not exceed window_inputs")
         need(self.min_tune_inputs <= self.window_inputs, "min_tune_inputs must not exceed window_inputs")
         need(0 < self.min_step <= self.init_step, "need 0 < min_step <= init_step")

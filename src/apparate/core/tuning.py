@@ -30,8 +30,10 @@ from typing import Mapping
 
 import numpy as np
 
+from .calibration import smooth_agreement
 from .exits import ExitResult, check_thresholds, check_window, first_exit, simulate
 from .profile import LatencyTable
+from .settings import Settings
 
 # Loops longer than this switch from plain Python to numpy (a numpy call costs ~1-4 us).
 VECTOR_CUTOFF = 96
@@ -44,11 +46,15 @@ class TuneResult:
     rounds: int = 0  # evaluation rounds the search used
 
 
-def allowed_wrong(target: float, n: int) -> int:
-    """How many released answers may differ from the original's on n inputs."""
+# Agreement probabilities are counted in integer milli-units, so the search stays exact.
+PROB_UNITS = 1000
+
+
+def allowed_wrong(target: float, n: int, units: int = 1) -> int:
+    """How many released answers (in `units` per answer) may differ from the original's."""
     if not 0 <= target <= 1:
         raise ValueError(f"accuracy target (loss) must be in [0, 1], got {target}")
-    return int(np.floor(target * n + 1e-9))
+    return int(np.floor(target * n * units + 1e-6))
 
 
 def _check_inputs(conf, agree, table: LatencyTable) -> tuple[np.ndarray, np.ndarray]:
@@ -67,17 +73,29 @@ def greedy_thresholds(
     init_step: float = 0.01,
     min_step: float = 0.001,
     max_rounds: int = 100_000,
+    agree_prob: np.ndarray | None = None,
 ) -> TuneResult:
     """Per-ramp thresholds that win the most latency with at most `target` accuracy loss.
 
     conf, agree: [N, R] for the active ramps in site order. `fixed` maps ramp positions (0..R-1)
     to thresholds that are kept as they are (the partial re-tune of offending ramps).
+    `agree_prob` [N, R], if given, replaces 0/1 agreement in the search by probabilities (see
+    `calibration.smooth_agreement`); the returned result is still measured on `agree`.
     """
     conf, agree = _check_inputs(conf, agree, table)
     if not 0 < min_step <= init_step:
         raise ValueError(f"need 0 < min_step <= init_step, got {min_step}, {init_step}")
     n, R = conf.shape
-    allowed = allowed_wrong(target, n)
+    if agree_prob is None:
+        units = 1
+        ag_np = agree.T.astype(np.int64)
+    else:
+        p = np.asarray(agree_prob, dtype=np.float64)
+        if p.shape != conf.shape or np.isnan(p).any() or (p.size and (p.min() < 0 or p.max() > 1)):
+            raise ValueError(f"agree_prob must be [N, R] = {conf.shape} probabilities in [0, 1]")
+        units = PROB_UNITS
+        ag_np = np.rint(p.T * units).astype(np.int64)
+    allowed = allowed_wrong(target, n, units)
     thr = [0.0] * R
     searchable = [True] * R
     for r, t in (fixed or {}).items():
@@ -91,30 +109,36 @@ def greedy_thresholds(
     u_t = 1.0 - conf.T  # [R, N] uncertainty
     lat_np = table.all_ns
     lat = lat_np.tolist()
-    ag_np = agree.T.astype(np.int64)
     ag = ag_np.tolist()
     if fixed:
         thr_np = check_thresholds(thr, R)
         e_a = first_exit(u_t.T, thr_np)
-        cc_a = np.append(ag_np, np.ones((1, n), dtype=np.int64), axis=0)[e_a, np.arange(n)]
+        cc_a = np.append(ag_np, np.full((1, n), units, dtype=np.int64), axis=0)[e_a, np.arange(n)]
     else:  # nothing exits yet: every answer is the original's, at the end
         e_a = np.full(n, R, dtype=np.int64)
-        cc_a = np.ones(n, dtype=np.int64)
+        cc_a = np.full(n, units, dtype=np.int64)
     cl_a = lat_np[e_a]
     e, cc, cl = e_a.tolist(), cc_a.tolist(), cl_a.tolist()  # exit, right?, latency per input
-    wrong = n - sum(cc)
+    wrong = n * units - sum(cc)
     rows = np.arange(R)[:, None]
     order = np.argsort(u_t, axis=1)  # [R, N] inputs by uncertainty, per ramp (ties in any order)
     ords = order.tolist()
     us = u_t[rows, order].tolist()
-    pos_np = np.empty_like(order)
-    pos_np[rows, order] = np.arange(n)
-    pos_rows: list[list[int] | None] = [None] * R  # converted on first use
+    # Rank of each input in each ramp's order: built on first use (not every search moves).
+    pos_cache: list[np.ndarray] = []
+    pos_rows: list[list[int] | None] = [None] * R
+
+    def pos_all() -> np.ndarray:
+        if not pos_cache:
+            p = np.empty_like(order)
+            p[rows, order] = np.arange(n)
+            pos_cache.append(p)
+        return pos_cache[0]
 
     def pos_of(r: int) -> list[int]:
         row = pos_rows[r]
         if row is None:
-            row = pos_rows[r] = pos_np[r].tolist()
+            row = pos_rows[r] = pos_all()[r].tolist()
         return row
 
     lo = [bisect_left(us[r], thr[r]) for r in range(R)]  # inputs already below the threshold
@@ -165,7 +189,7 @@ def greedy_thresholds(
         if len(moved) * R > VECTOR_CUTOFF:
             sync()
             M = np.asarray(moved)
-            P = pos_np[:, M]
+            P = pos_all()[:, M]
             inband = (P >= np.asarray(lo)[:, None]) & (P < np.asarray(hi_of)[:, None])
             inband[chosen] = False
             old = (e_a[M][None, :] > rows) & inband
@@ -259,9 +283,21 @@ def greedy_thresholds(
 
     thr_out = np.array(thr, dtype=np.float64)
     e_out = np.array(e, dtype=np.int64)
-    result = ExitResult(exit_index=e_out, correct=np.array(cc, dtype=bool),
+    correct = np.append(agree.T, np.ones((1, n), dtype=bool), axis=0)[e_out, np.arange(n)]
+    result = ExitResult(exit_index=e_out, correct=correct,
                         latency_ms=table.all_ms[e_out], vanilla_ms=table.vanilla_ms, num_ramps=R)
     return TuneResult(thresholds=thr_out, result=result, rounds=rounds)
+
+
+def tune(conf: np.ndarray, agree: np.ndarray, table: LatencyTable, settings: Settings,
+         fixed: Mapping[int, float] | None = None) -> TuneResult:
+    """The greedy search as the control loops run it: target, steps and smoothing from settings."""
+    prob = None
+    if settings.agreement_bin > 0:
+        conf, agree = _check_inputs(conf, agree, table)
+        prob = smooth_agreement(conf, agree, settings.agreement_bin, settings.agreement_prior)
+    return greedy_thresholds(conf, agree, table, settings.tuning_target, fixed=fixed, init_step=settings.init_step,
+                             min_step=settings.min_step, agree_prob=prob)
 
 
 def _best_feasible(conf, agree, table: LatencyTable, candidates: np.ndarray, target: float, chunk: int = 4096) -> TuneResult:

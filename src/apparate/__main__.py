@@ -1,0 +1,5 @@
+import sys
+
+from apparate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,143 @@
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from apparate.core.controller import Config, Controller, Feedback
+from apparate.core.profile import LatencyProfile
+from apparate.core.settings import Settings
+from apparate.core.synthetic import drift_curve, synthetic_recording
+
+S = 10
+PROFILE = LatencyProfile.linear(S, ramp_fraction=0.006)
+BOOT = synthetic_recording(600, S, seed=1)
+
+
+def feed(ctl, rec, sizes, start=0):
+    """Serve a recording through the controller in batches; return configs used and answers' agreement."""
+    i, configs, ok = start, [], []
+    for bs in sizes:
+        if i >= rec.num_inputs:
+            break
+        cfg = ctl.config
+        cols = list(cfg.sites)
+        fb = Feedback(cfg.sites, cfg.thresholds, rec.conf[i:i + bs][:, cols], rec.agree[i:i + bs][:, cols])
+        ok.append(fb.released()[1])
+        configs.append(cfg)
+        ctl.observe(fb)
+        i += bs
+    return configs, np.concatenate(ok) if ok else np.array([], bool), i
+
+
+FAST = Settings(window_inputs=256, recent_inputs=64, min_tune_inputs=32, retune_every_inputs=64,
+                adjust_every_batches=5, utility_batches=5, min_evidence_inputs=16)
+
+
+@hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(1, 24), min_size=5, max_size=80), st.integers(0, 100),
+       st.sampled_from([0.0, 0.01, 0.02, 0.05]), st.sampled_from([None, 1, 3]),
+       st.lists(st.tuples(st.floats(0.5, 2), st.floats(-0.4, 0.6)), min_size=1, max_size=3))
+def test_active_ramps_never_exceed_the_budget(sizes, seed, budget, cap, phases):
+    s = FAST.replace(ramp_budget=budget, max_ramps=cap)
+    rec = synthetic_recording(sum(sizes), S, seed=seed, difficulty=drift_curve(sum(sizes), phases))
+    ctl = Controller.from_bootstrap(PROFILE, BOOT.conf, BOOT.agree, s)
+    configs, _, _ = feed(ctl, rec, sizes)
+    for cfg in configs + [ctl.config]:
+        assert PROFILE.overhead(cfg.sites) <= budget + 1e-12
+        assert cap is None or len(cfg.sites) <= cap
+
+
+def test_state_round_trip_replays_identically():
+    rec = synthetic_recording(6000, S, seed=5, difficulty=drift_curve(6000, [(1, 0), (1, 0.4), (1, -0.2)]))
+    sizes = list(np.random.default_rng(0).integers(1, 16, 2000))
+    a = Controller.from_bootstrap(PROFILE, BOOT.conf, BOOT.agree, FAST)
+    _, _, stop = feed(a, rec, sizes[:150])
+    b = Controller.loads(json.dumps(json.loads(a.dumps())))  # through real JSON text
+    assert b.config == a.config
+    ca, _, _ = feed(a, rec, sizes[150:], start=stop)
+    cb, _, _ = feed(b, rec, sizes[150:], start=stop)
+    assert ca == cb and a.config == b.config
+    assert len({c.version for c in ca}) > 3  # decisions really happened after the restore
+
+
+def test_same_feedback_gives_same_decisions():
+    rec = synthetic_recording(3000, S, seed=6)
+    sizes = [8] * 400
+    runs = []
+    for _ in range(2):
+        ctl = Controller.from_bootstrap(PROFILE, BOOT.conf, BOOT.agree, FAST)
+        runs.append(feed(ctl, rec, sizes)[0])
+    assert runs[0] == runs[1]
+
+
+def test_stays_within_the_constraint_on_a_drifting_stream():
+    n = 12000
+    rec = synthetic_recording(n, S, seed=7, difficulty=drift_curve(n, [(1, 0), (1, 0.3), (1, -0.2)]))
+    ctl = Controller.from_bootstrap(PROFILE, BOOT.conf, BOOT.agree)
+    _, ok, _ = feed(ctl, rec, [8] * (n // 8))
+    assert 1 - ok.mean() <= Settings().accuracy_constraint
+    assert (ok.size - ok.sum()) > 0  # it did release early answers, some of them wrong
+
+
+def test_harder_inputs_lower_the_thresholds():
+    easy = synthetic_recording(3000, S, seed=8, difficulty=-0.2)
+    hard = synthetic_recording(3000, S, seed=9, difficulty=0.5)
+    ctl = Controller(PROFILE, FAST.replace(adjust_every_batches=10_000), Config((3, 6), (0.0, 0.0)))
+    feed(ctl, easy, [8] * 375)
+    t_easy = np.array(ctl.config.thresholds)
+    assert t_easy.max() > 0
+    feed(ctl, hard, [8] * 375)
+    t_hard = np.array(ctl.config.thresholds)
+    assert np.all(t_hard <= t_easy) and np.any(t_hard < t_easy)
+    assert any(e.kind == "tune" and e.detail.startswith(("violation", "emergency")) for e in ctl.events)
+
+
+def test_a_useless_ramp_is_removed_and_capacity_moves_deeper():
+    rec = synthetic_recording(4000, S, seed=10)
+    rec.pred[:, 1] = (rec.final + 1) % 10  # site 1 never agrees: it can only cost
+    ctl = Controller(PROFILE, FAST.replace(ramp_budget=0.05), Config((1, 6), (0.05, 0.0)))
+    feed(ctl, rec, [8] * 500)
+    kinds = [(e.kind, e.detail) for e in ctl.events]
+    assert any(k == "remove" and "negative [1" in d for k, d in kinds), kinds
+    assert 1 not in ctl.config.sites or ctl.config.threshold_of(1) == 0.0
+
+
+def test_when_all_ramps_pay_one_is_probed_earlier():
+    rec = synthetic_recording(3000, S, seed=11, difficulty=-0.4)  # easy: ramps pay
+    ctl = Controller(PROFILE, FAST.replace(ramp_budget=0.5), Config((6,), (0.1,)))
+    feed(ctl, rec, [8] * 100)
+    assert any(e.kind in ("add", "move") and "earlier" in e.detail for e in ctl.events)
+    assert min(ctl.config.sites) < 6
+
+
+def test_feedback_and_config_validation():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        Config((3, 1), (0.1, 0.1))
+    with pytest.raises(ValueError, match="thresholds"):
+        Config((1,), (0.1, 0.2))
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        Config((1,), (1.5,))
+    with pytest.raises(ValueError, match="conf must be"):
+        Feedback((1, 2), (0.1, 0.1), np.ones((4, 3)), np.ones((4, 3), bool))
+    with pytest.raises(ValueError, match="NaN"):
+        Feedback((1,), (0.1,), np.full((2, 1), np.nan), np.ones((2, 1), bool))
+    with pytest.raises(ValueError, match="empty"):
+        Feedback((1,), (0.1,), np.ones((0, 1)), np.ones((0, 1), bool))
+    ctl = Controller(PROFILE)
+    with pytest.raises(ValueError, match="beyond"):
+        ctl.observe(Feedback((S,), (0.1,), np.ones((2, 1)), np.ones((2, 1), bool)))
+    with pytest.raises(ValueError, match="format"):
+        Controller.from_state({"format": "nope"})
+
+
+def test_settings_validation_and_round_trip():
+    s = Settings.for_nlp(max_ramps=2)
+    assert Settings.from_dict(s.to_dict()) == s
+    assert s.adjust_every_batches == 100 and s.new_ramp_threshold == 0.01
+    for bad in (dict(accuracy_constraint=1.5), dict(tuning_margin=0.5), dict(emergency_action="panic"),
+                dict(recent_inputs=10_000), dict(min_step=0.1, init_step=0.01)):
+        with pytest.raises(ValueError):
+            Settings(**bad)
+    with pytest.raises(ValueError, match="unknown"):
+        Settings.from_dict({"no_such_setting": 1})

@@ -1,0 +1,163 @@
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from apparate.core.exits import simulate
+from apparate.core.profile import LatencyProfile, LatencyTable
+from apparate.core.synthetic import synthetic_window
+from apparate.core.tuning import (PROB_UNITS, allowed_wrong, greedy_thresholds, grid_thresholds,
+                                  shared_threshold)
+
+from .reference import reference_greedy
+
+
+def table_for(R, bs=8):
+    return LatencyProfile.linear(R).table(bs, list(range(R)))
+
+
+# Realistic windows (easiness-driven) and adversarial ones (coarse values -> many ties).
+def windows(max_n=120, max_r=5):
+    real = st.builds(lambda n, r, seed, d: synthetic_window(n, r, seed, d),
+                     st.integers(1, max_n), st.integers(1, max_r), st.integers(0, 10_000), st.floats(-0.3, 0.3))
+    coarse = st.builds(lambda n, r, seed: (np.random.default_rng(seed).integers(0, 21, (n, r)) / 20,
+                                           np.random.default_rng(seed + 1).uniform(size=(n, r)) < 0.8),
+                       st.integers(1, max_n), st.integers(1, max_r), st.integers(0, 10_000))
+    return st.one_of(real, coarse)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(windows(), st.sampled_from([0.0, 0.005, 0.02, 0.1]))
+def test_greedy_matches_the_plain_reference_move_for_move(w, target):
+    conf, agree = w
+    table = table_for(conf.shape[1])
+    fast = greedy_thresholds(conf, agree, table, target).thresholds
+    slow = reference_greedy(conf, agree, table, target)
+    assert np.array_equal(fast, slow)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(200, 400), st.integers(3, 6), st.integers(0, 1000))
+def test_greedy_matches_reference_on_larger_windows(n, r, seed):
+    # large enough to take the vectorised paths for long bands and many moved inputs
+    conf, agree = synthetic_window(n, r, seed)
+    table = table_for(r)
+    assert np.array_equal(greedy_thresholds(conf, agree, table, 0.01).thresholds,
+                          reference_greedy(conf, agree, table, 0.01))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(windows(max_r=4), st.data())
+def test_fixed_ramps_keep_their_thresholds_and_match_reference(w, data):
+    conf, agree = w
+    R = conf.shape[1]
+    r = data.draw(st.integers(0, R - 1))
+    t = data.draw(st.sampled_from([0.0, 0.05, 0.3]))
+    table = table_for(R)
+    fast = greedy_thresholds(conf, agree, table, 0.02, fixed={r: t}).thresholds
+    assert fast[r] == t
+    assert np.array_equal(fast, reference_greedy(conf, agree, table, 0.02, fixed={r: t}))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(windows(), st.sampled_from([0.0, 0.003, 0.01, 0.05]))
+def test_tuned_thresholds_meet_the_target_on_their_window(w, target):
+    conf, agree = w
+    table = table_for(conf.shape[1])
+    res = greedy_thresholds(conf, agree, table, target)
+    again = simulate(conf, agree, res.thresholds, table)
+    assert (~again.correct).sum() <= allowed_wrong(target, conf.shape[0])
+    assert np.array_equal(again.exit_index, res.result.exit_index)
+    assert np.all((res.thresholds >= 0) & (res.thresholds <= 1))
+
+
+def test_easy_data_exits_at_first_ramp_and_hard_data_never_exits():
+    conf = np.full((50, 3), 0.999)
+    table = table_for(3)
+    res = greedy_thresholds(conf, np.ones((50, 3), bool), table, 0.0)
+    assert (res.result.exit_index == 0).all()
+    res = greedy_thresholds(conf, np.zeros((50, 3), bool), table, 0.0)
+    assert (res.result.exit_index == 3).all() and res.result.accuracy == 1.0
+
+
+def test_probabilities_of_zero_and_one_give_the_same_search_as_booleans():
+    conf, agree = synthetic_window(150, 4, seed=3)
+    table = table_for(4)
+    a = greedy_thresholds(conf, agree, table, 0.01).thresholds
+    b = greedy_thresholds(conf, agree, table, 0.01, agree_prob=agree.astype(float)).thresholds
+    assert np.array_equal(a, b)
+
+
+def test_probabilities_are_counted_as_expected_errors():
+    # every input agrees with probability 0.99: each exit costs 0.01 expected errors
+    conf = np.full((100, 1), 0.99)
+    table = table_for(1)
+    p = np.full((100, 1), 0.99)
+    res = greedy_thresholds(conf, np.ones((100, 1), bool), table, 0.005, agree_prob=p)
+    assert res.thresholds[0] <= 0.01 + 1e-12  # exiting all 100 would cost 1.0 > 0.5 allowed
+    res = greedy_thresholds(conf, np.ones((100, 1), bool), table, 0.01, agree_prob=p)
+    assert (res.result.exit_index == 0).all()  # 100 * 10 units <= 0.01 * 100 * PROB_UNITS
+    assert PROB_UNITS == 1000
+
+
+def brute_force(conf, agree, table, target, grid):
+    best, best_t = None, None
+    for t in itertools.product(grid, repeat=conf.shape[1]):
+        res = simulate(conf, agree, np.array(t), table)
+        if (~res.correct).sum() <= allowed_wrong(target, conf.shape[0]):
+            total = table.all_ns[res.exit_index].sum()
+            if best is None or total < best:
+                best, best_t = total, np.array(t)
+    return best_t, best
+
+
+@settings(max_examples=30, deadline=None)
+@given(windows(max_n=40, max_r=2), st.sampled_from([0.0, 0.05]))
+def test_grid_search_finds_the_brute_force_optimum(w, target):
+    conf, agree = w
+    grid = np.linspace(0, 1, 6)
+    table = table_for(conf.shape[1])
+    res = grid_thresholds(conf, agree, table, target, grid=grid)
+    _, best = brute_force(conf, agree, table, target, grid)
+    assert table.all_ns[res.result.exit_index].sum() == best
+
+
+@settings(max_examples=50, deadline=None)
+@given(windows(max_n=60, max_r=4), st.sampled_from([0.0, 0.02, 0.1]))
+def test_shared_threshold_is_exact_optimum_over_single_thresholds(w, target):
+    conf, agree = w
+    table = table_for(conf.shape[1])
+    res = shared_threshold(conf, agree, table, target)
+    assert np.all(res.thresholds == res.thresholds[0])
+    assert (~res.result.correct).sum() <= allowed_wrong(target, conf.shape[0])
+    # no single threshold (at any distinct uncertainty boundary) does better
+    u = np.unique(np.concatenate([[0.0], np.minimum(np.nextafter(1 - conf.ravel(), 2), 1.0)]))
+    best = min(table.all_ns[simulate(conf, agree, np.full(conf.shape[1], t), table).exit_index].sum()
+               for t in u if (~simulate(conf, agree, np.full(conf.shape[1], t), table).correct).sum()
+               <= allowed_wrong(target, conf.shape[0]))
+    assert table.all_ns[res.result.exit_index].sum() == best
+
+
+def test_grid_refuses_an_explosive_grid():
+    conf, agree = synthetic_window(10, 8)
+    with pytest.raises(ValueError, match="max_points"):
+        grid_thresholds(conf, agree, table_for(8), 0.01)
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(target=-0.1), "accuracy target"),
+    (dict(target=0.01, fixed={5: 0.1}), "out of range"),
+    (dict(target=0.01, min_step=0.0), "min_step"),
+    (dict(target=0.01, agree_prob=np.full((10, 2), 1.5)), "agree_prob"),
+])
+def test_tuning_rejects_bad_arguments(kwargs, msg):
+    conf, agree = synthetic_window(10, 2)
+    with pytest.raises(ValueError, match=msg):
+        greedy_thresholds(conf, agree, table_for(2), **kwargs)
+
+
+def test_tuning_rejects_table_of_wrong_size():
+    conf, agree = synthetic_window(10, 2)
+    with pytest.raises(ValueError, match="latency table"):
+        greedy_thresholds(conf, agree, table_for(3), 0.01)

@@ -1,0 +1,36 @@
+import subprocess
+import sys
+
+from apparate import __version__
+from apparate.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "apparate", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_commands():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for cmd in ("version", "bench"):
+        assert cmd in out.stdout
+
+
+def test_version(capsys):
+    assert main(["version"]) == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_bench_tuning_runs_and_reports_same_decisions():
+    out = run_cli("bench", "tuning", "--repeats", "1", "--seeds", "2")
+    assert out.returncode == 0, out.stderr
+    section = out.stdout.split("## Greedy search")[1].split("##")[0]
+    rows = [line for line in section.splitlines() if "(3, 64)" in line or "(8, 256)" in line]
+    assert len(rows) == 2
+    # the fast search takes exactly the artifact-style search's decisions
+    assert all(line.rstrip(" |").endswith("yes") for line in rows[:2]), rows
+
+
+def test_unknown_command_fails():
+    out = run_cli("no-such-command")
+    assert out.returncode != 0
