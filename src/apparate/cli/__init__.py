@@ -14,6 +14,7 @@ import sys
 COMMANDS = (
     "apparate.cli.version",
     "apparate.cli.bench",
+    "apparate.cli.prepare",
 )
 
 

@@ -1,0 +1,1 @@
+"""Torch side: sites, ramps, early-exit model, training, profiling, bundles."""

@@ -1,0 +1,140 @@
+"""Latency profiler: what the backbone costs up to each site and what each ramp costs, on this
+machine, per batch size (and per sequence-length bucket for text). Produces the core's
+`LatencyProfile`.
+
+Cumulative site times come from forward hooks that only read the clock (negligible cost) during
+a run of the backbone; the vanilla total is timed separately without any hook. Each ramp is
+timed on its own, on the site's real activation for that batch. Every number is the median of
+`repeats` runs after `warmup` runs, with `torch.set_num_threads(threads)` in force.
+
+Medians of noisy runs can break physical order by a hair (a bigger batch looking faster, a
+later site looking earlier), and the control loops assume costs that grow with depth and batch
+size; so the profile is made monotone along both axes (running maximum), which changes only
+entries that noise had put out of order.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from apparate.core.profile import LatencyProfile
+from apparate.model.sites import ModelInput, Site, call_model, primary_output
+
+MakeBatch = Callable[[int, int | None], ModelInput]  # (batch size, length or None) -> inputs
+
+
+def powers_of_two(max_batch: int) -> list[int]:
+    if max_batch < 1:
+        raise ValueError(f"max batch size must be at least 1, got {max_batch}")
+    out, b = [], 1
+    while b <= max_batch:
+        out.append(b)
+        b *= 2
+    if out[-1] != max_batch:
+        out.append(max_batch)
+    return out
+
+
+@contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def profile_latency(
+    backbone: nn.Module,
+    sites: Sequence[Site],
+    ramps: Sequence[nn.Module],
+    make_batch: MakeBatch,
+    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+    lengths: Sequence[int] | None = None,
+    warmup: int = 2,
+    repeats: int = 7,
+    threads: int | None = None,
+    progress: bool = True,
+) -> LatencyProfile:
+    """Measure a `LatencyProfile` (ms) of `backbone` with `ramps` at `sites`."""
+    from tqdm.auto import tqdm
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    if len(sites) != len(ramps):
+        raise ValueError(f"{len(sites)} sites but {len(ramps)} ramps")
+    bs = sorted({int(b) for b in batch_sizes})
+    lens: list[int | None] = sorted({int(x) for x in lengths}) if lengths else [None]
+    S = len(sites)
+    site_ms = np.zeros((len(lens), len(bs), S))
+    ramp_ms = np.zeros((len(lens), len(bs), S))
+    van_ms = np.zeros((len(lens), len(bs)))
+    modules = dict(backbone.named_modules())
+    backbone.eval()
+    with num_threads(threads), torch.no_grad():
+        bar = tqdm(total=len(lens) * len(bs), desc="profiling latency", disable=None if progress else True, unit="shape")
+        for li, length in enumerate(lens):
+            for bi, b in enumerate(bs):
+                x = make_batch(b, length)
+                mask = x.get("attention_mask") if isinstance(x, dict) else None
+                van_ms[li, bi] = _median_ms(lambda: call_model(backbone, x), warmup, repeats)
+                site_ms[li, bi], acts = _site_times(backbone, modules, sites, x, warmup, repeats)
+                for s in range(S):
+                    ramp_ms[li, bi, s] = _median_ms(lambda: ramps[s](acts[s], mask), warmup, repeats)
+                bar.update(1)
+        bar.close()
+    # Monotone in depth, capped by the whole model, and monotone in batch size and length.
+    site_ms = np.minimum(np.maximum.accumulate(site_ms, axis=2), van_ms[..., None])
+    for axis in (1, 0):
+        van_ms = np.maximum.accumulate(van_ms, axis=axis)
+        site_ms = np.maximum.accumulate(site_ms, axis=axis)
+        ramp_ms = np.maximum.accumulate(ramp_ms, axis=axis)
+    return LatencyProfile(
+        batch_sizes=np.asarray(bs), site_ms=site_ms, ramp_ms=ramp_ms, vanilla_ms=van_ms,
+        lengths=np.asarray([1] if lens == [None] else lens), site_names=tuple(s.name for s in sites))
+
+
+def _median_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def _site_times(backbone: nn.Module, modules: dict[str, nn.Module], sites: Sequence[Site], x: ModelInput,
+                warmup: int, repeats: int) -> tuple[np.ndarray, list[torch.Tensor]]:
+    stamps = np.zeros(len(sites))
+    acts: list[Any] = [None] * len(sites)
+
+    def make_hook(i: int) -> Callable:
+        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+            stamps[i] = time.perf_counter()
+            acts[i] = primary_output(out)
+        return hook
+
+    handles = [modules[s.name].register_forward_hook(make_hook(s.index)) for s in sites]
+    runs = []
+    try:
+        for r in range(warmup + repeats):
+            t0 = time.perf_counter()
+            call_model(backbone, x)
+            if r >= warmup:
+                runs.append((stamps - t0) * 1e3)
+    finally:
+        for h in handles:
+            h.remove()
+    return np.median(np.stack(runs), axis=0), acts

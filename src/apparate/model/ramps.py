@@ -1,0 +1,150 @@
+"""Ramps: small classifiers attached at sites, and the confidence scores read from them.
+
+Every ramp splits into a parameter-free `reduce` (pooling, taking [CLS], masked mean) and a
+trainable `head`. Training caches `reduce`'s output for the bootstrap inputs once, so the frozen
+backbone runs a single time however many epochs the ramps need.
+
+Kinds:
+- `pool` (CV default, the paper's): global average pooling + linear.
+- `conv` (CV, stronger): 3x3 convolution (stride 2 on large maps, to bound its cost) + ReLU,
+  then pooling + linear; it can combine spatial evidence that pooling alone throws away.
+- `cls` (NLP default, notes A2): linear on the [CLS] hidden state.
+- `mean` (NLP): linear on the attention-masked mean of the hidden states.
+- `deebert` (NLP baseline): DeeBERT's highway, pooler dense + tanh on [CLS], dropout, linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+CV_KINDS = ("pool", "conv")
+NLP_KINDS = ("cls", "mean", "deebert")
+KINDS = CV_KINDS + NLP_KINDS
+
+
+@dataclass(frozen=True)
+class RampSpec:
+    """Everything needed to rebuild a ramp (stored in a bundle's manifest)."""
+
+    kind: str
+    in_shape: tuple[int, ...]  # the site's output shape per input (no batch dimension)
+    num_classes: int
+    hidden: int = 0  # conv channels (conv) or pooler width (deebert); 0 = the kind's default
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown ramp kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.num_classes < 2:
+            raise ValueError(f"a ramp needs at least 2 classes, got {self.num_classes}")
+        shape = tuple(int(s) for s in self.in_shape)
+        object.__setattr__(self, "in_shape", shape)
+        if self.kind in CV_KINDS and len(shape) not in (1, 3):
+            raise ValueError(f"a {self.kind!r} ramp needs a [C, H, W] or [C] site output, got {list(shape)}")
+        if self.kind in NLP_KINDS and len(shape) != 2:
+            raise ValueError(f"a {self.kind!r} ramp needs a [tokens, hidden] site output, got {list(shape)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_shape": list(self.in_shape), "num_classes": self.num_classes, "hidden": self.hidden}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RampSpec":
+        return cls(str(d["kind"]), tuple(d["in_shape"]), int(d["num_classes"]), int(d.get("hidden", 0)))
+
+
+class Ramp(nn.Module):
+    """reduce (no parameters, cacheable) then head (trained)."""
+
+    def __init__(self, spec: RampSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        k, shape, n = spec.kind, spec.in_shape, spec.num_classes
+        if k == "pool":
+            self.head = nn.Linear(shape[0], n)
+        elif k == "conv":
+            if len(shape) != 3:
+                raise ValueError("a 'conv' ramp needs a [C, H, W] site output")
+            c, h = shape[0], shape[1]
+            width = spec.hidden or min(2 * c, 64)
+            stride = 2 if h > 8 else 1
+            self.head = nn.Sequential(
+                nn.Conv2d(c, width, 3, stride, 1), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, n))
+        elif k in ("cls", "mean"):
+            self.head = nn.Linear(shape[1], n)
+        else:  # deebert
+            width = spec.hidden or shape[1]
+            self.head = nn.Sequential(nn.Linear(shape[1], width), nn.Tanh(), nn.Dropout(0.1), nn.Linear(width, n))
+
+    def reduce(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        k = self.spec.kind
+        if k == "pool":
+            return h.mean(dim=(2, 3)) if h.dim() == 4 else h.flatten(1)
+        if k == "conv":
+            return h
+        if k == "mean":
+            if mask is None:
+                return h.mean(dim=1)
+            m = mask.to(h.dtype).unsqueeze(-1)
+            return (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        return h[:, 0]  # cls, deebert: the [CLS] token
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.reduce(h, mask))
+
+
+def build_ramps(specs: list[RampSpec]) -> nn.ModuleList:
+    return nn.ModuleList(Ramp(s) for s in specs)
+
+
+def default_kind(site_shape: tuple[int, ...], text: bool) -> str:
+    return "cls" if text else "pool"
+
+
+# ---------------------------------------------------------------------------------------------
+# Confidence: a score in [0, 1]; an input exits when 1 - confidence < threshold.
+
+def max_softmax(probs: torch.Tensor) -> torch.Tensor:
+    return probs.max(dim=-1).values
+
+
+def margin(probs: torch.Tensor) -> torch.Tensor:
+    """Top-1 minus top-2 probability."""
+    top = probs.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """1 - entropy / log(classes): 1 for a one-hot answer, 0 for a uniform one."""
+    p = probs.clamp_min(1e-12)
+    h = -(probs * p.log()).sum(dim=-1)
+    return 1.0 - h / torch.log(torch.tensor(float(probs.shape[-1]), dtype=probs.dtype))
+
+
+CONFIDENCES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "max_softmax": max_softmax,
+    "margin": margin,
+    "entropy": entropy,
+}
+
+ConfidenceFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def confidence_fn(kind: str | ConfidenceFn) -> ConfidenceFn:
+    """A named confidence ('max_softmax', 'margin', 'entropy') or your own probs -> [B] function."""
+    if callable(kind):
+        return kind
+    name = str(kind).replace("-", "_")
+    if name not in CONFIDENCES:
+        raise ValueError(f"unknown confidence {kind!r}; choose one of {', '.join(CONFIDENCES)}")
+    return CONFIDENCES[name]
+
+
+def score(logits: torch.Tensor, fn: ConfidenceFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence in [0, 1], predicted class) from ramp logits."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    conf = fn(probs).clamp(0.0, 1.0)  # float rounding must not leave [0, 1]
+    return conf, probs.argmax(dim=-1)

@@ -1,0 +1,1 @@
+"""Named workloads: models, datasets and streams."""
