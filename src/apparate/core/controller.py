@@ -94,6 +94,17 @@ class Feedback:
         object.__setattr__(self, "conf", conf)
         object.__setattr__(self, "agree", agree)
 
+    @classmethod
+    def trusted(cls, sites: tuple[int, ...], thresholds: tuple[float, ...], conf: np.ndarray, agree: np.ndarray,
+                length: float | None = None) -> "Feedback":
+        """Skip validation, for callers whose data is already checked (the replay simulator feeds
+        a Recording that was validated when loaded). Same fields, same meaning."""
+        fb = object.__new__(cls)
+        for name, value in (("sites", sites), ("thresholds", thresholds), ("conf", conf), ("agree", agree),
+                            ("length", length)):
+            object.__setattr__(fb, name, value)
+        return fb
+
     @property
     def batch_size(self) -> int:
         return int(self.conf.shape[0])

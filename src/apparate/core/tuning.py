@@ -356,20 +356,51 @@ def shared_threshold(
     target: float,
     grid: np.ndarray | None = None,
 ) -> TuneResult:
-    """The best single threshold applied to every ramp (BranchyNet/DeeBERT-style tuning).
+    """The best single threshold applied to every ramp (BranchyNet/DeeBERT-style tuning), exact.
 
-    By default the candidates are every distinct uncertainty just passed (exact), thinned to
-    at most 2,001 evenly spaced quantiles on large windows.
+    As a shared threshold t rises, an input's exit moves earlier exactly when t passes one of
+    its prefix-minimum uncertainties (the first ramp with 1 - conf < t is the first whose
+    running minimum is below t). One sorted sweep over those events gives the wrong-answer count
+    and total latency at every distinct t; the best feasible one wins. With `grid`, only those
+    thresholds are considered.
     """
     conf, agree = _check_inputs(conf, agree, table)
-    if grid is None:
-        u = np.unique(1.0 - conf)
-        if u.size > 2000:
-            u = np.quantile(u, np.linspace(0, 1, 2000))
-        g = np.unique(np.concatenate([[0.0], np.minimum(np.nextafter(u, 2.0), 1.0)]))
-    else:
+    n, R = conf.shape
+    allowed = allowed_wrong(target, n)
+    lat = table.all_ns
+    if R == 0:
+        return TuneResult(np.zeros(0), simulate(conf, agree, np.zeros(0), table, validate=False))
+    u = 1.0 - conf
+    run_min = np.minimum.accumulate(u, axis=1)
+    record = np.ones((n, R), dtype=bool)  # ramps where the running minimum strictly drops
+    record[:, 1:] = run_min[:, 1:] < run_min[:, :-1]
+    rows, cols = np.nonzero(record)
+    vals = u[rows, cols]
+    # For an input, the exit before passing record k is the next deeper record (or the end).
+    nxt = np.full(rows.size, R)
+    same = rows[1:] == rows[:-1]
+    nxt[:-1][same] = cols[1:][same]
+    agree_end = np.concatenate([agree, np.ones((n, 1), dtype=bool)], axis=1).astype(np.int64)
+    d_wrong = agree_end[rows, nxt] - agree_end[rows, cols]
+    d_lat = lat[cols] - lat[nxt]
+    order = np.argsort(vals, kind="stable")
+    vals, d_wrong, d_lat = vals[order], d_wrong[order], d_lat[order]
+    # Candidate thresholds: 0 and just above each event value (ties apply together).
+    cand_t = np.concatenate([[0.0], np.minimum(np.nextafter(vals, 2.0), 1.0)])
+    wrong = np.concatenate([[0], np.cumsum(d_wrong)])
+    total = lat[R] * n + np.concatenate([[0], np.cumsum(d_lat)])
+    # Thresholds equal to or below a later event value must not count it: keep the last event of
+    # each run of equal values.
+    last_of_run = np.ones(cand_t.size, dtype=bool)
+    last_of_run[1:-1] = vals[1:] != vals[:-1]
+    if grid is not None:
         g = np.unique(np.concatenate([[0.0], np.asarray(grid, dtype=np.float64)]))
         check_thresholds(g, g.size)
-    R = conf.shape[1]
-    cands = np.repeat(g[:, None], R, axis=1)
-    return _best_feasible(conf, agree, table, cands, target, chunk=max(1, 2_000_000 // max(conf.size, 1)))
+        k = np.searchsorted(vals, g, side="left")  # events with value < t
+        cand_t, wrong, total = g, wrong[k], total[k]
+    else:
+        cand_t, wrong, total = cand_t[last_of_run], wrong[last_of_run], total[last_of_run]
+    ok = wrong <= allowed
+    best = int(np.flatnonzero(ok)[np.argmin(total[ok])])
+    thr = np.full(R, cand_t[best])
+    return TuneResult(thresholds=thr, result=simulate(conf, agree, thr, table, validate=False), rounds=cand_t.size)

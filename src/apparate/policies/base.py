@@ -1,0 +1,113 @@
+"""The policy interface and its three kinds: fixed thresholds, the adaptive controller, an oracle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from apparate.core.controller import Config, Controller, Feedback
+from apparate.core.exits import first_exit
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """What a policy does with one batch."""
+
+    sites: tuple[int, ...]  # active ramps, site order: the batch pays their cost
+    exit_pos: np.ndarray  # [n] index into sites where each input is released; len(sites) = final
+    thresholds: tuple[float, ...] = ()
+    version: int = 0  # configuration version, for timelines
+    pay_ramps: bool = True  # False only for the cost-free oracle
+
+    def exit_sites(self) -> np.ndarray:
+        """[n] site of release, -1 for the final output."""
+        return np.append(np.asarray(self.sites, dtype=np.int64), -1)[self.exit_pos]
+
+
+class Policy:
+    """Base: subclasses implement `plan`; adaptive ones also `observe`."""
+
+    name: str = "policy"
+    adaptive: bool = False
+
+    def plan(self, conf: np.ndarray, agree: np.ndarray) -> Plan:
+        """conf, agree: [n, S] over every candidate site for the batch about to run."""
+        raise NotImplementedError
+
+    def observe(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None = None) -> None:
+        """Feedback after the batch ran (every input reached the final output)."""
+
+    def cost_sites(self) -> tuple[int, ...]:
+        """Ramps the next batch will pay for (for batch-time predictions)."""
+        raise NotImplementedError
+
+    @property
+    def pays_ramps(self) -> bool:
+        return True
+
+
+class ThresholdPolicy(Policy):
+    """Fixed active ramps and thresholds (vanilla, static, one-time tuned baselines)."""
+
+    def __init__(self, name: str, config: Config):
+        self.name = name
+        self.config = config
+        self._cols = np.asarray(config.sites, dtype=np.int64)
+        self._thr = np.asarray(config.thresholds, dtype=np.float64)
+
+    def plan(self, conf: np.ndarray, agree: np.ndarray) -> Plan:
+        pos = first_exit(1.0 - conf[:, self._cols], self._thr)
+        return Plan(self.config.sites, pos, self.config.thresholds, self.config.version)
+
+    def cost_sites(self) -> tuple[int, ...]:
+        return self.config.sites
+
+
+class AdaptivePolicy(Policy):
+    """The Apparate controller: thresholds and ramps adapt from every batch's feedback."""
+
+    adaptive = True
+
+    def __init__(self, name: str, controller: Controller):
+        self.name = name
+        self.controller = controller
+
+    def plan(self, conf: np.ndarray, agree: np.ndarray) -> Plan:
+        cfg = self.controller.config
+        pos = first_exit(1.0 - conf[:, list(cfg.sites)], np.asarray(cfg.thresholds))
+        return Plan(cfg.sites, pos, cfg.thresholds, cfg.version)
+
+    def observe(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None = None) -> None:
+        cols = list(plan.sites)
+        # The plan came from this controller's config and the data from a validated recording.
+        self.controller.observe(Feedback.trusted(plan.sites, plan.thresholds, conf[:, cols], agree[:, cols], length))
+
+    def cost_sites(self) -> tuple[int, ...]:
+        return self.controller.config.sites
+
+
+class OraclePolicy(Policy):
+    """Every input exits at the earliest site whose answer agrees with the original model's.
+
+    With `pay_ramps` False (the paper's "optimal") ramps cost nothing; with True every
+    candidate ramp runs and is paid for (notes A11 reports both).
+    """
+
+    def __init__(self, name: str, num_sites: int, pay_ramps: bool = False):
+        self.name = name
+        self.sites = tuple(range(num_sites))
+        self._pay = pay_ramps
+
+    def plan(self, conf: np.ndarray, agree: np.ndarray) -> Plan:
+        n = agree.shape[0]
+        hit = agree.any(axis=1)
+        pos = np.where(hit, agree.argmax(axis=1), len(self.sites)) if n else np.zeros(0, dtype=np.int64)
+        return Plan(self.sites, pos, (), 0, self._pay)
+
+    def cost_sites(self) -> tuple[int, ...]:
+        return self.sites if self._pay else ()
+
+    @property
+    def pays_ramps(self) -> bool:
+        return self._pay

@@ -1,0 +1,130 @@
+"""The named policies of the paper's comparison, built from a workload's recordings.
+
+* `vanilla`: no ramps.
+* `static`: Apparate's initial configuration (placement on bootstrap data), never adapted.
+* `apparate`: the adaptive controller, starting from that configuration.
+* `branchynet`: light ramps at every site, one shared threshold tuned once.
+* `deebert`: DeeBERT-style (pooler) ramps after every encoder layer, one shared threshold.
+* `X+`: the same ramps with per-ramp thresholds tuned once (the greedy search).
+* `X-opt` / `X+opt`: thresholds tuned on the evaluation stream itself: the best latency with at
+  most the accuracy constraint lost, a bound no one-time tuning can beat.
+* `optimal`: each input exits at the earliest site that agrees with the original, ramps free;
+  `optimal-cost`: the same with every ramp running and paid for (notes A11).
+
+One-time tuning uses a uniform sample of the workload, as the paper did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from apparate.core.controller import Config, Controller
+from apparate.core.placement import initial_placement
+from apparate.core.profile import LatencyProfile
+from apparate.core.recording import Recording
+from apparate.core.settings import Settings
+from apparate.core.tuning import greedy_thresholds, shared_threshold
+
+from .base import AdaptivePolicy, OraclePolicy, Policy, ThresholdPolicy
+
+
+@dataclass(frozen=True, eq=False)
+class RampFamily:
+    """One kind of candidate ramps on a workload: their data and their costs."""
+
+    bootstrap: Recording  # held-out bootstrap inputs (placement, never the evaluation stream)
+    evaluation: Recording  # the stream being replayed
+    profile: LatencyProfile
+
+    def __post_init__(self) -> None:
+        S = self.profile.num_sites
+        for name, rec in (("bootstrap", self.bootstrap), ("evaluation", self.evaluation)):
+            if rec.num_sites != S:
+                raise ValueError(f"{name} recording has {rec.num_sites} sites but the profile has {S}: "
+                                 "they come from different bundles or ramp types")
+
+
+@dataclass(frozen=True, eq=False)
+class PolicyInputs:
+    light: RampFamily  # the ramps Apparate and BranchyNet use
+    settings: Settings = Settings()
+    deebert: RampFamily | None = None  # pooler ramps, NLP only
+    sample_share: float = 0.1  # uniform sample of the workload for one-time tuning
+    seed: int = 0
+
+    def sample(self, family: RampFamily) -> Recording:
+        n = family.evaluation.num_inputs
+        k = max(1, int(round(n * self.sample_share)))
+        idx = np.sort(np.random.default_rng(self.seed).choice(n, size=min(k, n), replace=False))
+        return family.evaluation.take(idx)
+
+
+def _all_sites_tuned(name: str, family: RampFamily, rec: Recording, inputs: PolicyInputs, per_ramp: bool) -> Policy:
+    S = family.profile.num_sites
+    sites = list(range(S))
+    table = family.profile.table(inputs.settings.placement_batch_size, sites)
+    target = inputs.settings.accuracy_constraint
+    search = greedy_thresholds if per_ramp else shared_threshold
+    res = search(rec.conf, rec.agree, table, target)
+    return ThresholdPolicy(name, Config(tuple(sites), tuple(float(t) for t in res.thresholds)))
+
+
+def _family(inputs: PolicyInputs, kind: str) -> RampFamily:
+    if kind == "deebert":
+        if inputs.deebert is None:
+            raise ValueError("deebert policies need DeeBERT-style ramps: only NLP workloads record them")
+        return inputs.deebert
+    return inputs.light
+
+
+def _baseline(kind: str, per_ramp: bool, on_eval: bool) -> Callable[[str, PolicyInputs], Policy]:
+    def build(name: str, inputs: PolicyInputs) -> Policy:
+        fam = _family(inputs, kind)
+        rec = fam.evaluation if on_eval else inputs.sample(fam)
+        return _all_sites_tuned(name, fam, rec, inputs, per_ramp)
+    return build
+
+
+def _static(name: str, inputs: PolicyInputs) -> Policy:
+    fam = inputs.light
+    place = initial_placement(fam.bootstrap.conf, fam.bootstrap.agree, fam.profile, inputs.settings)
+    return ThresholdPolicy(name, Config(place.sites, place.thresholds))
+
+
+def _apparate(name: str, inputs: PolicyInputs) -> Policy:
+    fam = inputs.light
+    return AdaptivePolicy(name, Controller.from_bootstrap(fam.profile, fam.bootstrap.conf, fam.bootstrap.agree,
+                                                          inputs.settings))
+
+
+POLICIES: dict[str, Callable[[str, PolicyInputs], Policy]] = {
+    "vanilla": lambda name, inputs: ThresholdPolicy(name, Config()),
+    "static": _static,
+    "apparate": _apparate,
+    "branchynet": _baseline("light", per_ramp=False, on_eval=False),
+    "branchynet+": _baseline("light", per_ramp=True, on_eval=False),
+    "branchynet-opt": _baseline("light", per_ramp=False, on_eval=True),
+    "branchynet+opt": _baseline("light", per_ramp=True, on_eval=True),
+    "deebert": _baseline("deebert", per_ramp=False, on_eval=False),
+    "deebert+": _baseline("deebert", per_ramp=True, on_eval=False),
+    "deebert-opt": _baseline("deebert", per_ramp=False, on_eval=True),
+    "deebert+opt": _baseline("deebert", per_ramp=True, on_eval=True),
+    "optimal": lambda name, inputs: OraclePolicy(name, inputs.light.profile.num_sites, pay_ramps=False),
+    "optimal-cost": lambda name, inputs: OraclePolicy(name, inputs.light.profile.num_sites, pay_ramps=True),
+}
+
+
+def family_of(name: str) -> str:
+    """Which ramp family a policy runs on: 'deebert' or 'light'."""
+    return "deebert" if name.startswith("deebert") else "light"
+
+
+def make_policy(name: str, inputs: PolicyInputs) -> Policy:
+    try:
+        build = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}") from None
+    return build(name, inputs)

@@ -1,0 +1,175 @@
+"""Discrete-event replay: arrivals -> batcher -> batch execution -> early release -> feedback.
+
+One worker serves batches back to back, as in `batchers.run_queue`, but a batch's execution time
+comes from the LatencyProfile with the policy's active ramps included, so ramps slow the queue
+exactly as they would a server (notes A13). Each input is released when its batch reaches its
+exit (its ramp has run); the batch runs to the end regardless, and the policy learns from it
+before the next batch forms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from apparate.core.profile import LatencyProfile
+from apparate.core.recording import Recording
+from apparate.policies.base import Policy
+
+from .batchers import Batcher, finish_time
+
+DROPPED = -2  # exit_site of a request that was never served
+FINAL = -1  # exit_site of a request released by the model's final output
+
+
+@dataclass(frozen=True, eq=False)
+class RunResult:
+    """Per request (arrival order) and per batch outcomes of one policy on one trace."""
+
+    policy: str
+    slo_ms: float
+    num_sites: int
+    arrival: np.ndarray  # [n] s
+    start: np.ndarray  # [n] s, batch start (NaN if dropped)
+    release: np.ndarray  # [n] s, when the answer was released (NaN if dropped)
+    exit_site: np.ndarray  # [n] site, FINAL or DROPPED
+    correct: np.ndarray  # [n] released answer equals the original model's (False if dropped)
+    label_correct: np.ndarray | None  # [n] released answer equals the label, where labels exist
+    batch: np.ndarray  # [n] batch index, -1 if dropped
+    drop_reason: np.ndarray  # [n] str
+    batch_start: np.ndarray  # [B] s
+    batch_size: np.ndarray  # [B]
+    batch_exec_ms: np.ndarray  # [B]
+    batch_version: np.ndarray  # [B] configuration version used
+    batch_active: np.ndarray  # [B] number of active ramps
+
+    @property
+    def served(self) -> np.ndarray:
+        return self.exit_site != DROPPED
+
+    @property
+    def latency_ms(self) -> np.ndarray:
+        """Release minus arrival, ms (NaN if dropped)."""
+        return (self.release - self.arrival) * 1e3
+
+
+def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, policy: Policy, batcher: Batcher,
+           slo_ms: float) -> RunResult:
+    """Serve `recording`'s inputs, in order, at the given arrival times (s)."""
+    t = np.asarray(arrivals, dtype=np.float64).reshape(-1)
+    n = t.size
+    if n == 0:
+        raise ValueError("empty trace")
+    if n > recording.num_inputs:
+        raise ValueError(f"trace has {n} arrivals but the recording only {recording.num_inputs} inputs")
+    if not np.all(np.isfinite(t)) or np.any(np.diff(t) < 0) or t[0] < 0:
+        raise ValueError("arrival times must be finite, non-negative and sorted")
+    if recording.num_sites != profile.num_sites:
+        raise ValueError(f"recording has {recording.num_sites} sites but the profile {profile.num_sites}: "
+                         "they come from different bundles")
+    if not slo_ms > 0:
+        raise ValueError(f"slo_ms must be positive, got {slo_ms}")
+
+    conf_all = recording.conf
+    agree_all = recording.agree
+    lengths = recording.lengths
+    deadline = t + slo_ms * 1e-3
+    start = np.full(n, np.nan)
+    release = np.full(n, np.nan)
+    exit_site = np.full(n, DROPPED, dtype=np.int64)
+    correct = np.zeros(n, dtype=bool)
+    batch = np.full(n, -1, dtype=np.int64)
+    reason = np.full(n, "", dtype=object)
+    released_pred = np.full(n, -1, dtype=np.int64)
+    b_start: list[float] = []
+    b_size: list[int] = []
+    b_exec: list[float] = []
+    b_version: list[int] = []
+    b_active: list[int] = []
+
+    def exec_for(queue_lengths: np.ndarray | None):
+        sites = policy.cost_sites()
+        pay = policy.pays_ramps
+
+        def exec_ms(b: int) -> float:
+            length = None if queue_lengths is None else float(queue_lengths[b - 1])
+            tab = profile.table(b, sites, length)
+            return tab.end_ms if pay else tab.vanilla_ms
+        return exec_ms
+
+    queue: list[int] = []
+    admitted = 0
+    now = float(t[0])
+    while True:
+        upto = int(np.searchsorted(t, now, side="right"))
+        if upto > admitted:
+            queue.extend(range(admitted, upto))
+            admitted = upto
+        wake = None
+        if queue:
+            idx = np.asarray(queue)
+            qlen = None if lengths is None else np.maximum.accumulate(lengths[idx[: batcher.max_batch]])
+            exec_ms = exec_for(qlen)
+            d = batcher.decide(now, t[idx], deadline[idx], exec_ms)
+            if d.drop:
+                gone = set(d.drop)
+                for k in gone:
+                    reason[queue[k]] = d.reason or "dropped"
+                queue = [q for k, q in enumerate(queue) if k not in gone]
+            if d.start:
+                members = np.asarray(queue[: d.start])
+                queue = queue[d.start:]
+                k = members.size
+                conf_b = conf_all[members].astype(np.float64)
+                agree_b = agree_all[members]
+                plan = policy.plan(conf_b, agree_b)
+                length = None if lengths is None else float(lengths[members].max())
+                tab = profile.table(k, plan.sites, length)
+                if plan.pay_ramps:
+                    lat_ms, run_ms = tab.all_ms, tab.end_ms
+                else:
+                    lat_ms, run_ms = np.append(tab.site_ms, tab.vanilla_ms), tab.vanilla_ms
+                pos = plan.exit_pos
+                start[members] = now
+                release[members] = now + lat_ms[pos] * 1e-3
+                sites_arr = np.append(np.asarray(plan.sites, dtype=np.int64), FINAL)
+                ex = sites_arr[pos]
+                exit_site[members] = ex
+                at_ramp = ex >= 0
+                ok = np.ones(k, dtype=bool)
+                ok[at_ramp] = agree_b[np.flatnonzero(at_ramp), ex[at_ramp]]
+                correct[members] = ok
+                rp = recording.final[members].astype(np.int64)
+                rp[at_ramp] = recording.pred[members[at_ramp], ex[at_ramp]]
+                released_pred[members] = rp
+                batch[members] = len(b_size)
+                b_start.append(now)
+                b_size.append(k)
+                b_exec.append(run_ms)
+                b_version.append(plan.version)
+                b_active.append(len(plan.sites) if plan.pay_ramps else 0)
+                policy.observe(plan, conf_b, agree_b, length)
+                now = finish_time(now, run_ms)
+                continue
+            wake = d.wake_at
+            if wake is not None and not wake > now:
+                raise RuntimeError(f"batcher asked to be woken at {wake}, not after now ({now})")
+        next_arrival = float(t[admitted]) if admitted < n else np.inf
+        now = min(next_arrival, np.inf if wake is None else wake)
+        if now == np.inf:
+            break
+    for q in queue:  # nothing more will arrive or wake the batcher
+        reason[q] = "unserved"
+
+    label_correct = None
+    if recording.labels is not None:
+        labels = recording.labels[:n]
+        label_correct = (released_pred == labels) & (labels >= 0) & (exit_site != DROPPED)
+    return RunResult(
+        policy=policy.name, slo_ms=float(slo_ms), num_sites=profile.num_sites, arrival=t, start=start,
+        release=release, exit_site=exit_site, correct=correct, label_correct=label_correct, batch=batch,
+        drop_reason=reason.astype(str), batch_start=np.asarray(b_start), batch_size=np.asarray(b_size, dtype=np.int64),
+        batch_exec_ms=np.asarray(b_exec), batch_version=np.asarray(b_version, dtype=np.int64),
+        batch_active=np.asarray(b_active, dtype=np.int64),
+    )

@@ -1,0 +1,166 @@
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from apparate.core.controller import Config
+from apparate.core.profile import LatencyProfile
+from apparate.core.recording import Recording
+from apparate.core.synthetic import drift_curve, synthetic_recording
+from apparate.policies import PolicyInputs, make_policy
+from apparate.policies.base import OraclePolicy, ThresholdPolicy
+from apparate.policies.catalog import RampFamily
+from apparate.replay import traces
+from apparate.replay.batchers import ClockworkBatcher, TFServingBatcher
+from apparate.replay.metrics import sliding_min_mean, summarize
+from apparate.replay.simulator import DROPPED, FINAL, replay
+
+TINY = LatencyProfile(batch_sizes=[1, 2], site_ms=[[2.0, 5.0], [3.0, 7.0]], ramp_ms=[[0.5, 0.5], [1.0, 1.0]],
+                      vanilla_ms=[10.0, 14.0])
+
+
+def tiny_recording(conf0):
+    conf = np.stack([conf0, np.full(len(conf0), 0.5)], axis=1)
+    final = np.zeros(len(conf0), dtype=int)
+    return Recording(conf, np.zeros_like(conf, dtype=int), final)
+
+
+def test_latency_matches_hand_computation():
+    rec = tiny_recording([0.9, 0.5, 0.95])
+    policy = ThresholdPolicy("one-ramp", Config((0,), (0.2,)))
+    run = replay(rec, np.array([0.0, 0.001, 0.1]), TINY, policy, ClockworkBatcher(2), slo_ms=1000)
+    # t=0: input 0 alone; exits at ramp 0: 2 ms backbone + 0.5 ms ramp. The batch takes 10.5 ms.
+    # t=10.5 ms: input 1 (arrived at 1 ms) alone, no exit: released at 21 ms -> 20 ms latency.
+    # t=100 ms: input 2 alone, exits: 2.5 ms.
+    assert run.latency_ms == pytest.approx([2.5, 20.0, 2.5])
+    assert run.exit_site.tolist() == [0, FINAL, 0]
+    assert run.batch_size.tolist() == [1, 1, 1]
+    assert run.batch_exec_ms == pytest.approx([10.5, 10.5, 10.5])
+
+
+def test_batch_of_two_pays_batch_costs():
+    rec = tiny_recording([0.9, 0.5])
+    policy = ThresholdPolicy("one-ramp", Config((0,), (0.2,)))
+    run = replay(rec, np.array([0.0, 0.0]), TINY, policy, ClockworkBatcher(2), slo_ms=1000)
+    assert run.batch_size.tolist() == [2]
+    assert run.latency_ms == pytest.approx([3.0 + 1.0, 14.0 + 1.0])
+
+
+def synthetic_family(n=3000, S=8, seed=0, drift=True):
+    prof = LatencyProfile.linear(S, vanilla_ms=5.0, ramp_fraction=0.004)
+    diff = drift_curve(n, [(1, 0), (1, 0.3), (1, -0.2)]) if drift else 0.0
+    return RampFamily(synthetic_recording(800, S, seed=seed + 1), synthetic_recording(n, S, seed=seed + 2,
+                                                                                       difficulty=diff), prof)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["vanilla", "static", "apparate", "branchynet", "optimal", "optimal-cost"]),
+       st.floats(50, 800), st.sampled_from(["clockwork", "tfserving"]), st.integers(0, 50))
+def test_no_answer_is_released_before_its_batch_reaches_the_exit(name, rate, kind, seed):
+    fam = synthetic_family(n=600, seed=seed)
+    policy = make_policy(name, PolicyInputs(fam))
+    batcher = ClockworkBatcher(16) if kind == "clockwork" else TFServingBatcher(16, 5.0, 8)
+    arrivals = np.asarray(traces.poisson(rate, n=600, seed=seed))
+    run = replay(fam.evaluation, arrivals, fam.profile, policy, batcher, slo_ms=40)
+    served = run.served
+    assert np.all(run.release[served] >= run.arrival[served])
+    for b in range(run.batch_size.size):
+        members = np.flatnonzero(run.batch == b)
+        start = run.batch_start[b]
+        assert np.all(run.start[members] == start)
+        finish = start + run.batch_exec_ms[b] * 1e-3
+        ex = run.exit_site[members]
+        rel = run.release[members]
+        assert np.all(rel <= finish + 1e-12)
+        # an answer from a ramp comes no earlier than the backbone reaching that ramp's site
+        site_ms, _, _ = fam.profile.at(run.batch_size[b])
+        at_ramp = ex >= 0
+        assert np.all(rel[at_ramp] >= start + site_ms[ex[at_ramp]] * 1e-3 - 1e-12)
+        assert np.allclose(rel[~at_ramp], finish)
+        assert run.batch_size[b] <= 16
+    assert np.all(np.diff(run.batch_start) > 0)
+
+
+def test_vanilla_is_exact_and_optimal_is_never_slower():
+    fam = synthetic_family()
+    arrivals = np.asarray(traces.poisson(400, n=3000, seed=3))
+    runs = {name: replay(fam.evaluation, arrivals, fam.profile, make_policy(name, PolicyInputs(fam)),
+                         ClockworkBatcher(32), slo_ms=1000) for name in ("vanilla", "optimal")}
+    assert summarize(runs["vanilla"]).accuracy == 1.0
+    assert (runs["vanilla"].exit_site == FINAL).all()
+    assert summarize(runs["optimal"]).accuracy == 1.0
+    # the cost-free oracle runs batches exactly as vanilla does, and releases no later
+    assert np.array_equal(runs["optimal"].batch_start, runs["vanilla"].batch_start)
+    assert np.all(runs["optimal"].latency_ms <= runs["vanilla"].latency_ms + 1e-9)
+    assert summarize(runs["optimal"]).p50_ms < summarize(runs["vanilla"]).p50_ms
+
+
+def test_ramps_slow_the_queue():
+    fam = synthetic_family()
+    arrivals = np.asarray(traces.fixed_rate(300, n=2000))
+    plain = replay(fam.evaluation, arrivals, fam.profile, make_policy("vanilla", PolicyInputs(fam)),
+                   ClockworkBatcher(32), slo_ms=1000)
+    never = ThresholdPolicy("all-ramps-no-exit", Config(tuple(range(8)), (0.0,) * 8))
+    slow = replay(fam.evaluation, arrivals, fam.profile, never, ClockworkBatcher(32), slo_ms=1000)
+    assert slow.batch_exec_ms.mean() > plain.batch_exec_ms.mean()
+    assert np.nanmean(slow.latency_ms) > np.nanmean(plain.latency_ms)
+
+
+def test_overload_drops_with_a_reason_and_metrics_count_them():
+    fam = synthetic_family()
+    arrivals = np.asarray(traces.fixed_rate(5000, n=3000))
+    run = replay(fam.evaluation, arrivals, fam.profile, make_policy("vanilla", PolicyInputs(fam)),
+                 ClockworkBatcher(8), slo_ms=20)
+    m = summarize(run)
+    assert m.dropped > 0 and m.dropped == (run.exit_site == DROPPED).sum()
+    assert set(run.drop_reason[run.exit_site == DROPPED]) <= {"late", "unserved"}
+    assert m.served + m.dropped == m.requests
+    assert m.goodput <= m.throughput + 1e-9
+    assert np.all(run.latency_ms[run.served] <= 20 + 1e-6)  # clockwork never serves a late request
+
+
+def test_apparate_adapts_and_reports():
+    fam = synthetic_family(n=6000)
+    arrivals = np.asarray(traces.poisson(400, n=6000, seed=1))
+    run = replay(fam.evaluation, arrivals, fam.profile, make_policy("apparate", PolicyInputs(fam)),
+                 ClockworkBatcher(32), slo_ms=1000)
+    m = summarize(run)
+    assert len(np.unique(run.batch_version)) > 5  # the configuration changed along the stream
+    assert 1 - m.accuracy <= 0.01
+    assert 0 < m.active_share < 1
+    assert m.label_accuracy is not None and 0 < m.label_accuracy <= 1
+    assert sum(m.exit_rates.values()) + m.final_rate == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(arrivals=np.array([0.0, 2.0, 1.0])), "sorted"),
+    (dict(arrivals=np.array([-1.0, 0.0])), "non-negative"),
+    (dict(arrivals=np.arange(5000) * 0.01), "only 3000 inputs"),
+    (dict(profile=LatencyProfile.linear(5)), "different bundles"),
+    (dict(slo_ms=0.0), "slo_ms"),
+])
+def test_bad_inputs_fail_clearly(bad, msg):
+    fam = synthetic_family()
+    args = dict(recording=fam.evaluation, arrivals=np.arange(100) * 0.01, profile=fam.profile,
+                policy=make_policy("vanilla", PolicyInputs(fam)), batcher=ClockworkBatcher(8), slo_ms=100.0)
+    with pytest.raises(ValueError, match=msg):
+        replay(**{**args, **bad})
+
+
+def test_policy_catalog_errors_and_families():
+    fam = synthetic_family()
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("nope", PolicyInputs(fam))
+    with pytest.raises(ValueError, match="DeeBERT"):
+        make_policy("deebert", PolicyInputs(fam))
+    with pytest.raises(ValueError, match="different bundles"):
+        RampFamily(fam.bootstrap, synthetic_recording(10, 5), fam.profile)
+    bn = make_policy("branchynet", PolicyInputs(fam))
+    assert bn.config.sites == tuple(range(8)) and len(set(bn.config.thresholds)) == 1
+    assert isinstance(make_policy("optimal", PolicyInputs(fam)), OraclePolicy)
+
+
+def test_sliding_min_mean():
+    x = np.array([1, 1, 0, 0, 1, 1], dtype=float)
+    assert sliding_min_mean(x, 2) == 0.0
+    assert sliding_min_mean(x, 3) == pytest.approx(1 / 3)
+    assert sliding_min_mean(x, 100) == pytest.approx(4 / 6)
