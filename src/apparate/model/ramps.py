@@ -147,4 +147,4 @@ def score(logits: torch.Tensor, fn: ConfidenceFn) -> tuple[torch.Tensor, torch.T
     """(confidence in [0, 1], predicted class) from ramp logits."""
     probs = torch.softmax(logits.float(), dim=-1)
     conf = fn(probs).clamp(0.0, 1.0)  # float rounding must not leave [0, 1]
-    return conf, probs.argmax(dim=-1)
+    return conf, logits.argmax(dim=-1)  # from logits: softmax can round near-ties to equal

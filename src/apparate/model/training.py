@@ -51,7 +51,7 @@ class ActivationCache:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30
-    batch_size: int = 256
+    batch_size: int | None = None  # None: n_train / 16 within [32, 256], so small sets get enough steps
     lr: float = 3e-3
     weight_decay: float = 1e-4
     holdout: float = 0.1  # share of the bootstrap kept out of training, recorded for placement
@@ -146,7 +146,8 @@ def train_ramps(
     heads = [r.head for r in ramps]
     params = [p for h in heads for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, int(np.ceil(len(train_idx) / config.batch_size)))
+    bsz = config.batch_size or int(np.clip(len(train_idx) // 16, 32, 256))
+    steps_per_epoch = max(1, int(np.ceil(len(train_idx) / bsz)))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(config.seed)
     best_loss = [float("inf")] * len(ramps)
@@ -158,8 +159,8 @@ def train_ramps(
         for h in heads:
             h.train()
         order = tr[torch.randperm(len(tr), generator=gen)]
-        for s in range(0, len(order), config.batch_size):
-            idx = order[s:s + config.batch_size]
+        for s in range(0, len(order), bsz):
+            idx = order[s:s + bsz]
             target = y[idx]
             loss = sum(F.cross_entropy(h(f[idx].float()), target) for h, f in zip(heads, cache.features))
             opt.zero_grad(set_to_none=True)

@@ -32,7 +32,7 @@ RECIPE_VERSION = 1
 class FineTuneRecipe:
     """How the cached sentiment model is made; part of its cache key."""
 
-    train_examples: int = 20000  # SST-2 train phrases used (1 epoch): ~6 minutes on 2 cores
+    train_examples: int = 32000  # SST-2 train phrases used (1 epoch): ~8 minutes on 2 cores
     epochs: int = 1
     batch_size: int = 32
     lr: float = 5e-5

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+import torch
+
+from apparate.model.profiler import num_threads, powers_of_two, profile_latency
+from apparate.model.ramps import RampSpec, build_ramps
+from apparate.model.sites import find_sites
+from tests.model.conftest import SENTENCES
+
+
+def test_powers_of_two():
+    assert powers_of_two(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert powers_of_two(24) == [1, 2, 4, 8, 16, 24]
+    with pytest.raises(ValueError):
+        powers_of_two(0)
+
+
+def test_profile_is_monotone_in_depth_and_batch_size(r20_bundle):
+    p = r20_bundle.profile
+    assert list(p.batch_sizes) == [1, 2, 4]
+    assert p.num_sites == 9
+    assert np.all(np.diff(p.site_ms, axis=2) >= 0)  # grows with depth
+    assert np.all(np.diff(p.site_ms, axis=1) >= 0)  # grows with batch size
+    assert np.all(np.diff(p.vanilla_ms, axis=1) >= 0)
+    assert np.all(p.site_ms[..., -1] <= p.vanilla_ms)
+    assert np.all(p.ramp_ms > 0)
+    assert p.site_ms[0, 0, -1] > p.site_ms[0, 0, 0]  # the last block really is later
+
+
+def test_text_profile_has_length_buckets(minilm_base):
+    model, enc = minilm_base
+    sites = find_sites(model, enc(SENTENCES[:2]))
+    ramps = build_ramps([RampSpec("cls", s.shape, 2) for s in sites])
+
+    def make(b, length):
+        return enc(SENTENCES[:b], pad_to=length)
+
+    p = profile_latency(model, sites, list(ramps), make, [1, 2], lengths=[8, 32], warmup=1, repeats=2,
+                        threads=1, progress=False)
+    assert p.site_ms.shape == (2, 2, 6)
+    assert list(p.lengths) == [8, 32]
+    assert np.all(np.diff(p.site_ms, axis=0) >= 0)  # longer inputs never cost less
+
+
+def test_threads_are_restored():
+    before = torch.get_num_threads()
+    with num_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
