@@ -15,6 +15,9 @@ COMMANDS = (
     "apparate.cli.version",
     "apparate.cli.bench",
     "apparate.cli.prepare",
+    "apparate.cli.record",
+    "apparate.cli.replay",
+    "apparate.cli.demo",
 )
 
 

@@ -10,6 +10,8 @@ import importlib
 
 BENCHES = (
     "apparate.bench.tuning",
+    "apparate.bench.compare",
+    "apparate.bench.sweep",
 )
 
 

@@ -1,0 +1,51 @@
+"""Flags shared by the commands that replay policies (bench compare, bench sweep, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None = None) -> None:
+    if workload_default is None:
+        p.add_argument("workload", help="zoo workload (`apparate prepare --list`)")
+    else:
+        p.add_argument("--workload", default=workload_default, help=f"zoo workload (default {workload_default})")
+    p.add_argument("--data-dir", help="data directory (default: $APPARATE_DATA, else ../shared/data)")
+    p.add_argument("--bundle", help="use this prepared bundle (default: prepare once into the cache)")
+    p.add_argument("--deebert-bundle", help="bundle with DeeBERT-style ramps for the deebert policies")
+    p.add_argument("--stream", help="stream to replay (default: camera-day for images, drift for text)")
+    p.add_argument("--n", type=int, help="inputs to replay (default: the whole stream)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", default="fixed", choices=["fixed", "poisson", "gamma", "azure"],
+                   help="arrival process (default fixed: a camera)")
+    p.add_argument("--rate", type=float, default=30.0, help="requests per second (default 30)")
+    p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for --trace gamma")
+    p.add_argument("--slo-ms", type=float, help="latency SLO (default: --slo-x times the batch-1 model latency)")
+    p.add_argument("--slo-x", type=float, default=4.0, help="SLO as a multiple of batch-1 latency (default 4)")
+    p.add_argument("--batching", default="clockwork", choices=["clockwork", "tfserving"])
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--accuracy-constraint", type=float, default=0.01, help="max loss vs the original (default 0.01)")
+    p.add_argument("--ramp-budget", type=float, default=0.02, help="max worst-case latency added by ramps (default 0.02)")
+    p.add_argument("--bootstrap", type=int, help="bootstrap inputs when preparing a bundle")
+    p.add_argument("--threads", type=int, help="torch threads when preparing and recording")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or per-policy lines")
+
+
+def spec_from_args(args: argparse.Namespace, policies=None):
+    from apparate.core.settings import Settings
+    from apparate.replay.experiment import ExperimentSpec
+
+    settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget,
+                        tuning_margin=min(Settings().tuning_margin, args.accuracy_constraint))
+    return ExperimentSpec(
+        workload=args.workload, data_dir=args.data_dir, bundle=args.bundle, deebert_bundle=args.deebert_bundle,
+        stream=args.stream, n=args.n, seed=args.seed, trace=args.trace, rate=args.rate, cv=args.cv,
+        slo_ms=args.slo_ms, slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
+        settings=settings, policies=policies, bootstrap=args.bootstrap, threads=args.threads,
+        progress=not args.no_progress)
+
+
+def command_line() -> str:
+    return "apparate " + " ".join(shlex.quote(a) for a in sys.argv[1:])

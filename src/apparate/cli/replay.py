@@ -1,0 +1,62 @@
+"""`apparate replay BUNDLE --recording FILE --policy NAME`: one policy on a recorded stream.
+
+The bundle gives the latency profile and the bootstrap data; the recording (from `apparate
+record` with the same bundle) gives every ramp's outputs on the stream being replayed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="replay one policy on a recorded stream with an arrival trace",
+                       description=__doc__)
+    p.add_argument("bundle", help="bundle directory the recording was made with")
+    p.add_argument("--recording", required=True, help="recording file from `apparate record`")
+    p.add_argument("--policy", default="apparate", help="vanilla, static, apparate, branchynet, ... (default apparate)")
+    p.add_argument("--trace", default="fixed", choices=["fixed", "poisson", "gamma", "azure"])
+    p.add_argument("--rate", type=float, default=30.0)
+    p.add_argument("--cv", type=float, default=2.0)
+    p.add_argument("--slo-ms", type=float)
+    p.add_argument("--slo-x", type=float, default=4.0)
+    p.add_argument("--batching", default="clockwork", choices=["clockwork", "tfserving"])
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--accuracy-constraint", type=float, default=0.01)
+    p.add_argument("--ramp-budget", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir")
+    p.add_argument("--out", help="directory for report.md, metrics.json and plots")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from apparate.core.recording import Recording
+    from apparate.core.settings import Settings
+    from apparate.model.bundle import load_bundle
+    from apparate.policies.catalog import RampFamily
+    from apparate.replay.experiment import ExperimentSpec, run_experiment
+    from apparate.replay.record import check_recording_matches
+    from apparate.replay.report import comparison_table, write_report
+
+    from .experiment_args import command_line
+
+    bundle = load_bundle(args.bundle, load_model=False)
+    rec = Recording.load(args.recording)
+    check_recording_matches(rec, args.bundle)
+    settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget,
+                        tuning_margin=min(Settings().tuning_margin, args.accuracy_constraint))
+    spec = ExperimentSpec(workload=bundle.manifest.get("workload", "?"), data_dir=args.data_dir,
+                          seed=args.seed, trace=args.trace, rate=args.rate, cv=args.cv, slo_ms=args.slo_ms,
+                          slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
+                          settings=settings, policies=(args.policy,), progress=False)
+    result = run_experiment(spec, families={"light": RampFamily(bundle.recording, rec, bundle.profile)})
+    print(comparison_table(result.metrics))
+    if args.out:
+        path = write_report(args.out, result.metrics, result.runs, result.info, command_line(),
+                            settings.accuracy_constraint)
+        print(f"report: {path}")
+    else:
+        print(json.dumps(result.metrics[0].to_dict(), indent=1))
+    return 0

@@ -1,0 +1,191 @@
+"""One comparison run, end to end: a bundle (prepared once, cached), a recording of a stream
+(recorded once, cached), an arrival trace, and every policy replayed on the same recording and
+trace. Used by `apparate bench compare`, `bench sweep` and `demo`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from apparate.core.recording import Recording
+from apparate.core.settings import Settings
+from apparate.paths import cache_dir
+from apparate.policies.catalog import POLICIES, PolicyInputs, RampFamily, family_of, make_policy
+
+from . import traces
+from .batchers import ClockworkBatcher, TFServingBatcher
+from .metrics import Metrics, summarize
+from .simulator import RunResult, replay
+
+Log = Callable[[str], None]
+
+DEFAULT_POLICIES = ("vanilla", "static", "apparate", "branchynet", "branchynet+", "branchynet-opt",
+                    "branchynet+opt", "optimal", "optimal-cost")
+TEXT_POLICIES = ("deebert", "deebert+", "deebert-opt", "deebert+opt")
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    workload: str
+    data_dir: str | None = None
+    bundle: str | None = None  # an existing bundle directory; default: prepared into the cache
+    deebert_bundle: str | None = None
+    stream: str | None = None  # default: camera-day (images), drift (text)
+    n: int | None = None  # inputs to replay (default: the stream's own size)
+    seed: int = 0
+    trace: str = "fixed"  # fixed | poisson | bursty | azure-llm
+    rate: float = 30.0  # requests per second
+    cv: float = 2.0  # for bursty
+    slo_ms: float | None = None  # default: slo_x times the bare model's batch-1 latency
+    slo_x: float = 4.0
+    batching: str = "clockwork"
+    max_batch: int = 16
+    batch_timeout_ms: float = 5.0
+    settings: Settings = field(default_factory=Settings)
+    policies: tuple[str, ...] | None = None  # default: all that apply
+    bootstrap: int | None = None
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class ExperimentResult:
+    spec: ExperimentSpec
+    metrics: list[Metrics]
+    runs: list[RunResult]
+    info: dict[str, Any]
+    phases: np.ndarray | None = None
+
+
+def _bundle_dir(spec: ExperimentSpec, ramp: str | None) -> Path:
+    tag = f"{spec.workload}-{ramp or 'default'}-b{spec.bootstrap or 'default'}-s{spec.seed}"
+    return cache_dir("bundles") / tag
+
+
+def load_or_prepare(workload: str, data_dir: str | None, bundle: str | None, ramp: str | None, spec: ExperimentSpec,
+                    log: Log) -> Any:
+    """Load `bundle`, else the cached bundle for this workload, else prepare it (once)."""
+    from apparate.model.bundle import BundleError, load_bundle
+    from apparate.model.prepare import PrepareOptions, prepare_workload
+    from apparate.zoo.workloads import get_workload
+
+    path = Path(bundle) if bundle else _bundle_dir(spec, ramp)
+    if (path / "manifest.json").exists():
+        try:
+            return load_bundle(path, data_dir=data_dir)
+        except BundleError as e:
+            if bundle:  # the user's bundle: do not touch it
+                raise
+            log(f"cached bundle {path} is unusable ({e}); preparing it again")
+            shutil.rmtree(path, ignore_errors=True)
+    elif bundle:
+        raise ValueError(f"no bundle at {bundle} (no manifest.json)")
+    log(f"preparing {workload} ({ramp or 'default'} ramps) into {path} (once; cached)")
+    wl = get_workload(workload, data_dir, progress=spec.progress)
+    opts = PrepareOptions(bootstrap=spec.bootstrap, ramp=ramp, seed=spec.seed, threads=spec.threads,
+                          max_batch=max(64, spec.max_batch), progress=spec.progress)
+    prepare_workload(wl, path, opts, log=log)
+    return load_bundle(path, data_dir=data_dir)
+
+
+def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec: ExperimentSpec, log: Log) -> Recording:
+    from .record import bundle_id, check_recording_matches, record_stream
+
+    key = f"{bundle_id(bundle.path)}-{stream_name}-n{n or 'all'}-s{seed}.npz"
+    path = cache_dir("recordings") / key
+    if path.exists():
+        try:
+            rec = Recording.load(path)
+            check_recording_matches(rec, bundle.path)
+            return rec
+        except ValueError as e:
+            log(f"cached recording {path} is unusable ({e}); recording again")
+    kw = {"n": n} if n else {}
+    stream = bundle.workload.stream(stream_name, seed=seed, **kw)
+    log(f"recording {len(stream)} inputs of stream {stream_name!r} with every ramp active (once; cached)")
+    rec = record_stream(bundle, stream, progress=spec.progress, threads=spec.threads)
+    rec.save(path)
+    return rec
+
+
+def make_trace(spec: ExperimentSpec, n: int) -> np.ndarray:
+    kind = {"gamma": "bursty", "azure": "azure-llm"}.get(spec.trace, spec.trace)
+    tr = traces.generate(kind, rate=spec.rate, n=n, seed=spec.seed, cv=spec.cv, data_dir=spec.data_dir)
+    times = np.asarray(tr, dtype=np.float64)
+    if times.size < n:
+        raise ValueError(f"trace {spec.trace!r} has only {times.size} arrivals for {n} inputs: lower --n")
+    return times[:n] - times[0]
+
+
+def make_batcher(spec: ExperimentSpec):
+    if spec.batching == "clockwork":
+        return ClockworkBatcher(spec.max_batch)
+    if spec.batching == "tfserving":
+        return TFServingBatcher(spec.max_batch, spec.batch_timeout_ms, max_enqueued_batches=64)
+    raise ValueError(f"unknown batching {spec.batching!r}: clockwork or tfserving")
+
+
+def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, RampFamily] | None = None,
+                   phases: np.ndarray | None = None) -> ExperimentResult:
+    """Replay every policy on the same recording and trace. `families` skips bundles and
+    recordings (tests and synthetic runs)."""
+    info: dict[str, Any] = {"workload": spec.workload}
+    if families is None:
+        families = {}
+        light = load_or_prepare(spec.workload, spec.data_dir, spec.bundle, None, spec, log)
+        kind = light.workload.kind
+        stream = spec.stream or ("camera-day" if kind == "image" else "drift")
+        rec = load_or_record(light, stream, spec.n, spec.seed, spec, log)
+        families["light"] = RampFamily(light.recording, rec, light.profile)
+        info.update(stream=stream, bundle=str(light.path), ramp=light.specs[0].kind if light.specs else "?")
+        if "per_input_phase" in rec.meta:
+            phases = np.asarray(rec.meta["per_input_phase"])
+        wants = spec.policies or (DEFAULT_POLICIES + (TEXT_POLICIES if kind == "text" else ()))
+        if any(family_of(p) == "deebert" for p in wants):
+            deb = load_or_prepare(spec.workload, spec.data_dir, spec.deebert_bundle, "deebert", spec, log)
+            drec = load_or_record(deb, stream, spec.n, spec.seed, spec, log)
+            families["deebert"] = RampFamily(deb.recording, drec, deb.profile)
+    else:
+        wants = spec.policies or DEFAULT_POLICIES
+    unknown = [p for p in wants if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+
+    light = families["light"]
+    n = light.evaluation.num_inputs if spec.n is None else min(spec.n, light.evaluation.num_inputs)
+    arrivals = make_trace(spec, n)
+    slo = spec.slo_ms or spec.slo_x * light.profile.vanilla(1)
+    batcher = make_batcher(spec)
+    inputs = PolicyInputs(light, spec.settings, families.get("deebert"), seed=spec.seed)
+    info.update(inputs=n, trace=spec.trace, rate=spec.rate, slo_ms=round(slo, 3), batching=spec.batching,
+                max_batch=spec.max_batch, accuracy_constraint=spec.settings.accuracy_constraint,
+                ramp_budget=spec.settings.ramp_budget, candidate_sites=light.profile.num_sites,
+                vanilla_ms_batch1=round(light.profile.vanilla(1), 3))
+    metrics, runs = [], []
+    for name in wants:
+        fam = families["deebert"] if family_of(name) == "deebert" else light
+        policy = make_policy(name, inputs)
+        run = replay(fam.evaluation.take(slice(0, n)), arrivals, fam.profile, policy, batcher, slo)
+        runs.append(run)
+        metrics.append(summarize(run))
+        if spec.progress:
+            m = metrics[-1]
+            log(f"  {name:15s} p50 {m.p50_ms:8.2f} ms  acc {m.accuracy:.2%}  drops {m.dropped}")
+    return ExperimentResult(spec, metrics, runs, info, None if phases is None else phases[:n])
+
+
+def with_settings(spec: ExperimentSpec, **changes: Any) -> ExperimentSpec:
+    return replace(spec, settings=spec.settings.replace(**changes))
+
+
+def by_policy(result: ExperimentResult) -> dict[str, Metrics]:
+    return {m.policy: m for m in result.metrics}
+
+
+def policies_for(names: Sequence[str] | None) -> tuple[str, ...] | None:
+    return tuple(names) if names else None

@@ -1,0 +1,73 @@
+"""Record a stream once: every candidate ramp's confidence and answer, the original answer, the
+label and the cost key, per input in arrival order. Replays of any policy then need no model.
+
+A recording carries its bundle's identity (a hash of the bundle's manifest), so that a replay
+refuses a recording made by another bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apparate.core.recording import Recording
+
+
+def bundle_id(bundle_path: str | Path) -> str:
+    """Identity of a bundle: the hash of its manifest (a re-prepared bundle gets a new one)."""
+    from apparate.model.bundle import MANIFEST
+
+    data = (Path(bundle_path) / MANIFEST).read_bytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool = True,
+                  threads: int | None = None) -> Recording:
+    """Run `bundle`'s model over `stream` with every candidate ramp active."""
+    import torch
+    from tqdm import tqdm
+
+    if bundle.workload is None:
+        raise ValueError("recording a stream needs the bundle's workload (a zoo or Hugging Face bundle)")
+    if threads:
+        torch.set_num_threads(threads)
+    model = bundle.early_exit_model()
+    sites = tuple(range(bundle.num_sites))
+    conf, pred, final, labels, costs = [], [], [], [], []
+    n = len(stream)
+    with tqdm(total=n, desc=f"record {stream.name}", unit="input", disable=not progress) as bar:
+        for batch in bundle.workload.batches(stream, batch_size):
+            out = model(batch.inputs, active=sites)
+            conf.append(out.conf_matrix(sites).float().numpy())
+            pred.append(torch.stack([out.ramps[s].pred for s in sites], dim=1).numpy())
+            final.append(out.final_pred.numpy())
+            labels.append(np.asarray(batch.labels))
+            costs.append(np.asarray(batch.costs if batch.costs is not None else np.ones(len(batch.labels))))
+            bar.update(len(batch.labels))
+    lengths = np.concatenate(costs) if bundle.workload.kind == "text" else None
+    meta = {
+        "bundle_id": bundle_id(bundle.path),
+        "bundle": str(bundle.path),
+        "workload": bundle.workload.name,
+        "stream": stream.name,
+        "inputs": n,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    for key, value in stream.meta.items():  # per-input extras such as a drifting stream's phase
+        if isinstance(value, np.ndarray) and value.shape[:1] == (n,) and value.dtype.kind in "iuf":
+            meta[f"per_input_{key}"] = value.tolist()
+    return Recording(np.clip(np.concatenate(conf), 0.0, 1.0), np.concatenate(pred), np.concatenate(final),
+                     np.concatenate(labels), lengths, tuple(s.name for s in bundle.sites), meta)
+
+
+def check_recording_matches(recording: Recording, bundle_path: str | Path) -> None:
+    """Refuse a recording made by a different bundle."""
+    want = bundle_id(bundle_path)
+    got = recording.meta.get("bundle_id")
+    if got != want:
+        raise ValueError(f"the recording was made by bundle {recording.meta.get('bundle', '?')} (id {got}), "
+                         f"not by {bundle_path} (id {want}): record the stream again with this bundle")

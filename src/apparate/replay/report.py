@@ -1,0 +1,132 @@
+"""Comparison tables and plots for replay runs: a markdown table with ratios against vanilla and
+the oracle, a JSON dump, a latency CDF per policy, and timelines of accuracy and active ramps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .metrics import Metrics
+from .simulator import RunResult
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def comparison_table(metrics: Sequence[Metrics], baseline: str = "vanilla", oracle: str = "optimal") -> str:
+    by = {m.policy: m for m in metrics}
+    base, orc = by.get(baseline), by.get(oracle)
+    head = ["policy", "p50 ms", "p95 ms", "p99 ms", "p50 vs vanilla", "p50 win", "share of optimal win",
+            "acc vs original", "worst window", "label acc", "drops", "thru /s", "goodput /s", "ramps active",
+            "mean batch"]
+    rows = []
+    for m in metrics:
+        ratio = m.p50_ms / base.p50_ms if base else float("nan")
+        win = 1 - ratio if base else float("nan")
+        share = float("nan")
+        if base and orc and base.p50_ms > orc.p50_ms:
+            share = (base.p50_ms - m.p50_ms) / (base.p50_ms - orc.p50_ms)
+        rows.append([m.policy, _fmt(m.p50_ms), _fmt(m.p95_ms), _fmt(m.p99_ms), _fmt(ratio, 3), f"{win:+.1%}",
+                     _fmt(share, 2), f"{m.accuracy:.2%}", f"{m.worst_window_accuracy:.2%}",
+                     "-" if m.label_accuracy is None else f"{m.label_accuracy:.2%}", str(m.dropped),
+                     _fmt(m.throughput, 1), _fmt(m.goodput, 1), f"{m.active_share:.0%}", _fmt(m.mean_batch, 1)])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep] + [line(r) for r in rows])
+
+
+def _sliding(x: np.ndarray, window: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.size < window:
+        return np.full(x.size, x.mean() if x.size else np.nan)
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    out = np.full(x.size, np.nan)
+    out[window - 1:] = (c[window:] - c[:-window]) / window
+    return out
+
+
+def plot_latency_cdf(runs: Sequence[RunResult], path: Path, slo_ms: float | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        lat = np.sort(run.latency_ms[run.served])
+        if lat.size:
+            ax.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=run.policy,
+                    lw=2.2 if run.policy == "apparate" else 1.2)
+    if slo_ms:
+        ax.axvline(slo_ms, color="grey", ls=":", lw=1, label="SLO")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("share of requests")
+    ax.set_title("Latency CDF per policy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_timeline(runs: Sequence[RunResult], path: Path, constraint: float, window: int = 500,
+                  phases: np.ndarray | None = None) -> Path:
+    """Sliding accuracy vs the original (each policy) and active ramps over time (adaptive ones)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for run in runs:
+        if run.policy in ("vanilla", "optimal", "optimal-cost"):
+            continue
+        served = run.served
+        t = run.arrival[served]
+        ax1.plot(t, _sliding(run.correct[served], window), label=run.policy, lw=2 if run.policy == "apparate" else 1)
+    ax1.axhline(1 - constraint, color="red", ls="--", lw=1, label=f"constraint ({1 - constraint:.0%})")
+    ax1.set_ylabel(f"accuracy vs original\n(sliding {window})")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7, ncol=3)
+    for run in runs:
+        if run.policy in ("apparate", "static") and run.batch_start.size:
+            ax2.step(run.batch_start, run.batch_active, where="post", label=f"{run.policy}: active ramps")
+    if phases is not None and runs:
+        t = runs[0].arrival
+        change = np.flatnonzero(np.diff(phases[: t.size]) != 0)
+        for c in change:
+            for ax in (ax1, ax2):
+                ax.axvline(t[c + 1], color="grey", lw=0.6, alpha=0.6)
+    ax2.set_ylabel("active ramps")
+    ax2.set_xlabel("time (s)" + ("; grey lines: stream phase changes" if phases is not None else ""))
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: str | Path, metrics: Sequence[Metrics], runs: Sequence[RunResult], info: dict[str, Any],
+                 command: str, constraint: float, phases: np.ndarray | None = None) -> Path:
+    """report.md, metrics.json, latency_cdf.png, timeline.png in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(metrics)
+    plot_latency_cdf(runs, out / "latency_cdf.png", info.get("slo_ms"))
+    plot_timeline(runs, out / "timeline.png", constraint, phases=phases)
+    lines = ["# Policy comparison", "", "```", command, "```", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += ["", table, "", "![latency CDF](latency_cdf.png)", "", "![timeline](timeline.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    (out / "metrics.json").write_text(json.dumps({"info": info, "command": command,
+                                                  "metrics": [m.to_dict() for m in metrics]}, indent=1))
+    return out / "report.md"
