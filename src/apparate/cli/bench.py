@@ -12,6 +12,7 @@ BENCHES = (
     "apparate.bench.tuning",
     "apparate.bench.compare",
     "apparate.bench.sweep",
+    "apparate.bench.simspeed",
 )
 
 
