@@ -18,6 +18,8 @@ COMMANDS = (
     "apparate.cli.record",
     "apparate.cli.replay",
     "apparate.cli.demo",
+    "apparate.cli.serve",
+    "apparate.cli.loadgen",
 )
 
 

@@ -1,0 +1,128 @@
+"""`apparate loadgen`: open-loop HTTP load from a trace, with latency, throughput, goodput, exits
+and accuracy reports.
+
+    apparate loadgen http://127.0.0.1:8000 --stream cifar10-vehicle-resnet56 --rate 200 --duration 60
+    apparate loadgen URL_A URL_B ...          same trace to both servers, one after the other; ratios B/A
+    apparate loadgen --compare BUNDLE ...     starts a vanilla and an apparate server on free loopback
+                                              ports, serves the same trace to each, prints ratios
+
+See docs/serve.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("loadgen", help="open-loop HTTP load generator (compare vanilla and apparate servers)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("urls", nargs="*", help="server URL(s): http://HOST:PORT (with --model) or .../v2/models/NAME")
+    p.add_argument("--compare", metavar="BUNDLE", help="start a vanilla and an apparate server for BUNDLE and compare")
+    p.add_argument("--model", help="model name (default: the --stream workload's name)")
+    p.add_argument("--stream", required=True, metavar="WORKLOAD", help="zoo workload whose stream supplies the inputs")
+    p.add_argument("--stream-name", help="stream of the workload (default: camera-day for images, sst2-dev for text)")
+    p.add_argument("--trace", choices=("fixed", "poisson", "gamma", "azure"), default="poisson")
+    p.add_argument("--rate", type=float, required=True, help="mean requests per second")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of measured load per run")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds of unmeasured load first (fixed rate)")
+    p.add_argument("--cv", type=float, default=2.0, help="gamma trace: coefficient of variation of the gaps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1, help="comparisons: alternate A B A B ... this many times")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed")
+    p.add_argument("--data-dir", help="data directory (default: $APPARATE_DATA, else ../shared/data)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", help="also write the summaries to this JSON file")
+    srv = p.add_argument_group("servers started by --compare (passed to `apparate serve`)")
+    srv.add_argument("--slo-ms", type=float)
+    srv.add_argument("--max-batch", type=int)
+    srv.add_argument("--batching", choices=("clockwork", "tfserving"))
+    srv.add_argument("--threads", type=int)
+    srv.add_argument("--accuracy-constraint", type=float)
+    srv.add_argument("--serve-arg", action="append", default=[], help="any other `apparate serve` flag (repeatable)")
+    srv.add_argument("--server-log", help="directory for the servers' logs (default: a temporary one)")
+    p.set_defaults(func=run)
+
+
+def _serve_args(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for flag, v in (("--slo-ms", args.slo_ms), ("--max-batch", args.max_batch), ("--batching", args.batching),
+                    ("--threads", args.threads), ("--accuracy-constraint", args.accuracy_constraint),
+                    ("--data-dir", args.data_dir)):
+        if v is not None:
+            out += [flag, str(v)]
+    for extra in args.serve_arg:
+        out += extra.split()
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import shlex
+    import sys
+
+    from apparate.cli import UserError
+    from apparate.serve import loadgen as lg
+
+    if args.compare and args.urls:
+        raise UserError("give either server URLs or --compare BUNDLE, not both")
+    if not args.compare and not args.urls:
+        raise UserError("give a server URL (or two to compare), or --compare BUNDLE")
+    if len(args.urls) > 2:
+        raise UserError("at most two URLs")
+    if args.rounds < 1:
+        raise UserError("--rounds must be at least 1")
+    times = lg.make_trace(args.trace, args.rate, args.duration, args.seed, args.cv, args.data_dir)
+    if len(times) == 0:
+        raise UserError("the trace is empty: raise --rate or --duration")
+    n_items = len(times) + int(args.warmup * args.rate)
+    print(f"trace {args.trace}: {len(times)} requests over {args.duration:g} s (mean {args.rate:g}/s, seed {args.seed}); "
+          f"inputs: {args.stream} stream {args.stream_name or '(default)'}", flush=True)
+    payloads = lg.stream_payloads(args.stream, args.stream_name, n_items, args.data_dir, args.seed)
+    model = args.model or args.stream
+    procs = []
+    try:
+        if args.compare:
+            from apparate.serve.launch import start_server
+
+            extra = _serve_args(args)
+            targets = []
+            for policy in ("vanilla", "apparate"):
+                proc, url = start_server(args.compare, policy, extra, args.server_log)
+                procs.append(proc)
+                targets.append((policy, url))
+            print("servers: " + ", ".join(f"{n} at {u}" for n, u in targets)
+                  + (f" (apparate serve ... {' '.join(shlex.quote(a) for a in extra)})" if extra else ""), flush=True)
+        else:
+            targets = []
+            for i, u in enumerate(args.urls):
+                base, name = lg.model_url(u, model)
+                targets.append((f"server {'AB'[i]}" if len(args.urls) == 2 else "server", base))
+                model = name
+        for _, base in targets:
+            lg.wait_ready(base)
+        results: dict[str, list] = {n: [] for n, _ in targets}
+        order = [(n, b) for _ in range(args.rounds) for n, b in targets]
+        for k, (name, base) in enumerate(order):
+            res = lg.measure(name, base, model, times, payloads, args.warmup if k < len(targets) else 0.0, args.rate,
+                             not args.no_progress, args.timeout)
+            results[name].append(res)
+            s = lg.summarize([res])
+            print(f"  {name} run {len(results[name])}: {s['ok']}/{s['requests']} ok, p50 {s['p50_ms']:.1f} ms, "
+                  f"{s['throughput']:.1f}/s", flush=True)
+        summaries = [(n, lg.summarize(results[n])) for n, _ in targets]
+        how = ("one after the other" if args.rounds == 1 else f"alternating A B x{args.rounds}, pooled")
+        print(f"\n{len(times)} requests per run, same trace and inputs for each server, {how}; "
+              f"warm-up {args.warmup:g} s excluded")
+        print(lg.format_report(summaries))
+        print("\ncommand: apparate loadgen " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({n: s for n, s in summaries}, f, indent=1, default=str)
+    finally:
+        if procs:
+            from apparate.serve.launch import stop_server
+
+            for proc in procs:
+                stop_server(proc)
+    return 0

@@ -1,0 +1,62 @@
+"""`apparate serve BUNDLE`: serve a prepared model over HTTP (Open Inference Protocol v2) with
+early exits, batching, live tuning, Prometheus metrics and checkpointed state. See docs/serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a bundle over HTTP with early exits (Open Inference Protocol v2)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="bundle directory made by `apparate prepare`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed; default 8000)")
+    p.add_argument("--model-name", help="name in the URL /v2/models/NAME (default: the bundle's workload)")
+    p.add_argument("--policy", choices=("apparate", "static", "vanilla"), default="apparate",
+                   help="apparate: ramps and thresholds adapt; static: initial placement, never adapted; vanilla: no ramps")
+    p.add_argument("--slo-ms", type=float, help="latency objective per request (default: 3x a full batch, >= 50 ms)")
+    p.add_argument("--batching", choices=("clockwork", "tfserving"), default="clockwork")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--batch-timeout-ms", type=float, default=5.0, help="tfserving: batch timeout")
+    p.add_argument("--max-queue", type=int, default=1024, help="inputs waiting before new requests get 503")
+    p.add_argument("--no-shed", action="store_true",
+                   help="serve requests late instead of answering 503 when they can no longer meet the SLO")
+    p.add_argument("--accuracy-constraint", type=float, default=0.01,
+                   help="max share of answers that may differ from the original model's (default 0.01)")
+    p.add_argument("--ramp-budget", type=float, default=0.02,
+                   help="max latency the active ramps may add, as a share of the model's (default 0.02)")
+    p.add_argument("--state-dir", help="checkpoint the controller state here (and restore it on start)")
+    p.add_argument("--checkpoint-every", type=float, default=30.0, help="seconds between checkpoints")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--data-dir", help="data directory for zoo models (default: $APPARATE_DATA, else ../shared/data)")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit (413 beyond)")
+    p.add_argument("--max-inputs", type=int, default=64, help="inputs per request")
+    p.add_argument("--long-text", choices=("truncate", "reject"), default="truncate",
+                   help="text over --max-tokens: cut it, or refuse the request (400)")
+    p.add_argument("--max-tokens", type=int, help="text token limit (default: the encoder's, 128 for MiniLM)")
+    p.add_argument("--access-log", action="store_true")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--port-file", help="write {url, port, pid} as JSON here once listening")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from apparate.cli import UserError
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding {args.host}: the server is reachable from other machines")
+    if args.max_batch < 1:
+        raise UserError("--max-batch must be at least 1")
+    from apparate.serve.server import ServeOptions, run as serve
+
+    opts = ServeOptions(
+        bundle=args.bundle, host=args.host, port=args.port, model_name=args.model_name, policy=args.policy,
+        slo_ms=args.slo_ms, batching=args.batching, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
+        max_queue=args.max_queue, shed=not args.no_shed, accuracy_constraint=args.accuracy_constraint,
+        ramp_budget=args.ramp_budget, state_dir=args.state_dir, checkpoint_every_s=args.checkpoint_every,
+        threads=args.threads, data_dir=args.data_dir, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_inputs=args.max_inputs, long_text=args.long_text, max_tokens=args.max_tokens,
+        access_log=args.access_log, log_level=args.log_level, port_file=args.port_file)
+    return serve(opts)

@@ -1,0 +1,20 @@
+"""Live serving: an engine that releases answers early, an Open Inference Protocol HTTP API,
+Prometheus metrics, checkpointed controller state, and a load generator.
+
+Modules, one job each (imports stay light: torch and the web stack load where used):
+
+    types       Request, Answer, Rejected: what flows between the HTTP layer and the engine
+    queue       RequestQueue: the bounded admission queue (the engine thread is its only consumer)
+    costs       BatchCosts: predicted batch time per batch size (and length) from the profile
+    scheduler   Scheduler: the replay batchers' decisions applied to the live queue
+    executor    Executor: one batch through the EarlyExitModel, releasing answers at ramps
+    control     ControlLoop: the controller thread (feedback, online profile, config swaps)
+    state       atomic checkpoints of the controller state
+    metrics     Prometheus metrics and the live statistics behind /earlyexit
+    model_io    ServedModel and the input codecs (images, text)
+    engine      Engine: queue -> scheduler -> executor -> control, and its threads
+    protocol    Open Inference Protocol v2 request parsing and response building
+    app         the Starlette application (routes, limits, errors)
+    server      building a server from a bundle; running uvicorn (in the foreground or a thread)
+    loadgen     the open-loop HTTP load generator and its report
+"""

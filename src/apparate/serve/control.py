@@ -1,0 +1,292 @@
+"""The control thread: batch feedback in, new configurations out, off the critical path.
+
+The engine thread hands each served batch's report to `ControlLoop.submit` (a bounded queue,
+never blocking: when the controller falls behind, reports are dropped and counted rather than
+slowing serving down). The control thread then
+
+1. moves the LatencyProfile toward the batch's measured stage times (`LatencyProfile.updated`),
+   so that batch-time predictions and ramp decisions use this machine's real costs;
+2. for the apparate policy, gives the batch's confidences and agreements to the controller
+   (`Controller.observe`), which returns the configuration for the next batches;
+3. publishes a new `Live` (configuration + precomputed batch costs) by one reference swap, which
+   the engine reads once per batch: a configuration changes only between batches;
+4. checkpoints the state every `checkpoint_every_s` seconds (and once more at shutdown).
+
+Policies: `apparate` (the controller adapts), `static` (the initial placement, never changed),
+`vanilla` (no ramps). All three keep the profile current, so they batch on the same footing.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from apparate.core.controller import Config, Controller, Feedback
+from apparate.core.profile import LatencyProfile
+from apparate.core.settings import Settings
+
+from .costs import BatchCosts
+from .executor import BatchReport
+from .state import load_state, save_state
+
+log = logging.getLogger("apparate.serve")
+
+POLICIES = ("apparate", "static", "vanilla")
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class ControlOptions:
+    policy: str = "apparate"
+    settings: Settings | None = None  # None: Settings() for images, Settings.for_nlp() for text
+    initial: Config | None = None  # override the initial placement (experiments, tests)
+    state_dir: str | Path | None = None
+    checkpoint_every_s: float = 30.0
+    profile_weight: float = 0.1  # smoothing weight of one batch's measured times
+    update_profile: bool = True
+    max_pending: int = 256  # batch reports waiting for the controller before new ones are dropped
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not 0 < self.profile_weight <= 1:
+            raise ValueError(f"profile_weight must be in (0, 1], got {self.profile_weight}")
+
+
+@dataclass(frozen=True, eq=False)
+class Live:
+    """What the engine applies to the next batch; replaced as a whole, never mutated."""
+
+    config: Config
+    costs: BatchCosts
+
+
+CostsFn = Callable[[LatencyProfile, tuple[int, ...], float], BatchCosts]
+
+
+class ControlLoop:
+    def __init__(self, served: Any, options: ControlOptions, costs_fn: CostsFn, metrics: Any,
+                 publish: Callable[[Live], None]):
+        self.served = served
+        self.options = options
+        self.costs_fn = costs_fn
+        self.metrics = metrics
+        self.publish = publish
+        self.settings = options.settings or (Settings.for_nlp() if served.kind == "text" else Settings())
+        self.profile: LatencyProfile = served.profile
+        self.controller: Controller | None = None
+        self.restored: dict[str, Any] = {"from": None}
+        self.config = self._initial()
+        self.overhead_ms = 0.0
+        self.handled = 0
+        self._q: queue.Queue = queue.Queue(maxsize=options.max_pending)
+        self._thread: threading.Thread | None = None
+        self._last_event: Any = None
+        self._last_costs = 0.0
+        self._stats: dict[str, Any] = {}
+        self._busy_s = 0.0
+        self.last_checkpoint: float | None = None
+        self._publish(self.config)
+        self._refresh_stats(force=True)
+
+    # ------------------------------------------------------------------------------ start-up
+    def _initial(self) -> Config:
+        opt, served, s = self.options, self.served, self.settings
+        state = None
+        if opt.state_dir is not None:
+            try:
+                state = load_state(opt.state_dir)
+            except ValueError as e:
+                log.warning("ignoring the saved state: %s", e)
+        if state is not None:
+            cfg = self._restore(state)
+            if cfg is not None:
+                return cfg
+        if opt.policy == "vanilla":
+            return Config()
+        if opt.initial is not None:
+            if opt.policy == "apparate":
+                self.controller = Controller(self.profile, s, opt.initial)
+            return opt.initial
+        if served.recording is None:
+            raise ValueError("no bootstrap recording to place the initial ramps: give an initial config")
+        rec = served.recording
+        ctl = Controller.from_bootstrap(self.profile, rec.conf, rec.agree, s)
+        if opt.policy == "apparate":
+            self.controller = ctl
+        return ctl.config
+
+    def _restore(self, state: dict[str, Any]) -> Config | None:
+        opt, served = self.options, self.served
+        model = state.get("model", {})
+        if model.get("fingerprint") != served.fingerprint or model.get("num_sites") != served.num_sites:
+            log.warning("the saved state in %s belongs to another model (%s); starting afresh",
+                        opt.state_dir, model.get("name"))
+            return None
+        try:
+            profile = LatencyProfile.from_dict(state["profile"])
+            if profile.num_sites != served.num_sites:
+                raise ValueError("profile sites differ")
+        except (KeyError, ValueError) as e:
+            log.warning("the saved profile is unusable (%s); starting afresh", e)
+            return None
+        self.profile = profile
+        self.restored = {"from": str(opt.state_dir), "saved_at": state.get("saved_at"), "policy": state.get("policy"),
+                         "what": "profile"}
+        if state.get("policy") != opt.policy:
+            log.info("saved state was for policy %s: restored the measured profile only", state.get("policy"))
+            return None
+        if opt.policy == "vanilla":
+            return Config()
+        if opt.policy == "static":
+            self.restored["what"] = "profile, config"
+            return Config.from_dict(state["config"])
+        try:
+            ctl = Controller.from_state(state["controller"])
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("the saved controller state is unusable (%s); placing ramps afresh", e)
+            return None
+        if ctl.settings != self.settings:
+            # Keep what was learnt about ramps and costs; the new settings apply from here on.
+            log.info("settings changed since the checkpoint: keeping its ramps and profile, re-tuning")
+            ctl = Controller(ctl.profile, self.settings, ctl.config)
+            self.restored["what"] = "profile, config (settings changed)"
+        else:
+            self.restored["what"] = "profile, config, controller window"
+        self.profile = ctl.profile
+        self.controller = ctl
+        log.info("restored the serving state from %s: ramps %s, version %d", opt.state_dir, list(ctl.config.sites),
+                 ctl.config.version)
+        return ctl.config
+
+    # ------------------------------------------------------------------------------ thread
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="apparate-control", daemon=True)
+        self._thread.start()
+
+    def submit(self, report: BatchReport) -> None:
+        try:
+            self._q.put_nowait(report)
+        except queue.Full:
+            self.metrics.feedback_dropped.inc()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every submitted report has been handled (tests, benchmarks)."""
+        end = time.monotonic() + timeout
+        while self._q.unfinished_tasks and time.monotonic() < end:
+            time.sleep(0.001)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._q.put(_STOP)
+            self._thread.join(timeout)
+        self._thread = None
+        self.checkpoint()
+
+    def _run(self) -> None:
+        every = self.options.checkpoint_every_s
+        next_ckpt = time.monotonic() + every
+        while True:
+            wait = max(next_ckpt - time.monotonic(), 0.01) if self.options.state_dir is not None else 1.0
+            try:
+                rep = self._q.get(timeout=wait)
+            except queue.Empty:
+                rep = None
+            try:
+                if rep is _STOP:
+                    return
+                if rep is not None:
+                    self._handle(rep)
+            except Exception:  # noqa: BLE001 - the controller thread must survive anything
+                log.exception("feedback handling failed")
+                self.metrics.error("feedback")
+            finally:
+                if rep is not None:
+                    self._q.task_done()
+            if self.options.state_dir is not None and time.monotonic() >= next_ckpt:
+                try:
+                    self.checkpoint()
+                except Exception:  # noqa: BLE001
+                    log.exception("checkpoint failed")
+                    self.metrics.error("checkpoint")
+                next_ckpt = time.monotonic() + every
+
+    def _handle(self, rep: BatchReport) -> None:
+        t = time.perf_counter()
+        if self.options.update_profile and rep.vanilla_ms:
+            self.profile = self.profile.updated(rep.batch_size, rep.site_ms, rep.ramp_ms, rep.vanilla_ms, rep.length,
+                                                self.options.profile_weight)
+        w = self.options.profile_weight
+        self.overhead_ms = rep.overhead_ms if self.handled == 0 else (1 - w) * self.overhead_ms + w * rep.overhead_ms
+        cfg = self.config
+        if self.controller is not None and rep.feedback:
+            self.controller.profile = self.profile
+            cfg = self.controller.observe(Feedback(rep.sites, rep.thresholds, rep.conf, rep.agree, rep.length))
+            self._log_events()
+        self.handled += 1
+        now = time.monotonic()
+        if cfg != self.config or now - self._last_costs >= 0.1:
+            self._publish(cfg)
+        self._refresh_stats()
+        self._busy_s += time.perf_counter() - t
+
+    def _publish(self, cfg: Config) -> None:
+        changed = cfg != self.config or not self._last_costs
+        self.config = cfg
+        self.publish(Live(cfg, self.costs_fn(self.profile, cfg.sites, self.overhead_ms)))
+        self._last_costs = time.monotonic()
+        if changed:
+            self.metrics.show_config(cfg.sites, cfg.thresholds, cfg.version)
+
+    def _log_events(self) -> None:
+        events = self.controller.events if self.controller is not None else ()
+        new = []
+        for e in reversed(events):
+            if e is self._last_event:
+                break
+            new.append(e)
+        if events:
+            self._last_event = events[-1]
+        for e in reversed(new):
+            if e.kind != "no_change":
+                log.info("controller: %s (batch %d, v%d): %s", e.kind, e.batch, e.version, e.detail)
+
+    # ------------------------------------------------------------------------------ state
+    def _refresh_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._stats.get("_at", 0.0) < 0.2:
+            return
+        stats: dict[str, Any] = {"_at": now, "reports": self.handled, "busy_ms_per_report":
+                                 (self._busy_s * 1e3 / self.handled) if self.handled else 0.0,
+                                 "overhead_ms": self.overhead_ms}
+        if self.controller is not None:
+            cs = self.controller.stats()
+            stats["controller"] = {k: cs[k] for k in ("version", "window_inputs", "window_accuracy", "batches", "inputs")}
+            stats["events"] = [{"batch": e.batch, "kind": e.kind, "detail": e.detail, "version": e.version}
+                               for e in list(self.controller.events)[-10:]]
+        self._stats = stats
+
+    def stats(self) -> dict[str, Any]:
+        return {k: v for k, v in self._stats.items() if not k.startswith("_")}
+
+    def payload(self) -> dict[str, Any]:
+        served = self.served
+        return {
+            "policy": self.options.policy,
+            "model": {"name": served.name, "fingerprint": served.fingerprint, "num_sites": served.num_sites},
+            "config": self.config.to_dict(),
+            "profile": self.profile.to_dict(),
+            "controller": self.controller.state() if self.controller is not None else None,
+        }
+
+    def checkpoint(self) -> Path | None:
+        if self.options.state_dir is None:
+            return None
+        path = save_state(self.options.state_dir, self.payload())
+        self.last_checkpoint = time.time()
+        return path

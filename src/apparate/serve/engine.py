@@ -1,0 +1,279 @@
+"""The live engine: queue -> scheduler (batcher) -> executor (early release) -> control thread.
+
+Threads:
+* callers (the HTTP event loop, or any thread) put one `Request` per input into the bounded
+  `RequestQueue` and wait on a future;
+* the engine thread is the worker: whenever it is idle it asks the scheduler (the replay
+  batchers) what to do with the queue, answers drops with 503, and runs the chosen batch
+  through the executor, which releases each input's answer at its first confident active ramp
+  (or at the end). Releases reach asyncio callers through one `call_soon_threadsafe` per ramp;
+* the control thread takes each batch's report, updates the profile, runs the controller and
+  publishes a new `Live` (config + batch costs), which the engine reads once per batch.
+
+Batch-time predictions come from the live profile for the active ramps plus the measured engine
+overhead, so the batcher's deadline checks use what batches really cost on this machine.
+
+`stop(drain=True)` closes the queue to new requests, serves everything already admitted, stops
+the control thread and writes a last checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .control import ControlLoop, ControlOptions, Live
+from .costs import BatchCosts
+from .executor import BatchReport, Executor
+from .metrics import ServeMetrics
+from .model_io import ServedModel
+from .queue import CLOSED, Refused, RequestQueue
+from .scheduler import BatchingOptions, Scheduler
+from .types import Answer, Rejected, Request, Result
+
+log = logging.getLogger("apparate.serve")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
+    slo_ms: float = 100.0
+    max_queue: int = 1024  # inputs admitted and not yet in a batch; beyond: 503 "queue full"
+    threads: int | None = None  # torch intra-op threads in the engine thread (None: torch's default)
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.slo_ms > 0:
+            raise ValueError(f"slo_ms must be positive, got {self.slo_ms}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+
+
+def _resolve(pairs: list[tuple[asyncio.Future, Result]]) -> None:
+    for fut, res in pairs:
+        if not fut.done():
+            fut.set_result(res)
+
+
+class Engine:
+    def __init__(self, served: ServedModel, options: EngineOptions = EngineOptions(),
+                 control: ControlOptions = ControlOptions()):
+        self.served = served
+        self.options = options
+        self.metrics = ServeMetrics(served.num_sites)
+        self.queue = RequestQueue(options.max_queue)
+        self.metrics.watch_queue(lambda: len(self.queue))
+        self.scheduler = Scheduler(options.batching)
+        self.executor = Executor(served, self._release)
+        self.executor.on_error = self.metrics.error  # type: ignore[method-assign]
+        max_tokens = getattr(served.codec, "max_tokens", None)
+        mb = options.batching.max_batch
+
+        def costs_fn(profile: Any, sites: tuple[int, ...], overhead: float) -> BatchCosts:
+            return BatchCosts.build(profile, sites, mb, max_tokens, overhead)
+
+        self._live: Live | None = None
+        self.control = ControlLoop(served, control, costs_fn, self.metrics, self._set_live)
+        self._thread: threading.Thread | None = None
+        self.ready = False
+        self.started_at: float | None = None
+        self.batches = 0
+        self.last_batch: dict[str, float] = {}  # start/end perf_counter times of the latest batch
+        self._stop_drain = True
+        self._failed: BaseException | None = None
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def _set_live(self, live: Live) -> None:
+        self._live = live  # one reference swap: the engine reads it once per batch
+
+    @property
+    def live(self) -> Live:
+        assert self._live is not None
+        return self._live
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "Engine":
+        if self._thread is not None:
+            return self
+        import torch
+
+        if self.options.threads is not None:
+            torch.set_num_threads(self.options.threads)
+        if self.options.warmup:
+            with torch.inference_mode():
+                mb = self.options.batching.max_batch
+                self.executor.warm_up(sorted({1, min(8, mb), mb}), self.live.config.sites)
+        self.control.start()
+        self._thread = threading.Thread(target=self._run, name="apparate-engine", daemon=True)
+        self._thread.start()
+        self.started_at = time.time()
+        self.ready = True
+        log.info("engine ready: policy %s, ramps %s, batching %s (max batch %d), SLO %.0f ms",
+                 self.control.options.policy, list(self.live.config.sites), self.options.batching.kind,
+                 self.options.batching.max_batch, self.options.slo_ms)
+        return self
+
+    def stop(self, drain: bool = True, timeout: float = 60.0) -> None:
+        """Refuse new requests; serve (drain) or refuse what is queued; stop the threads."""
+        self.ready = False
+        self._stop_drain = drain
+        self.queue.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        leftover = self.queue.drain_all()
+        if leftover:
+            self._refuse(leftover, CLOSED)
+        self.control.stop()
+        self._thread = None
+
+    # ------------------------------------------------------------------------------ admission
+    def _requests(self, items: Sequence[Any], costs: Sequence[int], make_future: Any, loop: Any) -> list[Request]:
+        now = time.perf_counter()
+        deadline = now + self.options.slo_ms * 1e-3
+        return [Request(it, int(c), now, deadline, make_future(), loop) for it, c in zip(items, costs)]
+
+    async def infer(self, items: Sequence[Any], costs: Sequence[int]) -> list[Result]:
+        """Admit one HTTP request's inputs (all or none) and wait until each is released."""
+        loop = asyncio.get_running_loop()
+        reqs = self._requests(items, costs, loop.create_future, loop)
+        try:
+            self.queue.put_all(reqs)
+        except Refused as e:
+            self.metrics.drop(e.reason, len(reqs))
+            return [Rejected(503, e.reason)] * len(reqs)
+        return list(await asyncio.gather(*(r.future for r in reqs)))
+
+    def submit(self, items: Sequence[Any], costs: Sequence[int] | None = None) -> list[concurrent.futures.Future]:
+        """In-process callers: one concurrent future per input (Answer or Rejected)."""
+        costs = costs if costs is not None else [1] * len(items)
+        reqs = self._requests(items, costs, concurrent.futures.Future, None)
+        try:
+            self.queue.put_all(reqs)
+        except Refused as e:
+            self.metrics.drop(e.reason, len(reqs))
+            for r in reqs:
+                r.future.set_result(Rejected(503, e.reason))
+        return [r.future for r in reqs]
+
+    # ------------------------------------------------------------------------------ delivery
+    def _release(self, pairs: list[tuple[Request, Result]]) -> None:
+        by_loop: dict[Any, list] = {}
+        for req, res in pairs:
+            fut = req.future
+            if fut is None:
+                continue
+            if req.loop is None:
+                if not fut.done():
+                    fut.set_result(res)
+            else:
+                by_loop.setdefault(req.loop, []).append((fut, res))
+        for loop, lst in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, lst)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is waiting
+                pass
+
+    def _refuse(self, reqs: list[Request], reason: str) -> None:
+        self.metrics.drop(reason, len(reqs))
+        self._release([(r, Rejected(503, reason)) for r in reqs])
+
+    # ------------------------------------------------------------------------------ the worker
+    def _run(self) -> None:
+        import torch
+
+        if self.options.threads is not None:
+            torch.set_num_threads(self.options.threads)
+        try:
+            with torch.inference_mode():
+                self._loop()
+        except BaseException as e:  # noqa: BLE001 - record, answer everyone, never hang callers
+            self._failed = e
+            log.exception("the engine thread failed")
+            self.metrics.error("engine")
+            self.ready = False
+            self.queue.close()
+            self._refuse(self.queue.drain_all(), "engine failure")
+
+    def _loop(self) -> None:
+        q = self.queue
+        while True:
+            version = q.version
+            items, arr, dl, cost = q.snapshot()
+            if not items:
+                if q.closed:
+                    return
+                q.wait_change(version, None)
+                continue
+            if q.closed and not self._stop_drain:
+                return
+            live = self.live
+            now = time.perf_counter()
+            step = self.scheduler.decide(now, arr, dl, cost, live.costs)
+            dropped, batch = q.remove([i for i, _ in step.drops], step.start)
+            if dropped:
+                by_reason: dict[str, list[Request]] = {}
+                for req, (_, why) in zip(dropped, step.drops):
+                    by_reason.setdefault(why, []).append(req)
+                for why, reqs in by_reason.items():
+                    self._refuse(reqs, why)
+            if batch:
+                self._serve(batch, live, time.perf_counter())
+            elif not dropped:
+                timeout = None if step.wake_at is None else max(step.wake_at - time.perf_counter(), 0.0)
+                if q.closed and timeout is not None:
+                    timeout = min(timeout, 0.05)
+                q.wait_change(version, timeout)
+
+    def _serve(self, batch: list[Request], live: Live, t_start: float) -> None:
+        report = self.executor.run(batch, live.config, t_start)
+        t_end = time.perf_counter()
+        self.batches += 1
+        self.last_batch = {"start": t_start, "end": t_end, "size": len(batch)}
+        if report is None:
+            return
+        self._account(batch, report, t_start, t_end)
+        self.control.submit(report)
+
+    def _account(self, batch: list[Request], rep: BatchReport, t_start: float, t_end: float) -> None:
+        sites = np.append(np.asarray(rep.sites, dtype=np.int64), -1)[rep.exit_pos]
+        arrivals = np.fromiter((r.arrival for r in batch), dtype=np.float64, count=len(batch))
+        self.metrics.batch_done(sites, rep.released_agree, (rep.release_t - arrivals).tolist(),
+                                (t_start - arrivals).tolist(), t_end - t_start)
+
+    # ------------------------------------------------------------------------------ views
+    def describe(self) -> dict[str, Any]:
+        """Live state for /earlyexit."""
+        live = self.live
+        cfg = live.config
+        names = [s.name for s in self.served.ee.sites]
+        stats = self.metrics.live.snapshot()
+        prof = self.control.profile
+        mb = self.options.batching.max_batch
+        return {
+            "model": self.served.name,
+            "policy": self.control.options.policy,
+            "config": {"version": cfg.version, "sites": list(cfg.sites), "site_names": [names[s] for s in cfg.sites],
+                       "thresholds": list(cfg.thresholds)},
+            "num_sites": self.served.num_sites,
+            **stats,
+            "queue_depth": len(self.queue),
+            "batches": self.batches,
+            "slo_ms": self.options.slo_ms,
+            "batching": {"kind": self.options.batching.kind, "max_batch": mb, "shed": self.options.batching.shed},
+            "profile": {"vanilla_ms_batch_1": prof.vanilla(1), f"vanilla_ms_batch_{mb}": prof.vanilla(mb),
+                        "predicted_batch_ms_max": live.costs.batch_ms(mb, getattr(self.served.codec, "max_tokens", 1))},
+            "control": self.control.stats(),
+            "restored": self.control.restored,
+            "last_checkpoint": self.control.last_checkpoint,
+        }
+

@@ -1,0 +1,229 @@
+"""The executor: one batch through the EarlyExitModel, answers released at the ramps.
+
+At each active ramp the hook of the EarlyExitModel calls back here the moment the ramp has run;
+the inputs not yet released whose `1 - confidence < threshold` are answered right there (their
+HTTP clients get the response while the batch continues), the rest when the model ends. An input
+is released at most once, at the first active ramp that fires: exactly the rule
+`core.exits.first_exit` applies, so what was served and what the controller evaluates agree.
+
+Measured stage times come from clock-reading hooks placed before the ramps' hooks on every site
+module: the cumulative backbone time to each site (ramp and release time subtracted), each
+active ramp's own cost, the whole backbone, and the engine's own overhead. They go with the
+batch's feedback to the control thread, which moves the LatencyProfile toward them.
+
+A ramp (or release) that raises: the batch is run again with no ramps and answered from the
+final output, the error is counted and logged, and the batch gives no feedback. If the bare
+model fails too, the unreleased inputs get HTTP 500 and the engine carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from apparate.core.controller import Config
+from apparate.model.sites import primary_output
+
+from .model_io import ServedModel
+from .types import Answer, Rejected, Request, Result
+
+log = logging.getLogger("apparate.serve")
+
+Release = Callable[[list[tuple[Request, Result]]], None]
+
+
+@dataclass(eq=False)
+class BatchReport:
+    """One served batch, for the control thread (times in ms)."""
+
+    sites: tuple[int, ...]
+    thresholds: tuple[float, ...]
+    version: int
+    conf: np.ndarray  # [n, R] float64, R = len(sites)
+    agree: np.ndarray  # [n, R] bool: the ramp's answer equals the final one
+    exit_pos: np.ndarray  # [n] index into sites of the releasing ramp; R = the final output
+    released_agree: np.ndarray  # [n] bool: the answer each input got equals the final one
+    release_t: np.ndarray  # [n] perf_counter time each input was released
+    batch_size: int
+    length: float | None
+    site_ms: dict[int, float] = field(default_factory=dict)  # cumulative backbone time, every site seen
+    ramp_ms: dict[int, float] = field(default_factory=dict)  # active ramps' own cost
+    vanilla_ms: float | None = None  # the whole backbone, ramps and releases excluded
+    total_ms: float = 0.0  # batch taken from the queue -> every answer released
+    overhead_ms: float = 0.0  # total minus backbone and ramps: encoding, releases, bookkeeping
+    feedback: bool = True  # False when a ramp failed: nothing to learn from this batch
+
+
+def final_confidence(logits: Any, label_map: Any, num_classes: int) -> Any:
+    """Max softmax of the model's own output, in the target label space (mapped classes summed)."""
+    import torch
+
+    p = torch.softmax(logits.float(), dim=-1)
+    if label_map is not None:
+        q = torch.zeros(p.shape[0], num_classes, dtype=p.dtype)
+        q.index_add_(1, label_map, p)
+        p = q
+    return p.max(dim=-1).values
+
+
+class Executor:
+    def __init__(self, served: ServedModel, release: Release, clock: Callable[[], float] = time.perf_counter):
+        import torch
+
+        self.served = served
+        self.ee = served.ee
+        self.release = release
+        self.clock = clock
+        self._label_map = None if served.label_map is None else torch.as_tensor(list(served.label_map), dtype=torch.long)
+        self._stamps: np.ndarray | None = None  # set while a timed batch runs
+        self.ramp_failures = 0
+        self.model_failures = 0
+        modules = dict(self.ee.backbone.named_modules())
+        self._handles = []
+        for site in self.ee.sites:
+            # prepend: runs before the EarlyExitModel's hook, i.e. when the site's module ends and
+            # before its ramp starts.
+            self._handles.append(modules[site.name].register_forward_hook(self._stamp_hook(site.index), prepend=True))
+
+    def _stamp_hook(self, index: int) -> Callable:
+        def hook(_m: Any, _i: Any, _o: Any) -> None:
+            stamps = self._stamps
+            if stamps is not None:
+                stamps[index] = self.clock()
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------------------------------
+    def warm_up(self, sizes: Sequence[int], sites: Sequence[int]) -> None:
+        """Run a few batches so that first real requests do not pay one-off costs."""
+        for b in sizes:
+            x = self.served.codec.encode(self.served.codec.example(b))
+            for _ in range(2):
+                self.ee(x, active=tuple(sites))
+
+    def run(self, batch: list[Request], cfg: Config, t_start: float) -> BatchReport | None:
+        """Serve one batch with `cfg`; every input is released exactly once (answer or error)."""
+        n = len(batch)
+        R = len(cfg.sites)
+        pos = {s: j for j, s in enumerate(cfg.sites)}
+        thr = np.asarray(cfg.thresholds, dtype=np.float64)
+        conf = np.zeros((n, R))
+        pred = np.zeros((n, R), dtype=np.int64)
+        ran = np.zeros(R, dtype=bool)
+        pending = np.ones(n, dtype=bool)
+        exit_pos = np.full(n, R, dtype=np.int64)
+        release_t = np.zeros(n)
+        site_end = np.full(self.ee.num_sites, np.nan)
+        hook_end = np.full(R, np.nan)
+        cb_start = np.full(R, np.nan)
+        clock = self.clock
+
+        def on_ramp(r: Any) -> None:
+            t = clock()
+            j = pos[r.site]
+            c = r.conf.numpy().astype(np.float64)
+            conf[:, j] = c
+            pred[:, j] = r.pred.numpy()
+            ran[j] = True
+            cb_start[j] = t
+            if thr[j] > 0:
+                fire = pending & ((1.0 - c) < thr[j])
+                if fire.any():
+                    idx = np.flatnonzero(fire)
+                    pending[idx] = False
+                    exit_pos[idx] = j
+                    now = clock()
+                    release_t[idx] = now
+                    self.release([(batch[i], self._answer(batch[i], int(pred[i, j]), float(c[i]), r.site, True,
+                                                          t_start, now, n, cfg.version)) for i in idx])
+            hook_end[j] = clock()
+
+        try:
+            x = self.served.codec.encode([r.item for r in batch])
+            length = self.served.codec.length(x)
+        except Exception as e:  # noqa: BLE001 - a failing batch must not take the server down
+            return self._fail(batch, pending, e)
+        feedback = True
+        self._stamps = site_end
+        try:
+            t0 = clock()
+            out = self.ee(x, on_ramp=on_ramp, active=cfg.sites)
+            t1 = clock()
+        except Exception as e:  # noqa: BLE001
+            self._stamps = None
+            if not R:
+                return self._fail(batch, pending, e)
+            try:  # without ramps: if this works, a ramp (or a release) was at fault
+                t0 = clock()
+                out = self.ee(x, active=())
+                t1 = clock()
+            except Exception as e2:  # noqa: BLE001
+                return self._fail(batch, pending, e2)
+            self.ramp_failures += 1
+            feedback = False
+            log.error("a ramp failed (active %s): %s: %s; this batch is served without early exits",
+                      list(cfg.sites), type(e).__name__, e)
+            self.on_error("ramp")
+        finally:
+            self._stamps = None
+
+        final_pred = out.final_pred.numpy()
+        fconf = final_confidence(primary_output(out.final), self._label_map, self.served.num_classes).numpy()
+        now = clock()
+        rest = np.flatnonzero(pending)
+        release_t[rest] = now
+        if rest.size:
+            self.release([(batch[i], self._answer(batch[i], int(final_pred[i]), float(fconf[i]), -1, False,
+                                                  t_start, now, n, cfg.version)) for i in rest])
+        t_end = clock()
+
+        agree = pred == final_pred[:, None]
+        rel_agree = np.ones(n, dtype=bool)
+        early = exit_pos < R
+        rel_agree[early] = agree[np.flatnonzero(early), exit_pos[early]]
+        report = BatchReport(cfg.sites, cfg.thresholds, cfg.version, conf, agree, exit_pos, rel_agree, release_t, n, length,
+                             feedback=feedback and bool(ran.all()))
+        self._timings(report, cfg, site_end, cb_start, hook_end, t0, t1, t_start, t_end)
+        return report
+
+    def _timings(self, rep: BatchReport, cfg: Config, site_end: np.ndarray, cb_start: np.ndarray,
+                 hook_end: np.ndarray, t0: float, t1: float, t_start: float, t_end: float) -> None:
+        pos = {s: j for j, s in enumerate(cfg.sites)}
+        paid = 0.0  # ramp + release time spent so far inside the forward
+        for s in range(site_end.size):
+            if np.isnan(site_end[s]):
+                continue
+            rep.site_ms[s] = max((site_end[s] - t0 - paid) * 1e3, 0.0)
+            j = pos.get(s)
+            if j is not None and not np.isnan(hook_end[j]):
+                rep.ramp_ms[s] = max((cb_start[j] - site_end[s]) * 1e3, 0.0)
+                paid += hook_end[j] - site_end[s]
+        van = (t1 - t0 - paid) * 1e3
+        rep.vanilla_ms = van if van > 0 else None
+        rep.total_ms = (t_end - t_start) * 1e3
+        rep.overhead_ms = max(rep.total_ms - (van + sum(rep.ramp_ms.values())), 0.0)
+
+    def _answer(self, req: Request, label: int, conf: float, site: int, early: bool, t_start: float, now: float,
+                n: int, version: int) -> Answer:
+        return Answer(label=label, confidence=conf, exit_site=site, early=early,
+                      queue_ms=(t_start - req.arrival) * 1e3, compute_ms=(now - t_start) * 1e3,
+                      latency_ms=(now - req.arrival) * 1e3, batch_size=n, version=version)
+
+    def _fail(self, batch: list[Request], pending: np.ndarray, err: BaseException) -> None:
+        self.model_failures += 1
+        log.error("the model failed on a batch of %d: %s: %s", len(batch), type(err).__name__, err)
+        self.on_error("model")
+        msg = f"model error: {type(err).__name__}: {err}"[:300]
+        self.release([(batch[i], Rejected(500, msg)) for i in np.flatnonzero(pending)])
+        return None
+
+    def on_error(self, kind: str) -> None:
+        """Overridden by the engine to count errors."""

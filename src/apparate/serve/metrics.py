@@ -1,0 +1,158 @@
+"""Prometheus metrics and the live statistics behind `/earlyexit`.
+
+Each engine owns its own `CollectorRegistry` (several servers can live in one process, as in
+the tests). Exits, agreement and batch sizes are recorded by the engine thread when a batch
+ends, which is also when each early answer's agreement with the final one becomes known.
+
+"Accuracy vs the original" here is measured on what was actually served: the share of released
+answers equal to the model's own final answer on the same input (every input still reaches the
+end of the model, so this is exact, not estimated). `window` is the last `window` inputs.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                   0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
+
+
+class ServeMetrics:
+    def __init__(self, num_sites: int, window: int = 1024):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram("apparate_request_latency_seconds",
+                                 "Server-side latency of each input: arrival to release", buckets=LATENCY_BUCKETS,
+                                 registry=r)
+        self.queue_wait = Histogram("apparate_queue_wait_seconds", "Arrival to the start of the input's batch",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.http = Counter("apparate_http_requests_total", "Infer requests answered, by HTTP status", ["code"],
+                            registry=r)
+        self.exits = Counter("apparate_exits_total", "Answers released, by exit (site index or final)", ["site"],
+                             registry=r)
+        self.released = Counter("apparate_released_total",
+                                "Answers released, by agreement with the original model's final answer", ["agree"],
+                                registry=r)
+        self.window_accuracy = Gauge("apparate_window_accuracy",
+                                     "Share of the last window's released answers equal to the original model's",
+                                     registry=r)
+        self.active_ramps = Gauge("apparate_active_ramps", "Number of active ramps", registry=r)
+        self.threshold = Gauge("apparate_ramp_threshold", "Threshold of each active ramp", ["site"], registry=r)
+        self.config_version = Gauge("apparate_config_version", "Version of the configuration in force", registry=r)
+        self.batch_size = Histogram("apparate_batch_size", "Inputs per executed batch", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.batch_time = Histogram("apparate_batch_seconds", "Batch taken from the queue -> all answers released",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("apparate_queue_depth", "Inputs waiting in the queue", registry=r)
+        self.dropped = Counter("apparate_dropped_total", "Inputs refused or dropped (HTTP 503), by reason", ["reason"],
+                               registry=r)
+        self.errors = Counter("apparate_errors_total", "Errors, by kind (ramp, model, feedback, http)", ["kind"],
+                              registry=r)
+        self.feedback_dropped = Counter("apparate_feedback_dropped_total",
+                                        "Batch reports the controller could not keep up with", registry=r)
+        self._site_labels: set[str] = set()
+        self.live = LiveStats(num_sites, window)
+
+    def watch_queue(self, depth: Callable[[], float]) -> None:
+        self.queue_depth.set_function(depth)
+
+    def show_config(self, sites: tuple[int, ...], thresholds: tuple[float, ...], version: int) -> None:
+        self.active_ramps.set(len(sites))
+        self.config_version.set(version)
+        labels = {str(s) for s in sites}
+        for gone in self._site_labels - labels:
+            try:
+                self.threshold.remove(gone)
+            except KeyError:
+                pass
+        for s, t in zip(sites, thresholds):
+            self.threshold.labels(str(s)).set(t)
+        self._site_labels = labels
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped.labels(reason).inc(n)
+        self.live.count("dropped", reason, n)
+
+    def error(self, kind: str, n: int = 1) -> None:
+        self.errors.labels(kind).inc(n)
+        self.live.count("errors", kind, n)
+
+    def batch_done(self, exit_sites: np.ndarray, agree: np.ndarray, latencies_s: list[float], waits_s: list[float],
+                   batch_s: float) -> None:
+        n = int(exit_sites.size)
+        self.batch_size.observe(n)
+        self.batch_time.observe(batch_s)
+        for v in latencies_s:
+            self.latency.observe(v)
+        for v in waits_s:
+            self.queue_wait.observe(v)
+        sites, counts = np.unique(exit_sites, return_counts=True)
+        for s, c in zip(sites.tolist(), counts.tolist()):
+            self.exits.labels("final" if s < 0 else str(s)).inc(c)
+        good = int(agree.sum())
+        if good:
+            self.released.labels("true").inc(good)
+        if n - good:
+            self.released.labels("false").inc(n - good)
+        self.window_accuracy.set(self.live.record(exit_sites, agree))
+
+
+class LiveStats:
+    """Thread-safe counters and a ring buffer of the latest released answers."""
+
+    def __init__(self, num_sites: int, window: int):
+        self.window = window
+        self._exit = np.full(window, -2, dtype=np.int64)  # -2: empty slot, -1: final output
+        self._agree = np.ones(window, dtype=bool)
+        self._written = 0
+        self._agree_total = 0
+        self._exits_total = np.zeros(num_sites + 1, dtype=np.int64)  # last entry: final output
+        self._counts: dict[str, dict[str, int]] = {"dropped": {}, "errors": {}}
+        self._batches = 0
+        self._lock = threading.Lock()
+
+    def record(self, exit_sites: np.ndarray, agree: np.ndarray) -> float:
+        with self._lock:
+            n = exit_sites.size
+            keep = min(n, self.window)
+            rows = (self._written + np.arange(n - keep, n)) % self.window
+            self._exit[rows] = exit_sites[n - keep:]
+            self._agree[rows] = agree[n - keep:]
+            self._written += n
+            self._agree_total += int(agree.sum())
+            np.add.at(self._exits_total, np.where(exit_sites < 0, self._exits_total.size - 1, exit_sites), 1)
+            self._batches += 1
+            m = min(self._written, self.window)
+            return float(self._agree[:m].mean()) if m else 1.0
+
+    def count(self, group: str, key: str, n: int = 1) -> None:
+        with self._lock:
+            d = self._counts[group]
+            d[key] = d.get(key, 0) + n
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            m = min(self._written, self.window)
+            ex = self._exit[:m] if self._written <= self.window else self._exit
+            agree = self._agree[:m] if self._written <= self.window else self._agree
+            window_rates: dict[str, float] = {}
+            if m:
+                s, c = np.unique(ex, return_counts=True)
+                window_rates = {("final" if k < 0 else str(k)): float(v / m) for k, v in zip(s.tolist(), c.tolist())}
+            totals = {str(i): int(v) for i, v in enumerate(self._exits_total[:-1].tolist()) if v}
+            totals["final"] = int(self._exits_total[-1])
+            return {
+                "window": {"inputs": int(m), "accuracy": float(agree.mean()) if m else 1.0,
+                           "exit_rates": window_rates},
+                "total": {"inputs": int(self._written), "agree": int(self._agree_total),
+                          "accuracy": (self._agree_total / self._written) if self._written else 1.0,
+                          "exits": totals, "batches": self._batches},
+                "dropped": dict(self._counts["dropped"]),
+                "errors": dict(self._counts["errors"]),
+            }

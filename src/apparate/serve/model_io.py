@@ -1,0 +1,248 @@
+"""The served model and its input codecs: Open Inference Protocol tensors in, model batches out.
+
+A codec validates one request's input tensor (every error is a clear 400 for that request
+alone, before anything reaches the engine), turns it into per-input items with a cost key, and
+encodes a batch of items into what the model takes.
+
+Images: `UINT8` or `FP32` tensors of shape [N, H, W, C] (or [H, W, C] for one image), pixel
+values 0..255 in both cases, channels last (the layout of decoded image files). Text: `BYTES`
+tensors of shape [N] (or [N, 1]) of UTF-8 strings; empty strings are refused, and texts longer
+than `max_tokens` tokens are cut (`long_text="truncate"`, the default) or refused ("reject").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """A request's input is unusable: HTTP 400 with this message."""
+
+
+def _as_int_shape(shape: Any) -> list[int]:
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise InputError(f"input 'shape' must be a list of integers, got {shape!r}")
+    if any(s < 0 for s in shape):
+        raise InputError(f"input 'shape' must not be negative, got {shape}")
+    return shape
+
+
+def _flat(data: Any, what: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise InputError(f"input 'data' must be a list, got {type(data).__name__}")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError):
+        raise InputError(f"input 'data' is ragged or mixes types; send a flat list of {what}") from None
+    return arr.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+@dataclass
+class ImageCodec:
+    """[N, H, W, C] pixel tensors -> a list of [C, H, W] tensors -> the workload's encoder."""
+
+    encode_fn: Callable[[Sequence[Any]], Any]  # list of [C, H, W] uint8 (or float 0..255) tensors
+    shape: tuple[int, int, int]  # (H, W, C)
+    max_inputs: int = 64
+    kind: str = "image"
+    input_name: str = "input"
+
+    def metadata_inputs(self) -> list[dict[str, Any]]:
+        h, w, c = self.shape
+        return [{"name": self.input_name, "datatype": "UINT8", "shape": [-1, h, w, c],
+                 "parameters": {"also_accepts": "FP32", "layout": "NHWC", "range": "0..255"}}]
+
+    def parse(self, tensor: dict[str, Any]) -> tuple[list[Any], list[int]]:
+        import torch
+
+        dtype = tensor.get("datatype")
+        if dtype not in ("UINT8", "FP32"):
+            raise InputError(f"input '{self.input_name}' must have datatype UINT8 or FP32 (pixels 0..255), got {dtype!r}")
+        shape = _as_int_shape(tensor.get("shape"))
+        if len(shape) == 3:
+            shape = [1, *shape]
+        if len(shape) != 4 or tuple(shape[1:]) != self.shape:
+            h, w, c = self.shape
+            raise InputError(f"input '{self.input_name}' must have shape [N, {h}, {w}, {c}], got {tensor.get('shape')}")
+        n = shape[0]
+        if not 1 <= n <= self.max_inputs:
+            raise InputError(f"a request holds 1 to {self.max_inputs} inputs, got {n}")
+        arr = _flat(tensor.get("data"), "numbers")
+        if arr.size != int(np.prod(shape)):
+            raise InputError(f"input '{self.input_name}' has {arr.size} values but shape {shape} needs {int(np.prod(shape))}")
+        if dtype == "UINT8":
+            if arr.dtype.kind not in "iu":
+                raise InputError("UINT8 data must be integers")
+            if arr.size and (arr.min() < 0 or arr.max() > 255):
+                raise InputError("UINT8 data must be in 0..255")
+            x = torch.from_numpy(arr.astype(np.uint8).reshape(shape)).permute(0, 3, 1, 2)
+        else:
+            if arr.dtype.kind not in "iuf":
+                raise InputError("FP32 data must be numbers")
+            arr = arr.astype(np.float32)
+            if arr.size and (not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255):
+                raise InputError("FP32 pixel data must be finite and in 0..255")
+            x = torch.from_numpy(arr.reshape(shape)).permute(0, 3, 1, 2)
+        items = list(x.contiguous().unbind(0))
+        return items, [1] * n
+
+    def encode(self, items: Sequence[Any]) -> Any:
+        if len({it.dtype for it in items}) > 1:  # UINT8 and FP32 requests in one batch
+            items = [it.float() for it in items]
+        return self.encode_fn(list(items))
+
+    def length(self, model_input: Any) -> float | None:
+        return None
+
+    def example(self, n: int) -> list[Any]:
+        import torch
+
+        h, w, c = self.shape
+        g = torch.Generator().manual_seed(0)
+        return [torch.randint(0, 256, (c, h, w), dtype=torch.uint8, generator=g) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+@dataclass
+class TextCodec:
+    """BYTES strings -> token counts (cost keys) -> padded token tensors.
+
+    `count(texts)` gives each text's token count without truncation; `encode_fn(texts)` pads to
+    the longest and cuts at `max_tokens`.
+    """
+
+    count: Callable[[list[str]], list[int]]
+    encode_fn: Callable[[list[str]], Any]
+    max_tokens: int
+    long_text: str = "truncate"  # or "reject"
+    max_chars: int = 20000  # refused beyond this whatever the rule: bounds tokenizing work
+    max_inputs: int = 64
+    kind: str = "text"
+    input_name: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.long_text not in ("truncate", "reject"):
+            raise ValueError(f"long_text must be truncate or reject, got {self.long_text!r}")
+
+    def metadata_inputs(self) -> list[dict[str, Any]]:
+        return [{"name": self.input_name, "datatype": "BYTES", "shape": [-1],
+                 "parameters": {"max_tokens": self.max_tokens, "long_text": self.long_text,
+                                "max_chars": self.max_chars}}]
+
+    def parse(self, tensor: dict[str, Any]) -> tuple[list[Any], list[int]]:
+        if tensor.get("datatype") != "BYTES":
+            raise InputError(f"input '{self.input_name}' must have datatype BYTES, got {tensor.get('datatype')!r}")
+        shape = _as_int_shape(tensor.get("shape"))
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+            raise InputError(f"input '{self.input_name}' must have shape [N] or [N, 1], got {shape}")
+        n = shape[0]
+        if not 1 <= n <= self.max_inputs:
+            raise InputError(f"a request holds 1 to {self.max_inputs} inputs, got {n}")
+        data = tensor.get("data")
+        if not isinstance(data, list):
+            raise InputError("input 'data' must be a list of strings")
+        texts = [t for row in data for t in (row if isinstance(row, list) else [row])]
+        if len(texts) != n:
+            raise InputError(f"input '{self.input_name}' has {len(texts)} strings but shape {shape} needs {n}")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InputError(f"text {i} is not a string")
+            if not t.strip():
+                raise InputError(f"text {i} is empty")
+            if len(t) > self.max_chars:
+                raise InputError(f"text {i} has {len(t)} characters; the limit is {self.max_chars}")
+        counts = self.count(texts)
+        costs = []
+        for i, c in enumerate(counts):
+            if c > self.max_tokens:
+                if self.long_text == "reject":
+                    raise InputError(f"text {i} has {c} tokens; the limit is {self.max_tokens} "
+                                     "(the server refuses longer texts: --long-text reject)")
+                c = self.max_tokens
+            costs.append(int(max(c, 1)))
+        return texts, costs
+
+    def encode(self, items: Sequence[Any]) -> Any:
+        return self.encode_fn(list(items))
+
+    def length(self, model_input: Any) -> float | None:
+        ids = model_input["input_ids"] if isinstance(model_input, dict) else model_input
+        return float(ids.shape[1])
+
+    def example(self, n: int) -> list[Any]:
+        return ["a warm up sentence for the model"] * n
+
+
+def hf_text_codec(encoder: Any, max_tokens: int | None = None, long_text: str = "truncate", max_inputs: int = 64) -> TextCodec:
+    """A codec over the zoo's `TextEncoder` (a Hugging Face tokenizer)."""
+    from apparate.zoo.workloads import TextEncoder
+
+    limit = int(max_tokens or encoder.max_length)
+    enc = TextEncoder(encoder.tok, max_length=limit)
+    tok = encoder.tok
+
+    def count(texts: list[str]) -> list[int]:
+        return [len(x) for x in tok(texts, truncation=False, verbose=False)["input_ids"]]
+
+    return TextCodec(count=count, encode_fn=enc, max_tokens=limit, long_text=long_text, max_inputs=max_inputs)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+@dataclass
+class ServedModel:
+    """Everything the engine and the API need about the model they serve."""
+
+    name: str
+    ee: Any  # EarlyExitModel
+    codec: ImageCodec | TextCodec
+    profile: Any  # LatencyProfile
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+    label_map: Sequence[int] | None = None
+    recording: Any = None  # bootstrap Recording (initial placement); None: no ramps unless configured
+    fingerprint: str = ""
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.codec.kind
+
+    @property
+    def num_sites(self) -> int:
+        return int(self.profile.num_sites)
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, name: str | None = None, max_tokens: int | None = None,
+                    long_text: str = "truncate", max_inputs: int = 64, input_shape: tuple[int, int, int] | None = None,
+                    encode: Callable | None = None) -> "ServedModel":
+        """From a loaded bundle; the zoo (or hf) workload provides the encoder and input shape."""
+        wl = bundle.workload
+        if wl is None and encode is None:
+            raise ValueError("this bundle has no workload (a custom model): build ServedModel(...) yourself")
+        kind = wl.kind if wl is not None else "image"
+        enc = encode or wl.encode
+        if kind == "text":
+            codec: ImageCodec | TextCodec = hf_text_codec(enc, max_tokens, long_text, max_inputs)
+        else:
+            if input_shape is None:
+                stream = wl.stream(wl.bootstrap_stream, n=1)
+                x = np.asarray(stream.inputs[0])
+                input_shape = tuple(int(s) for s in x.shape)  # [H, W, C]
+            codec = ImageCodec(enc, tuple(input_shape), max_inputs=max_inputs)
+        classes = tuple(bundle.manifest.get("class_names") or (wl.class_names if wl is not None else ()))
+        num_classes = int(bundle.specs[0].num_classes) if bundle.specs else len(classes)
+        return cls(
+            name=name or (bundle.manifest.get("workload") or bundle.path.name),
+            ee=bundle.early_exit_model(), codec=codec, profile=bundle.profile, num_classes=num_classes,
+            class_names=classes, label_map=bundle.label_map, recording=bundle.recording,
+            fingerprint=str(bundle.manifest.get("model", {}).get("fingerprint", "")),
+            description=str(bundle.manifest.get("description", "")),
+        )

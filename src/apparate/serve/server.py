@@ -1,0 +1,180 @@
+"""Building a server from a bundle, and running it with uvicorn (foreground or in a thread).
+
+`ServeOptions` mirrors `apparate serve`'s flags. `build_engine` loads the bundle (zoo and
+Hugging Face bundles rebuild their model from the data directory), picks the settings and the
+SLO, and returns an `Engine`. `run` serves in the foreground until SIGINT/SIGTERM, then shuts
+down gracefully: uvicorn stops accepting, finishes the requests in flight, and the engine drains
+its queue and writes a last checkpoint. `ServerThread` runs the same app on a background thread
+(tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("apparate.serve")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    bundle: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None
+    policy: str = "apparate"
+    slo_ms: float | None = None  # None: auto (see auto_slo_ms)
+    batching: str = "clockwork"
+    max_batch: int = 16
+    batch_timeout_ms: float = 5.0
+    max_queue: int = 1024
+    shed: bool = True
+    accuracy_constraint: float = 0.01
+    ramp_budget: float = 0.02
+    state_dir: str | None = None
+    checkpoint_every_s: float = 30.0
+    threads: int | None = None
+    data_dir: str | None = None
+    max_body_bytes: int = 16 << 20
+    max_inputs: int = 64
+    long_text: str = "truncate"
+    max_tokens: int | None = None
+    access_log: bool = False
+    log_level: str = "info"
+    port_file: str | None = None
+    graceful_timeout_s: float = 30.0
+
+
+def auto_slo_ms(profile: Any, max_batch: int) -> float:
+    """Default SLO: three times the bare model's time for a full batch (a request may wait for the
+    running batch, then run in the next one), at least 50 ms, rounded up to 10 ms."""
+    ms = max(50.0, 3.0 * float(profile.vanilla(max_batch)))
+    return float(-(-ms // 10) * 10)
+
+
+def settings_for(kind: str, accuracy_constraint: float, ramp_budget: float) -> Any:
+    from apparate.core.settings import Settings
+
+    margin = min(Settings().tuning_margin, accuracy_constraint)
+    base = dict(accuracy_constraint=accuracy_constraint, ramp_budget=ramp_budget, tuning_margin=margin)
+    return Settings.for_nlp(**base) if kind == "text" else Settings(**base)
+
+
+def build_engine(opts: ServeOptions) -> Any:
+    import torch
+
+    from apparate.model.bundle import load_bundle
+
+    from .control import ControlOptions
+    from .engine import Engine, EngineOptions
+    from .model_io import ServedModel
+    from .scheduler import BatchingOptions
+
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    bundle = load_bundle(opts.bundle, data_dir=opts.data_dir)
+    served = ServedModel.from_bundle(bundle, name=opts.model_name, max_tokens=opts.max_tokens,
+                                     long_text=opts.long_text, max_inputs=opts.max_inputs)
+    slo = opts.slo_ms if opts.slo_ms else auto_slo_ms(served.profile, opts.max_batch)
+    eo = EngineOptions(
+        batching=BatchingOptions(opts.batching, opts.max_batch, opts.shed, opts.batch_timeout_ms),
+        slo_ms=slo, max_queue=opts.max_queue, threads=opts.threads)
+    co = ControlOptions(policy=opts.policy, settings=settings_for(served.kind, opts.accuracy_constraint, opts.ramp_budget),
+                        state_dir=opts.state_dir, checkpoint_every_s=opts.checkpoint_every_s)
+    return Engine(served, eo, co)
+
+
+def uvicorn_config(app: Any, host: str, port: int, access_log: bool = False, log_level: str = "warning",
+                   graceful_timeout_s: float = 30.0) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
+                          timeout_graceful_shutdown=graceful_timeout_s, server_header=False)
+
+
+def bound_port(server: Any) -> int:
+    for s in server.servers:
+        for sock in s.sockets:
+            return int(sock.getsockname()[1])
+    raise RuntimeError("the server has no listening socket")
+
+
+def run(opts: ServeOptions) -> int:
+    """Serve in the foreground until interrupted."""
+    import asyncio
+
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=getattr(logging, opts.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    engine = build_engine(opts)
+    engine.start()
+    app = create_app(engine, opts.max_body_bytes, manage_engine=True)
+    server = uvicorn.Server(uvicorn_config(app, opts.host, opts.port, opts.access_log, "warning", opts.graceful_timeout_s))
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            port = bound_port(server)
+            url = f"http://{opts.host}:{port}"
+            d = engine.describe()
+            log.info("serving %s at %s/v2/models/%s (policy %s, ramps %s, SLO %.0f ms, ready in %.1f s)",
+                     engine.served.name, url, engine.served.name, d["policy"], d["config"]["sites"],
+                     engine.options.slo_ms, time.perf_counter() - t0)
+            if opts.port_file:
+                tmp = Path(opts.port_file + ".tmp")
+                tmp.write_text(json.dumps({"url": url, "port": port, "model": engine.served.name, "pid": os.getpid()}))
+                os.replace(tmp, opts.port_file)
+        await task
+
+    asyncio.run(main())
+    if engine.running:  # the lifespan did not run (startup failed): still stop cleanly
+        engine.stop(True)
+    return 0
+
+
+class ServerThread:
+    """An app served by uvicorn on a background thread, on a free loopback port by default."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, graceful_timeout_s: float = 30.0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, graceful_timeout_s=graceful_timeout_s))
+        self.host = host
+        self.port: int | None = None
+        self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def start(self, timeout: float = 60.0) -> "ServerThread":
+        self._thread.start()
+        end = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > end:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        self.port = bound_port(self.server)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

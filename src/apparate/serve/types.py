@@ -1,0 +1,55 @@
+"""What flows between the HTTP layer and the engine: one `Request` per input, one `Answer` (or a
+`Rejected`) back.
+
+A multi-input HTTP request becomes several `Request`s that share a deadline; the HTTP layer
+answers when every one of them is resolved. Results are delivered as values (never raised into
+futures), so a dropped input never leaves an unretrieved exception behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One input's released answer and how it got there (times in ms)."""
+
+    label: int
+    confidence: float
+    exit_site: int  # site index of the ramp that released it; -1 for the model's own output
+    early: bool
+    queue_ms: float  # arrival -> its batch started
+    compute_ms: float  # batch start -> released
+    latency_ms: float  # arrival -> released
+    batch_size: int
+    version: int  # configuration version the batch ran with
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An input the engine will not answer: HTTP status and a reason for the client."""
+
+    status: int
+    reason: str
+
+
+Result = Answer | Rejected
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """One input waiting in the engine.
+
+    `future` is an asyncio.Future (with its `loop`) for HTTP clients, or a
+    concurrent.futures.Future (loop None) for in-process callers such as the benchmark.
+    """
+
+    item: Any  # what the codec's encode takes: a [3, H, W] image tensor or a text
+    cost: int  # 1 for images, token count for text: the batch's length key
+    arrival: float  # perf_counter seconds
+    deadline: float  # perf_counter seconds
+    future: Any = None
+    loop: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. a label, for tests
