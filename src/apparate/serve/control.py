@@ -230,9 +230,10 @@ class ControlLoop:
             self._log_events()
         self.handled += 1
         now = time.monotonic()
-        if cfg != self.config or now - self._last_costs >= 0.1:
+        changed = cfg != self.config
+        if changed or now - self._last_costs >= 0.1:
             self._publish(cfg)
-        self._refresh_stats()
+        self._refresh_stats(force=changed)
         self._busy_s += time.perf_counter() - t
 
     def _publish(self, cfg: Config) -> None:

@@ -84,10 +84,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.ready = False
         self.started_at: float | None = None
-        self.batches = 0
+        self.batches = 0  # batches completed
+        self.running_batch = 0  # inputs in the batch running now (0: idle)
         self.last_batch: dict[str, float] = {}  # start/end perf_counter times of the latest batch
         self._stop_drain = True
         self._failed: BaseException | None = None
+        self._count_lock = threading.Lock()
+        self._admitted = 0  # inputs put in the queue
+        self._settled = 0  # inputs answered or refused after admission (engine thread only)
 
     # ------------------------------------------------------------------------------ lifecycle
     def _set_live(self, live: Live) -> None:
@@ -146,24 +150,38 @@ class Engine:
         """Admit one HTTP request's inputs (all or none) and wait until each is released."""
         loop = asyncio.get_running_loop()
         reqs = self._requests(items, costs, loop.create_future, loop)
-        try:
-            self.queue.put_all(reqs)
-        except Refused as e:
-            self.metrics.drop(e.reason, len(reqs))
-            return [Rejected(503, e.reason)] * len(reqs)
+        if not self._admit(reqs):
+            return [r.future.result() for r in reqs]
         return list(await asyncio.gather(*(r.future for r in reqs)))
 
     def submit(self, items: Sequence[Any], costs: Sequence[int] | None = None) -> list[concurrent.futures.Future]:
         """In-process callers: one concurrent future per input (Answer or Rejected)."""
         costs = costs if costs is not None else [1] * len(items)
         reqs = self._requests(items, costs, concurrent.futures.Future, None)
-        try:
-            self.queue.put_all(reqs)
-        except Refused as e:
-            self.metrics.drop(e.reason, len(reqs))
-            for r in reqs:
-                r.future.set_result(Rejected(503, e.reason))
+        self._admit(reqs)
         return [r.future for r in reqs]
+
+    def _admit(self, reqs: list[Request]) -> bool:
+        """Put all or none; refused requests get their 503 result set here."""
+        with self._count_lock:
+            try:
+                self.queue.put_all(reqs)
+            except Refused as e:
+                self.metrics.drop(e.reason, len(reqs))
+                for r in reqs:
+                    r.future.set_result(Rejected(503, e.reason))
+                return False
+            self._admitted += len(reqs)
+        return True
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every admitted input is settled and its batch's feedback handled (tests,
+        benchmarks). False on timeout."""
+        end = time.monotonic() + timeout
+        while self._settled < self._admitted and time.monotonic() < end:
+            time.sleep(0.002)
+        self.control.flush(max(end - time.monotonic(), 0.0))
+        return self._settled >= self._admitted
 
     # ------------------------------------------------------------------------------ delivery
     def _release(self, pairs: list[tuple[Request, Result]]) -> None:
@@ -226,6 +244,7 @@ class Engine:
                     by_reason.setdefault(why, []).append(req)
                 for why, reqs in by_reason.items():
                     self._refuse(reqs, why)
+                self._settled += len(dropped)
             if batch:
                 self._serve(batch, live, time.perf_counter())
             elif not dropped:
@@ -235,14 +254,18 @@ class Engine:
                 q.wait_change(version, timeout)
 
     def _serve(self, batch: list[Request], live: Live, t_start: float) -> None:
-        report = self.executor.run(batch, live.config, t_start)
+        self.running_batch = len(batch)
+        try:
+            report = self.executor.run(batch, live.config, t_start)
+        finally:
+            self.running_batch = 0
         t_end = time.perf_counter()
         self.batches += 1
         self.last_batch = {"start": t_start, "end": t_end, "size": len(batch)}
-        if report is None:
-            return
-        self._account(batch, report, t_start, t_end)
-        self.control.submit(report)
+        if report is not None:
+            self._account(batch, report, t_start, t_end)
+            self.control.submit(report)
+        self._settled += len(batch)
 
     def _account(self, batch: list[Request], rep: BatchReport, t_start: float, t_end: float) -> None:
         sites = np.append(np.asarray(rep.sites, dtype=np.int64), -1)[rep.exit_pos]

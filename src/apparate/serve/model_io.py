@@ -240,7 +240,8 @@ class ServedModel:
         classes = tuple(bundle.manifest.get("class_names") or (wl.class_names if wl is not None else ()))
         num_classes = int(bundle.specs[0].num_classes) if bundle.specs else len(classes)
         return cls(
-            name=name or (bundle.manifest.get("workload") or bundle.path.name),
+            name=name or (bundle.manifest.get("workload") or bundle.manifest.get("model", {}).get("workload")
+                          or bundle.path.name),
             ee=bundle.early_exit_model(), codec=codec, profile=bundle.profile, num_classes=num_classes,
             class_names=classes, label_map=bundle.label_map, recording=bundle.recording,
             fingerprint=str(bundle.manifest.get("model", {}).get("fingerprint", "")),

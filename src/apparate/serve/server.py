@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -138,10 +139,27 @@ def run(opts: ServeOptions) -> int:
                 os.replace(tmp, opts.port_file)
         await task
 
-    asyncio.run(main())
-    if engine.running:  # the lifespan did not run (startup failed): still stop cleanly
-        engine.stop(True)
+    # uvicorn handles SIGINT/SIGTERM itself (graceful shutdown), then re-raises the signal to the
+    # handler it found installed: make that one end the process quietly with status 0.
+    def stopped(signum: int, frame: Any) -> None:
+        raise _Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        asyncio.run(main())
+    except _Stopped:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if engine.running:  # the lifespan did not run (startup failed): still stop cleanly
+            engine.stop(True)
+    log.info("stopped")
     return 0
+
+
+class _Stopped(Exception):
+    pass
 
 
 class ServerThread:

@@ -1,0 +1,101 @@
+"""`apparate serve` and `apparate loadgen` end to end: a real process, SIGINT, restart."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import wait_for
+
+
+@pytest.fixture(scope="module")
+def r20_bundle(tmp_path_factory):
+    """CIFAR ResNet-20 (a zoo model: `apparate serve` can rebuild it) prepared on 40 images."""
+    from apparate.model.prepare import PrepareOptions, prepare_model
+    from apparate.zoo.workloads import get_workload
+
+    from .conftest import find_data_dir
+
+    dd = find_data_dir()
+    wl = get_workload("cifar10-resnet20", dd)
+    out = tmp_path_factory.mktemp("bundles") / "r20"
+    opts = PrepareOptions(holdout=0.5, max_batch=4, warmup=1, repeats=2, progress=False, epochs=3, threads=1)
+    prepare_model(wl.model, wl.encode, wl.stream("test", n=40), out, num_classes=10, source=wl.source,
+                  class_names=wl.class_names, ramp="pool", options=opts, log=lambda s: None)
+    return out, dd
+
+
+def _start(bundle, dd, tmp, *extra):
+    port_file = tmp / f"port-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "apparate", "serve", str(bundle), "--port", "0", "--port-file", str(port_file),
+           "--data-dir", str(dd), "--threads", "1", "--max-batch", "4", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert wait_for(lambda: port_file.exists() or proc.poll() is not None, timeout=120), "server did not start"
+    assert proc.poll() is None, proc.stdout.read()
+    return proc, json.loads(port_file.read_text())["url"]
+
+
+def _stop(proc) -> str:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_serve_loadgen_and_restart(r20_bundle, tmp_path):
+    from apparate.cli import main
+    from apparate.serve.state import load_state
+
+    bundle, dd = r20_bundle
+    state = tmp_path / "state"
+    proc, url = _start(bundle, dd, tmp_path, "--state-dir", str(state), "--checkpoint-every", "0.5")
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert c.get("/v2/health/ready").status_code == 200
+            meta = c.get("/v2/models/cifar10-resnet20").json()
+            assert meta["inputs"][0]["shape"] == [-1, 32, 32, 3]
+            img = np.zeros((1, 32, 32, 3), dtype=np.uint8).reshape(-1).tolist()
+            r = c.post("/v2/models/cifar10-resnet20/infer",
+                       json={"inputs": [{"name": "input", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": img}]})
+            assert r.status_code == 200, r.text
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = main(["loadgen", url, "--stream", "cifar10-resnet20", "--stream-name", "test", "--rate", "40",
+                         "--duration", "1.5", "--warmup", "0", "--trace", "fixed", "--no-progress",
+                         "--data-dir", str(dd)])
+        report = buf.getvalue()
+        assert code == 0, report
+        for row in ("throughput (answers/s)", "p50 latency (ms)", "accuracy vs original", "label accuracy",
+                    "exits {"):
+            assert row in report, report
+        assert "60 requests" in report or "requests per run" in report
+    finally:
+        out = _stop(proc)
+    assert "serving cifar10-resnet20 at http://127.0.0.1:" in out
+    saved = load_state(state)
+    assert saved is not None and saved["controller"]["counters"]["written"] >= 61
+    # Restart on the same state directory: the controller comes back where it was.
+    proc, url = _start(bundle, dd, tmp_path, "--state-dir", str(state))
+    try:
+        st = httpx.get(f"{url}/v2/models/cifar10-resnet20/earlyexit", timeout=30).json()
+        assert st["restored"]["from"] == str(state)
+        assert st["config"] == {**saved["config"], "site_names": st["config"]["site_names"]}
+        assert st["control"]["controller"]["inputs"] == saved["controller"]["counters"]["written"]
+    finally:
+        _stop(proc)
+
+
+def test_serve_refuses_a_missing_bundle(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "apparate", "serve", str(tmp_path / "nope"), "--port", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no bundle directory" in r.stderr

@@ -1,0 +1,68 @@
+"""Feedback from served batches changes the thresholds; measured times update the profile."""
+
+from __future__ import annotations
+
+import httpx
+
+from .conftest import image_request, served_cnn, serving, wait_for
+
+
+def small_settings(**kw):
+    from apparate.core.settings import Settings
+
+    base = dict(window_inputs=128, recent_inputs=32, min_tune_inputs=16, retune_every_inputs=32,
+                adjust_every_batches=10_000, accuracy_constraint=0.05, tuning_margin=0.01, agreement_bin=8,
+                min_evidence_inputs=16)
+    return Settings(**{**base, **kw})
+
+
+def test_feedback_changes_thresholds_over_time(tiny_cnn):
+    from apparate.core.controller import Config
+    from apparate.serve.control import ControlOptions
+
+    served = served_cnn(tiny_cnn)
+    # Site 0's ramp agrees with the model; site 1's does not (see the bootstrap recording). Start
+    # with them the wrong way round: site 0 never releases, site 1 releases everything.
+    rec = tiny_cnn.bundle.recording
+    assert rec.agree[:, 0].mean() > 0.9 and rec.agree[:, 1].mean() < 0.5
+    start = Config((0, 1), (0.0, 1.0))
+    control = ControlOptions(policy="apparate", settings=small_settings(), initial=start)
+    with serving(served, control_opts=control) as live, httpx.Client(base_url=live.url) as c:
+        assert c.get("/v2/models/tiny/earlyexit").json()["config"]["version"] == 0
+        first = c.post("/v2/models/tiny/infer", json=image_request(8, seed=100)).json()
+        assert first["parameters"]["exit_sites"] == ",".join(["1"] * 8)  # served with the start config
+        history = []
+        for s in range(16):
+            r = c.post("/v2/models/tiny/infer", json=image_request(8, seed=s))
+            assert r.status_code == 200
+            st = c.get("/v2/models/tiny/earlyexit").json()
+            history.append((st["config"]["version"], tuple(st["config"]["thresholds"])))
+        assert live.engine.flush()
+        st = c.get("/v2/models/tiny/earlyexit").json()
+        last = c.post("/v2/models/tiny/infer", json=image_request(8, seed=200)).json()
+    thr = st["config"]["thresholds"]
+    assert history[-1][0] > 0 and history[-1][1] != start.thresholds  # changed while serving
+    assert thr[0] > 0.0  # the ramp that agrees now releases (first: site 1 is never reached)
+    assert any(e["kind"] in ("tune", "violation", "emergency") for e in st["control"]["events"])
+    assert "1" not in last["parameters"]["exit_sites"].split(",")
+    assert last["parameters"]["exit_sites"] == ",".join(["0"] * 8)
+
+
+def test_measured_times_update_the_profile(tiny_cnn):
+    from apparate.serve.control import ControlOptions
+
+    served = served_cnn(tiny_cnn)
+    before = tiny_cnn.bundle.profile
+    with serving(served, control_opts=ControlOptions(policy="static")) as live, httpx.Client(base_url=live.url) as c:
+        served.ee.backbone.slow.delay = 0.05  # this "machine" is slower than when it was profiled
+        for s in range(6):
+            assert c.post("/v2/models/tiny/infer", json=image_request(4, seed=s)).status_code == 200
+        served.ee.backbone.slow.delay = 0.0
+        assert live.engine.flush()
+        after = live.engine.control.profile
+        costs = live.engine.live.costs
+    # The backbone to site 1 now includes the 50 ms sleep; site 0 (before it) does not.
+    assert after.at(4)[0][1] > before.at(4)[0][1] + 10
+    assert after.vanilla(4) > before.vanilla(4) + 10
+    assert costs.batch_ms(4) > before.table(4, live.engine.live.config.sites).end_ms + 10
+    assert live.engine.control.overhead_ms >= 0

@@ -1,0 +1,78 @@
+"""Overload: 503s with a reason, bounded memory, no crash, normal answers afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from .conftest import image_request, served_cnn, serving
+
+
+async def _burst(url: str, n: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=n)) as c:
+        return await asyncio.gather(*(c.post(url, json=image_request(1, seed=i)) for i in range(n)))
+
+
+def _static():
+    from apparate.core.controller import Config
+    from apparate.serve.control import ControlOptions
+
+    return ControlOptions(policy="static", initial=Config((0,), (0.0,)))
+
+
+def test_full_queue_refuses_with_503_then_recovers(tiny_cnn):
+    from apparate.serve.engine import EngineOptions
+    from apparate.serve.scheduler import BatchingOptions
+
+    served = served_cnn(tiny_cnn)
+    opts = EngineOptions(batching=BatchingOptions("clockwork", max_batch=2), slo_ms=60_000, max_queue=4)
+    with serving(served, opts, _static()) as live:
+        served.ee.backbone.slow.delay = 0.2
+        rs = asyncio.run(_burst(live.model_url("/infer"), 16))
+        codes = [r.status_code for r in rs]
+        assert set(codes) <= {200, 503}
+        full = [r for r in rs if r.status_code == 503]
+        assert full and all(r.json()["error"] == "queue full" for r in full)
+        assert codes.count(200) >= 4  # what was admitted was served
+        served.ee.backbone.slow.delay = 0.0
+        with httpx.Client(base_url=live.url) as c:
+            assert c.post("/v2/models/tiny/infer", json=image_request(2)).status_code == 200
+            st = c.get("/v2/models/tiny/earlyexit").json()
+            assert st["dropped"] == {"queue full": len(full)} and st["errors"] == {}
+            assert f'apparate_dropped_total{{reason="queue full"}} {float(len(full))}' in c.get("/metrics").text
+            assert c.get("/v2/health/ready").status_code == 200
+
+
+def test_requests_that_cannot_meet_the_slo_get_503_late(tiny_cnn):
+    from apparate.serve.engine import EngineOptions
+    from apparate.serve.scheduler import BatchingOptions
+
+    for kind in ("clockwork", "tfserving"):
+        served = served_cnn(tiny_cnn)
+        opts = EngineOptions(batching=BatchingOptions(kind, max_batch=2, batch_timeout_ms=1.0), slo_ms=150)
+        with serving(served, opts, _static()) as live:
+            served.ee.backbone.slow.delay = 0.25  # every batch takes longer than the SLO
+            rs = asyncio.run(_burst(live.model_url("/infer"), 12))
+            late = [r for r in rs if r.status_code == 503]
+            assert late, kind
+            assert all(r.json()["error"] == "late" for r in late)
+            assert all(r.status_code in (200, 503) for r in rs)
+            served.ee.backbone.slow.delay = 0.0
+            with httpx.Client(base_url=live.url) as c:
+                assert c.post("/v2/models/tiny/infer", json=image_request(1)).status_code == 200
+                assert c.get("/v2/models/tiny/earlyexit").json()["dropped"]["late"] == len(late)
+
+
+def test_without_shedding_late_requests_are_served_late(tiny_cnn):
+    from apparate.serve.engine import EngineOptions
+    from apparate.serve.scheduler import BatchingOptions
+
+    served = served_cnn(tiny_cnn)
+    opts = EngineOptions(batching=BatchingOptions("clockwork", max_batch=4, shed=False), slo_ms=100)
+    with serving(served, opts, _static()) as live:
+        served.ee.backbone.slow.delay = 0.15
+        rs = asyncio.run(_burst(live.model_url("/infer"), 8))
+        served.ee.backbone.slow.delay = 0.0
+    assert [r.status_code for r in rs] == [200] * 8
+    assert max(r.json()["parameters"]["latency_ms"] for r in rs) > 100

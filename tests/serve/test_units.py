@@ -1,0 +1,160 @@
+"""Invariants of the engine's parts, checked with hypothesis on real components."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import encode_images, served_cnn
+
+
+# ---------------------------------------------------------------------------------------------- queue
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.lists(st.integers(0, 12), max_size=4), st.integers(0, 5)),
+                max_size=12), st.integers(1, 10))
+def test_queue_matches_a_list_model(ops, limit):
+    from apparate.serve.queue import QUEUE_FULL, Refused, RequestQueue
+    from apparate.serve.types import Request
+
+    q = RequestQueue(limit)
+    model: list[int] = []
+    counter = 0
+    for put, drop, take in ops:
+        reqs = [Request(counter + i, 1, float(counter + i), 0.0) for i in range(put)]
+        if len(model) + put > limit:
+            with pytest.raises(Refused) as e:
+                q.put_all(reqs)
+            assert e.value.reason == QUEUE_FULL
+        else:
+            q.put_all(reqs)
+            model += [r.item for r in reqs]
+        counter += put
+        items, arr, _, _ = q.snapshot()
+        assert [r.item for r in items] == model and arr.tolist() == [float(x) for x in model]
+        drop = sorted({d for d in drop if d < len(model)})
+        dropped, taken = q.remove(drop, take)
+        expect_drop = [model[d] for d in drop]
+        rest = [x for i, x in enumerate(model) if i not in set(drop)]
+        assert [r.item for r in dropped] == expect_drop
+        assert [r.item for r in taken] == rest[:take]
+        model = rest[take:]
+        assert len(q) == len(model) <= limit
+
+
+# ---------------------------------------------------------------------------------------------- costs
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 24), st.integers(1, 130), st.sets(st.integers(0, 5), max_size=4), st.integers(0, 2**31 - 1))
+def test_batch_costs_match_the_profile(b, length, sites, seed):
+    from apparate.core.profile import LatencyProfile
+    from apparate.serve.costs import BatchCosts
+
+    rng = np.random.default_rng(seed)
+    L, B, S = np.array([16, 32, 64, 128]), np.array([1, 2, 4, 8, 16]), 6
+    site = np.sort(rng.uniform(0.5, 5, (4, 5, S)), axis=2)
+    site = np.maximum.accumulate(np.maximum.accumulate(site * np.arange(1, 6)[None, :, None], axis=1), axis=0)
+    prof = LatencyProfile(B, site, rng.uniform(0, 0.2, (4, 5, S)), site[..., -1] + rng.uniform(0.1, 2, (4, 5)), L)
+    sites = sorted(sites)
+    costs = BatchCosts.build(prof, sites, 24, max_tokens=130, overhead_ms=0.5)
+    assert costs.batch_ms(b, length) == pytest.approx(prof.table(b, sites, length).end_ms + 0.5, rel=1e-12)
+    # the batcher's view: padded to the longest of the b oldest
+    lens = rng.integers(1, 131, size=b)
+    assert costs.exec_ms(lens)(b) == pytest.approx(prof.table(b, sites, int(lens.max())).end_ms + 0.5, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- scheduler
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0.001, 0.5)), min_size=1, max_size=20), st.sampled_from(["clockwork", "tfserving"]),
+       st.booleans())
+def test_scheduler_drops_exactly_the_late_and_batches_the_rest(reqs, kind, shed):
+    from apparate.core.profile import LatencyProfile
+    from apparate.replay.batchers import finish_time
+    from apparate.serve.costs import BatchCosts
+    from apparate.serve.scheduler import BatchingOptions, Scheduler
+
+    arrivals = np.sort(np.array([a for a, _ in reqs]))
+    deadlines = arrivals + np.array([s for _, s in reqs])
+    now = float(arrivals[-1]) + 0.01
+    costs = BatchCosts.build(LatencyProfile.linear(3, vanilla_ms=20), (1,), 4)
+    sched = Scheduler(BatchingOptions(kind, 4, shed, batch_timeout_ms=2.0))
+    step = sched.decide(now, arrivals, deadlines, np.ones(arrivals.size, dtype=np.int64), costs)
+    late = finish_time(now, costs.batch_ms(1)) > deadlines
+    dropped = {i for i, _ in step.drops}
+    if shed:
+        assert {int(i) for i in np.flatnonzero(late)} <= dropped
+        assert all(why in ("late", "queue full") for _, why in step.drops)
+    else:
+        assert all(why != "late" for _, why in step.drops)
+    assert 0 <= step.start <= min(4, arrivals.size - len(dropped))
+    if kind == "clockwork" and arrivals.size > len(dropped):
+        assert step.start >= 1  # work-conserving
+
+
+# ---------------------------------------------------------------------------------------------- executor
+
+@pytest.fixture(scope="module")
+def executor_parts(tiny_cnn):
+    from apparate.serve.executor import Executor
+
+    served = served_cnn(tiny_cnn)
+    released: list = []
+    ex = Executor(served, lambda pairs: released.extend(pairs))
+    yield served, ex, released
+    ex.close()
+    served.ee.remove_hooks()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 8), st.lists(st.floats(0, 1), min_size=2, max_size=2), st.sets(st.integers(0, 1), min_size=0),
+       st.integers(0, 1000))
+def test_every_input_is_released_once_at_its_first_confident_ramp(executor_parts, n, thr, sites, seed):
+    from apparate.core.controller import Config, Feedback
+    from apparate.core.exits import first_exit
+    from apparate.serve.types import Answer, Request
+
+    served, ex, released = executor_parts
+    released.clear()
+    sites = tuple(sorted(sites))
+    cfg = Config(sites, tuple(thr[: len(sites)]), 3)
+    g = torch.Generator().manual_seed(seed)
+    reqs = [Request(torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=g), 1, time.perf_counter(), 1e18,
+                    concurrent.futures.Future()) for _ in range(n)]
+    with torch.inference_mode():
+        rep = ex.run(reqs, cfg, time.perf_counter())
+    assert sorted(id(r) for r, _ in released) == sorted(id(r) for r in reqs)  # each exactly once
+    got = {id(r): a for r, a in released}
+    assert all(isinstance(a, Answer) and a.version == 3 for a in got.values())
+    expect = first_exit(1.0 - rep.conf, np.asarray(cfg.thresholds))
+    assert rep.exit_pos.tolist() == expect.tolist()
+    fb_idx, fb_ok = Feedback(cfg.sites, cfg.thresholds, rep.conf, rep.agree).released()
+    assert fb_idx.tolist() == expect.tolist() and fb_ok.tolist() == rep.released_agree.tolist()
+    final = served.ee(served.codec.encode([r.item for r in reqs])).final_pred.numpy()
+    for i, r in enumerate(reqs):
+        a = got[id(r)]
+        j = expect[i]
+        assert a.exit_site == (sites[j] if j < len(sites) else -1) and a.early == (j < len(sites))
+        if j == len(sites):
+            assert a.label == final[i]  # late answers are the original model's
+        assert a.latency_ms == pytest.approx(a.queue_ms + a.compute_ms, abs=1e-6)
+    assert set(rep.site_ms) == {0, 1} and set(rep.ramp_ms) == set(sites) and rep.vanilla_ms > 0
+
+
+def test_image_codec_parses_what_it_documents():
+    from apparate.serve.model_io import ImageCodec
+
+    codec = ImageCodec(encode_images, (8, 8, 3))
+    data = np.arange(2 * 8 * 8 * 3) % 256
+    items, costs = codec.parse({"name": "input", "datatype": "UINT8", "shape": [2, 8, 8, 3], "data": data.tolist()})
+    assert costs == [1, 1] and items[0].shape == (3, 8, 8) and items[0].dtype == torch.uint8
+    assert torch.equal(items[1].permute(1, 2, 0), torch.as_tensor(data.reshape(2, 8, 8, 3)[1], dtype=torch.uint8))
+    f_items, _ = codec.parse({"name": "input", "datatype": "FP32", "shape": [8, 8, 3],
+                              "data": data[:192].astype(float).tolist()})
+    assert torch.allclose(codec.encode([items[0], f_items[0]])[1], codec.encode([items[0]])[0])
