@@ -13,6 +13,7 @@ BENCHES = (
     "apparate.bench.compare",
     "apparate.bench.sweep",
     "apparate.bench.simspeed",
+    "apparate.bench.engine",
 )
 
 
