@@ -119,3 +119,50 @@ def test_text_model_bytes_inputs(tiny_text):
             assert set(out["class_name"]) <= {"negative", "positive"} and out["exit_site"] == [-1, -1]
             st = c.get("/v2/models/words/earlyexit").json()
             assert st["policy"] == "vanilla" and st["config"]["sites"] == []
+
+
+def _binary(tensors: list[tuple[dict, bytes]]) -> tuple[bytes, dict[str, str]]:
+    import json
+
+    head = json.dumps({"inputs": [{**t, "parameters": {"binary_data_size": len(raw)}} for t, raw in tensors]}).encode()
+    return head + b"".join(raw for _, raw in tensors), {"inference-header-content-length": str(len(head)),
+                                                         "content-type": "application/octet-stream"}
+
+
+def test_binary_tensor_extension(cnn_server, tiny_text):
+    import numpy as np
+
+    from apparate.serve.control import ControlOptions
+
+    img = np.random.default_rng(5).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    with httpx.Client(base_url=cnn_server.url) as c:
+        as_json = c.post("/v2/models/tiny/infer", json={"inputs": [{"name": "input", "shape": [2, 8, 8, 3],
+                                                                     "datatype": "UINT8", "data": img.reshape(-1).tolist()}]})
+        body, headers = _binary([({"name": "input", "shape": [2, 8, 8, 3], "datatype": "UINT8"}, img.tobytes())])
+        as_u8 = c.post("/v2/models/tiny/infer", content=body, headers=headers)
+        body, headers = _binary([({"name": "input", "shape": [2, 8, 8, 3], "datatype": "FP32"},
+                                  img.astype("<f4").tobytes())])
+        as_f32 = c.post("/v2/models/tiny/infer", content=body, headers=headers)
+        assert as_json.status_code == as_u8.status_code == as_f32.status_code == 200, (as_u8.text, as_f32.text)
+        labels = [r.json()["outputs"][0]["data"] for r in (as_json, as_u8, as_f32)]
+        assert labels[0] == labels[1] == labels[2]
+        # wrong sizes and headers are 400s
+        body, headers = _binary([({"name": "input", "shape": [2, 8, 8, 3], "datatype": "UINT8"}, img.tobytes()[:-1])])
+        r = c.post("/v2/models/tiny/infer", content=body, headers=headers)
+        assert r.status_code == 400 and "bytes of binary data" in r.json()["error"]
+        r = c.post("/v2/models/tiny/infer", content=body + b"xx", headers=headers)
+        assert r.status_code == 400 and "not claimed" in r.json()["error"]
+        r = c.post("/v2/models/tiny/infer", content=body, headers={"inference-header-content-length": "9999999"})
+        assert r.status_code == 400 and "does not fit" in r.json()["error"]
+    texts = ["great fun", "dull"]
+    raw = b"".join(len(t.encode()).to_bytes(4, "little") + t.encode() for t in texts)
+    with serving(served_text(tiny_text), control_opts=ControlOptions(policy="vanilla")) as live:
+        with httpx.Client(base_url=live.url) as c:
+            body, headers = _binary([({"name": "text", "shape": [2], "datatype": "BYTES"}, raw)])
+            r = c.post("/v2/models/words/infer", content=body, headers=headers)
+            ref = c.post("/v2/models/words/infer", json=text_request(texts))
+            assert r.status_code == 200, r.text
+            assert r.json()["outputs"][0]["data"] == ref.json()["outputs"][0]["data"]
+            body, headers = _binary([({"name": "text", "shape": [2], "datatype": "BYTES"}, raw[:-2])])
+            r = c.post("/v2/models/words/infer", content=body, headers=headers)
+            assert r.status_code == 400 and "cut short" in r.json()["error"]

@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="data directory (default: $APPARATE_DATA, else ../shared/data)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="also write the summaries to this JSON file")
+    p.add_argument("--json-tensors", action="store_true",
+                   help="send image pixels as JSON numbers instead of binary tensor data")
     srv = p.add_argument_group("servers started by --compare (passed to `apparate serve`)")
     srv.add_argument("--slo-ms", type=float)
     srv.add_argument("--max-batch", type=int)
@@ -78,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     n_items = len(times) + int(args.warmup * args.rate)
     print(f"trace {args.trace}: {len(times)} requests over {args.duration:g} s (mean {args.rate:g}/s, seed {args.seed}); "
           f"inputs: {args.stream} stream {args.stream_name or '(default)'}", flush=True)
-    payloads = lg.stream_payloads(args.stream, args.stream_name, n_items, args.data_dir, args.seed)
+    payloads = lg.stream_payloads(args.stream, args.stream_name, n_items, args.data_dir, args.seed,
+                                  binary=not args.json_tensors)
     model = args.model or args.stream
     procs = []
     try:

@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from .engine import Engine
 from .model_io import InputError
-from .protocol import infer_response, model_metadata, parse_infer
+from .protocol import HEADER_LENGTH, attach_binary, infer_response, model_metadata, parse_infer, split_binary
 from .types import Rejected
 
 log = logging.getLogger("apparate.serve")
@@ -84,7 +84,7 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
     async def server_meta(request: Request) -> Response:
         from apparate import __version__
 
-        return _json({"name": "apparate", "version": __version__, "extensions": ["earlyexit"]})
+        return _json({"name": "apparate", "version": __version__, "extensions": ["earlyexit", "binary_tensor_data"]})
 
     async def live(request: Request) -> Response:
         return _json({"live": True})
@@ -129,10 +129,12 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
         except TooLarge:
             return _error(f"request body over the limit of {max_body_bytes} bytes", 413)
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return _error(f"malformed JSON: {e}", 400)
-        try:
+            head, raw = split_binary(body, request.headers.get(HEADER_LENGTH))
+            try:
+                payload = json.loads(head)
+            except (ValueError, UnicodeDecodeError) as e:
+                return _error(f"malformed JSON: {e}", 400)
+            attach_binary(payload, raw)
             req = parse_infer(payload, served.codec, served.class_names)
         except InputError as e:
             return _error(str(e), 400)

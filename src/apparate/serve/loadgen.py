@@ -33,24 +33,42 @@ TRACES = {"fixed": "fixed", "poisson": "poisson", "gamma": "bursty", "azure": "a
 
 @dataclass
 class Payloads:
-    bodies: list[bytes]  # one OIP request per stream item
+    bodies: list[Body]  # one OIP request per stream item
     labels: np.ndarray  # ground truth per item (-1 unknown)
     stream: str
     workload: str
 
 
-def image_body(img: np.ndarray, input_name: str = "input") -> bytes:
+@dataclass(frozen=True)
+class Body:
+    content: bytes
+    headers: dict[str, str]
+
+
+def image_body(img: np.ndarray, input_name: str = "input", binary: bool = True) -> Body:
+    """One image as an OIP request: raw bytes (binary tensor extension) or JSON numbers."""
     h, w, c = img.shape
-    return json.dumps({"inputs": [{"name": input_name, "shape": [1, h, w, c], "datatype": "UINT8",
-                                   "data": img.reshape(-1).tolist()}]}, separators=(",", ":")).encode()
+    tensor: dict[str, Any] = {"name": input_name, "shape": [1, h, w, c], "datatype": "UINT8"}
+    if not binary:
+        tensor["data"] = img.reshape(-1).tolist()
+        return Body(json.dumps({"inputs": [tensor]}, separators=(",", ":")).encode(), JSON_HEADERS)
+    raw = np.ascontiguousarray(img, dtype=np.uint8).tobytes()
+    tensor["parameters"] = {"binary_data_size": len(raw)}
+    head = json.dumps({"inputs": [tensor]}, separators=(",", ":")).encode()
+    return Body(head + raw, {"content-type": "application/octet-stream",
+                             "inference-header-content-length": str(len(head))})
 
 
-def text_body(text: str, input_name: str = "text") -> bytes:
-    return json.dumps({"inputs": [{"name": input_name, "shape": [1], "datatype": "BYTES", "data": [text]}]},
-                      separators=(",", ":")).encode()
+def text_body(text: str, input_name: str = "text") -> Body:
+    return Body(json.dumps({"inputs": [{"name": input_name, "shape": [1], "datatype": "BYTES", "data": [text]}]},
+                           separators=(",", ":")).encode(), JSON_HEADERS)
 
 
-def stream_payloads(workload: str, stream: str | None, n: int, data_dir: str | None = None, seed: int = 0) -> Payloads:
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def stream_payloads(workload: str, stream: str | None, n: int, data_dir: str | None = None, seed: int = 0,
+                    binary: bool = True) -> Payloads:
     """Request bodies for the first n items of a zoo workload's stream (cycled if shorter)."""
     from apparate.zoo.workloads import get_workload
 
@@ -59,7 +77,7 @@ def stream_payloads(workload: str, stream: str | None, n: int, data_dir: str | N
     s = wl.stream(name, seed=seed)
     k = min(len(s), n)
     if wl.kind == "image":
-        bodies = [image_body(np.asarray(s.inputs[i])) for i in range(k)]
+        bodies = [image_body(np.asarray(s.inputs[i]), binary=binary) for i in range(k)]
     else:
         bodies = [text_body(s.inputs[i]) for i in range(k)]
     return Payloads(bodies, np.asarray(s.labels[:k]), name, workload)
@@ -109,12 +127,12 @@ def model_url(base: str, model: str | None) -> tuple[str, str]:
     return base, model
 
 
-async def _send(client: Any, url: str, body: bytes, t_sched: float, out: Outcome) -> None:
+async def _send(client: Any, url: str, body: Body, t_sched: float, out: Outcome) -> None:
     import httpx
 
     out.lag_ms = (time.perf_counter() - t_sched) * 1e3
     try:
-        r = await client.post(url, content=body, headers={"content-type": "application/json"})
+        r = await client.post(url, content=body.content, headers=body.headers)
         out.latency_ms = (time.perf_counter() - t_sched) * 1e3
         out.status = r.status_code
         data = r.json()
@@ -133,7 +151,7 @@ async def _send(client: Any, url: str, body: bytes, t_sched: float, out: Outcome
         out.error = type(e).__name__
 
 
-async def run_trace(base: str, model: str, times: np.ndarray, bodies: Sequence[bytes], timeout_s: float = 60.0,
+async def run_trace(base: str, model: str, times: np.ndarray, bodies: Sequence[Body], timeout_s: float = 60.0,
                     progress: bool = True, desc: str = "", offset: int = 0) -> tuple[list[Outcome], float]:
     """Send bodies[(offset + i) % len] at times[i] (s from now); wait for every response."""
     import httpx

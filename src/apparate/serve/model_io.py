@@ -5,7 +5,8 @@ alone, before anything reaches the engine), turns it into per-input items with a
 encodes a batch of items into what the model takes.
 
 Images: `UINT8` or `FP32` tensors of shape [N, H, W, C] (or [H, W, C] for one image), pixel
-values 0..255 in both cases, channels last (the layout of decoded image files). Text: `BYTES`
+values 0..255 in both cases, channels last (the layout of decoded image files), as JSON numbers
+or as raw little-endian bytes (the binary tensor extension, see protocol.py). Text: `BYTES`
 tensors of shape [N] (or [N, 1]) of UTF-8 strings; empty strings are refused, and texts longer
 than `max_tokens` tokens are cut (`long_text="truncate"`, the default) or refused ("reject").
 """
@@ -40,6 +41,27 @@ def _flat(data: Any, what: str) -> np.ndarray:
     return arr.reshape(-1)
 
 
+BINARY = "__binary__"  # where protocol.parse_infer puts a tensor's binary data (binary tensor extension)
+
+
+def _binary_strings(raw: bytes) -> list[str]:
+    """BYTES in the binary tensor extension: each element a 4-byte little-endian length, then
+    that many bytes (UTF-8 here)."""
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise InputError("binary BYTES data is cut short (a 4-byte length prefix is incomplete)")
+        k = int.from_bytes(raw[i:i + 4], "little")
+        if i + 4 + k > len(raw):
+            raise InputError("binary BYTES data is cut short (an element is shorter than its length prefix)")
+        try:
+            out.append(raw[i + 4:i + 4 + k].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InputError(f"binary BYTES element {len(out)} is not UTF-8") from None
+        i += 4 + k
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- images
 
 @dataclass
@@ -72,7 +94,15 @@ class ImageCodec:
         n = shape[0]
         if not 1 <= n <= self.max_inputs:
             raise InputError(f"a request holds 1 to {self.max_inputs} inputs, got {n}")
-        arr = _flat(tensor.get("data"), "numbers")
+        raw = tensor.get(BINARY)
+        if raw is not None:  # binary tensor extension: raw little-endian bytes, no JSON numbers
+            width = 1 if dtype == "UINT8" else 4
+            if len(raw) != int(np.prod(shape)) * width:
+                raise InputError(f"input '{self.input_name}' has {len(raw)} bytes of binary data but shape {shape} "
+                                 f"of {dtype} needs {int(np.prod(shape)) * width}")
+            arr = np.frombuffer(raw, dtype=np.uint8 if dtype == "UINT8" else "<f4")
+        else:
+            arr = _flat(tensor.get("data"), "numbers")
         if arr.size != int(np.prod(shape)):
             raise InputError(f"input '{self.input_name}' has {arr.size} values but shape {shape} needs {int(np.prod(shape))}")
         if dtype == "UINT8":
@@ -144,10 +174,14 @@ class TextCodec:
         n = shape[0]
         if not 1 <= n <= self.max_inputs:
             raise InputError(f"a request holds 1 to {self.max_inputs} inputs, got {n}")
-        data = tensor.get("data")
-        if not isinstance(data, list):
-            raise InputError("input 'data' must be a list of strings")
-        texts = [t for row in data for t in (row if isinstance(row, list) else [row])]
+        raw = tensor.get(BINARY)
+        if raw is not None:
+            texts = _binary_strings(raw)
+        else:
+            data = tensor.get("data")
+            if not isinstance(data, list):
+                raise InputError("input 'data' must be a list of strings")
+            texts = [t for row in data for t in (row if isinstance(row, list) else [row])]
         if len(texts) != n:
             raise InputError(f"input '{self.input_name}' has {len(texts)} strings but shape {shape} needs {n}")
         for i, t in enumerate(texts):

@@ -12,6 +12,12 @@ ramp released the answer, -1 for the model's own output) and `early_exit` (BOOL)
 `early_exit`, `queue_ms`, `compute_ms`, `latency_ms`, `batch_size`, `config_version`; for N
 inputs `inputs`, `early_exits` (how many), `exit_sites` (comma-separated, in input order) and
 the largest `queue_ms`, `compute_ms` and `latency_ms`.
+
+Binary tensor extension (Triton's): with the HTTP header `Inference-Header-Content-Length: K`
+the first K bytes of the body are the JSON request and the rest is raw tensor data; an input
+whose `parameters.binary_data_size` is set takes that many bytes, in input order, instead of
+`data`: little-endian values for numbers, and for BYTES each element as a 4-byte little-endian
+length followed by its bytes. Responses are always JSON.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .model_io import InputError
+from .model_io import BINARY, InputError
 from .types import Answer
+
+HEADER_LENGTH = "inference-header-content-length"
 
 OUTPUTS = ("label", "class_name", "confidence", "exit_site", "early_exit")
 
@@ -35,6 +43,39 @@ class InferRequest:
 
 def output_names(class_names: Sequence[str]) -> tuple[str, ...]:
     return tuple(o for o in OUTPUTS if o != "class_name" or class_names)
+
+
+def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON part, binary part) of a request body."""
+    if header_length is None:
+        return body, b""
+    try:
+        k = int(header_length)
+    except ValueError:
+        raise InputError(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+    if not 0 < k <= len(body):
+        raise InputError(f"Inference-Header-Content-Length {k} does not fit a body of {len(body)} bytes")
+    return body[:k], body[k:]
+
+
+def attach_binary(payload: Any, raw: bytes) -> None:
+    """Give each input with `binary_data_size` its slice of the binary part."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
+        return
+    pos = 0
+    for t in payload["inputs"]:
+        params = t.get("parameters") if isinstance(t, dict) else None
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is None:
+            continue
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InputError(f"binary_data_size must be a non-negative integer, got {size!r}")
+        if pos + size > len(raw):
+            raise InputError(f"binary_data_size {size} runs past the {len(raw) - pos} bytes of binary data left")
+        t[BINARY] = raw[pos:pos + size]
+        pos += size
+    if pos != len(raw):
+        raise InputError(f"{len(raw) - pos} bytes of binary data are not claimed by any input's binary_data_size")
 
 
 def parse_infer(payload: Any, codec: Any, class_names: Sequence[str] = ()) -> InferRequest:
