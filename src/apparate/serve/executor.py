@@ -161,6 +161,8 @@ class Executor:
             self._stamps = None
             if not R:
                 return self._fail(batch, pending, e)
+            site_end[:] = np.nan  # the failed run's times are not this batch's
+            hook_end[:] = np.nan
             try:  # without ramps: if this works, a ramp (or a release) was at fault
                 t0 = clock()
                 out = self.ee(x, active=())
