@@ -92,11 +92,14 @@ def build_engine(opts: ServeOptions) -> Any:
 
 
 def uvicorn_config(app: Any, host: str, port: int, access_log: bool = False, log_level: str = "warning",
-                   graceful_timeout_s: float = 30.0) -> Any:
+                   graceful_timeout_s: float = 30.0, max_connections: int = 2048) -> Any:
     import uvicorn
 
+    # limit_concurrency: beyond this many connections and tasks uvicorn answers 503 itself, which
+    # bounds the memory of requests being read and parsed (each is also bounded by the body limit).
     return uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
-                          timeout_graceful_shutdown=graceful_timeout_s, server_header=False)
+                          timeout_graceful_shutdown=graceful_timeout_s, server_header=False,
+                          limit_concurrency=max_connections)
 
 
 def bound_port(server: Any) -> int:
@@ -120,7 +123,8 @@ def run(opts: ServeOptions) -> int:
     engine = build_engine(opts)
     engine.start()
     app = create_app(engine, opts.max_body_bytes, manage_engine=True)
-    server = uvicorn.Server(uvicorn_config(app, opts.host, opts.port, opts.access_log, "warning", opts.graceful_timeout_s))
+    server = uvicorn.Server(uvicorn_config(app, opts.host, opts.port, opts.access_log, "warning", opts.graceful_timeout_s,
+                                           max(opts.max_queue, 256) + 256))
 
     async def main() -> None:
         task = asyncio.create_task(server.serve())
