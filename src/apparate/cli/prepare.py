@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="data directory (default: $APPARATE_DATA, else ../shared/data)")
     p.add_argument("--bootstrap", type=int, help="bootstrap inputs (default 5000 images / 2000 texts)")
     p.add_argument("--ramp", choices=("pool", "conv", "cls", "mean", "deebert"),
-                   help="ramp kind (default: pool for images, cls for text)")
+                   help="ramp kind (default: pool for images, mean for text)")
     p.add_argument("--threads", type=int, help="torch threads for training and profiling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch", type=int, default=64, help="largest batch size profiled (powers of two up to it)")

@@ -168,7 +168,7 @@ def text_workload(name: str, hf_model: nn.Module, tokenizer: Any, streams: dict[
     return Workload(
         name=name, kind="text", model=TextClassifier(hf_model).eval(), encode=encoder,
         num_classes=len(class_names), class_names=class_names, streams=streams, bootstrap_stream=bootstrap,
-        default_ramp="cls", profile_lengths=(16, 32, 64, 128), source=source, description=description,
+        default_ramp="mean", profile_lengths=(16, 32, 64, 128), source=source, description=description,
         info=info or {})
 
 
