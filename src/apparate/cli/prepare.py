@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch threads for training and profiling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch", type=int, default=64, help="largest batch size profiled (powers of two up to it)")
-    p.add_argument("--epochs", type=int, help="ramp training epochs (default 30, conv 15)")
+    p.add_argument("--epochs", type=int, help="ramp training epochs (default 30, conv 10)")
     p.add_argument("--lr", type=float, help="ramp learning rate")
     p.add_argument("--holdout", type=float, default=0.1, help="share of the bootstrap held out and recorded")
     p.add_argument("--confidence", default="max_softmax", choices=("max_softmax", "margin", "entropy"))

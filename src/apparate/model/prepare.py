@@ -115,7 +115,7 @@ def prepare_model(
                                     progress=options.progress, total=len(bootstrap))
         timings["activations_s"] = time.perf_counter() - t
         cfg = TrainConfig(
-            epochs=options.epochs or (15 if ramp == "conv" else 30),
+            epochs=options.epochs or (10 if ramp == "conv" else 30),
             lr=options.lr or (2e-3 if ramp in ("conv", "deebert") else 3e-3),
             holdout=options.holdout, seed=options.seed)
         t = time.perf_counter()

@@ -4,8 +4,9 @@ machine, per batch size (and per sequence-length bucket for text). Produces the 
 
 Cumulative site times come from forward hooks that only read the clock (negligible cost) during
 a run of the backbone; the vanilla total is timed separately without any hook. Each ramp is
-timed on its own, on the site's real activation for that batch. Every number is the median of
-`repeats` runs after `warmup` runs, with `torch.set_num_threads(threads)` in force.
+timed on its own, on the site's real activation for that batch. Every number is the median over
+`repeats` rounds after `warmup` rounds, each round visiting every shape once, with
+`torch.set_num_threads(threads)` in force.
 
 Medians of noisy runs can break physical order by a hair (a bigger batch looking faster, a
 later site looking earlier), and the control loops assume costs that grow with depth and batch
@@ -81,18 +82,33 @@ def profile_latency(
     van_ms = np.zeros((len(lens), len(bs)))
     modules = dict(backbone.named_modules())
     backbone.eval()
+    shapes = [(li, bi, length, b) for li, length in enumerate(lens) for bi, b in enumerate(bs)]
+    inputs = {(li, bi): make_batch(b, length) for li, bi, length, b in shapes}
+    van_runs: dict[tuple[int, int], list[float]] = {k: [] for k in inputs}
+    site_runs: dict[tuple[int, int], list[np.ndarray]] = {k: [] for k in inputs}
+    ramp_runs: dict[tuple[int, int], list[np.ndarray]] = {k: [] for k in inputs}
     with num_threads(threads), torch.no_grad():
-        bar = tqdm(total=len(lens) * len(bs), desc="profiling latency", disable=None if progress else True, unit="shape")
-        for li, length in enumerate(lens):
-            for bi, b in enumerate(bs):
-                x = make_batch(b, length)
+        bar = tqdm(total=warmup + repeats, desc="profiling latency", disable=None if progress else True, unit="round")
+        # Rounds interleave the shapes: a burst of load from elsewhere on the machine then hits
+        # one round of many shapes, which the median drops, instead of every repeat of one
+        # shape, which no statistic could repair.
+        for rnd in range(warmup + repeats):
+            for li, bi, length, b in shapes:
+                x = inputs[(li, bi)]
                 mask = x.get("attention_mask") if isinstance(x, dict) else None
-                van_ms[li, bi] = _median_ms(lambda: call_model(backbone, x), warmup, repeats)
-                site_ms[li, bi], acts = _site_times(backbone, modules, sites, x, warmup, repeats)
-                for s in range(S):
-                    ramp_ms[li, bi, s] = _median_ms(lambda: ramps[s](acts[s], mask), warmup, repeats)
-                bar.update(1)
+                van = _once_ms(lambda: call_model(backbone, x))
+                stamps, acts = _site_times(backbone, modules, sites, x)
+                ramp = np.array([_once_ms(lambda: ramps[s](acts[s], mask), inner=3) for s in range(S)])
+                if rnd >= warmup:
+                    van_runs[(li, bi)].append(van)
+                    site_runs[(li, bi)].append(stamps)
+                    ramp_runs[(li, bi)].append(ramp)
+            bar.update(1)
         bar.close()
+    for (li, bi) in inputs:
+        van_ms[li, bi] = float(np.median(van_runs[(li, bi)]))
+        site_ms[li, bi] = np.median(np.stack(site_runs[(li, bi)]), axis=0)
+        ramp_ms[li, bi] = np.median(np.stack(ramp_runs[(li, bi)]), axis=0)
     # Monotone in depth, capped by the whole model, and monotone in batch size and length.
     site_ms = np.minimum(np.maximum.accumulate(site_ms, axis=2), van_ms[..., None])
     for axis in (1, 0):
@@ -104,19 +120,19 @@ def profile_latency(
         lengths=np.asarray([1] if lens == [None] else lens), site_names=tuple(s.name for s in sites))
 
 
-def _median_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
+def _once_ms(fn: Callable[[], Any], inner: int = 1) -> float:
+    """Time of one call (the median of `inner` back-to-back calls, for very short ones)."""
     times = []
-    for _ in range(repeats):
+    for _ in range(inner):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
     return float(np.median(times) * 1e3)
 
 
-def _site_times(backbone: nn.Module, modules: dict[str, nn.Module], sites: Sequence[Site], x: ModelInput,
-                warmup: int, repeats: int) -> tuple[np.ndarray, list[torch.Tensor]]:
+def _site_times(backbone: nn.Module, modules: dict[str, nn.Module], sites: Sequence[Site],
+                x: ModelInput) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """Cumulative ms from the forward's start to the end of each site, and the activations."""
     stamps = np.zeros(len(sites))
     acts: list[Any] = [None] * len(sites)
 
@@ -127,14 +143,10 @@ def _site_times(backbone: nn.Module, modules: dict[str, nn.Module], sites: Seque
         return hook
 
     handles = [modules[s.name].register_forward_hook(make_hook(s.index)) for s in sites]
-    runs = []
     try:
-        for r in range(warmup + repeats):
-            t0 = time.perf_counter()
-            call_model(backbone, x)
-            if r >= warmup:
-                runs.append((stamps - t0) * 1e3)
+        t0 = time.perf_counter()
+        call_model(backbone, x)
     finally:
         for h in handles:
             h.remove()
-    return np.median(np.stack(runs), axis=0), acts
+    return (stamps - t0) * 1e3, acts
