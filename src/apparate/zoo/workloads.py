@@ -114,12 +114,22 @@ def load_effnet_lite0() -> nn.Module:
     return model.eval()
 
 
+def _unlabelled(make: Callable[..., Stream]) -> Callable[..., Stream]:
+    """CIFAR labels mean nothing in ImageNet's label space: keep them in meta, mark unknown."""
+    def wrapped(seed: int = 0, **kw: Any) -> Stream:
+        s = make(seed=seed, **kw)
+        meta = {**s.meta, "cifar_label": s.labels}
+        return Stream(s.name, s.inputs, np.full(len(s), -1), s.costs, s.description, meta)
+    return wrapped
+
+
 def effnet_workload(data_dir: PathLike = None) -> Workload:
     dd = paths.data_dir(data_dir)
+    streams = {k: _unlabelled(v) for k, v in cifar_streams(dd, None).items()}
     return Workload(
         name="effnet-lite0", kind="image", model=load_effnet_lite0(), encode=_Lite0Encoder(),
         num_classes=1000, class_names=tuple(f"imagenet-{i}" for i in range(1000)),
-        streams=cifar_streams(dd, None), bootstrap_stream="train", default_ramp="pool",
+        streams=streams, bootstrap_stream="train", default_ramp="pool",
         source={"kind": "zoo", "workload": "effnet-lite0"},
         description="EfficientNet-Lite0 (ImageNet weights) on CIFAR-10 images upscaled to 224; "
                     "agreement is with its own ImageNet answer",
