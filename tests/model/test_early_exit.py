@@ -4,7 +4,7 @@ from hypothesis import strategies as hst
 
 from apparate.model.early_exit import EarlyExitModel
 from apparate.model.ramps import CONFIDENCES, confidence_fn, score
-from tests.model.conftest import SENTENCES
+from tests.conftest import SENTENCES
 
 
 def test_backbone_output_bit_identical(r20_bundle, r20, test_images):

@@ -5,7 +5,7 @@ import torch
 from apparate.model.profiler import num_threads, powers_of_two, profile_latency
 from apparate.model.ramps import RampSpec, build_ramps
 from apparate.model.sites import find_sites
-from tests.model.conftest import SENTENCES
+from tests.conftest import SENTENCES
 
 
 def test_powers_of_two():

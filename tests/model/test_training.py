@@ -4,7 +4,7 @@ import torch
 from apparate.model.ramps import RampSpec, build_ramps
 from apparate.model.sites import find_sites
 from apparate.model.training import TrainConfig, collect_activations, train_ramps
-from tests.model.conftest import SENTENCES
+from tests.conftest import SENTENCES
 
 
 def test_ramps_learn_and_agreement_rises_with_depth(r20_bundle):

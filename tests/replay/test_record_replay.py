@@ -1,0 +1,95 @@
+"""Record a real bundle's stream, replay it through the commands, and refuse mismatches."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from apparate.core.recording import Recording
+from apparate.core.settings import Settings
+from apparate.policies.catalog import RampFamily
+from apparate.replay.experiment import DEFAULT_POLICIES, ExperimentSpec, run_experiment
+from apparate.replay.record import bundle_id, check_recording_matches, record_stream
+from apparate.replay.report import comparison_table, write_report
+
+
+@pytest.fixture(scope="module")
+def recorded(r20_bundle, r20):
+    stream = r20.stream("test", n=160)
+    # the fixture bundle was prepared through the Python API, without its zoo workload attached
+    return record_stream(dataclasses.replace(r20_bundle, workload=r20), stream, batch_size=32, progress=False)
+
+
+def test_recording_has_every_site_and_the_bundles_identity(recorded, r20_bundle):
+    assert recorded.conf.shape == (160, r20_bundle.num_sites)
+    assert recorded.lengths is None  # images have no cost key
+    assert np.all((recorded.conf >= 0) & (recorded.conf <= 1))
+    assert recorded.meta["bundle_id"] == bundle_id(r20_bundle.path)
+    # the deepest ramp agrees with the original far more often than the first
+    agree = recorded.agree.mean(axis=0)
+    assert agree[-1] > agree[0]
+    check_recording_matches(recorded, r20_bundle.path)
+
+
+def test_recording_round_trip_and_mismatch_refused(recorded, r20_bundle, tmp_path):
+    path = recorded.save(tmp_path / "rec.npz")
+    back = Recording.load(path)
+    assert np.array_equal(back.conf, recorded.conf) and back.meta == recorded.meta
+    other = Recording(back.conf, back.pred, back.final, back.labels, None, back.site_names,
+                      {**back.meta, "bundle_id": "0123456789abcdef", "bundle": "/elsewhere"})
+    with pytest.raises(ValueError, match="made by bundle /elsewhere"):
+        check_recording_matches(other, r20_bundle.path)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable recording"):
+        Recording.load(tmp_path / "junk.npz")
+
+
+def test_every_policy_replays_on_the_real_recording(recorded, r20_bundle, tmp_path):
+    fam = RampFamily(r20_bundle.recording, recorded, r20_bundle.profile)
+    spec = ExperimentSpec(workload="cifar10-resnet20", rate=100.0, trace="poisson", settings=Settings(), progress=False)
+    result = run_experiment(spec, families={"light": fam})
+    by = {m.policy: m for m in result.metrics}
+    assert set(by) == set(DEFAULT_POLICIES)
+    assert by["vanilla"].accuracy == 1.0 and by["optimal"].accuracy == 1.0
+    assert by["optimal"].p50_ms <= by["vanilla"].p50_ms
+    for m in result.metrics:
+        assert m.served + m.dropped == 160
+    table = comparison_table(result.metrics)
+    assert "apparate" in table and "p50 vs vanilla" in table
+    report = write_report(tmp_path / "rep", result.metrics, result.runs, result.info, "apparate bench compare x", 0.01)
+    assert (tmp_path / "rep" / "latency_cdf.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "timeline.png").stat().st_size > 1000
+    data = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert [m["policy"] for m in data["metrics"]] == list(DEFAULT_POLICIES)
+    assert "apparate bench compare x" in report.read_text()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "apparate", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_record_and_replay_commands(r20_bundle, data_dir, tmp_path):
+    rec = tmp_path / "rec.npz"
+    out = run_cli("record", str(r20_bundle.path), "--stream", "test", "--n", "64", "--out", str(rec),
+                  "--data-dir", str(data_dir), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "recorded 64 inputs" in out.stdout and rec.exists()
+    rep = tmp_path / "rep"
+    out = run_cli("replay", str(r20_bundle.path), "--recording", str(rec), "--policy", "apparate",
+                  "--rate", "50", "--out", str(rep))
+    assert out.returncode == 0, out.stderr
+    assert "apparate" in out.stdout and (rep / "report.md").exists()
+    m = json.loads((rep / "metrics.json").read_text())["metrics"][0]
+    assert m["policy"] == "apparate" and m["requests"] == 64 and 0.9 <= m["accuracy"] <= 1.0
+
+
+def test_replay_refuses_a_recording_from_another_bundle(r20_bundle, tmp_path, recorded):
+    other = Recording(recorded.conf, recorded.pred, recorded.final, None, None, recorded.site_names,
+                      {"bundle_id": "ffffffffffffffff", "bundle": "/another/bundle"})
+    path = other.save(tmp_path / "other.npz")
+    out = run_cli("replay", str(r20_bundle.path), "--recording", str(path))
+    assert out.returncode == 2
+    assert "not by" in out.stderr and "record the stream again" in out.stderr
