@@ -51,9 +51,12 @@ def test_feedback_changes_thresholds_over_time(tiny_cnn):
 def test_measured_times_update_the_profile(tiny_cnn):
     from apparate.serve.control import ControlOptions
 
+    from apparate.core.controller import Config
+
     served = served_cnn(tiny_cnn)
     before = tiny_cnn.bundle.profile
-    with serving(served, control_opts=ControlOptions(policy="static")) as live, httpx.Client(base_url=live.url) as c:
+    control = ControlOptions(policy="static", initial=Config((0, 1), (0.0, 0.0)))  # both ramps run, none exits
+    with serving(served, control_opts=control) as live, httpx.Client(base_url=live.url) as c:
         served.ee.backbone.slow.delay = 0.05  # this "machine" is slower than when it was profiled
         for s in range(6):
             assert c.post("/v2/models/tiny/infer", json=image_request(4, seed=s)).status_code == 200
@@ -63,6 +66,7 @@ def test_measured_times_update_the_profile(tiny_cnn):
         costs = live.engine.live.costs
     # The backbone to site 1 now includes the 50 ms sleep; site 0 (before it) does not.
     assert after.at(4)[0][1] > before.at(4)[0][1] + 10
+    assert after.at(4)[0][0] < before.at(4)[0][0] + 10
     assert after.vanilla(4) > before.vanilla(4) + 10
     assert costs.batch_ms(4) > before.table(4, live.engine.live.config.sites).end_ms + 10
     assert live.engine.control.overhead_ms >= 0

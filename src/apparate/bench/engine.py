@@ -1,7 +1,8 @@
 """`apparate bench engine BUNDLE`: what the serving engine adds to a batch, over a bare model call.
 
-Four ways to run the same batch of real inputs, interleaved round by round (A B C D A B C D ...),
-medians reported:
+Four ways to run the same batch of real inputs, each round running every variant for `--batches`
+batches back to back (the worker's steady state under load), variants interleaved round by round
+(A B C D, B C D A, ...), medians of the per-batch times reported:
 
     bare       the untouched model on the already-encoded batch: `model(x)`
     ee         the EarlyExitModel with the apparate configuration's ramps active (no engine)
@@ -10,9 +11,11 @@ medians reported:
     engine-a   the engine, apparate policy: the same plus ramps, early release at them, and the
                batch's feedback handed to the controller thread
 
-The engine timings are the critical path (submit -> last answer). The controller thread's work
-for the batch (profile update, `Controller.observe`) runs off that path; it is timed separately
-("control ms/batch") and each round waits for it, so it never overlaps the next measurement.
+Wall time of the engine variants: submit -> the last batch is entirely done (every answer out,
+accounting done, the report handed to the controller), divided by the number of batches. CPU
+time: all this process spent on them, the controller thread's work included (each round waits
+for it, so it never overlaps the next measurement). CPU time is what other processes on a shared
+machine do not inflate.
 
 Ratios: engine-v / bare is the engine's own overhead; engine-a / ee is the engine's overhead with
 early release and feedback, ramps excluded; engine-a / bare adds the ramps' cost (bounded by the
@@ -29,9 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="bundle directory (e.g. made by `apparate prepare cifar10-vehicle-resnet56`)")
     p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    p.add_argument("--rounds", type=int, default=100, help="interleaved rounds (default 100)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--rounds", type=int, default=30, help="interleaved rounds (default 30)")
+    p.add_argument("--batches", type=int, default=10, help="batches back to back per round and variant (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores but one, as `apparate serve`)")
     p.add_argument("--data-dir", help="data directory for zoo models")
     p.set_defaults(func=run)
 
@@ -50,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from apparate.serve.scheduler import BatchingOptions
     from apparate.serve.server import settings_for
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    from apparate.serve.server import default_threads
+
+    args.threads = args.threads or default_threads()
+    torch.set_num_threads(args.threads)
     b = args.batch
     bundle = load_bundle(args.bundle, data_dir=args.data_dir)
     wl = bundle.workload
@@ -61,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     stream = wl.stream("test" if wl.kind == "image" else "sst2-dev", n=max(64, b))
     items = [stream.item(i).input for i in range(b)]
 
+    original = bundle.model
+
     def served() -> ServedModel:
+        bundle.model = copy.deepcopy(original)  # each engine its own backbone, hooks and all, as when serving
         return ServedModel.from_bundle(bundle, input_shape=tuple(np.asarray(stream.inputs[0]).shape)
                                        if wl.kind == "image" else None)
 
@@ -77,65 +86,71 @@ def run(args: argparse.Namespace) -> int:
     ee = sa.ee
     costs = [1] * b if wl.kind == "image" else codec.count(items)
 
-    def t_bare() -> float:
-        t = time.perf_counter()
-        with torch.inference_mode():
-            bare(**x) if isinstance(x, dict) else bare(x)
-        return time.perf_counter() - t
+    K = args.batches
 
-    def t_ee() -> float:
+    def call(fn) -> tuple[float, float]:
+        w, c = time.perf_counter(), time.process_time()
+        with torch.inference_mode():
+            for _ in range(K):
+                fn()
+        return (time.perf_counter() - w) / K, (time.process_time() - c) / K
+
+    def t_bare() -> tuple[float, float]:
+        return call(lambda: bare(**x) if isinstance(x, dict) else bare(x))
+
+    def t_ee() -> tuple[float, float]:
         sites = ea.live.config.sites
-        t = time.perf_counter()
-        with torch.inference_mode():
-            ee(x, active=sites)
-        return time.perf_counter() - t
+        return call(lambda: ee(x, active=sites))
 
-    def t_engine(engine: Engine, control: list[float]) -> float:
-        t = time.perf_counter()
-        futs = engine.submit(items, costs)
+    def t_engine(engine: Engine) -> tuple[float, float]:
+        # K batches' worth of inputs at once: the worker runs K batches back to back, as under
+        # load. Wall: submit -> the last batch entirely done (answers out, accounting done, report
+        # handed to the controller). CPU: everything the process spent, the controller thread's
+        # work for these batches included (waited for after the wall clock stopped).
+        w, c = time.perf_counter(), time.process_time()
+        target = engine._admitted + K * b
+        futs = engine.submit(items * K, costs * K)
+        engine.wait_settled(target, 120)
+        wall = time.perf_counter() - w
         for f in futs:
             f.result(60)
-        dt = time.perf_counter() - t
-        c0 = time.perf_counter()
-        engine.flush()
-        control.append(time.perf_counter() - c0)
-        return dt
+        engine.control.flush()
+        return wall / K, (time.process_time() - c) / K
 
-    ctl_v: list[float] = []
-    ctl_a: list[float] = []
     names = ("bare", "ee", "engine-v", "engine-a")
-    fns = (t_bare, t_ee, lambda: t_engine(ev, ctl_v), lambda: t_engine(ea, ctl_a))
-    times: dict[str, list[float]] = {n: [] for n in names}
-    early: list[int] = []
+    fns = (t_bare, t_ee, lambda: t_engine(ev), lambda: t_engine(ea))
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.warmup + args.rounds):
         # rotate the order each round so no variant always follows the same one
-        order = [(r + k) % len(fns) for k in range(len(fns))]
-        for k in order:
-            dt = fns[k]()
+        for k in [(r + j) % len(fns) for j in range(len(fns))]:
+            w, c = fns[k]()
             if r >= args.warmup:
-                times[names[k]].append(dt)
-        if r >= args.warmup:
-            early.append(ea.metrics.live.snapshot()["window"]["exit_rates"].get("final", 1.0) < 1.0)
+                wall[names[k]].append(w)
+                cpu[names[k]].append(c)
     ev.stop()
     ea.stop()
     busy = ea.control.stats().get("busy_ms_per_report", float("nan"))
-    med = {n: float(np.median(v)) * 1e3 for n, v in times.items()}
+    mw = {n: float(np.median(v)) * 1e3 for n, v in wall.items()}
+    mc = {n: float(np.median(v)) * 1e3 for n, v in cpu.items()}
     cfg = ea.live.config
     snap = ea.metrics.live.snapshot()
-    print(f"# Engine overhead: {wl.name}, batch {b}, {args.rounds} interleaved rounds (after {args.warmup} warm-up), "
+    print(f"# Engine overhead: {wl.name}, batch {b}, {args.rounds} interleaved rounds of {K} batches back to back "
+          f"(after {args.warmup} warm-up), "
           f"torch threads {torch.get_num_threads()}, {__import__('os').cpu_count()} cores\n")
-    print("| variant | median ms/batch | vs bare |")
-    print("|---|---:|---:|")
+    print("| variant | wall ms/batch (median) | vs bare | CPU ms/batch (median) | vs bare |")
+    print("|---|---:|---:|---:|---:|")
     for n in names:
-        print(f"| {n} | {med[n]:.2f} | {med[n] / med['bare']:.3f} |")
+        print(f"| {n} | {mw[n]:.2f} | {mw[n] / mw['bare']:.3f} | {mc[n]:.2f} | {mc[n] / mc['bare']:.3f} |")
     print()
-    print(f"engine overhead, vanilla (engine-v / bare):                  {med['engine-v'] / med['bare'] - 1:+.1%}")
-    print(f"engine overhead with early release + feedback (engine-a / ee): {med['engine-a'] / med['ee'] - 1:+.1%}")
-    print(f"ramps' cost (ee / bare):                                      {med['ee'] / med['bare'] - 1:+.1%}  "
-          f"(active ramps {list(cfg.sites)})")
-    print(f"apparate engine, all included (engine-a / bare):              {med['engine-a'] / med['bare'] - 1:+.1%}")
-    print(f"control thread per batch (off the critical path): {busy:.2f} ms; "
-          f"answers released early: {1 - snap['window']['exit_rates'].get('final', 1.0):.1%}")
-    print(f"\ncommand: apparate bench engine {args.bundle} --batch {b} --rounds {args.rounds}"
-          + (f" --threads {args.threads}" if args.threads else ""))
+    print("(wall: elapsed; CPU: this process's CPU time, which other processes on the machine do not inflate)")
+    for label, num, den in (("engine overhead, vanilla (engine-v / bare)", "engine-v", "bare"),
+                            ("engine overhead with early release + feedback (engine-a / ee)", "engine-a", "ee"),
+                            ("ramps and early-exit model (ee / bare)", "ee", "bare"),
+                            ("apparate engine, all included (engine-a / bare)", "engine-a", "bare")):
+        print(f"{label:64s} wall {mw[num] / mw[den] - 1:+6.1%}   CPU {mc[num] / mc[den] - 1:+6.1%}")
+    print(f"active ramps {list(cfg.sites)}; answers released early {1 - snap['window']['exit_rates'].get('final', 1.0):.1%}; "
+          f"controller work per batch {busy:.2f} ms (off the critical path, in the CPU column)")
+    print(f"\ncommand: apparate bench engine {args.bundle} --batch {b} --rounds {args.rounds} --batches {K} "
+          f"--threads {args.threads}")
     return 0

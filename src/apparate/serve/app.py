@@ -140,9 +140,9 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
             return _error(str(e), 400)
         results = await engine.infer(req.items, req.costs)
         bad = [r for r in results if isinstance(r, Rejected)]
-        if bad:
+        if bad:  # one input refused or failed: the request is (the answers of the others are dropped)
             worst = max(bad, key=lambda r: r.status)
-            return _error(worst.reason if worst.status == 503 else f"{worst.reason}", worst.status)
+            return _error(worst.reason, worst.status)
         return _json(infer_response(served.name, req, results, served.class_names))  # type: ignore[arg-type]
 
     async def http_error(request: Request, exc: Exception) -> Response:

@@ -172,14 +172,16 @@ class ControlLoop:
     def submit(self, report: BatchReport) -> None:
         try:
             self._q.put_nowait(report)
-        except queue.Full:
+        except queue.Full:  # the controller is behind: skip this batch's feedback, keep its metrics
             self.metrics.feedback_dropped.inc()
+            report.account(self.metrics)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every submitted report has been handled (tests, benchmarks)."""
         end = time.monotonic() + timeout
-        while self._q.unfinished_tasks and time.monotonic() < end:
-            time.sleep(0.001)
+        with self._q.all_tasks_done:  # queue.Queue's own condition: notified when the count hits 0
+            while self._q.unfinished_tasks and time.monotonic() < end:
+                self._q.all_tasks_done.wait(max(end - time.monotonic(), 0.0))
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -218,6 +220,7 @@ class ControlLoop:
 
     def _handle(self, rep: BatchReport) -> None:
         t = time.perf_counter()
+        rep.account(self.metrics)
         if self.options.update_profile and rep.vanilla_ms:
             self.profile = self.profile.updated(rep.batch_size, rep.site_ms, rep.ramp_ms, rep.vanilla_ms, rep.length,
                                                 self.options.profile_weight)

@@ -92,6 +92,7 @@ class Engine:
         self._count_lock = threading.Lock()
         self._admitted = 0  # inputs put in the queue
         self._settled = 0  # inputs answered or refused after admission (engine thread only)
+        self._settled_cond = threading.Condition()
 
     # ------------------------------------------------------------------------------ lifecycle
     def _set_live(self, live: Live) -> None:
@@ -174,14 +175,19 @@ class Engine:
             self._admitted += len(reqs)
         return True
 
+    def wait_settled(self, count: int, timeout: float | None = 30.0) -> bool:
+        """Block until `count` admitted inputs have been answered or refused (and their batches'
+        reports handed to the controller)."""
+        with self._settled_cond:
+            return self._settled_cond.wait_for(lambda: self._settled >= count, timeout)
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every admitted input is settled and its batch's feedback handled (tests,
         benchmarks). False on timeout."""
         end = time.monotonic() + timeout
-        while self._settled < self._admitted and time.monotonic() < end:
-            time.sleep(0.002)
+        ok = self.wait_settled(self._admitted, timeout)
         self.control.flush(max(end - time.monotonic(), 0.0))
-        return self._settled >= self._admitted
+        return ok
 
     # ------------------------------------------------------------------------------ delivery
     def _release(self, pairs: list[tuple[Request, Result]]) -> None:
@@ -244,7 +250,7 @@ class Engine:
                     by_reason.setdefault(why, []).append(req)
                 for why, reqs in by_reason.items():
                     self._refuse(reqs, why)
-                self._settled += len(dropped)
+                self._settle(len(dropped))
             if batch:
                 self._serve(batch, live, time.perf_counter())
             elif not dropped:
@@ -263,15 +269,16 @@ class Engine:
         self.batches += 1
         self.last_batch = {"start": t_start, "end": t_end, "size": len(batch)}
         if report is not None:
-            self._account(batch, report, t_start, t_end)
+            # Accounting (metrics, live statistics) happens on the control thread, off this path.
+            report.arrivals = np.fromiter((r.arrival for r in batch), dtype=np.float64, count=len(batch))
+            report.t_start, report.t_end = t_start, t_end
             self.control.submit(report)
-        self._settled += len(batch)
+        self._settle(len(batch))
 
-    def _account(self, batch: list[Request], rep: BatchReport, t_start: float, t_end: float) -> None:
-        sites = np.append(np.asarray(rep.sites, dtype=np.int64), -1)[rep.exit_pos]
-        arrivals = np.fromiter((r.arrival for r in batch), dtype=np.float64, count=len(batch))
-        self.metrics.batch_done(sites, rep.released_agree, (rep.release_t - arrivals).tolist(),
-                                (t_start - arrivals).tolist(), t_end - t_start)
+    def _settle(self, n: int) -> None:
+        with self._settled_cond:
+            self._settled += n
+            self._settled_cond.notify_all()
 
     # ------------------------------------------------------------------------------ views
     def describe(self) -> dict[str, Any]:

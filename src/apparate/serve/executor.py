@@ -6,9 +6,9 @@ HTTP clients get the response while the batch continues), the rest when the mode
 is released at most once, at the first active ramp that fires: exactly the rule
 `core.exits.first_exit` applies, so what was served and what the controller evaluates agree.
 
-Measured stage times come from clock-reading hooks placed before the ramps' hooks on every site
-module: the cumulative backbone time to each site (ramp and release time subtracted), each
-active ramp's own cost, the whole backbone, and the engine's own overhead. They go with the
+Measured stage times come from clock-reading hooks placed before the ramps' hooks on the active
+sites' modules: the cumulative backbone time to each active site (ramp and release time
+subtracted), each active ramp's own cost, the whole backbone, and the engine's own overhead. They go with the
 batch's feedback to the control thread, which moves the LatencyProfile toward them.
 
 A ramp (or release) that raises: the batch is run again with no ramps and answered from the
@@ -56,6 +56,16 @@ class BatchReport:
     total_ms: float = 0.0  # batch taken from the queue -> every answer released
     overhead_ms: float = 0.0  # total minus backbone and ramps: encoding, releases, bookkeeping
     feedback: bool = True  # False when a ramp failed: nothing to learn from this batch
+    arrivals: np.ndarray | None = None  # [n] perf_counter arrival times (set by the engine)
+    t_start: float = 0.0  # batch taken from the queue (perf_counter s)
+    t_end: float = 0.0  # every answer released
+
+    def account(self, metrics: Any) -> None:
+        """Record the batch in the metrics (exits, agreement, latencies, batch size)."""
+        sites = np.append(np.asarray(self.sites, dtype=np.int64), -1)[self.exit_pos]
+        arr = self.arrivals if self.arrivals is not None else np.full(self.batch_size, self.t_start)
+        metrics.batch_done(sites, self.released_agree, (self.release_t - arr).tolist(), (self.t_start - arr).tolist(),
+                           self.t_end - self.t_start)
 
 
 def final_confidence(logits: Any, label_map: Any, num_classes: int) -> Any:
@@ -82,12 +92,22 @@ class Executor:
         self._stamps: np.ndarray | None = None  # set while a timed batch runs
         self.ramp_failures = 0
         self.model_failures = 0
-        modules = dict(self.ee.backbone.named_modules())
-        self._handles = []
-        for site in self.ee.sites:
-            # prepend: runs before the EarlyExitModel's hook, i.e. when the site's module ends and
-            # before its ramp starts.
-            self._handles.append(modules[site.name].register_forward_hook(self._stamp_hook(site.index), prepend=True))
+        self._modules = dict(self.ee.backbone.named_modules())
+        self._handles: list[Any] = []
+        self._stamped: tuple[int, ...] | None = None
+
+    def _stamp_sites(self, sites: tuple[int, ...]) -> None:
+        """Clock hooks on the active sites' modules only (re-placed when the active set changes):
+        registered with prepend, they run when the site's module ends, before its ramp starts.
+        Inactive sites need no clock: the profile scales them with the measured backbone."""
+        if sites == self._stamped:
+            return
+        self.close()
+        for s in sites:
+            site = self.ee.sites[s]
+            self._handles.append(self._modules[site.name].register_forward_hook(self._stamp_hook(site.index),
+                                                                                prepend=True))
+        self._stamped = sites
 
     def _stamp_hook(self, index: int) -> Callable:
         def hook(_m: Any, _i: Any, _o: Any) -> None:
@@ -100,6 +120,7 @@ class Executor:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._stamped = None
 
     # ------------------------------------------------------------------------------------------
     def warm_up(self, sizes: Sequence[int], sites: Sequence[int]) -> None:
@@ -152,6 +173,7 @@ class Executor:
         except Exception as e:  # noqa: BLE001 - a failing batch must not take the server down
             return self._fail(batch, pending, e)
         feedback = True
+        self._stamp_sites(cfg.sites)
         self._stamps = site_end
         try:
             t0 = clock()
