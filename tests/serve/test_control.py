@@ -55,7 +55,8 @@ def test_measured_times_update_the_profile(tiny_cnn):
 
     served = served_cnn(tiny_cnn)
     before = tiny_cnn.bundle.profile
-    control = ControlOptions(policy="static", initial=Config((0, 1), (0.0, 0.0)))  # both ramps run, none exits
+    control = ControlOptions(policy="static", initial=Config((0, 1), (0.0, 0.0)),  # both ramps run, none exits
+                             profile_every_s=0.0)
     with serving(served, control_opts=control) as live, httpx.Client(base_url=live.url) as c:
         served.ee.backbone.slow.delay = 0.05  # this "machine" is slower than when it was profiled
         for s in range(6):

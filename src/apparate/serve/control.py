@@ -4,8 +4,9 @@ The engine thread hands each served batch's report to `ControlLoop.submit` (a bo
 never blocking: when the controller falls behind, reports are dropped and counted rather than
 slowing serving down). The control thread then
 
-1. moves the LatencyProfile toward the batch's measured stage times (`LatencyProfile.updated`),
-   so that batch-time predictions and ramp decisions use this machine's real costs;
+1. moves the LatencyProfile toward the measured stage times (`LatencyProfile.updated`, pooled
+   per batch shape and applied every `profile_every_s`), so that batch-time predictions and ramp
+   decisions use this machine's real costs;
 2. for the apparate policy, gives the batch's confidences and agreements to the controller
    (`Controller.observe`), which returns the configuration for the next batches;
 3. publishes a new `Live` (configuration + precomputed batch costs) by one reference swap, which
@@ -49,6 +50,7 @@ class ControlOptions:
     checkpoint_every_s: float = 30.0
     profile_weight: float = 0.1  # smoothing weight of one batch's measured times
     update_profile: bool = True
+    profile_every_s: float = 0.25  # measured times are pooled per batch shape and applied this often
     max_pending: int = 256  # batch reports waiting for the controller before new ones are dropped
 
     def __post_init__(self) -> None:
@@ -91,6 +93,9 @@ class ControlLoop:
         self._stats: dict[str, Any] = {}
         self._busy_s = 0.0
         self.last_checkpoint: float | None = None
+        self._times: dict[tuple[int, float | None], dict[str, Any]] = {}
+        self._times_at = 0.0  # the first batch's times apply at once
+        self._costs_stale = False
         self._publish(self.config)
         self._refresh_stats(force=True)
 
@@ -222,8 +227,7 @@ class ControlLoop:
         t = time.perf_counter()
         rep.account(self.metrics)
         if self.options.update_profile and rep.vanilla_ms:
-            self.profile = self.profile.updated(rep.batch_size, rep.site_ms, rep.ramp_ms, rep.vanilla_ms, rep.length,
-                                                self.options.profile_weight)
+            self._pool_times(rep)
         w = self.options.profile_weight
         self.overhead_ms = rep.overhead_ms if self.handled == 0 else (1 - w) * self.overhead_ms + w * rep.overhead_ms
         cfg = self.config
@@ -234,16 +238,43 @@ class ControlLoop:
         self.handled += 1
         now = time.monotonic()
         changed = cfg != self.config
-        if changed or now - self._last_costs >= 0.1:
+        if changed or (self._costs_stale and now - self._last_costs >= 0.1):
             self._publish(cfg)
         self._refresh_stats(force=changed)
         self._busy_s += time.perf_counter() - t
+
+    def _pool_times(self, rep: BatchReport) -> None:
+        """Pool measured times per batch shape; every `profile_every_s` move the profile toward
+        each shape's mean once, with the weight `count` single updates would have had. Updating
+        on every batch would cost the control thread more than the rest of its work."""
+        key = (rep.batch_size, rep.length)
+        acc = self._times.setdefault(key, {"n": 0, "van": 0.0, "site": {}, "ramp": {}})
+        acc["n"] += 1
+        acc["van"] += rep.vanilla_ms
+        for name, values in (("site", rep.site_ms), ("ramp", rep.ramp_ms)):
+            for k, v in values.items():
+                n_v = acc[name].setdefault(k, [0, 0.0])
+                n_v[0] += 1
+                n_v[1] += v
+        now = time.monotonic()
+        if now - self._times_at < self.options.profile_every_s:
+            return
+        self._times_at = now
+        w = self.options.profile_weight
+        for (bs, length), a in self._times.items():
+            n = a["n"]
+            mean = {name: {k: tot / c for k, (c, tot) in a[name].items()} for name in ("site", "ramp")}
+            self.profile = self.profile.updated(bs, mean["site"], mean["ramp"], a["van"] / n, length,
+                                                1.0 - (1.0 - w) ** n)
+        self._times.clear()
+        self._costs_stale = True
 
     def _publish(self, cfg: Config) -> None:
         changed = cfg != self.config or not self._last_costs
         self.config = cfg
         self.publish(Live(cfg, self.costs_fn(self.profile, cfg.sites, self.overhead_ms)))
         self._last_costs = time.monotonic()
+        self._costs_stale = False
         if changed:
             self.metrics.show_config(cfg.sites, cfg.thresholds, cfg.version)
 
