@@ -49,6 +49,7 @@ class ExperimentSpec:
     settings: Settings = field(default_factory=Settings)
     policies: tuple[str, ...] | None = None  # default: all that apply
     bootstrap: int | None = None
+    profile_max_batch: int | None = None  # largest batch profiled when preparing (default: max(64, max_batch))
     threads: int | None = None
     progress: bool = True
 
@@ -63,7 +64,8 @@ class ExperimentResult:
 
 
 def _bundle_dir(spec: ExperimentSpec, ramp: str | None) -> Path:
-    tag = f"{spec.workload}-{ramp or 'default'}-b{spec.bootstrap or 'default'}-s{spec.seed}"
+    tag = (f"{spec.workload}-{ramp or 'default'}-b{spec.bootstrap or 'default'}-s{spec.seed}"
+           f"-p{spec.profile_max_batch or 'default'}")
     return cache_dir("bundles") / tag
 
 
@@ -88,7 +90,7 @@ def load_or_prepare(workload: str, data_dir: str | None, bundle: str | None, ram
     log(f"preparing {workload} ({ramp or 'default'} ramps) into {path} (once; cached)")
     wl = get_workload(workload, data_dir, progress=spec.progress)
     opts = PrepareOptions(bootstrap=spec.bootstrap, ramp=ramp, seed=spec.seed, threads=spec.threads,
-                          max_batch=max(64, spec.max_batch), progress=spec.progress)
+                          max_batch=spec.profile_max_batch or max(64, spec.max_batch), progress=spec.progress)
     prepare_workload(wl, path, opts, log=log)
     return load_bundle(path, data_dir=data_dir)
 

@@ -122,8 +122,8 @@ def text_stream(name: str, texts: Sequence[str], labels: Sequence[int], cost: Ca
 
 
 def drifting_text(short: Sequence[tuple[str, int]], long: Sequence[tuple[str, int]], cost: Callable[[Sequence[str]], np.ndarray],
-                  seed: int = 0, n: int = 3000) -> Stream:
-    """Short phrases, then longer reviews, then short phrases again (a third each)."""
+                  seed: int = 0, n: int = 3000, names: tuple[str, str] = ("short phrases", "long reviews")) -> Stream:
+    """Short texts, then long ones, then short again (a third each)."""
     rng = np.random.default_rng(seed)
     k = [n // 3, n // 3, n - 2 * (n // 3)]
     s_idx = rng.permutation(len(short))
@@ -133,5 +133,5 @@ def drifting_text(short: Sequence[tuple[str, int]], long: Sequence[tuple[str, in
     items = [x for p in parts for x in p]
     phase = np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)])
     return text_stream("drift", [t for t, _ in items], [lab for _, lab in items], cost,
-                       f"drifting text: short phrases, long reviews, short phrases (seed {seed})",
-                       {"phase": phase, "phases": ["short phrases", "long reviews", "short phrases"]})
+                       f"drifting text: {names[0]}, {names[1]}, {names[0]} (seed {seed})",
+                       {"phase": phase, "phases": [names[0], names[1], names[0]]})

@@ -125,6 +125,14 @@ def rotten_tomatoes_file(download: bool = True) -> Path:
     return cached
 
 
+def read_plot_synopses() -> list[TextExample]:
+    """The corpus's 1,097 plot synopses: long texts with no sentiment label (-1)."""
+    raw = bz2.decompress(rotten_tomatoes_file().read_bytes()).decode("utf-8")
+    out = [TextExample(" ".join((row.get("text") or "").split()), -1)
+           for row in csv.DictReader(io.StringIO(raw)) if row.get("category") == "plot"]
+    return [x for x in out if x.text]
+
+
 def read_rotten_tomatoes() -> list[TextExample]:
     """12,808 review snippets: `fresh` -> 1 (positive), `rotten` -> 0; plot synopses are dropped."""
     raw = bz2.decompress(rotten_tomatoes_file().read_bytes()).decode("utf-8")

