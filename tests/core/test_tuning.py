@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from apparate.core.exits import simulate
-from apparate.core.profile import LatencyProfile, LatencyTable
+from apparate.core.profile import LatencyProfile
 from apparate.core.synthetic import synthetic_window
 from apparate.core.tuning import (PROB_UNITS, allowed_wrong, greedy_thresholds, grid_thresholds,
                                   shared_threshold)

@@ -190,14 +190,60 @@ class QueueResult:
         return ~self.dropped & (self.finish <= self.deadline)
 
 
-def run_queue(arrivals: Sequence[float] | np.ndarray, slo_ms: float | np.ndarray, batcher: Batcher,
-              exec_ms: ExecMs) -> QueueResult:
-    """Serve a trace with one worker running the batcher's batches back to back.
+def drive(arrivals: np.ndarray, deadlines: np.ndarray, batcher: Batcher,
+          exec_ms_for: Callable[[np.ndarray], ExecMs],
+          run_batch: Callable[[np.ndarray, float], float],
+          drop: Callable[[int, str], None]) -> list[int]:
+    """One worker serving a sorted trace with the batcher's batches, back to back.
 
     The batcher is asked whenever the worker is idle at an arrival, at a requested `wake_at`, or
-    when a batch ends; each batch takes exactly its predicted `exec_ms`. Requests arriving at the
-    very instant a decision is made are in the queue for it.
+    when a batch ends. `exec_ms_for(queue)` gives the batch-time predictor for the current queue
+    (request indices, oldest first); `run_batch(members, now)` runs a batch and returns when it
+    ends (s); `drop(request, reason)` records a drop. Requests arriving at the very instant a
+    decision is made are in the queue for it. Returns the requests left waiting when nothing
+    more will arrive or wake the batcher. Checks that the batcher keeps the protocol.
     """
+    t, n = arrivals, arrivals.size
+    queue: list[int] = []
+    admitted = 0
+    now = float(t[0]) if n else 0.0
+    while n:
+        upto = int(np.searchsorted(t, now, side="right"))
+        if upto > admitted:
+            queue.extend(range(admitted, upto))
+            admitted = upto
+        wake = None
+        if queue:
+            idx = np.asarray(queue)
+            d = batcher.decide(now, t[idx], deadlines[idx], exec_ms_for(idx))
+            if d.drop:
+                gone = set(d.drop)
+                if min(gone) < 0 or max(gone) >= len(queue):
+                    raise RuntimeError(f"batcher dropped index outside the queue: {sorted(gone)}")
+                for k in gone:
+                    drop(queue[k], d.reason or "dropped")
+                queue = [q for k, q in enumerate(queue) if k not in gone]
+            if d.start:
+                if not 0 < d.start <= min(batcher.max_batch, len(queue)):
+                    raise RuntimeError(f"batcher started {d.start} of {len(queue)} queued "
+                                       f"(max batch {batcher.max_batch})")
+                members, queue = np.asarray(queue[: d.start]), queue[d.start:]
+                now = run_batch(members, now)
+                continue
+            wake = d.wake_at
+            if wake is not None and not wake > now:
+                raise RuntimeError(f"batcher asked to be woken at {wake}, not after now ({now})")
+        next_arrival = float(t[admitted]) if admitted < n else np.inf
+        now = min(next_arrival, np.inf if wake is None else wake)
+        if now == np.inf:
+            break
+    return queue
+
+
+def run_queue(arrivals: Sequence[float] | np.ndarray, slo_ms: float | np.ndarray, batcher: Batcher,
+              exec_ms: ExecMs) -> QueueResult:
+    """Serve a trace with one worker running the batcher's batches back to back; each batch
+    takes exactly its predicted `exec_ms` (the reference use of `drive`)."""
     t = np.asarray(arrivals, dtype=np.float64).reshape(-1)
     if t.size and (not np.all(np.isfinite(t)) or np.any(np.diff(t) < 0)):
         raise ValueError("arrivals must be finite and sorted")
@@ -208,43 +254,19 @@ def run_queue(arrivals: Sequence[float] | np.ndarray, slo_ms: float | np.ndarray
     reason = np.full(n, "", dtype=object)
     batch = np.full(n, -1, dtype=np.int64)
     sizes: list[int] = []
-    queue: list[int] = []
-    admitted = 0
-    now = float(t[0]) if n else 0.0
-    while True:
-        upto = int(np.searchsorted(t, now, side="right"))
-        queue.extend(range(admitted, upto))
-        admitted = max(admitted, upto)
-        wake = None
-        if queue:
-            idx = np.asarray(queue)
-            d = batcher.decide(now, t[idx], deadline[idx], exec_ms)
-            if d.drop:
-                gone = set(d.drop)
-                if min(gone) < 0 or max(gone) >= len(queue):
-                    raise RuntimeError(f"batcher dropped index outside the queue: {sorted(gone)}")
-                for k in gone:
-                    reason[queue[k]] = d.reason or "dropped"
-                queue = [q for k, q in enumerate(queue) if k not in gone]
-            if d.start:
-                if not 0 < d.start <= min(batcher.max_batch, len(queue)):
-                    raise RuntimeError(f"batcher started {d.start} of {len(queue)} queued "
-                                       f"(max batch {batcher.max_batch})")
-                members, queue = queue[: d.start], queue[d.start:]
-                end = finish_time(now, _exec(exec_ms, d.start))
-                start[members], finish[members], batch[members] = now, end, len(sizes)
-                sizes.append(d.start)
-                now = end
-                continue
-            wake = d.wake_at
-            if wake is not None and not wake > now:
-                raise RuntimeError(f"batcher asked to be woken at {wake}, not after now ({now})")
-        next_arrival = float(t[admitted]) if admitted < n else np.inf
-        now = min(next_arrival, np.inf if wake is None else wake)
-        if now == np.inf:
-            break
-    if queue:
-        raise RuntimeError(f"{len(queue)} requests left waiting with no arrival or wake-up to come")
+
+    def run_batch(members: np.ndarray, now: float) -> float:
+        end = finish_time(now, _exec(exec_ms, members.size))
+        start[members], finish[members], batch[members] = now, end, len(sizes)
+        sizes.append(members.size)
+        return end
+
+    def drop(i: int, why: str) -> None:
+        reason[i] = why
+
+    left = drive(t, deadline, batcher, lambda _queue: exec_ms, run_batch, drop)
+    if left:
+        raise RuntimeError(f"{len(left)} requests left waiting with no arrival or wake-up to come")
     dropped = batch < 0
     return QueueResult(arrival=t, deadline=deadline, start=start, finish=finish, dropped=dropped,
                        reason=reason.astype(str), batch=batch,

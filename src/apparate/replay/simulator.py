@@ -1,6 +1,6 @@
 """Discrete-event replay: arrivals -> batcher -> batch execution -> early release -> feedback.
 
-One worker serves batches back to back, as in `batchers.run_queue`, but a batch's execution time
+One worker serves batches back to back (the same `batchers.drive` loop as `run_queue`), but a batch's execution time
 comes from the LatencyProfile with the policy's active ramps included, so ramps slow the queue
 exactly as they would a server (notes A13). Each input is released when its batch reaches its
 exit (its ramp has run); the batch runs to the end regardless, and the policy learns from it
@@ -17,7 +17,7 @@ from apparate.core.profile import LatencyProfile
 from apparate.core.recording import Recording
 from apparate.policies.base import Policy
 
-from .batchers import Batcher, finish_time
+from .batchers import Batcher, drive, finish_time
 
 DROPPED = -2  # exit_site of a request that was never served
 FINAL = -1  # exit_site of a request released by the model's final output
@@ -98,69 +98,47 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
             return tab.end_ms if pay else tab.vanilla_ms
         return exec_ms
 
-    queue: list[int] = []
-    admitted = 0
-    now = float(t[0])
-    while True:
-        upto = int(np.searchsorted(t, now, side="right"))
-        if upto > admitted:
-            queue.extend(range(admitted, upto))
-            admitted = upto
-        wake = None
-        if queue:
-            idx = np.asarray(queue)
-            qlen = None if lengths is None else np.maximum.accumulate(lengths[idx[: batcher.max_batch]])
-            exec_ms = exec_for(qlen)
-            d = batcher.decide(now, t[idx], deadline[idx], exec_ms)
-            if d.drop:
-                gone = set(d.drop)
-                for k in gone:
-                    reason[queue[k]] = d.reason or "dropped"
-                queue = [q for k, q in enumerate(queue) if k not in gone]
-            if d.start:
-                members = np.asarray(queue[: d.start])
-                queue = queue[d.start:]
-                k = members.size
-                conf_b = conf_all[members].astype(np.float64)
-                agree_b = agree_all[members]
-                plan = policy.plan(conf_b, agree_b)
-                length = None if lengths is None else float(lengths[members].max())
-                tab = profile.table(k, plan.sites, length)
-                if plan.pay_ramps:
-                    lat_ms, run_ms = tab.all_ms, tab.end_ms
-                else:
-                    lat_ms, run_ms = np.append(tab.site_ms, tab.vanilla_ms), tab.vanilla_ms
-                pos = plan.exit_pos
-                start[members] = now
-                release[members] = now + lat_ms[pos] * 1e-3
-                sites_arr = np.append(np.asarray(plan.sites, dtype=np.int64), FINAL)
-                ex = sites_arr[pos]
-                exit_site[members] = ex
-                at_ramp = ex >= 0
-                ok = np.ones(k, dtype=bool)
-                ok[at_ramp] = agree_b[np.flatnonzero(at_ramp), ex[at_ramp]]
-                correct[members] = ok
-                rp = recording.final[members].astype(np.int64)
-                rp[at_ramp] = recording.pred[members[at_ramp], ex[at_ramp]]
-                released_pred[members] = rp
-                batch[members] = len(b_size)
-                b_start.append(now)
-                b_size.append(k)
-                b_exec.append(run_ms)
-                b_version.append(plan.version)
-                b_active.append(len(plan.sites) if plan.pay_ramps else 0)
-                policy.observe(plan, conf_b, agree_b, length)
-                now = finish_time(now, run_ms)
-                continue
-            wake = d.wake_at
-            if wake is not None and not wake > now:
-                raise RuntimeError(f"batcher asked to be woken at {wake}, not after now ({now})")
-        next_arrival = float(t[admitted]) if admitted < n else np.inf
-        now = min(next_arrival, np.inf if wake is None else wake)
-        if now == np.inf:
-            break
-    for q in queue:  # nothing more will arrive or wake the batcher
-        reason[q] = "unserved"
+    def run_batch(members: np.ndarray, now: float) -> float:
+        k = members.size
+        conf_b = conf_all[members].astype(np.float64)
+        agree_b = agree_all[members]
+        plan = policy.plan(conf_b, agree_b)
+        length = None if lengths is None else float(lengths[members].max())
+        tab = profile.table(k, plan.sites, length)
+        if plan.pay_ramps:
+            lat_ms, run_ms = tab.all_ms, tab.end_ms
+        else:
+            lat_ms, run_ms = np.append(tab.site_ms, tab.vanilla_ms), tab.vanilla_ms
+        pos = plan.exit_pos
+        start[members] = now
+        release[members] = now + lat_ms[pos] * 1e-3
+        ex = np.append(np.asarray(plan.sites, dtype=np.int64), FINAL)[pos]
+        exit_site[members] = ex
+        at_ramp = ex >= 0
+        ok = np.ones(k, dtype=bool)
+        ok[at_ramp] = agree_b[np.flatnonzero(at_ramp), ex[at_ramp]]
+        correct[members] = ok
+        rp = recording.final[members].astype(np.int64)
+        rp[at_ramp] = recording.pred[members[at_ramp], ex[at_ramp]]
+        released_pred[members] = rp
+        batch[members] = len(b_size)
+        b_start.append(now)
+        b_size.append(k)
+        b_exec.append(run_ms)
+        b_version.append(plan.version)
+        b_active.append(len(plan.sites) if plan.pay_ramps else 0)
+        policy.observe(plan, conf_b, agree_b, length)
+        return finish_time(now, run_ms)
+
+    def exec_ms_for(queue: np.ndarray):
+        qlen = None if lengths is None else np.maximum.accumulate(lengths[queue[: batcher.max_batch]])
+        return exec_for(qlen)
+
+    def drop(i: int, why: str) -> None:
+        reason[i] = why
+
+    for q in drive(t, deadline, batcher, exec_ms_for, run_batch, drop):
+        reason[q] = "unserved"  # nothing more will arrive or wake the batcher
 
     label_correct = None
     if recording.labels is not None:

@@ -54,7 +54,7 @@ RT_DEV = 500
 RT_BOOTSTRAP = 2000
 
 
-def rt_partition(n: int, recipe: FineTuneRecipe = RT_RECIPE) -> dict[str, "np.ndarray"]:
+def rt_partition(n: int, recipe: FineTuneRecipe = RT_RECIPE) -> dict[str, Any]:
     """Disjoint index sets of the Rotten Tomatoes snippets: fine-tuning, dev, bootstrap, serving."""
     import numpy as np
 

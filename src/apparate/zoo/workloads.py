@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-from functools import partial
 from typing import Any, Callable, Sequence
 
 import numpy as np
