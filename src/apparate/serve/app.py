@@ -124,6 +124,9 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
             check_model(request)
         except HTTPException as e:
             return _error(str(e.detail), e.status_code)
+        if len(engine.queue) >= engine.queue.limit:  # full: refuse before reading or parsing anything
+            engine.metrics.drop("queue full")
+            return _error("queue full", 503)
         try:
             body = await _read_body(request, max_body_bytes)
         except TooLarge:
