@@ -158,3 +158,20 @@ def test_image_codec_parses_what_it_documents():
     f_items, _ = codec.parse({"name": "input", "datatype": "FP32", "shape": [8, 8, 3],
                               "data": data[:192].astype(float).tolist()})
     assert torch.allclose(codec.encode([items[0], f_items[0]])[1], codec.encode([items[0]])[0])
+
+
+def test_hf_text_codec_counts_and_encodes_with_separate_tokenizers():
+    """Fast tokenizers change shared truncation/padding state on every call: the HTTP thread
+    (counting) and the engine thread (encoding) must not share one."""
+    from apparate.serve.model_io import hf_text_codec
+    from apparate.zoo import minilm
+    from apparate.zoo.workloads import TextEncoder
+
+    enc = TextEncoder(minilm.load_tokenizer(minilm.base_model_dir()))
+    codec = hf_text_codec(enc, max_tokens=8, long_text="truncate")
+    assert codec.count_tokenizer is not enc.tok
+    items, costs = codec.parse({"name": "text", "datatype": "BYTES", "shape": [2],
+                                "data": ["a fine film", "one two three four five six seven eight nine ten"]})
+    assert costs == [5, 8]  # [CLS] a fine film [SEP]; the long one cut to the limit
+    x = codec.encode(items)
+    assert x["input_ids"].shape == (2, 8) and codec.length(x) == 8.0

@@ -217,14 +217,21 @@ def hf_text_codec(encoder: Any, max_tokens: int | None = None, long_text: str = 
     """A codec over the zoo's `TextEncoder` (a Hugging Face tokenizer)."""
     from apparate.zoo.workloads import TextEncoder
 
+    import copy
+
     limit = int(max_tokens or encoder.max_length)
     enc = TextEncoder(encoder.tok, max_length=limit)
-    tok = encoder.tok
+    # A fast tokenizer keeps its truncation/padding settings in shared state that every call
+    # changes: counting (HTTP thread, no truncation) and encoding (engine thread, truncation and
+    # padding) on one object race ("Unable to create tensor ..."). Each thread gets its own.
+    tok = copy.deepcopy(encoder.tok)
 
     def count(texts: list[str]) -> list[int]:
         return [len(x) for x in tok(texts, truncation=False, verbose=False)["input_ids"]]
 
-    return TextCodec(count=count, encode_fn=enc, max_tokens=limit, long_text=long_text, max_inputs=max_inputs)
+    codec = TextCodec(count=count, encode_fn=enc, max_tokens=limit, long_text=long_text, max_inputs=max_inputs)
+    codec.count_tokenizer = tok  # type: ignore[attr-defined] - for tests: not the encoder's
+    return codec
 
 
 # ---------------------------------------------------------------------------------------------- the model

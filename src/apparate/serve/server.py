@@ -60,10 +60,11 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def auto_slo_ms(profile: Any, max_batch: int) -> float:
-    """Default SLO: three times the bare model's time for a full batch (a request may wait for the
-    running batch, then run in the next one), at least 50 ms, rounded up to 10 ms."""
-    ms = max(50.0, 3.0 * float(profile.vanilla(max_batch)))
+def auto_slo_ms(profile: Any, max_batch: int, length: float | None = None) -> float:
+    """Default SLO: three times the bare model's time for a full batch of typical inputs (a
+    request may wait for the running batch, then run in the next one), at least 50 ms, rounded up
+    to 10 ms. For text, `length` is the typical token count (the bootstrap inputs' median)."""
+    ms = max(50.0, 3.0 * float(profile.vanilla(max_batch, length)))
     return float(-(-ms // 10) * 10)
 
 
@@ -76,6 +77,7 @@ def settings_for(kind: str, accuracy_constraint: float, ramp_budget: float) -> A
 
 
 def build_engine(opts: ServeOptions) -> Any:
+    import numpy as np
     import torch
 
     from apparate.model.bundle import load_bundle
@@ -90,7 +92,10 @@ def build_engine(opts: ServeOptions) -> Any:
     bundle = load_bundle(opts.bundle, data_dir=opts.data_dir)
     served = ServedModel.from_bundle(bundle, name=opts.model_name, max_tokens=opts.max_tokens,
                                      long_text=opts.long_text, max_inputs=opts.max_inputs)
-    slo = opts.slo_ms if opts.slo_ms else auto_slo_ms(served.profile, opts.max_batch)
+    rec = served.recording
+    typical = float(np.median(rec.lengths)) if served.kind == "text" and rec is not None and rec.lengths is not None \
+        and len(rec.lengths) else None
+    slo = opts.slo_ms if opts.slo_ms else auto_slo_ms(served.profile, opts.max_batch, typical)
     eo = EngineOptions(
         batching=BatchingOptions(opts.batching, opts.max_batch, opts.shed, opts.batch_timeout_ms),
         slo_ms=slo, max_queue=opts.max_queue, threads=threads)
