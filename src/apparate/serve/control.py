@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from apparate.core.controller import Config, Controller, Feedback
 from apparate.core.profile import LatencyProfile
 from apparate.core.settings import Settings
@@ -51,6 +53,7 @@ class ControlOptions:
     profile_weight: float = 0.1  # smoothing weight of one batch's measured times
     update_profile: bool = True
     profile_every_s: float = 0.25  # measured times are pooled per batch shape and applied this often
+    feedback_min_inputs: int = 1  # batches are pooled into controller batches of at least this many inputs
     max_pending: int = 256  # batch reports waiting for the controller before new ones are dropped
 
     def __post_init__(self) -> None:
@@ -93,6 +96,7 @@ class ControlLoop:
         self._stats: dict[str, Any] = {}
         self._busy_s = 0.0
         self.last_checkpoint: float | None = None
+        self._pending: list[BatchReport] = []
         self._times: dict[tuple[int, float | None], dict[str, Any]] = {}
         self._times_at = 0.0  # the first batch's times apply at once
         self._costs_stale = False
@@ -206,6 +210,7 @@ class ControlLoop:
                 rep = None
             try:
                 if rep is _STOP:
+                    self._observe_pending()  # a partial pool still belongs in the window
                     return
                 if rep is not None:
                     self._handle(rep)
@@ -232,9 +237,11 @@ class ControlLoop:
         self.overhead_ms = rep.overhead_ms if self.handled == 0 else (1 - w) * self.overhead_ms + w * rep.overhead_ms
         cfg = self.config
         if self.controller is not None and rep.feedback:
-            self.controller.profile = self.profile
-            cfg = self.controller.observe(Feedback(rep.sites, rep.thresholds, rep.conf, rep.agree, rep.length))
-            self._log_events()
+            fb = self._pool_feedback(rep)
+            if fb is not None:
+                self.controller.profile = self.profile
+                cfg = self.controller.observe(fb)
+                self._log_events()
         self.handled += 1
         now = time.monotonic()
         changed = cfg != self.config
@@ -242,6 +249,30 @@ class ControlLoop:
             self._publish(cfg)
         self._refresh_stats(force=changed)
         self._busy_s += time.perf_counter() - t
+
+    def _pool_feedback(self, rep: BatchReport) -> Feedback | None:
+        """The controller's periods count batches (adjust every 30, utility over 20: the artifact's
+        numbers, for full batches). Live batching under moderate load makes batches of 2 or 3,
+        which would judge a new ramp on ~90 inputs, before it has even been tuned. So batches
+        served with the same configuration are pooled until they hold `feedback_min_inputs`
+        (the server uses its max batch) and given to the controller as one. Text lengths are
+        averaged over the pooled inputs."""
+        pend = self._pending
+        if pend and (pend[0].sites, pend[0].thresholds) != (rep.sites, rep.thresholds):
+            pend.clear()  # a configuration change discards a partial pool: it was for the old one
+        pend.append(rep)
+        if sum(r.batch_size for r in pend) < self.options.feedback_min_inputs:
+            return None
+        fb = _merged(pend)
+        pend.clear()
+        return fb
+
+    def _observe_pending(self) -> None:
+        if self.controller is None or not self._pending:
+            return
+        pend, self._pending = self._pending, []
+        self.controller.profile = self.profile
+        self.config = self.controller.observe(_merged(pend))
 
     def _pool_times(self, rep: BatchReport) -> None:
         """Pool measured times per batch shape; every `profile_every_s` move the profile toward
@@ -325,3 +356,14 @@ class ControlLoop:
         path = save_state(self.options.state_dir, self.payload())
         self.last_checkpoint = time.time()
         return path
+
+
+def _merged(reports: list[BatchReport]) -> Feedback:
+    """One Feedback for batches served with the same configuration (text lengths averaged)."""
+    last = reports[-1]
+    if len(reports) == 1:
+        return Feedback(last.sites, last.thresholds, last.conf, last.agree, last.length)
+    lengths = [(r.length, r.batch_size) for r in reports if r.length is not None]
+    length = sum(x * k for x, k in lengths) / sum(k for _, k in lengths) if lengths else None
+    return Feedback(last.sites, last.thresholds, np.concatenate([r.conf for r in reports]),
+                    np.concatenate([r.agree for r in reports]), length)

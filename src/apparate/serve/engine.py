@@ -50,6 +50,7 @@ class EngineOptions:
     threads: int | None = None  # torch intra-op threads in the engine thread (None: torch's default)
     warmup: bool = True
     switch_interval_ms: float | None = 0.2  # Python's GIL switch interval while serving (None: leave it)
+    calibrate_ramps: bool = True  # time every ramp as it is paid here before placing ramps
 
     def __post_init__(self) -> None:
         if not self.slo_ms > 0:
@@ -82,6 +83,19 @@ class Engine:
             return BatchCosts.build(profile, sites, mb, max_tokens, overhead)
 
         self._live: Live | None = None
+        if options.calibrate_ramps and served.num_sites:
+            import torch
+
+            if options.threads is not None:
+                torch.set_num_threads(options.threads)
+            t = time.perf_counter()
+            grid = [int(b) for b in served.profile.batch_sizes]
+            sizes = sorted({min(grid, key=lambda g: abs(g - want)) for want in (1, mb)})
+            before = served.profile
+            served.profile = self.executor.calibrate(served.profile, sizes)
+            log.info("ramp costs calibrated in %.1f s at batch sizes %s: %.3f ms per ramp (profiled %.3f) at batch %d",
+                     time.perf_counter() - t, sizes, float(served.profile.at(sizes[-1])[1].mean()),
+                     float(before.at(sizes[-1])[1].mean()), sizes[-1])
         self.control = ControlLoop(served, control, costs_fn, self.metrics, self._set_live)
         self._thread: threading.Thread | None = None
         self.ready = False

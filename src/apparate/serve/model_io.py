@@ -129,7 +129,7 @@ class ImageCodec:
     def length(self, model_input: Any) -> float | None:
         return None
 
-    def example(self, n: int) -> list[Any]:
+    def example(self, n: int, tokens: int | None = None) -> list[Any]:
         import torch
 
         h, w, c = self.shape
@@ -209,8 +209,11 @@ class TextCodec:
         ids = model_input["input_ids"] if isinstance(model_input, dict) else model_input
         return float(ids.shape[1])
 
-    def example(self, n: int) -> list[Any]:
-        return ["a warm up sentence for the model"] * n
+    def example(self, n: int, tokens: int | None = None) -> list[Any]:
+        """n texts; with `tokens`, about that many tokens each (a word per token)."""
+        if tokens is None:
+            return ["a warm up sentence for the model"] * n
+        return [" ".join(["a"] * max(tokens - 2, 1))] * n
 
 
 def hf_text_codec(encoder: Any, max_tokens: int | None = None, long_text: str = "truncate", max_inputs: int = 64) -> TextCodec:

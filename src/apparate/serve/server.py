@@ -100,7 +100,8 @@ def build_engine(opts: ServeOptions) -> Any:
         batching=BatchingOptions(opts.batching, opts.max_batch, opts.shed, opts.batch_timeout_ms),
         slo_ms=slo, max_queue=opts.max_queue, threads=threads)
     co = ControlOptions(policy=opts.policy, settings=settings_for(served.kind, opts.accuracy_constraint, opts.ramp_budget),
-                        state_dir=opts.state_dir, checkpoint_every_s=opts.checkpoint_every_s)
+                        state_dir=opts.state_dir, checkpoint_every_s=opts.checkpoint_every_s,
+                        feedback_min_inputs=opts.max_batch)
     return Engine(served, eo, co)
 
 
