@@ -175,3 +175,46 @@ def test_hf_text_codec_counts_and_encodes_with_separate_tokenizers():
     assert costs == [5, 8]  # [CLS] a fine film [SEP]; the long one cut to the limit
     x = codec.encode(items)
     assert x["input_ids"].shape == (2, 8) and codec.length(x) == 8.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 5), st.one_of(st.none(), st.integers(4, 64))), min_size=1, max_size=6),
+       st.integers(0, 1000))
+def test_pooled_feedback_is_the_batches_stacked(batches, seed):
+    from apparate.serve.control import _merged
+    from apparate.serve.executor import BatchReport
+
+    rng = np.random.default_rng(seed)
+    text = batches[0][1] is not None
+    reps = []
+    for n, length in batches:
+        conf = rng.uniform(0, 1, (n, 2))
+        agree = rng.uniform(0, 1, (n, 2)) < 0.7
+        reps.append(BatchReport((1, 4), (0.1, 0.2), 0, conf, agree, np.full(n, 2), np.ones(n, bool), np.zeros(n), n,
+                                float(length or 16) if text else None))
+    fb = _merged(reps)
+    assert np.array_equal(fb.conf, np.concatenate([r.conf for r in reps]))
+    assert np.array_equal(fb.agree, np.concatenate([r.agree for r in reps]))
+    assert fb.sites == (1, 4) and fb.thresholds == (0.1, 0.2)
+    if text:
+        n = sum(r.batch_size for r in reps)
+        assert fb.length == pytest.approx(sum(r.length * r.batch_size for r in reps) / n)
+    else:
+        assert fb.length is None
+
+
+def test_calibration_sets_ramp_costs_to_what_the_hook_pays(tiny_cnn):
+    from apparate.serve.executor import Executor
+
+    served = served_cnn(tiny_cnn)
+    ex = Executor(served, lambda pairs: None)
+    try:
+        before = served.profile
+        after = ex.calibrate(before, [1, 8], repeats=2)
+    finally:
+        ex.close()
+        served.ee.remove_hooks()
+    for b in (1, 8):
+        assert after.at(b)[1].shape == before.at(b)[1].shape
+        assert (after.at(b)[1] > 0).all()
+        assert np.allclose(after.at(b)[0], before.at(b)[0]) and after.vanilla(b) == before.vanilla(b)
