@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="max latency the active ramps may add, as a share of the model's (default 0.02)")
     p.add_argument("--state-dir", help="checkpoint the controller state here (and restore it on start)")
     p.add_argument("--checkpoint-every", type=float, default=30.0, help="seconds between checkpoints")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores but one, left to HTTP)")
     p.add_argument("--data-dir", help="data directory for zoo models (default: $APPARATE_DATA, else ../shared/data)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit (413 beyond)")
     p.add_argument("--max-inputs", type=int, default=64, help="inputs per request")
