@@ -141,3 +141,48 @@ def test_settings_validation_and_round_trip():
             Settings(**bad)
     with pytest.raises(ValueError, match="unknown"):
         Settings.from_dict({"no_such_setting": 1})
+
+
+def test_a_measured_profile_that_breaks_the_budget_drops_ramps_at_once():
+    ctl = Controller(PROFILE, FAST.replace(ramp_budget=0.02), Config((2, 5, 8), (0.05, 0.05, 0.05)))
+    assert PROFILE.overhead((2, 5, 8)) <= 0.02
+    feed(ctl, synthetic_recording(400, S, seed=12), [8] * 50)
+    # the server measures ramps at four times their profiled cost
+    slower = LatencyProfile(PROFILE.batch_sizes, PROFILE.site_ms, PROFILE.ramp_ms * 4, PROFILE.vanilla_ms)
+    before = ctl.config.version
+    ctl.profile = slower
+    assert slower.overhead(ctl.config.sites) <= 0.02
+    assert len(ctl.config.sites) < 3 and ctl.config.version > before
+    assert any(e.kind == "remove" and "budget" in e.detail for e in ctl.events)
+    with pytest.raises(ValueError, match="sites"):
+        ctl.profile = LatencyProfile.linear(S + 1)
+
+
+def test_a_new_ramp_is_not_judged_before_it_has_been_tuned():
+    # the probe's ramp needs 200 observations before its first tune; checks come every 64 inputs
+    s = FAST.replace(ramp_budget=0.5, min_tune_inputs=200, min_adjust_inputs=64, adjust_every_batches=8)
+    ctl = Controller(PROFILE, s, Config((6,), (0.1,)))
+    rec = synthetic_recording(4000, S, seed=13, difficulty=-0.4)
+    i, probe, judged_before_tuned = 0, None, False
+    for _ in range(300):
+        cfg = ctl.config
+        fb = Feedback(cfg.sites, cfg.thresholds, rec.conf[i:i + 8][:, list(cfg.sites)], rec.agree[i:i + 8][:, list(cfg.sites)])
+        ctl.observe(fb)
+        i += 8
+        new = set(ctl.config.sites) - set(cfg.sites)
+        if probe is None and new:
+            probe = new.pop()
+        if probe is not None and probe in ctl._fresh and probe not in ctl.config.sites:
+            judged_before_tuned = True
+    assert probe is not None, "the controller never probed an earlier ramp"
+    assert not judged_before_tuned
+    assert probe not in ctl._fresh  # it was tuned once it had the data
+    assert any(e.kind == "tune" and e.detail.startswith("new ramp has data") for e in ctl.events)
+
+
+def test_tiny_batches_do_not_make_ramps_churn():
+    s = FAST.replace(min_adjust_inputs=256)
+    ctl = Controller(PROFILE, s, Config((6,), (0.1,)))
+    feed(ctl, synthetic_recording(1000, S, seed=14, difficulty=-0.4), [1] * 1000)
+    changes = [e for e in ctl.events if e.kind in ("add", "remove", "move")]
+    assert len(changes) <= 1000 // 256

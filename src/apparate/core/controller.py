@@ -132,7 +132,7 @@ class Event:
 
 class Controller:
     def __init__(self, profile: LatencyProfile, settings: Settings | None = None, config: Config | None = None):
-        self.profile = profile
+        self._profile = profile
         self.settings = settings or Settings()
         cfg = config or Config()
         if cfg.sites and max(cfg.sites) >= profile.num_sites:
@@ -157,6 +157,9 @@ class Controller:
         self._violations = 0
         self._checks = 0
         self._tuned_sites: tuple[int, ...] | None = cfg.sites if config is not None else None
+        self._fresh: set[int] = set()  # ramps added but not yet tuned: not judged until they are
+        self._batches_at_check = 0
+        self._inputs_at_check = 0
         self._tabu: dict[int, list[int]] = {}  # site -> [blocked until check, backoff]
         self.events: deque[Event] = deque(maxlen=1000)
 
@@ -176,6 +179,28 @@ class Controller:
     def config(self) -> Config:
         return self._config
 
+    @property
+    def profile(self) -> LatencyProfile:
+        return self._profile
+
+    @profile.setter
+    def profile(self, profile: LatencyProfile) -> None:
+        """A new profile (e.g. measured while serving): the active ramps must still fit the
+        budget under it, so the ones that fit least are dropped at once if they do not."""
+        if profile.num_sites != self._profile.num_sites:
+            raise ValueError(f"new profile has {profile.num_sites} sites, not {self._profile.num_sites}")
+        self._profile = profile
+        sites = list(self._config.sites)
+        if within_budget(sites, profile, self.settings):
+            return
+        cost = profile.site_overheads()
+        pooled = self._pooled() or {}
+        while sites and not within_budget(sites, profile, self.settings):
+            # the lowest utility per unit of cost goes first; without evidence, the costliest
+            sites.remove(min(sites, key=lambda x: (pooled[x]["utility"] / max(cost[x], 1e-12), -cost[x])
+                             if x in pooled else (0.0, -cost[x])))
+        self._reconfigure(sites, "remove", f"over the ramp budget under the measured profile: keep {sites}")
+
     # ------------------------------------------------------------------ feedback
     def observe(self, fb: Feedback) -> Config:
         """Take one batch's feedback; return the configuration for the next batch."""
@@ -190,6 +215,8 @@ class Controller:
         cfg = self._config
         if self._tuned_sites != cfg.sites and self._tune("reconfigured"):
             pass
+        elif self._fresh and self._fresh_ready() and self._tune("new ramp has data"):
+            pass
         elif self._violated():
             self._violations += 1
             if self._violations >= s.emergency_after:
@@ -200,7 +227,9 @@ class Controller:
             self._violations = 0
             if self._since_tune >= s.retune_every_inputs:
                 self._tune("periodic")
-        if self._batches % s.adjust_every_batches == 0:
+        if (self._batches - self._batches_at_check >= s.adjust_every_batches
+                and self._written - self._inputs_at_check >= s.min_adjust_inputs):
+            self._batches_at_check, self._inputs_at_check = self._batches, self._written
             self._adjust()
         return self._config
 
@@ -302,6 +331,7 @@ class Controller:
         if conf.shape[0] < need:
             return False
         fixed = {j: t for j, (site, t) in enumerate(zip(cfg.sites, cfg.thresholds)) if site not in ready}
+        self._fresh -= set(ready)
         res = tune(conf, agree, self.profile.table(bs, cfg.sites, length), s, fixed=fixed)
         # Ramps still gathering data join at the next periodic re-tune.
         self._since_tune = 0
@@ -309,6 +339,11 @@ class Controller:
         self._set(cfg.sites, tuple(float(t) for t in res.thresholds), "tune",
                   f"{reason}: n={conf.shape[0]} win={res.result.win:.3f} acc={res.result.accuracy:.4f}")
         return True
+
+    def _fresh_ready(self) -> bool:
+        idx = self._last(self.settings.window_inputs)
+        seen = (~np.isnan(self._conf[np.ix_(idx, sorted(self._fresh))])).sum(axis=0)
+        return bool(np.all(seen >= self.settings.min_tune_inputs))
 
     def _emergency(self) -> None:
         cfg, s = self._config, self.settings
@@ -378,8 +413,8 @@ class Controller:
         pooled = self._pooled()
         if pooled is None:
             return
-        negative = [x for x in cfg.sites
-                    if pooled[x]["utility"] <= 0 and pooled[x]["nonpos_share"] >= s.negative_share]
+        negative = [x for x in cfg.sites if x not in self._fresh
+                    and pooled[x]["utility"] <= 0 and pooled[x]["nonpos_share"] >= s.negative_share]
         if negative:
             # If re-tuning alone wins enough, the ramps are fine and the thresholds were stale.
             conf, agree, bs_w, len_w = self._rows(cfg.sites, cfg.sites, s.window_inputs)
@@ -411,7 +446,9 @@ class Controller:
                 detail += f"; try deeper {deeper}"
             self._reconfigure(sorted(keep), "remove", detail)
             return
-        # Every ramp pays: probe one earlier.
+        # Every ramp pays: probe one earlier (once the last probe has been tuned and judged).
+        if self._fresh:
+            return
         cand = earlier_site(cfg.sites)
         if cand is None or self._blocked(cand) or cand in cfg.sites:
             return
@@ -429,6 +466,7 @@ class Controller:
         old = dict(zip(cfg.sites, cfg.thresholds))
         sites = tuple(sorted(sites))
         thr = tuple(old.get(x, self.settings.new_ramp_threshold) for x in sites)
+        self._fresh = (self._fresh | (set(sites) - set(cfg.sites))) & set(sites)
         self._set(sites, thr, kind, detail)
         # Removing a ramp sends its inputs on to later ramps: re-tune now where data allows.
         self._tuned_sites = None
@@ -467,7 +505,7 @@ class Controller:
         return {
             "format": FORMAT,
             "settings": self.settings.to_dict(),
-            "profile": self.profile.to_dict(),
+            "profile": self._profile.to_dict(),
             "config": self._config.to_dict(),
             "tuned_sites": None if self._tuned_sites is None else list(self._tuned_sites),
             "window": {
@@ -480,7 +518,9 @@ class Controller:
                 "batch": self._batch.tolist(),
             },
             "counters": {"written": self._written, "batches": self._batches, "since_tune": self._since_tune,
-                         "violations": self._violations, "checks": self._checks},
+                         "violations": self._violations, "checks": self._checks,
+                         "batches_at_check": self._batches_at_check, "inputs_at_check": self._inputs_at_check},
+            "fresh": sorted(self._fresh),
             "tabu": {str(k): v for k, v in self._tabu.items()},
             "events": [asdict(e) for e in self.events],
         }
@@ -507,6 +547,8 @@ class Controller:
             c = state["counters"]
             ctl._written, ctl._batches, ctl._since_tune = c["written"], c["batches"], c["since_tune"]
             ctl._violations, ctl._checks = c["violations"], c["checks"]
+            ctl._batches_at_check, ctl._inputs_at_check = c["batches_at_check"], c["inputs_at_check"]
+            ctl._fresh = set(state["fresh"])
             ts = state["tuned_sites"]
             ctl._tuned_sites = None if ts is None else tuple(ts)
             ctl._tabu = {int(k): list(v) for k, v in state["tabu"].items()}

@@ -54,6 +54,9 @@ class Settings:
     # --- ramp adjustment --------------------------------------------------------------------
     adjust_every_batches: int = 30
     """Ramp adjustment period (artifact: 30 batches for CV, 100 for NLP)."""
+    min_adjust_inputs: int = 256
+    """...and at least this many inputs since the last adjustment: at batch size 1, 30 batches
+    are too little evidence and ramps churn."""
     utility_batches: int = 20
     """Utility history per ramp, in batches (artifact: 20)."""
     min_evidence_inputs: int = 64
@@ -97,6 +100,7 @@ class Settings:
                      "adjust_every_batches", "utility_batches", "emergency_after", "placement_batch_size"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.min_evidence_inputs >= 0, "min_evidence_inputs must be >= 0")
+        need(self.min_adjust_inputs >= 0, "min_adjust_inputs must be >= 0")
         need(self.agreement_bin >= 0 and self.agreement_prior >= 0, "agreement_bin and agreement_prior must be >= 0")
         need(self.recent_inputs <= self.window_inputs, "recent_inputs must not exceed window_inputs")
         need(self.min_tune_inputs <= self.window_inputs, "min_tune_inputs must not exceed window_inputs")

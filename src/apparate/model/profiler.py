@@ -4,7 +4,10 @@ machine, per batch size (and per sequence-length bucket for text). Produces the 
 
 Cumulative site times come from forward hooks that only read the clock (negligible cost) during
 a run of the backbone; the vanilla total is timed separately without any hook. Each ramp is
-timed on its own, on the site's real activation for that batch. Every number is the median over
+timed on its own, on the site's real activation for that batch, and the backbone is also run
+with every ramp active through the EarlyExitModel: the extra time is what ramps cost as paid
+(hooks, scoring, Python), which on a CPU is several times their compute alone; it is shared
+among the ramps in proportion to their own compute. Every number is the median over
 `repeats` rounds after `warmup` rounds, each round visiting every shape once, with
 `torch.set_num_threads(threads)` in force.
 
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from apparate.core.profile import LatencyProfile
+from apparate.model.early_exit import EarlyExitModel
 from apparate.model.sites import ModelInput, Site, call_model, primary_output
 
 MakeBatch = Callable[[int, int | None], ModelInput]  # (batch size, length or None) -> inputs
@@ -87,6 +91,8 @@ def profile_latency(
     van_runs: dict[tuple[int, int], list[float]] = {k: [] for k in inputs}
     site_runs: dict[tuple[int, int], list[np.ndarray]] = {k: [] for k in inputs}
     ramp_runs: dict[tuple[int, int], list[np.ndarray]] = {k: [] for k in inputs}
+    paid_runs: dict[tuple[int, int], list[float]] = {k: [] for k in inputs}
+    everything = tuple(range(S))
     with num_threads(threads), torch.no_grad():
         bar = tqdm(total=warmup + repeats, desc="profiling latency", disable=None if progress else True, unit="round")
         # Rounds interleave the shapes: a burst of load from elsewhere on the machine then hits
@@ -99,16 +105,26 @@ def profile_latency(
                 van = _once_ms(lambda: call_model(backbone, x))
                 stamps, acts = _site_times(backbone, modules, sites, x)
                 ramp = np.array([_once_ms(lambda: ramps[s](acts[s], mask), inner=3) for s in range(S)])
+                # What ramps cost as paid inside the model (hook, scoring, Python), not alone.
+                ee = EarlyExitModel(backbone, sites, ramps) if S else None
+                paid = _once_ms(lambda: ee(x, active=everything, on_ramp=_noop)) - van if S else 0.0
+                if ee is not None:
+                    ee.remove_hooks()
                 if rnd >= warmup:
                     van_runs[(li, bi)].append(van)
                     site_runs[(li, bi)].append(stamps)
                     ramp_runs[(li, bi)].append(ramp)
+                    paid_runs[(li, bi)].append(paid)
             bar.update(1)
         bar.close()
     for (li, bi) in inputs:
         van_ms[li, bi] = float(np.median(van_runs[(li, bi)]))
         site_ms[li, bi] = np.median(np.stack(site_runs[(li, bi)]), axis=0)
-        ramp_ms[li, bi] = np.median(np.stack(ramp_runs[(li, bi)]), axis=0)
+        alone = np.median(np.stack(ramp_runs[(li, bi)]), axis=0)
+        # Spread the paid total over the ramps in proportion to their own compute: on ResNet-56
+        # a pooling ramp computes in ~0.04 ms but costs ~0.3 ms inside the model.
+        paid_total = float(np.median(paid_runs[(li, bi)])) if S else 0.0
+        ramp_ms[li, bi] = alone * max(1.0, paid_total / max(float(alone.sum()), 1e-9))
     # Monotone in depth, capped by the whole model, and monotone in batch size and length.
     site_ms = np.minimum(np.maximum.accumulate(site_ms, axis=2), van_ms[..., None])
     for axis in (1, 0):
@@ -118,6 +134,10 @@ def profile_latency(
     return LatencyProfile(
         batch_sizes=np.asarray(bs), site_ms=site_ms, ramp_ms=ramp_ms, vanilla_ms=van_ms,
         lengths=np.asarray([1] if lens == [None] else lens), site_names=tuple(s.name for s in sites))
+
+
+def _noop(_result: Any) -> None:
+    """Stands in for a server's release callback while profiling."""
 
 
 def _once_ms(fn: Callable[[], Any], inner: int = 1) -> float:
