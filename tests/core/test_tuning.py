@@ -2,7 +2,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from apparate.core.exits import simulate
 from apparate.core.profile import LatencyProfile
@@ -125,6 +125,7 @@ def test_grid_search_finds_the_brute_force_optimum(w, target):
 
 @settings(max_examples=50, deadline=None)
 @given(windows(max_n=60, max_r=4), st.sampled_from([0.0, 0.02, 0.1]))
+@example((np.array([[0.0, 0.35]]), np.array([[True, False]])), 0.0)  # confidence 0 never exits
 def test_shared_threshold_is_exact_optimum_over_single_thresholds(w, target):
     conf, agree = w
     table = table_for(conf.shape[1])

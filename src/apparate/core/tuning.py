@@ -374,6 +374,7 @@ def shared_threshold(
     run_min = np.minimum.accumulate(u, axis=1)
     record = np.ones((n, R), dtype=bool)  # ramps where the running minimum strictly drops
     record[:, 1:] = run_min[:, 1:] < run_min[:, :-1]
+    record &= run_min < 1.0  # uncertainty 1 (confidence 0) never passes a threshold <= 1
     rows, cols = np.nonzero(record)
     vals = u[rows, cols]
     # For an input, the exit before passing record k is the next deeper record (or the end).
