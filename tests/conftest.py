@@ -11,6 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings as hypothesis_settings
+
+# The suite is deterministic by default (CI must not fail on a new random example);
+# HYPOTHESIS_PROFILE=explore searches with fresh random examples, ten times as many.
+hypothesis_settings.register_profile("deterministic", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("explore", max_examples=1000, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 REPO = Path(__file__).resolve().parents[1]
 

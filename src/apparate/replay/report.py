@@ -79,7 +79,7 @@ def plot_latency_cdf(runs: Sequence[RunResult], path: Path, slo_ms: float | None
 
 def plot_timeline(runs: Sequence[RunResult], path: Path, constraint: float, window: int = 500,
                   phases: np.ndarray | None = None) -> Path:
-    """Sliding accuracy vs the original (each policy) and active ramps over time (adaptive ones)."""
+    """Sliding accuracy vs the original (each policy) and which ramps are active over time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,16 +96,24 @@ def plot_timeline(runs: Sequence[RunResult], path: Path, constraint: float, wind
     ax1.set_ylabel(f"accuracy vs original\n(sliding {window})")
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=7, ncol=3)
-    for run in runs:
-        if run.policy in ("apparate", "static") and run.batch_start.size:
-            ax2.step(run.batch_start, run.batch_active, where="post", label=f"{run.policy}: active ramps")
+    # Which candidate ramps are active over time: a raster per adaptive/static policy.
+    shown = [r for r in runs if r.policy in ("apparate", "static") and r.batch_start.size]
+    for k, run in enumerate(shown):
+        ends = np.append(run.batch_start[1:], run.batch_start[-1] + run.batch_exec_ms[-1] * 1e-3)
+        offset = (k - (len(shown) - 1) / 2) * 0.25
+        for site in sorted({x for sites in run.batch_sites for x in sites}):
+            on = np.array([site in sites for sites in run.batch_sites])
+            starts = np.flatnonzero(on & ~np.append(False, on[:-1]))
+            stops = np.flatnonzero(on & ~np.append(on[1:], False))
+            ax2.hlines(np.full(starts.size, site + offset), run.batch_start[starts], ends[stops], lw=4,
+                       color=f"C{k}", label=f"{run.policy}" if site == min(x for s_ in run.batch_sites for x in s_) else None)
     if phases is not None and runs:
         t = runs[0].arrival
         change = np.flatnonzero(np.diff(phases[: t.size]) != 0)
         for c in change:
             for ax in (ax1, ax2):
                 ax.axvline(t[c + 1], color="grey", lw=0.6, alpha=0.6)
-    ax2.set_ylabel("active ramps")
+    ax2.set_ylabel("active ramp sites")
     ax2.set_xlabel("time (s)" + ("; grey lines: stream phase changes" if phases is not None else ""))
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7)

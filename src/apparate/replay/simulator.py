@@ -43,6 +43,7 @@ class RunResult:
     batch_exec_ms: np.ndarray  # [B]
     batch_version: np.ndarray  # [B] configuration version used
     batch_active: np.ndarray  # [B] number of active ramps
+    batch_sites: tuple[tuple[int, ...], ...] = ()  # [B] the active ramps themselves
 
     @property
     def served(self) -> np.ndarray:
@@ -87,6 +88,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
     b_exec: list[float] = []
     b_version: list[int] = []
     b_active: list[int] = []
+    b_sites: list[tuple[int, ...]] = []
 
     def exec_for(queue_lengths: np.ndarray | None):
         sites = policy.cost_sites()
@@ -127,6 +129,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         b_exec.append(run_ms)
         b_version.append(plan.version)
         b_active.append(len(plan.sites) if plan.pay_ramps else 0)
+        b_sites.append(plan.sites if plan.pay_ramps else ())
         policy.observe(plan, conf_b, agree_b, length)
         return finish_time(now, run_ms)
 
@@ -149,5 +152,5 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         release=release, exit_site=exit_site, correct=correct, label_correct=label_correct, batch=batch,
         drop_reason=reason.astype(str), batch_start=np.asarray(b_start), batch_size=np.asarray(b_size, dtype=np.int64),
         batch_exec_ms=np.asarray(b_exec), batch_version=np.asarray(b_version, dtype=np.int64),
-        batch_active=np.asarray(b_active, dtype=np.int64),
+        batch_active=np.asarray(b_active, dtype=np.int64), batch_sites=tuple(b_sites),
     )
