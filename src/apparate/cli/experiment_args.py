@@ -22,7 +22,8 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
                    help="arrival process (default fixed: a camera)")
     p.add_argument("--rate", type=float, default=30.0, help="requests per second (default 30)")
     p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for --trace gamma")
-    p.add_argument("--slo-ms", type=float, help="latency SLO (default: --slo-x times the batch-1 model latency)")
+    p.add_argument("--slo-ms", type=float,
+                   help="latency SLO (default: --slo-x times the batch-1 model latency, at the 90th-percentile text length)")
     p.add_argument("--slo-x", type=float, default=4.0, help="SLO as a multiple of batch-1 latency (default 4)")
     p.add_argument("--batching", default="clockwork", choices=["clockwork", "tfserving"])
     p.add_argument("--max-batch", type=int, default=16)
