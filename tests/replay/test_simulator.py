@@ -37,6 +37,19 @@ def test_latency_matches_hand_computation():
     assert run.batch_exec_ms == pytest.approx([10.5, 10.5, 10.5])
 
 
+def test_label_accuracy_counts_only_labelled_inputs():
+    conf = np.stack([np.full(4, 0.5), np.full(4, 0.5)], axis=1)
+    # The model answers 0 throughout; labels: right, wrong, unknown, unknown.
+    rec = Recording(conf, np.zeros_like(conf, dtype=int), np.zeros(4, dtype=int), labels=np.array([0, 1, -1, -1]))
+    run = replay(rec, np.arange(4) * 0.1, TINY, ThresholdPolicy("vanilla", Config((), ())), ClockworkBatcher(2),
+                 slo_ms=1000)
+    assert summarize(run).label_accuracy == pytest.approx(0.5)
+    unlabelled = Recording(conf, rec.pred, rec.final, labels=np.full(4, -1))
+    run = replay(unlabelled, np.arange(4) * 0.1, TINY, ThresholdPolicy("vanilla", Config((), ())),
+                 ClockworkBatcher(2), slo_ms=1000)
+    assert summarize(run).label_accuracy is None
+
+
 def test_batch_of_two_pays_batch_costs():
     rec = tiny_recording([0.9, 0.5])
     policy = ThresholdPolicy("one-ramp", Config((0,), (0.2,)))

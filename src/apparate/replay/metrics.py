@@ -65,8 +65,10 @@ def summarize(run: RunResult, window: int = 500) -> Metrics:
     ex = run.exit_site[served]
     sites, counts = np.unique(ex[ex >= 0], return_counts=True)
     label_acc = None
-    if run.label_correct is not None and n_served:
-        label_acc = float(run.label_correct[served].mean())
+    if run.label_correct is not None:
+        known = served if run.labeled is None else served & run.labeled
+        if known.any():  # texts without a label (e.g. plot synopses) do not count
+            label_acc = float(run.label_correct[known].mean())
     return Metrics(
         policy=run.policy,
         requests=int(run.arrival.size),

@@ -113,10 +113,14 @@ def plot_timeline(runs: Sequence[RunResult], path: Path, constraint: float, wind
         for c in change:
             for ax in (ax1, ax2):
                 ax.axvline(t[c + 1], color="grey", lw=0.6, alpha=0.6)
+    if shown:  # every candidate site on the axis, so that an absent ramp reads as absent
+        num_sites = shown[0].num_sites
+        ax2.set_ylim(-0.5, num_sites - 0.5)
+        ax2.set_yticks(range(num_sites) if num_sites <= 30 else range(0, num_sites, 5))
+        ax2.legend(fontsize=7)
     ax2.set_ylabel("active ramp sites")
     ax2.set_xlabel("time (s)" + ("; grey lines: stream phase changes" if phases is not None else ""))
     ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -35,7 +35,7 @@ class RunResult:
     release: np.ndarray  # [n] s, when the answer was released (NaN if dropped)
     exit_site: np.ndarray  # [n] site, FINAL or DROPPED
     correct: np.ndarray  # [n] released answer equals the original model's (False if dropped)
-    label_correct: np.ndarray | None  # [n] released answer equals the label, where labels exist
+    label_correct: np.ndarray | None  # [n] released answer equals the label (False where no label)
     batch: np.ndarray  # [n] batch index, -1 if dropped
     drop_reason: np.ndarray  # [n] str
     batch_start: np.ndarray  # [B] s
@@ -43,6 +43,7 @@ class RunResult:
     batch_exec_ms: np.ndarray  # [B]
     batch_version: np.ndarray  # [B] configuration version used
     batch_active: np.ndarray  # [B] number of active ramps
+    labeled: np.ndarray | None = None  # [n] the input has a label (label accuracy counts only these)
     batch_sites: tuple[tuple[int, ...], ...] = ()  # [B] the active ramps themselves
 
     @property
@@ -143,14 +144,15 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
     for q in drive(t, deadline, batcher, exec_ms_for, run_batch, drop):
         reason[q] = "unserved"  # nothing more will arrive or wake the batcher
 
-    label_correct = None
+    label_correct = labeled = None
     if recording.labels is not None:
         labels = recording.labels[:n]
-        label_correct = (released_pred == labels) & (labels >= 0) & (exit_site != DROPPED)
+        labeled = labels >= 0
+        label_correct = (released_pred == labels) & labeled & (exit_site != DROPPED)
     return RunResult(
         policy=policy.name, slo_ms=float(slo_ms), num_sites=profile.num_sites, arrival=t, start=start,
         release=release, exit_site=exit_site, correct=correct, label_correct=label_correct, batch=batch,
         drop_reason=reason.astype(str), batch_start=np.asarray(b_start), batch_size=np.asarray(b_size, dtype=np.int64),
         batch_exec_ms=np.asarray(b_exec), batch_version=np.asarray(b_version, dtype=np.int64),
-        batch_active=np.asarray(b_active, dtype=np.int64), batch_sites=tuple(b_sites),
+        batch_active=np.asarray(b_active, dtype=np.int64), batch_sites=tuple(b_sites), labeled=labeled,
     )
