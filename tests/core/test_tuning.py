@@ -32,9 +32,9 @@ def windows(max_n=120, max_r=5):
 def test_greedy_matches_the_plain_reference_move_for_move(w, target):
     conf, agree = w
     table = table_for(conf.shape[1])
-    fast = greedy_thresholds(conf, agree, table, target).thresholds
     slow = reference_greedy(conf, agree, table, target)
-    assert np.array_equal(fast, slow)
+    for method in ("lists", "matrix"):  # both band bookkeepings take the same decisions
+        assert np.array_equal(greedy_thresholds(conf, agree, table, target, method=method).thresholds, slow)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -43,8 +43,9 @@ def test_greedy_matches_reference_on_larger_windows(n, r, seed):
     # large enough to take the vectorised paths for long bands and many moved inputs
     conf, agree = synthetic_window(n, r, seed)
     table = table_for(r)
-    assert np.array_equal(greedy_thresholds(conf, agree, table, 0.01).thresholds,
-                          reference_greedy(conf, agree, table, 0.01))
+    slow = reference_greedy(conf, agree, table, 0.01)
+    for method in ("lists", "matrix"):
+        assert np.array_equal(greedy_thresholds(conf, agree, table, 0.01, method=method).thresholds, slow)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -55,9 +56,11 @@ def test_fixed_ramps_keep_their_thresholds_and_match_reference(w, data):
     r = data.draw(st.integers(0, R - 1))
     t = data.draw(st.sampled_from([0.0, 0.05, 0.3]))
     table = table_for(R)
-    fast = greedy_thresholds(conf, agree, table, 0.02, fixed={r: t}).thresholds
-    assert fast[r] == t
-    assert np.array_equal(fast, reference_greedy(conf, agree, table, 0.02, fixed={r: t}))
+    slow = reference_greedy(conf, agree, table, 0.02, fixed={r: t})
+    for method in ("lists", "matrix"):
+        fast = greedy_thresholds(conf, agree, table, 0.02, fixed={r: t}, method=method).thresholds
+        assert fast[r] == t
+        assert np.array_equal(fast, slow)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -151,6 +154,7 @@ def test_grid_refuses_an_explosive_grid():
     (dict(target=0.01, fixed={5: 0.1}), "out of range"),
     (dict(target=0.01, min_step=0.0), "min_step"),
     (dict(target=0.01, agree_prob=np.full((10, 2), 1.5)), "agree_prob"),
+    (dict(target=0.01, method="fast"), "method"),
 ])
 def test_tuning_rejects_bad_arguments(kwargs, msg):
     conf, agree = synthetic_window(10, 2)

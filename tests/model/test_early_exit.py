@@ -45,6 +45,24 @@ def test_callbacks_fire_as_each_ramp_runs(r20_bundle, r20, test_images):
         ee.remove_hooks()
 
 
+def test_only_active_sites_carry_hooks(r20_bundle, r20, test_images):
+    x = r20.encode([test_images.item(i).input for i in range(2)])
+    modules = dict(r20.model.named_modules())
+    hooked = lambda: [s.index for s in r20_bundle.sites if modules[s.name]._forward_hooks]  # noqa: E731
+    ee = r20_bundle.early_exit_model(active=[2, 5])
+    try:
+        assert hooked() == [2, 5]  # inactive sites keep PyTorch's hook-free call path
+        seen = []
+        ee(x, active=[0, 5], on_ramp=lambda r: seen.append((r.site, hooked())))
+        assert seen == [(0, [0, 2, 5]), (5, [0, 2, 5])]  # a one-call override attaches for that call
+        assert hooked() == [2, 5]
+        ee.set_active([8])
+        assert hooked() == [8] and list(ee(x).ramps) == [8]
+    finally:
+        ee.remove_hooks()
+    assert hooked() == []
+
+
 def test_text_backbone_bit_identical_and_all_layers_report(minilm_base):
     from apparate.model.ramps import RampSpec, build_ramps
     from apparate.model.sites import find_sites

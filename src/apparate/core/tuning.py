@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -37,6 +37,8 @@ from .settings import Settings
 
 # Loops longer than this switch from plain Python to numpy (a numpy call costs ~1-4 us).
 VECTOR_CUTOFF = 96
+# Windows larger than this (inputs x ramps) keep their bands in matrices (see `_matrix_bands`).
+MATRIX_CUTOFF = 4096
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +76,7 @@ def greedy_thresholds(
     min_step: float = 0.001,
     max_rounds: int = 100_000,
     agree_prob: np.ndarray | None = None,
+    method: str = "auto",
 ) -> TuneResult:
     """Per-ramp thresholds that win the most latency with at most `target` accuracy loss.
 
@@ -81,11 +84,17 @@ def greedy_thresholds(
     to thresholds that are kept as they are (the partial re-tune of offending ramps).
     `agree_prob` [N, R], if given, replaces 0/1 agreement in the search by probabilities (see
     `calibration.smooth_agreement`); the returned result is still measured on `agree`.
+    `method` picks the band bookkeeping ("lists" for small windows, "matrix" for large ones,
+    "auto" by size); both take the same decisions.
     """
     conf, agree = _check_inputs(conf, agree, table)
     if not 0 < min_step <= init_step:
         raise ValueError(f"need 0 < min_step <= init_step, got {min_step}, {init_step}")
     n, R = conf.shape
+    if method == "auto":
+        method = "matrix" if n * R > MATRIX_CUTOFF else "lists"
+    if method not in _BANDS:
+        raise ValueError(f"method must be auto, lists or matrix, got {method!r}")
     if agree_prob is None:
         units = 1
         ag_np = agree.T.astype(np.int64)
@@ -104,22 +113,103 @@ def greedy_thresholds(
         thr[r] = float(t)
         searchable[r] = False
 
-    # Setup in numpy, then the search in plain Python: a round touches few inputs, and at these
-    # sizes a numpy call costs more than the work it would do.
     u_t = 1.0 - conf.T  # [R, N] uncertainty
     lat_np = table.all_ns
-    lat = lat_np.tolist()
-    ag = ag_np.tolist()
     if fixed:
-        thr_np = check_thresholds(thr, R)
-        e_a = first_exit(u_t.T, thr_np)
+        e_a = first_exit(u_t.T, check_thresholds(thr, R))
         cc_a = np.append(ag_np, np.full((1, n), units, dtype=np.int64), axis=0)[e_a, np.arange(n)]
     else:  # nothing exits yet: every answer is the original's, at the end
         e_a = np.full(n, R, dtype=np.int64)
         cc_a = np.full(n, units, dtype=np.int64)
+    wrong = n * units - int(cc_a.sum())
+    probe_bands, take, exits = _BANDS[method](u_t, ag_np, lat_np, e_a, cc_a, thr)
+    step = [float(init_step)] * R
+
+    rounds = 0
+    while rounds < max_rounds:
+        rounds += 1
+        live = [r for r in range(R) if searchable[r] and thr[r] < 1.0]
+        if not live:
+            break
+        # Level k = the artifact's k-th halving round; the first level with a move wins. The
+        # bands follow the levels down, so they are exactly the next round's bands.
+        k, chosen = 0, -1
+        cand: dict[int, tuple[float, float]] = {}
+        probe = live
+        while True:
+            scale = 0.5 ** k
+            shrinking = []  # ramps whose step can still halve; the others stay as probed
+            values = []
+            for r in probe:
+                s = step[r] * scale
+                if s <= min_step:
+                    s = min_step
+                else:
+                    shrinking.append(r)
+                v = thr[r] + s
+                if v > 1.0:
+                    v = 1.0
+                cand[r] = (v, s)
+                values.append(v)
+            best_r, best_score, neutral_r = -1, 0.0, -1
+            free: list[int] = []
+            for r, dw, dl in zip(probe, *probe_bands(probe, values)):
+                if wrong + dw > allowed:
+                    continue
+                if dl > 0:
+                    score = dw / dl
+                    if best_r < 0 or score < best_score:
+                        best_r, best_score = r, score
+                    if dw == 0:
+                        free.append(r)
+                elif dw <= 0:
+                    if neutral_r < 0:
+                        neutral_r = r
+                    free.append(r)
+            chosen = best_r if best_r >= 0 else neutral_r
+            if chosen >= 0 or not shrinking:
+                break
+            probe = shrinking
+            k += 1
+        if chosen < 0:
+            break
+        # Apply: steps as after k halvings, the move, then the doublings.
+        for r in live:
+            step[r] = cand[r][1]
+        thr[chosen] = cand[chosen][0]
+        wrong += take(chosen)
+        for r in set(free) | {chosen}:
+            step[r] *= 2.0
+
+    thr_out = np.array(thr, dtype=np.float64)
+    e_out = exits()
+    correct = np.append(agree.T, np.ones((1, n), dtype=bool), axis=0)[e_out, np.arange(n)]
+    result = ExitResult(exit_index=e_out, correct=correct,
+                        latency_ms=table.all_ms[e_out], vanilla_ms=table.vanilla_ms, num_ramps=R)
+    return TuneResult(thresholds=thr_out, result=result, rounds=rounds)
+
+
+# Band bookkeeping. Per ramp r, inputs are kept sorted by uncertainty; the ramp's band is the
+# inputs between its threshold and a candidate threshold, [lo, hi) in that order. The search asks
+# `probe(ramps, values)`: for each ramp, what moving its band to it would change (wrong answers
+# dw, latency won dl); `take(r)` moves ramp r's band (the last probed) and returns the change in
+# wrong answers; `exits()` gives each input's exit. Two implementations that take the same
+# decisions: plain lists with incremental sums for small windows (a numpy call costs ~1-4 us,
+# more than the work), and prefix-sum matrices for large ones (a move updates every ramp's view
+# of the moved inputs in one vectorised step).
+
+Bands = tuple[Callable[[list[int], list[float]], tuple[list[int], list[int]]], Callable[[int], int],
+              Callable[[], np.ndarray]]
+
+
+def _list_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: np.ndarray, cc_a: np.ndarray,
+                thr: list[float]) -> Bands:
+    R, n = u_t.shape
+    lat = lat_np.tolist()
+    ag = ag_np.tolist()
+    e_a = e_a.copy()
     cl_a = lat_np[e_a]
     e, cc, cl = e_a.tolist(), cc_a.tolist(), cl_a.tolist()  # exit, right?, latency per input
-    wrong = n * units - sum(cc)
     rows = np.arange(R)[:, None]
     order = np.argsort(u_t, axis=1)  # [R, N] inputs by uncertainty, per ramp (ties in any order)
     ords = order.tolist()
@@ -142,7 +232,6 @@ def greedy_thresholds(
         return row
 
     lo = [bisect_left(us[r], thr[r]) for r in range(R)]  # inputs already below the threshold
-    step = [float(init_step)] * R
 
     # Per ramp, the sums over its band [lo, hi) of what moving those inputs to the ramp would
     # change: wrong answers (bw) and latency won (bl). Kept current by deltas: moving a band
@@ -217,76 +306,85 @@ def greedy_thresholds(
             bw[r] += dsw
             bl[r] += dsl
 
-    rounds = 0
-    while rounds < max_rounds:
-        rounds += 1
-        live = [r for r in range(R) if searchable[r] and thr[r] < 1.0]
-        if not live:
-            break
-        # Level k = the artifact's k-th halving round; the first level with a move wins. The
-        # bands follow the levels down, so they are exactly the next round's bands.
-        k, chosen = 0, -1
-        cand: dict[int, tuple[float, float]] = {}
-        probe = live
-        while True:
-            scale = 0.5 ** k
-            best_r, best_score, neutral_r = -1, 0.0, -1
-            free: list[int] = []
-            shrinking = []  # ramps whose step can still halve; the others stay as probed
-            for r in probe:
-                s = step[r] * scale
-                if s <= min_step:
-                    s = min_step
-                else:
-                    shrinking.append(r)
-                v = thr[r] + s
-                if v > 1.0:
-                    v = 1.0
-                set_hi(r, bisect_left(us[r], v, lo[r]))
-                cand[r] = (v, s)
-                dw, dl = bw[r], bl[r]
-                if wrong + dw > allowed:
-                    continue
-                if dl > 0:
-                    score = dw / dl
-                    if best_r < 0 or score < best_score:
-                        best_r, best_score = r, score
-                    if dw == 0:
-                        free.append(r)
-                elif dw <= 0:
-                    if neutral_r < 0:
-                        neutral_r = r
-                    free.append(r)
-            chosen = best_r if best_r >= 0 else neutral_r
-            if chosen >= 0 or not shrinking:
-                break
-            probe = shrinking
-            k += 1
-        if chosen < 0:
-            break
-        # Apply: steps as after k halvings, the move, then the doublings.
-        for r in live:
-            step[r] = cand[r][1]
-        o, a, L = ords[chosen], ag[chosen], lat[chosen]
-        moved = [m for m in o[lo[chosen]:hi_of[chosen]] if e[m] > chosen]
-        thr[chosen] = cand[chosen][0]
+    def probe(ramps: list[int], values: list[float]) -> tuple[list[int], list[int]]:
+        for r, v in zip(ramps, values):
+            set_hi(r, bisect_left(us[r], v, lo[r]))
+        return [bw[r] for r in ramps], [bl[r] for r in ramps]
+
+    def take(chosen: int) -> int:
+        a, L = ag[chosen], lat[chosen]
+        moved = [m for m in ords[chosen][lo[chosen]:hi_of[chosen]] if e[m] > chosen]
         lo[chosen] = hi_of[chosen]
         bw[chosen] = bl[chosen] = 0
+        dwrong = 0
         if moved:
             shift_bands(moved, chosen)
             for m in moved:
-                wrong += cc[m] - a[m]
+                dwrong += cc[m] - a[m]
                 e[m], cc[m], cl[m] = chosen, a[m], L
             pending.append((moved, chosen))
-        for r in set(free) | {chosen}:
-            step[r] *= 2.0
+        return dwrong
 
-    thr_out = np.array(thr, dtype=np.float64)
-    e_out = np.array(e, dtype=np.int64)
-    correct = np.append(agree.T, np.ones((1, n), dtype=bool), axis=0)[e_out, np.arange(n)]
-    result = ExitResult(exit_index=e_out, correct=correct,
-                        latency_ms=table.all_ms[e_out], vanilla_ms=table.vanilla_ms, num_ramps=R)
-    return TuneResult(thresholds=thr_out, result=result, rounds=rounds)
+    return probe, take, lambda: np.array(e, dtype=np.int64)
+
+
+def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: np.ndarray, cc_a: np.ndarray,
+                  thr: list[float]) -> Bands:
+    R, n = u_t.shape
+    rows = np.arange(R)[:, None]
+    order = np.argsort(u_t, axis=1)  # ties in any order: a band takes all equal values or none
+    us = u_t[rows, order].tolist()
+    pos = np.empty_like(order)
+    pos[rows, order] = np.arange(n)
+    e, cc = e_a.copy(), cc_a.copy()
+    lat_r = lat_np[:R, None]
+    # W[r, j], G[r, j]: what moving the j-th input in ramp r's order to ramp r would change in
+    # wrong answers and latency (zero for inputs that already exit at r or earlier); kept with
+    # prefix sums CW, CG so that any band's sums are two lookups.
+    ag_o = ag_np[rows, order]
+    e_o = e[order]
+    movable = e_o > rows
+    W = np.where(movable, cc[order] - ag_o, 0)
+    G = np.where(movable, lat_np[e_o] - lat_r, 0)
+    CW = np.zeros((R, n + 1), dtype=np.int64)
+    CG = np.zeros((R, n + 1), dtype=np.int64)
+    np.cumsum(W, axis=1, out=CW[:, 1:])
+    np.cumsum(G, axis=1, out=CG[:, 1:])
+    lo = [bisect_left(us[r], thr[r]) for r in range(R)]
+    hi_of = lo[:]
+
+    def probe(ramps: list[int], values: list[float]) -> tuple[list[int], list[int]]:
+        his = []
+        for r, v in zip(ramps, values):
+            h = hi_of[r] = bisect_left(us[r], v, lo[r])
+            his.append(h)
+        idx = np.asarray(ramps)
+        h_a, l_a = np.asarray(his), np.asarray([lo[r] for r in ramps])
+        return (CW[idx, h_a] - CW[idx, l_a]).tolist(), (CG[idx, h_a] - CG[idx, l_a]).tolist()
+
+    def take(chosen: int) -> int:
+        band = order[chosen, lo[chosen]:hi_of[chosen]]
+        lo[chosen] = hi_of[chosen]
+        moved = band[e[band] > chosen]
+        if not moved.size:
+            return 0
+        a = ag_np[chosen, moved]
+        dwrong = int((cc[moved] - a).sum())
+        e[moved], cc[moved] = chosen, a
+        # Every ramp's view of the moved inputs: ramps before `chosen` could still take them
+        # (now from `chosen`), the others no longer can.
+        P = pos[:, moved]
+        before = rows < chosen
+        W[rows, P] = np.where(before, a[None, :] - ag_np[:, moved], 0)
+        G[rows, P] = np.where(before, lat_np[chosen] - lat_r, 0)
+        np.cumsum(W, axis=1, out=CW[:, 1:])
+        np.cumsum(G, axis=1, out=CG[:, 1:])
+        return dwrong
+
+    return probe, take, lambda: e
+
+
+_BANDS = {"lists": _list_bands, "matrix": _matrix_bands}
 
 
 def tune(conf: np.ndarray, agree: np.ndarray, table: LatencyTable, settings: Settings,

@@ -1,11 +1,12 @@
 """EarlyExitModel: an untouched backbone plus ramps that run from forward hooks.
 
-The backbone is never modified or re-compiled. One forward hook per candidate site is installed
-once; at call time it checks whether its site is active (the active set is an immutable tuple
-swapped atomically, so a controller thread can change it between batches), runs the ramp on the
-site's output, and calls the per-site callback right away: that is where a live server releases
-answers while the batch runs on. Hooks never return a value, so the backbone's own computation,
-and hence its final output, is bit-identical to the bare model's.
+The backbone is never modified or re-compiled. A forward hook is attached to a candidate site
+only while some call has that site active (a module with no hooks takes PyTorch's fast call
+path, so inactive sites cost nothing); the hook checks the calling thread's active set (the
+active set is an immutable tuple swapped atomically, so a controller thread can change it between
+batches), runs the ramp on the site's output, and calls the per-site callback right away: that is
+where a live server releases answers while the batch runs on. Hooks never return a value, so the
+backbone's own computation, and hence its final output, is bit-identical to the bare model's.
 """
 
 from __future__ import annotations
@@ -78,7 +79,13 @@ class EarlyExitModel(nn.Module):
         missing = [s.name for s in sites if s.name not in modules]
         if missing:
             raise ValueError(f"sites {missing} are not modules of the backbone")
-        self._handles = [modules[s.name].register_forward_hook(self._make_hook(s)) for s in sites]
+        self._modules_at = [modules[s.name] for s in sites]
+        self._hooks = [self._make_hook(s) for s in sites]
+        # Per site: how many running calls need its hook, and the handle while attached. Calls on
+        # several threads share one hook per site (it serves each thread's own active set).
+        self._hook_users = [0] * len(sites)
+        self._handles: dict[int, Any] = {}
+        self._hook_lock = threading.Lock()
         self.set_active(active)
         self.eval()
 
@@ -92,7 +99,10 @@ class EarlyExitModel(nn.Module):
         idx = tuple(sorted({int(s) for s in sites}))
         if idx and (idx[0] < 0 or idx[-1] >= len(self.sites)):
             raise ValueError(f"site index out of range 0..{len(self.sites) - 1}: {list(idx)}")
-        self._active = idx
+        with self._hook_lock:  # the active set keeps its hooks attached between calls
+            self._count(idx, +1)
+            self._count(self._active, -1)
+            self._active = idx
 
     @property
     def num_sites(self) -> int:
@@ -113,20 +123,42 @@ class EarlyExitModel(nn.Module):
         """
         state = self._local
         act = self._active if active is None else tuple(sorted({int(s) for s in active}))
+        if act and (act[0] < 0 or act[-1] >= len(self.sites)):
+            raise ValueError(f"site index out of range 0..{len(self.sites) - 1}: {list(act)}")
         state.active = frozenset(act)
         state.results = {}
         state.callback = on_ramp
         state.mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        self._attach(act)
         try:
             with torch.no_grad():
                 out = call_model(self.backbone, inputs)
             results = dict(sorted(state.results.items()))
         finally:
+            self._detach(act)
             state.active = frozenset()
             state.results = {}
             state.callback = None
             state.mask = None
         return EarlyExitOutput(out, self.final_prediction(out), results)
+
+    def _attach(self, sites: tuple[int, ...]) -> None:
+        with self._hook_lock:
+            self._count(sites, +1)
+
+    def _detach(self, sites: tuple[int, ...]) -> None:
+        with self._hook_lock:
+            self._count(sites, -1)
+
+    def _count(self, sites: tuple[int, ...], delta: int) -> None:
+        """Hook users per site (the active set holds one, each running call one): a hook is
+        attached while its count is positive. Call with the lock held."""
+        for s in sites:
+            n = self._hook_users[s] = max(0, self._hook_users[s] + delta)  # remove_hooks may have reset it
+            if n and s not in self._handles:
+                self._handles[s] = self._modules_at[s].register_forward_hook(self._hooks[s])
+            elif not n and s in self._handles:
+                self._handles.pop(s).remove()
 
     def _make_hook(self, site: Site) -> Callable:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -148,6 +180,9 @@ class EarlyExitModel(nn.Module):
 
     def remove_hooks(self) -> None:
         """Detach from the backbone (it is then exactly the bare model again)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        with self._hook_lock:
+            for h in self._handles.values():
+                h.remove()
+            self._handles = {}
+            self._hook_users = [0] * len(self.sites)
+            self._active = ()
