@@ -253,8 +253,6 @@ def _list_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: np.
     def set_hi(r: int, hi: int) -> None:
         """Move ramp r's band edge to `hi`, adding or removing the segment in between."""
         h0 = hi_of[r]
-        if hi == h0:
-            return
         a_, b_, sign = (h0, hi, 1) if hi > h0 else (hi, h0, -1)
         if b_ - a_ > VECTOR_CUTOFF:
             sync()
@@ -307,9 +305,14 @@ def _list_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: np.
             bl[r] += dsl
 
     def probe(ramps: list[int], values: list[float]) -> tuple[list[int], list[int]]:
+        ws, ls = [], []
         for r, v in zip(ramps, values):
-            set_hi(r, bisect_left(us[r], v, lo[r]))
-        return [bw[r] for r in ramps], [bl[r] for r in ramps]
+            h = bisect_left(us[r], v, lo[r])
+            if h != hi_of[r]:
+                set_hi(r, h)
+            ws.append(bw[r])
+            ls.append(bl[r])
+        return ws, ls
 
     def take(chosen: int) -> int:
         a, L = ag[chosen], lat[chosen]
@@ -332,35 +335,43 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
                   thr: list[float]) -> Bands:
     R, n = u_t.shape
     rows = np.arange(R)[:, None]
+    u_t = np.ascontiguousarray(u_t)
     order = np.argsort(u_t, axis=1)  # ties in any order: a band takes all equal values or none
-    us = u_t[rows, order].tolist()
-    pos = np.empty_like(order)
-    pos[rows, order] = np.arange(n)
+    flat = order + rows * n  # flat index of (r, input at rank j of ramp r's order)
+    # Search keys r + i*u: numpy orders complex numbers by real part, then imaginary, so one
+    # searchsorted finds every ramp's band edge exactly (no rounding: both parts are kept).
+    keys = np.empty((R, n), dtype=np.complex128)
+    keys.real, keys.imag = rows, u_t.reshape(-1)[flat]  # (int + complex arithmetic is ~20x slower)
+    keys = keys.reshape(-1)
+    r_f = np.arange(R, dtype=np.float64)
     e, cc = e_a.copy(), cc_a.copy()
+    lat = lat_np.tolist()
     lat_r = lat_np[:R, None]
-    # W[r, j], G[r, j]: what moving the j-th input in ramp r's order to ramp r would change in
-    # wrong answers and latency (zero for inputs that already exit at r or earlier); kept with
-    # prefix sums CW, CG so that any band's sums are two lookups.
-    ag_o = ag_np[rows, order]
+    # WG[r, j] (rows 0..R-1) and WG[R + r, j]: what moving the j-th input in ramp r's order to
+    # ramp r would change in wrong answers and in latency (zero for inputs that already exit at
+    # r or earlier). C holds their prefix sums, so any band's sums are two lookups. Flat indices
+    # keep numpy's per-call cost low: this runs ~100 times per search.
     e_o = e[order]
     movable = e_o > rows
-    W = np.where(movable, cc[order] - ag_o, 0)
-    G = np.where(movable, lat_np[e_o] - lat_r, 0)
-    CW = np.zeros((R, n + 1), dtype=np.int64)
-    CG = np.zeros((R, n + 1), dtype=np.int64)
-    np.cumsum(W, axis=1, out=CW[:, 1:])
-    np.cumsum(G, axis=1, out=CG[:, 1:])
-    lo = [bisect_left(us[r], thr[r]) for r in range(R)]
-    hi_of = lo[:]
+    WG = np.concatenate([np.where(movable, cc[order] - ag_np.reshape(-1)[flat], 0),
+                         np.where(movable, lat_np[e_o] - lat_r, 0)])
+    C = np.zeros((2 * R, n + 1), dtype=np.int64)
+    np.cumsum(WG, axis=1, out=C[:, 1:])
+    WGf, Cf = WG.reshape(-1), C.reshape(-1)
+    pos = np.empty_like(order)
+    pos.reshape(-1)[flat] = flat - order + np.arange(n)  # pos[r, m] = r * n + rank of m: WGf's index
+    g_off, cg_off = R * n, R * (n + 1)  # where the latency rows start, in WGf and in Cf
+    r_n = np.arange(R) * n
+    lo = np.searchsorted(keys, r_f + 1j * np.asarray(thr)) - r_n  # inputs already below
+    hi_of = lo.copy()
 
     def probe(ramps: list[int], values: list[float]) -> tuple[list[int], list[int]]:
-        his = []
-        for r, v in zip(ramps, values):
-            h = hi_of[r] = bisect_left(us[r], v, lo[r])
-            his.append(h)
-        idx = np.asarray(ramps)
-        h_a, l_a = np.asarray(his), np.asarray([lo[r] for r in ramps])
-        return (CW[idx, h_a] - CW[idx, l_a]).tolist(), (CG[idx, h_a] - CG[idx, l_a]).tolist()
+        r_a = np.array(ramps)
+        h = np.searchsorted(keys, r_f[r_a] + 1j * np.array(values))  # r * n + band edge
+        hi_of[r_a] = h - r_n[r_a]
+        h += r_a  # r * (n + 1) + edge: the index in Cf
+        l_a = lo[r_a] + r_n[r_a] + r_a
+        return (Cf[h] - Cf[l_a]).tolist(), (Cf[h + cg_off] - Cf[l_a + cg_off]).tolist()
 
     def take(chosen: int) -> int:
         band = order[chosen, lo[chosen]:hi_of[chosen]]
@@ -369,16 +380,17 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
         if not moved.size:
             return 0
         a = ag_np[chosen, moved]
-        dwrong = int((cc[moved] - a).sum())
+        dwrong = int(cc[moved].sum() - a.sum())
         e[moved], cc[moved] = chosen, a
         # Every ramp's view of the moved inputs: ramps before `chosen` could still take them
         # (now from `chosen`), the others no longer can.
         P = pos[:, moved]
-        before = rows < chosen
-        W[rows, P] = np.where(before, a[None, :] - ag_np[:, moved], 0)
-        G[rows, P] = np.where(before, lat_np[chosen] - lat_r, 0)
-        np.cumsum(W, axis=1, out=CW[:, 1:])
-        np.cumsum(G, axis=1, out=CG[:, 1:])
+        P0, P1 = P[:chosen], P[chosen:]
+        WGf[P0] = a - ag_np[:chosen, moved]
+        WGf[P0 + g_off] = lat[chosen] - lat_r[:chosen]
+        WGf[P1] = 0
+        WGf[P1 + g_off] = 0
+        np.cumsum(WG, axis=1, out=C[:, 1:])
         return dwrong
 
     return probe, take, lambda: e
