@@ -218,3 +218,25 @@ def test_calibration_sets_ramp_costs_to_what_the_hook_pays(tiny_cnn):
         assert after.at(b)[1].shape == before.at(b)[1].shape
         assert (after.at(b)[1] > 0).all()
         assert np.allclose(after.at(b)[0], before.at(b)[0]) and after.vanilla(b) == before.vanilla(b)
+
+
+# ---------------------------------------------------------------------------------------------- live stats
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(-1, 3), st.booleans()), min_size=1, max_size=12), max_size=15),
+       st.integers(1, 20))
+def test_live_window_accuracy_is_that_of_the_last_answers(batches, window):
+    from apparate.serve.metrics import LiveStats
+
+    live = LiveStats(num_sites=4, window=window)
+    seen: list[tuple[int, bool]] = []
+    for batch in batches:
+        exits = np.array([e for e, _ in batch])
+        agree = np.array([a for _, a in batch])
+        acc = live.record(exits, agree)
+        seen += batch
+        last = [a for _, a in seen[-window:]]
+        assert acc == pytest.approx(sum(last) / len(last))
+    totals = live.snapshot()["total"]["exits"]
+    for s in range(-1, 4):
+        assert totals.get("final" if s < 0 else str(s), 0) == sum(e == s for e, _ in seen)

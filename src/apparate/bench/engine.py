@@ -1,15 +1,17 @@
 """`apparate bench engine BUNDLE`: what the serving engine adds to a batch, over a bare model call.
 
-Four ways to run the same batch of real inputs, each round running every variant for `--batches`
+Five ways to run the same batch of real inputs, each round running every variant for `--batches`
 batches back to back (the worker's steady state under load), variants interleaved round by round
-(A B C D, B C D A, ...), medians of the per-batch times reported:
+(A B C D E, B C D E A, ...), medians of the per-batch times reported:
 
     bare       the untouched model on the already-encoded batch: `model(x)`
-    ee         the EarlyExitModel with the apparate configuration's ramps active (no engine)
+    ee         the EarlyExitModel with the initial configuration's ramps active (no engine)
     engine-v   the engine, vanilla policy: submit the raw inputs, wait until every answer is out
                (queue, batcher, encoding, execution, release, accounting)
-    engine-a   the engine, apparate policy: the same plus ramps, early release at them, and the
-               batch's feedback handed to the controller thread
+    engine-s   the engine, static policy (the initial configuration, never changed): the same
+               plus ramps and early release at them
+    engine-a   the engine, apparate policy: the same plus the batch's feedback handed to the
+               controller thread, which tunes and moves ramps (so its ramps differ over time)
 
 Wall time of the engine variants: submit -> the last batch is entirely done (every answer out,
 accounting done, the report handed to the controller), divided by the number of batches. CPU
@@ -17,9 +19,10 @@ time: all this process spent on them, the controller thread's work included (eac
 for it, so it never overlaps the next measurement). CPU time is what other processes on a shared
 machine do not inflate.
 
-Ratios: engine-v / bare is the engine's own overhead; engine-a / ee is the engine's overhead with
-early release and feedback, ramps excluded; engine-a / bare adds the ramps' cost (bounded by the
-ramp budget, 2% by default). Target: engine overhead under 5% at batch 8 for ResNet-56.
+Ratios: engine-v / bare is the engine's own overhead; engine-s / ee the engine's overhead with
+early release, ramps excluded (same ramps on both sides); engine-a / engine-s what the control
+loop adds (its work on the GIL, and the ramps it tries); engine-a / bare everything. Target:
+engine overhead under 5% at batch 8 for ResNet-56.
 """
 
 from __future__ import annotations
@@ -77,13 +80,16 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_for(wl.kind, 0.01, 0.02)
     eo = EngineOptions(batching=BatchingOptions("clockwork", b), slo_ms=1e6, threads=args.threads)
     ev = Engine(served(), eo, ControlOptions(policy="vanilla"))
-    sa = served()
-    ea = Engine(sa, eo, ControlOptions(policy="apparate", settings=settings))
-    ev.start()
-    ea.start()
-    codec = sa.codec
+    ss = served()
+    es = Engine(ss, eo, ControlOptions(policy="static", settings=settings))
+    ea = Engine(served(), eo, ControlOptions(policy="apparate", settings=settings))
+    engines = (ev, es, ea)
+    for e in engines:
+        e.start()
+    codec = ss.codec
     x = codec.encode(items)
-    ee = sa.ee
+    ee = ss.ee
+    static_sites = es.live.config.sites
     costs = [1] * b if wl.kind == "image" else codec.count(items)
 
     K = args.batches
@@ -99,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
         return call(lambda: bare(**x) if isinstance(x, dict) else bare(x))
 
     def t_ee() -> tuple[float, float]:
-        sites = ea.live.config.sites
-        return call(lambda: ee(x, active=sites))
+        return call(lambda: ee(x, active=static_sites))
 
     def t_engine(engine: Engine) -> tuple[float, float]:
         # K batches' worth of inputs at once: the worker runs K batches back to back, as under
@@ -117,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
         engine.control.flush()
         return wall / K, (time.process_time() - c) / K
 
-    names = ("bare", "ee", "engine-v", "engine-a")
-    fns = (t_bare, t_ee, lambda: t_engine(ev), lambda: t_engine(ea))
+    names = ("bare", "ee", "engine-v", "engine-s", "engine-a")
+    fns = (t_bare, t_ee, lambda: t_engine(ev), lambda: t_engine(es), lambda: t_engine(ea))
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.warmup + args.rounds):
@@ -128,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
             if r >= args.warmup:
                 wall[names[k]].append(w)
                 cpu[names[k]].append(c)
-    ev.stop()
-    ea.stop()
+    for e in engines:
+        e.stop()
     busy = ea.control.stats().get("busy_ms_per_report", float("nan"))
     mw = {n: float(np.median(v)) * 1e3 for n, v in wall.items()}
     mc = {n: float(np.median(v)) * 1e3 for n, v in cpu.items()}
@@ -145,11 +150,15 @@ def run(args: argparse.Namespace) -> int:
     print()
     print("(wall: elapsed; CPU: this process's CPU time, which other processes on the machine do not inflate)")
     for label, num, den in (("engine overhead, vanilla (engine-v / bare)", "engine-v", "bare"),
-                            ("engine overhead with early release + feedback (engine-a / ee)", "engine-a", "ee"),
+                            ("engine overhead with early release (engine-s / ee)", "engine-s", "ee"),
                             ("ramps and early-exit model (ee / bare)", "ee", "bare"),
+                            ("control loop (engine-a / engine-s)", "engine-a", "engine-s"),
                             ("apparate engine, all included (engine-a / bare)", "engine-a", "bare")):
         print(f"{label:64s} wall {mw[num] / mw[den] - 1:+6.1%}   CPU {mc[num] / mc[den] - 1:+6.1%}")
-    print(f"active ramps {list(cfg.sites)}; answers released early {1 - snap['window']['exit_rates'].get('final', 1.0):.1%}; "
+    snap_s = es.metrics.live.snapshot()
+    print(f"static: ramps {list(static_sites)}, answers released early "
+          f"{1 - snap_s['window']['exit_rates'].get('final', 1.0):.1%}; apparate: config version {cfg.version}, "
+          f"now ramps {list(cfg.sites)}, answers released early {1 - snap['window']['exit_rates'].get('final', 1.0):.1%}; "
           f"controller work per batch {busy:.2f} ms (off the critical path, in the CPU column)")
     print(f"\ncommand: apparate bench engine {args.bundle} --batch {b} --rounds {args.rounds} --batches {K} "
           f"--threads {args.threads}")

@@ -187,6 +187,8 @@ class Controller:
     def profile(self, profile: LatencyProfile) -> None:
         """A new profile (e.g. measured while serving): the active ramps must still fit the
         budget under it, so the ones that fit least are dropped at once if they do not."""
+        if profile is self._profile:  # the server hands the same one over on every batch
+            return
         if profile.num_sites != self._profile.num_sites:
             raise ValueError(f"new profile has {profile.num_sites} sites, not {self._profile.num_sites}")
         self._profile = profile

@@ -92,9 +92,9 @@ class ServeMetrics:
             self.latency.observe(v)
         for v in waits_s:
             self.queue_wait.observe(v)
-        sites, counts = np.unique(exit_sites, return_counts=True)
-        for s, c in zip(sites.tolist(), counts.tolist()):
-            self.exits.labels("final" if s < 0 else str(s)).inc(c)
+        counts = np.bincount(exit_sites + 1)  # slot 0: the final output (-1)
+        for s in np.flatnonzero(counts).tolist():
+            self.exits.labels("final" if s == 0 else str(s - 1)).inc(int(counts[s]))
         good = int(agree.sum())
         if good:
             self.released.labels("true").inc(good)
@@ -112,6 +112,7 @@ class LiveStats:
         self._agree = np.ones(window, dtype=bool)
         self._written = 0
         self._agree_total = 0
+        self._agree_in_window = 0
         self._exits_total = np.zeros(num_sites + 1, dtype=np.int64)  # last entry: final output
         self._counts: dict[str, dict[str, int]] = {"dropped": {}, "errors": {}}
         self._batches = 0
@@ -122,14 +123,17 @@ class LiveStats:
             n = exit_sites.size
             keep = min(n, self.window)
             rows = (self._written + np.arange(n - keep, n)) % self.window
+            # the window's agreeing count, kept current: out with the overwritten, in with the new
+            self._agree_in_window += int(agree[n - keep:].sum()) - int(self._agree[rows][self._exit[rows] != -2].sum())
             self._exit[rows] = exit_sites[n - keep:]
             self._agree[rows] = agree[n - keep:]
             self._written += n
             self._agree_total += int(agree.sum())
-            np.add.at(self._exits_total, np.where(exit_sites < 0, self._exits_total.size - 1, exit_sites), 1)
+            self._exits_total += np.bincount(np.where(exit_sites < 0, self._exits_total.size - 1, exit_sites),
+                                             minlength=self._exits_total.size)
             self._batches += 1
             m = min(self._written, self.window)
-            return float(self._agree[:m].mean()) if m else 1.0
+            return self._agree_in_window / m if m else 1.0
 
     def count(self, group: str, key: str, n: int = 1) -> None:
         with self._lock:
