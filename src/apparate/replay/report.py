@@ -52,6 +52,20 @@ def _sliding(x: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+def policy_style(policy: str) -> dict[str, Any]:
+    """One look per policy in every plot: a colour of its own (tab20 has room for all of them),
+    dashed lines for the DeeBERT family, a thick line for apparate."""
+    from apparate.policies.catalog import POLICIES
+
+    names = list(POLICIES)
+    k = names.index(policy) if policy in names else len(names)
+    import matplotlib
+
+    color = "black" if policy == "apparate" else matplotlib.colormaps["tab20"](k % 20)
+    return dict(color=color, lw=2.4 if policy == "apparate" else 1.2,
+                ls="--" if policy.startswith("deebert") else "-")
+
+
 def plot_latency_cdf(runs: Sequence[RunResult], path: Path, slo_ms: float | None = None) -> Path:
     import matplotlib
 
@@ -62,8 +76,7 @@ def plot_latency_cdf(runs: Sequence[RunResult], path: Path, slo_ms: float | None
     for run in runs:
         lat = np.sort(run.latency_ms[run.served])
         if lat.size:
-            ax.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=run.policy,
-                    lw=2.2 if run.policy == "apparate" else 1.2)
+            ax.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=run.policy, **policy_style(run.policy))
     if slo_ms:
         ax.axvline(slo_ms, color="grey", ls=":", lw=1, label="SLO")
     ax.set_xlabel("latency (ms)")
@@ -91,7 +104,7 @@ def plot_timeline(runs: Sequence[RunResult], path: Path, constraint: float, wind
             continue
         served = run.served
         t = run.arrival[served]
-        ax1.plot(t, _sliding(run.correct[served], window), label=run.policy, lw=2 if run.policy == "apparate" else 1)
+        ax1.plot(t, _sliding(run.correct[served], window), label=run.policy, **policy_style(run.policy))
     ax1.axhline(1 - constraint, color="red", ls="--", lw=1, label=f"constraint ({1 - constraint:.0%})")
     ax1.set_ylabel(f"accuracy vs original\n(sliding {window})")
     ax1.grid(alpha=0.3)
@@ -106,7 +119,7 @@ def plot_timeline(runs: Sequence[RunResult], path: Path, constraint: float, wind
             starts = np.flatnonzero(on & ~np.append(False, on[:-1]))
             stops = np.flatnonzero(on & ~np.append(on[1:], False))
             ax2.hlines(np.full(starts.size, site + offset), run.batch_start[starts], ends[stops], lw=4,
-                       color=f"C{k}", label=f"{run.policy}" if site == min(x for s_ in run.batch_sites for x in s_) else None)
+                       color=policy_style(run.policy)["color"], label=f"{run.policy}" if site == min(x for s_ in run.batch_sites for x in s_) else None)
     if phases is not None and runs:
         t = runs[0].arrival
         change = np.flatnonzero(np.diff(phases[: t.size]) != 0)
