@@ -130,7 +130,8 @@ def plot_timeline(runs: Sequence[RunResult], path: Path, constraint: float, wind
         num_sites = shown[0].num_sites
         ax2.set_ylim(-0.5, num_sites - 0.5)
         ax2.set_yticks(range(num_sites) if num_sites <= 30 else range(0, num_sites, 5))
-        ax2.legend(fontsize=7)
+        if ax2.get_legend_handles_labels()[0]:  # policies with no ramp active draw nothing
+            ax2.legend(fontsize=7)
     ax2.set_ylabel("active ramp sites")
     ax2.set_xlabel("time (s)" + ("; grey lines: stream phase changes" if phases is not None else ""))
     ax2.grid(alpha=0.3)
