@@ -186,3 +186,26 @@ def test_tiny_batches_do_not_make_ramps_churn():
     feed(ctl, synthetic_recording(1000, S, seed=14, difficulty=-0.4), [1] * 1000)
     changes = [e for e in ctl.events if e.kind in ("add", "remove", "move")]
     assert len(changes) <= 1000 // 256
+
+
+def fixed_cost_profile():
+    """Each ramp costs 0.3 ms whatever the batch: 3% of a 10 ms batch-1 pass, 0.375% of 80 ms at 16."""
+    sites = np.linspace(1.0, 9.0, S)
+    return LatencyProfile(batch_sizes=[1, 16], site_ms=[sites, sites * 8], ramp_ms=[[0.3] * S, [0.3] * S],
+                          vanilla_ms=[10.0, 80.0])
+
+
+@pytest.mark.parametrize("batch, served_point, ramps_expected", [(16, True, True), (1, True, False),
+                                                                   (16, False, False)])
+def test_the_budget_is_judged_at_the_batch_size_served(batch, served_point, ramps_expected):
+    prof = fixed_cost_profile()
+    s = FAST.replace(ramp_budget=0.02, budget_at_served_batch=served_point)
+    ctl = Controller(prof, s, Config())
+    rec = synthetic_recording(4000, S, seed=3)
+    configs, _, _ = feed(ctl, rec, [batch] * (4000 // batch))
+    used = [c for c in configs if c.sites]
+    assert bool(used) == ramps_expected
+    for cfg in configs:  # within the budget where it was judged (the worst case never admits one)
+        assert prof.overhead(cfg.sites, batch if served_point else None) <= 0.02 + 1e-12
+    if ramps_expected:
+        assert max(len(c.sites) for c in used) >= 2  # 0.375% each: several fit at batch 16

@@ -28,7 +28,7 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
     p.add_argument("--batching", default="clockwork", choices=["clockwork", "tfserving"])
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--accuracy-constraint", type=float, default=0.01, help="max loss vs the original (default 0.01)")
-    p.add_argument("--ramp-budget", type=float, default=0.02, help="max worst-case latency added by ramps (default 0.02)")
+    p.add_argument("--ramp-budget", type=float, default=0.02, help="max share ramps may add to a non-exiting input's latency, at the batch size served (default 0.02)")
     p.add_argument("--bootstrap", type=int, help="bootstrap inputs when preparing a bundle")
     p.add_argument("--threads", type=int, help="torch threads when preparing and recording")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-policy lines")

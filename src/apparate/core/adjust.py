@@ -78,11 +78,17 @@ def latest_useful_site(profile: LatencyProfile, batch_size: float, length: float
     return int(ok[-1]) if ok.size else -1
 
 
-def within_budget(sites: Sequence[int], profile: LatencyProfile, settings: Settings) -> bool:
-    """The ramp budget (worst-case overhead share) and the optional count cap."""
+BudgetPoint = tuple[float, float | None]  # (batch size, text length) where the budget is judged
+
+
+def within_budget(sites: Sequence[int], profile: LatencyProfile, settings: Settings,
+                  at: BudgetPoint | None = None) -> bool:
+    """The ramp budget (overhead share for a non-exiting input at `at`, else the worst case over
+    every profiled batch size) and the optional count cap."""
     if settings.max_ramps is not None and len(sites) > settings.max_ramps:
         return False
-    return profile.overhead(sorted(sites)) <= settings.ramp_budget + 1e-12
+    b, length = at if at is not None else (None, None)
+    return profile.overhead(sorted(sites), b, length) <= settings.ramp_budget + 1e-12
 
 
 def deeper_site(previous: Sequence[int], latest: int) -> int | None:

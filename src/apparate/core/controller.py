@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .adjust import deeper_site, earlier_site, latest_useful_site, utility_sums, within_budget
+from .adjust import BudgetPoint, deeper_site, earlier_site, latest_useful_site, utility_sums, within_budget
 from .exits import check_thresholds, check_window, first_exit, simulate
 from .placement import initial_placement
 from .profile import LatencyProfile
@@ -193,11 +193,12 @@ class Controller:
             raise ValueError(f"new profile has {profile.num_sites} sites, not {self._profile.num_sites}")
         self._profile = profile
         sites = list(self._config.sites)
-        if within_budget(sites, profile, self.settings):
+        at = self._budget_point()
+        if within_budget(sites, profile, self.settings, at):
             return
-        cost = profile.site_overheads()
+        cost = profile.site_overheads(*(at or (None, None)))
         pooled = self._pooled() or {}
-        while sites and not within_budget(sites, profile, self.settings):
+        while sites and not within_budget(sites, profile, self.settings, at):
             # the lowest utility per unit of cost goes first; without evidence, the costliest
             sites.remove(min(sites, key=lambda x: (pooled[x]["utility"] / max(cost[x], 1e-12), -cost[x])
                              if x in pooled else (0.0, -cost[x])))
@@ -402,14 +403,28 @@ class Controller:
         backoff = max(self.settings.cooldown_adjustments, 1) if prev is None else prev[1] * 2
         self._tabu[site] = [self._checks + backoff, backoff]
 
+    def _budget_point(self) -> BudgetPoint | None:
+        """Where the ramp budget is judged: the median batch size (and the mean text length) the
+        window's inputs were served at; the worst case until there is evidence."""
+        s = self.settings
+        if not s.budget_at_served_batch:
+            return None
+        idx = self._last(s.window_inputs)
+        if idx.size < max(s.min_evidence_inputs, 1):
+            return None
+        lens = self._len[idx]
+        length = None if np.isnan(lens).all() else float(np.nanmean(lens))
+        return float(np.median(self._bs[idx])), length
+
     def _adjust(self) -> None:
         cfg, s = self._config, self.settings
         self._checks += 1
+        at = self._budget_point()
         _, _, bs, length = self._rows(cfg.sites, cfg.sites, s.window_inputs)
         latest = latest_useful_site(self.profile, bs, length)
         if not cfg.sites:
             site = deeper_site([], latest)
-            if site is not None and not self._blocked(site) and within_budget([site], self.profile, s):
+            if site is not None and not self._blocked(site) and within_budget([site], self.profile, s, at):
                 self._reconfigure([site], "add", f"no ramps: try site {site}")
             return
         pooled = self._pooled()
@@ -443,7 +458,7 @@ class Controller:
             released = sum(pooled[x]["exit_rate"] for x in keep)
             detail = f"negative {negative}"
             if (deeper is not None and deeper not in keep and not self._blocked(deeper)
-                    and released <= s.exit_rate_guard and within_budget(keep + [deeper], self.profile, s)):
+                    and released <= s.exit_rate_guard and within_budget(keep + [deeper], self.profile, s, at)):
                 keep.append(deeper)
                 detail += f"; try deeper {deeper}"
             self._reconfigure(sorted(keep), "remove", detail)
@@ -454,13 +469,13 @@ class Controller:
         cand = earlier_site(cfg.sites)
         if cand is None or self._blocked(cand) or cand in cfg.sites:
             return
-        if within_budget(list(cfg.sites) + [cand], self.profile, s):
+        if within_budget(list(cfg.sites) + [cand], self.profile, s, at):
             self._reconfigure(sorted(list(cfg.sites) + [cand]), "add", f"all pay; probe earlier {cand}")
             return
         util = {x: pooled[x]["utility"] for x in cfg.sites}
         victim = (min if s.move_removes == "lowest" else max)(cfg.sites, key=lambda x: (util[x], x))
         new = sorted([x for x in cfg.sites if x != victim] + [cand])
-        if within_budget(new, self.profile, s):
+        if within_budget(new, self.profile, s, at):
             self._reconfigure(new, "move", f"all pay; move {victim} -> {cand}")
 
     def _reconfigure(self, sites: Sequence[int], kind: str, detail: str) -> None:

@@ -190,19 +190,28 @@ class LatencyProfile:
     def vanilla(self, batch_size: float, length: float | None = None) -> float:
         return self.at(batch_size, length)[2]
 
-    def overhead(self, sites: Iterable[int]) -> float:
-        """Worst-case added latency of running these ramps, as a fraction of the bare model.
+    def overhead(self, sites: Iterable[int], batch_size: float | None = None, length: float | None = None) -> float:
+        """Added latency of running these ramps on a non-exiting input, as a fraction of the bare
+        model's latency.
 
-        The maximum over every profiled batch size and length: a set of ramps within the budget
-        here is within it whatever batch the server forms.
+        At a given batch size (and text length), else the maximum over every profiled batch
+        size and length: a set of ramps within the budget then is within it whatever batch the
+        server forms. Small batches are the worst case: a ramp's fixed cost (hook, Python) is
+        a larger share of a short pass.
         """
         idx = self._check_sites(list(sites))
         if idx.size == 0:
             return 0.0
+        if batch_size is not None:
+            _, ramp, van = self.at(batch_size, length)
+            return float(ramp[idx].sum() / van)
         return float(np.max(self.ramp_ms[..., idx].sum(axis=-1) / self.vanilla_ms))
 
-    def site_overheads(self) -> np.ndarray:
-        """Each ramp's worst-case cost as a fraction of the bare model: shape [S]."""
+    def site_overheads(self, batch_size: float | None = None, length: float | None = None) -> np.ndarray:
+        """Each ramp's cost as a fraction of the bare model, at a batch size or worst case: [S]."""
+        if batch_size is not None:
+            _, ramp, van = self.at(batch_size, length)
+            return ramp / van
         return np.max(self.ramp_ms / self.vanilla_ms[..., None], axis=(0, 1))
 
     def _check_sites(self, sites: Sequence[int] | np.ndarray) -> np.ndarray:

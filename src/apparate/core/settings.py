@@ -26,6 +26,10 @@ class Settings:
     """B: active ramps may add at most this share to worst-case latency (notes A4; artifact 5%)."""
     max_ramps: int | None = None
     """Optional cap on the number of active ramps (artifact: 3 for CV, 2 for NLP)."""
+    budget_at_served_batch: bool = True
+    """Judge the budget at the batch size (and text length) the window's inputs were served at,
+    once there is evidence; False: always the worst case over every profiled batch size. On a
+    CPU a ramp's fixed cost is 2-3% of a batch-1 pass but well under 1% of a batch of 8."""
 
     # --- threshold tuning -------------------------------------------------------------------
     window_inputs: int = 1024
