@@ -209,3 +209,18 @@ def test_the_budget_is_judged_at_the_batch_size_served(batch, served_point, ramp
         assert prof.overhead(cfg.sites, batch if served_point else None) <= 0.02 + 1e-12
     if ramps_expected:
         assert max(len(c.sites) for c in used) >= 2  # 0.375% each: several fit at batch 16
+
+
+def test_ramps_are_shed_when_the_load_falls_to_small_batches():
+    prof = fixed_cost_profile()
+    ctl = Controller(prof, FAST.replace(ramp_budget=0.02), Config())
+    rec = synthetic_recording(8000, S, seed=4)
+    busy, _, stop = feed(ctl, rec, [16] * 250)
+    assert ctl.config.sites  # at batch 16 ramps fit
+    quiet, _, _ = feed(ctl, rec, [1] * 2000, start=stop)
+    assert any(e.kind == "remove" and "batch size served" in e.detail for e in ctl.events)
+    assert ctl.config.sites == ()  # alone, one ramp is 3% of a pass: none fits 2%
+    # once most of the window is small batches (the median) and the next adjustment came, no
+    # configuration served is over the budget there
+    settled = quiet[FAST.window_inputs // 2 + FAST.min_adjust_inputs + FAST.adjust_every_batches:]
+    assert settled and all(prof.overhead(c.sites, 1) <= 0.02 + 1e-12 for c in settled)

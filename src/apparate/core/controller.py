@@ -192,17 +192,21 @@ class Controller:
         if profile.num_sites != self._profile.num_sites:
             raise ValueError(f"new profile has {profile.num_sites} sites, not {self._profile.num_sites}")
         self._profile = profile
+        self._fit_budget(self._budget_point(), "under the measured profile")
+
+    def _fit_budget(self, at: BudgetPoint | None, why: str) -> bool:
+        """Drop ramps until the active ones fit the budget at `at`; True if any was dropped."""
         sites = list(self._config.sites)
-        at = self._budget_point()
-        if within_budget(sites, profile, self.settings, at):
-            return
-        cost = profile.site_overheads(*(at or (None, None)))
+        if within_budget(sites, self._profile, self.settings, at):
+            return False
+        cost = self._profile.site_overheads(*(at or (None, None)))
         pooled = self._pooled() or {}
-        while sites and not within_budget(sites, profile, self.settings, at):
+        while sites and not within_budget(sites, self._profile, self.settings, at):
             # the lowest utility per unit of cost goes first; without evidence, the costliest
             sites.remove(min(sites, key=lambda x: (pooled[x]["utility"] / max(cost[x], 1e-12), -cost[x])
                              if x in pooled else (0.0, -cost[x])))
-        self._reconfigure(sites, "remove", f"over the ramp budget under the measured profile: keep {sites}")
+        self._reconfigure(sites, "remove", f"over the ramp budget {why}: keep {sites}")
+        return True
 
     # ------------------------------------------------------------------ feedback
     def observe(self, fb: Feedback) -> Config:
@@ -420,6 +424,8 @@ class Controller:
         cfg, s = self._config, self.settings
         self._checks += 1
         at = self._budget_point()
+        if self._fit_budget(at, "at the batch size served"):  # e.g. the load fell: smaller batches
+            return
         _, _, bs, length = self._rows(cfg.sites, cfg.sites, s.window_inputs)
         latest = latest_useful_site(self.profile, bs, length)
         if not cfg.sites:
