@@ -29,6 +29,9 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--accuracy-constraint", type=float, default=0.01, help="max loss vs the original (default 0.01)")
     p.add_argument("--ramp-budget", type=float, default=0.02, help="max share ramps may add to a non-exiting input's latency, at the batch size served (default 0.02)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
+                   help="override a controller setting (any field of apparate.core.settings.Settings, "
+                        "see docs/core.md), e.g. --set agreement_bin=0; repeatable")
     p.add_argument("--bootstrap", type=int, help="bootstrap inputs when preparing a bundle")
     p.add_argument("--threads", type=int, help="torch threads when preparing and recording")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-policy lines")
@@ -40,12 +43,31 @@ def spec_from_args(args: argparse.Namespace, policies=None):
 
     settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget,
                         tuning_margin=min(Settings().tuning_margin, args.accuracy_constraint))
+    overrides = parse_overrides(getattr(args, "overrides", []))
+    if overrides:
+        settings = settings.replace(**overrides)
     return ExperimentSpec(
         workload=args.workload, data_dir=args.data_dir, bundle=args.bundle, deebert_bundle=args.deebert_bundle,
         stream=args.stream, n=args.n, seed=args.seed, trace=args.trace, rate=args.rate, cv=args.cv,
         slo_ms=args.slo_ms, slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
         settings=settings, policies=policies, bootstrap=args.bootstrap, threads=args.threads,
         progress=not args.no_progress)
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """NAME=VALUE pairs; values are JSON (numbers, true/false, null) or else plain strings."""
+    import json
+
+    out: dict[str, object] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--set takes NAME=VALUE, got {item!r}")
+        try:
+            out[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name.strip()] = value
+    return out
 
 
 def command_line() -> str:
