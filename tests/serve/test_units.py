@@ -130,6 +130,7 @@ def test_every_input_is_released_once_at_its_first_confident_ramp(executor_parts
     with torch.inference_mode():
         rep = ex.run(reqs, cfg, time.perf_counter())
     assert sorted(id(r) for r, _ in released) == sorted(id(r) for r in reqs)  # each exactly once
+    assert served.ee.active == sites  # the served ramps stay attached between batches
     got = {id(r): a for r, a in released}
     assert all(isinstance(a, Answer) and a.version == 3 for a in got.values())
     expect = first_exit(1.0 - rep.conf, np.asarray(cfg.thresholds))

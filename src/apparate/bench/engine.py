@@ -55,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from apparate.serve.engine import Engine, EngineOptions
     from apparate.serve.model_io import ServedModel
     from apparate.serve.scheduler import BatchingOptions
-    from apparate.serve.server import settings_for
-
-    from apparate.serve.server import default_threads
+    from apparate.serve.server import default_threads, settings_for
 
     args.threads = args.threads or default_threads()
     torch.set_num_threads(args.threads)

@@ -193,7 +193,8 @@ def greedy_thresholds(
 # inputs between its threshold and a candidate threshold, [lo, hi) in that order. The search asks
 # `probe(ramps, values)`: for each ramp, what moving its band to it would change (wrong answers
 # dw, latency won dl); `take(r)` moves ramp r's band (the last probed) and returns the change in
-# wrong answers; `exits()` gives each input's exit. Two implementations that take the same
+# wrong answers; `exits()` gives each input's exit. Both take ownership of the exit and
+# correctness arrays they are given (`e_a`, `cc_a`) and update them in place. Two implementations that take the same
 # decisions: plain lists with incremental sums for small windows (a numpy call costs ~1-4 us,
 # more than the work), and prefix-sum matrices for large ones (a move updates every ramp's view
 # of the moved inputs in one vectorised step).
@@ -207,7 +208,6 @@ def _list_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: np.
     R, n = u_t.shape
     lat = lat_np.tolist()
     ag = ag_np.tolist()
-    e_a = e_a.copy()
     cl_a = lat_np[e_a]
     e, cc, cl = e_a.tolist(), cc_a.tolist(), cl_a.tolist()  # exit, right?, latency per input
     rows = np.arange(R)[:, None]
@@ -344,7 +344,7 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
     keys.real, keys.imag = rows, u_t.reshape(-1)[flat]  # (int + complex arithmetic is ~20x slower)
     keys = keys.reshape(-1)
     r_f = np.arange(R, dtype=np.float64)
-    e, cc = e_a.copy(), cc_a.copy()
+    e, cc = e_a, cc_a
     lat = lat_np.tolist()
     lat_r = lat_np[:R, None]
     # WG[r, j] (rows 0..R-1) and WG[R + r, j]: what moving the j-th input in ramp r's order to

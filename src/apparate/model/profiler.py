@@ -93,6 +93,8 @@ def profile_latency(
     ramp_runs: dict[tuple[int, int], list[np.ndarray]] = {k: [] for k in inputs}
     paid_runs: dict[tuple[int, int], list[float]] = {k: [] for k in inputs}
     everything = tuple(range(S))
+    # Hooks are attached only during its own calls, so the bare and site-timed runs stay hook-free.
+    ee = EarlyExitModel(backbone, sites, ramps) if S else None
     with num_threads(threads), torch.no_grad():
         bar = tqdm(total=warmup + repeats, desc="profiling latency", disable=None if progress else True, unit="round")
         # Rounds interleave the shapes: a burst of load from elsewhere on the machine then hits
@@ -106,10 +108,7 @@ def profile_latency(
                 stamps, acts = _site_times(backbone, modules, sites, x)
                 ramp = np.array([_once_ms(lambda: ramps[s](acts[s], mask), inner=3) for s in range(S)])
                 # What ramps cost as paid inside the model (hook, scoring, Python), not alone.
-                ee = EarlyExitModel(backbone, sites, ramps) if S else None
-                paid = _once_ms(lambda: ee(x, active=everything, on_ramp=_noop)) - van if S else 0.0
-                if ee is not None:
-                    ee.remove_hooks()
+                paid = _once_ms(lambda: ee(x, active=everything, on_ramp=_noop)) - van if ee is not None else 0.0
                 if rnd >= warmup:
                     van_runs[(li, bi)].append(van)
                     site_runs[(li, bi)].append(stamps)

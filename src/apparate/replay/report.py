@@ -55,12 +55,12 @@ def _sliding(x: np.ndarray, window: int) -> np.ndarray:
 def policy_style(policy: str) -> dict[str, Any]:
     """One look per policy in every plot: a colour of its own (tab20 has room for all of them),
     dashed lines for the DeeBERT family, a thick line for apparate."""
+    import matplotlib
+
     from apparate.policies.catalog import POLICIES
 
     names = list(POLICIES)
     k = names.index(policy) if policy in names else len(names)
-    import matplotlib
-
     color = "black" if policy == "apparate" else matplotlib.colormaps["tab20"](k % 20)
     return dict(color=color, lw=2.4 if policy == "apparate" else 1.2,
                 ls="--" if policy.startswith("deebert") else "-")

@@ -96,13 +96,15 @@ class Executor:
         self._handles: list[Any] = []
         self._stamped: tuple[int, ...] | None = None
 
-    def _stamp_sites(self, sites: tuple[int, ...]) -> None:
-        """Clock hooks on the active sites' modules only (re-placed when the active set changes):
-        registered with prepend, they run when the site's module ends, before its ramp starts.
-        Inactive sites need no clock: the profile scales them with the measured backbone."""
+    def _use_sites(self, sites: tuple[int, ...]) -> None:
+        """On a configuration change: make `sites` the model's active set, so that their ramp hooks
+        stay attached between batches, and put clock hooks on their modules only (registered
+        with prepend, they run when the site's module ends, before its ramp starts). Inactive
+        sites need no clock: the profile scales them with the measured backbone."""
         if sites == self._stamped:
             return
         self.close()
+        self.ee.set_active(sites)
         for s in sites:
             site = self.ee.sites[s]
             self._handles.append(self._modules[site.name].register_forward_hook(self._stamp_hook(site.index),
@@ -205,7 +207,7 @@ class Executor:
         except Exception as e:  # noqa: BLE001 - a failing batch must not take the server down
             return self._fail(batch, pending, e)
         feedback = True
-        self._stamp_sites(cfg.sites)
+        self._use_sites(cfg.sites)
         self._stamps = site_end
         try:
             t0 = clock()

@@ -127,7 +127,7 @@ def model_url(base: str, model: str | None) -> tuple[str, str]:
     return base, model
 
 
-async def _send(session: Any, url: str, body: Body, t_sched: float, out: Outcome, timeout_s: float) -> None:
+async def _send(session: Any, url: str, body: Body, t_sched: float, out: Outcome) -> None:
     import aiohttp
 
     out.lag_ms = (time.perf_counter() - t_sched) * 1e3
@@ -179,8 +179,7 @@ async def run_trace(base: str, model: str, times: np.ndarray, bodies: Sequence[B
             delay = t0 + t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(_send(session, url, bodies[(offset + i) % len(bodies)], t0 + t, outs[i],
-                                             timeout_s))
+            task = asyncio.create_task(_send(session, url, bodies[(offset + i) % len(bodies)], t0 + t, outs[i]))
             task.add_done_callback(done)
             tasks.append(task)
         await asyncio.gather(*tasks)
