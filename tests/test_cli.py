@@ -43,16 +43,16 @@ def test_settings_overrides_reach_the_experiment_and_bad_ones_are_refused():
 
     from apparate.cli.experiment_args import add_experiment_args, parse_overrides, spec_from_args
 
-    assert parse_overrides(["agreement_bin=0", "placement=spaced", "max_ramps=null", "tune_gap=0.1"]) == {
-        "agreement_bin": 0, "placement": "spaced", "max_ramps": None, "tune_gap": 0.1}
+    assert parse_overrides(["agreement=raw", "placement=spaced", "max_ramps=null", "tune_gap=0.1"]) == {
+        "agreement": "raw", "placement": "spaced", "max_ramps": None, "tune_gap": 0.1}
     p = argparse.ArgumentParser()
     add_experiment_args(p, workload_default="minilm-rt")
-    spec = spec_from_args(p.parse_args(["--set", "agreement_bin=0", "--set", "window_inputs=512",
+    spec = spec_from_args(p.parse_args(["--set", "agreement=raw", "--set", "window_inputs=512",
                                         "--ramp-budget", "0.05"]))
-    assert (spec.settings.agreement_bin, spec.settings.window_inputs, spec.settings.ramp_budget) == (0, 512, 0.05)
+    assert (spec.settings.agreement, spec.settings.window_inputs, spec.settings.ramp_budget) == ("raw", 512, 0.05)
     with pytest.raises(ValueError, match="unknown settings"):
         spec_from_args(p.parse_args(["--set", "no_such=1"]))
     with pytest.raises(ValueError, match="NAME=VALUE"):
-        parse_overrides(["agreement_bin"])
+        parse_overrides(["agreement"])
     out = run_cli("demo", "--set", "no_such=1", "--policies", "vanilla")
     assert out.returncode != 0 and "unknown settings" in out.stderr

@@ -135,7 +135,7 @@ def test_settings_validation_and_round_trip():
     s = Settings.for_nlp(max_ramps=2)
     assert Settings.from_dict(s.to_dict()) == s
     assert s.adjust_every_batches == 100 and s.new_ramp_threshold == 0.01
-    for bad in (dict(accuracy_constraint=1.5), dict(tuning_margin=0.5), dict(emergency_action="panic"),
+    for bad in (dict(accuracy_constraint=1.5), dict(margin_z=-1), dict(emergency_action="panic"),
                 dict(recent_inputs=10_000), dict(min_step=0.1, init_step=0.01)):
         with pytest.raises(ValueError):
             Settings(**bad)

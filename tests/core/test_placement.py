@@ -30,7 +30,7 @@ def test_greedy_wins_latency_on_exitable_data_but_not_on_useless_ramps():
     # ramps that never agree can only spend the error budget on a handful of inputs
     useless = initial_placement(rec.conf, np.zeros_like(rec.agree), prof, Settings())
     assert useless.win < 0.01
-    assert 1 - useless.accuracy <= Settings().tuning_target
+    assert 1 - useless.accuracy <= Settings().tuning_target(600)
 
 
 def test_placement_rejects_data_of_the_wrong_width():

@@ -14,7 +14,7 @@ def small_settings(**kw):
     # busy machine the two together can measure more than a whole pass: these tests are about
     # control, so the budget admits both ramps whatever the timing (the core tests the budget).
     base = dict(window_inputs=128, recent_inputs=32, min_tune_inputs=16, retune_every_inputs=32,
-                adjust_every_batches=10_000, accuracy_constraint=0.05, tuning_margin=0.01, agreement_bin=8,
+                adjust_every_batches=10_000, accuracy_constraint=0.05, margin_z=0.5,
                 min_evidence_inputs=16, ramp_budget=100.0)
     return Settings(**{**base, **kw})
 

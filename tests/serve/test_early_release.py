@@ -62,7 +62,7 @@ def test_inputs_of_one_batch_are_released_at_their_own_exit(tiny_cnn):
     from apparate.serve.engine import EngineOptions
 
     served = served_cnn(tiny_cnn)
-    served.ee.ramps[0] = PositionRamp({0})
+    served.ee.set_ramp(0, PositionRamp({0}))
     with serving(served, EngineOptions(slo_ms=5000),
                  ControlOptions(policy="static", initial=Config((0,), (0.5,)), update_profile=False)) as live:
         eng = live.engine

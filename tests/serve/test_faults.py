@@ -35,7 +35,7 @@ def _early_everywhere():
 def test_a_failing_ramp_serves_the_batch_without_early_exits(tiny_cnn):
     served = served_cnn(tiny_cnn)
     flaky = FlakyRamp(served.ee.ramps[0])
-    served.ee.ramps[0] = flaky
+    served.ee.set_ramp(0, flaky)
     with serving(served, control_opts=_early_everywhere()) as live, httpx.Client(base_url=live.url) as c:
         assert c.post("/v2/models/tiny/infer", json=image_request(1)).json()["parameters"]["early_exit"] is True
         flaky.armed = True

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.param == "budget":
             spec = with_settings(base, ramp_budget=v)
         else:
-            spec = with_settings(base, accuracy_constraint=v, tuning_margin=min(base.settings.tuning_margin, v))
+            spec = with_settings(base, accuracy_constraint=v)
         res = run_experiment(spec)
         m = by_policy(res)
         van, app, opt = m["vanilla"], m["apparate"], m["optimal"]

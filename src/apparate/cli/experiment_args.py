@@ -31,7 +31,7 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
     p.add_argument("--ramp-budget", type=float, default=0.02, help="max share ramps may add to a non-exiting input's latency, at the batch size served (default 0.02)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
                    help="override a controller setting (any field of apparate.core.settings.Settings, "
-                        "see docs/core.md), e.g. --set agreement_bin=0; repeatable")
+                        "see docs/core.md), e.g. --set agreement=raw; repeatable")
     p.add_argument("--bootstrap", type=int, help="bootstrap inputs when preparing a bundle")
     p.add_argument("--threads", type=int, help="torch threads when preparing and recording")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-policy lines")
@@ -41,8 +41,7 @@ def spec_from_args(args: argparse.Namespace, policies=None):
     from apparate.core.settings import Settings
     from apparate.replay.experiment import ExperimentSpec
 
-    settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget,
-                        tuning_margin=min(Settings().tuning_margin, args.accuracy_constraint))
+    settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget)
     overrides = parse_overrides(getattr(args, "overrides", []))
     if overrides:
         settings = settings.replace(**overrides)

@@ -45,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, load_model=False)
     rec = Recording.load(args.recording)
     check_recording_matches(rec, args.bundle)
-    settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget,
-                        tuning_margin=min(Settings().tuning_margin, args.accuracy_constraint))
+    settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget)
     spec = ExperimentSpec(workload=bundle.manifest.get("workload", "?"), data_dir=args.data_dir,
                           seed=args.seed, trace=args.trace, rate=args.rate, cv=args.cv, slo_ms=args.slo_ms,
                           slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,

@@ -1,12 +1,23 @@
 """Calibrated agreement: how likely each ramp's answer is to match the original, given its confidence.
 
 Tuning thresholds on raw 0/1 agreement over a window overfits: a per-ramp threshold can be
-raised to just below the next wrong answer, exploiting gaps that are sample noise. Measured on
-synthetic windows (5 ramps, target 0.5%): tuned on 512 inputs, raw agreement loses 1.7% on fresh
-inputs from the same distribution; it takes ~2,000 inputs to stay under 1%. Smoothing agreement
-along confidence first (bins of equal count, one pseudo-observation of the ramp's mean rate,
-non-increasing as confidence falls) loses 0.44% on 512 inputs for ~8% less latency win. See
-`apparate bench tuning` for the measurement on the current code.
+raised to just below the next wrong answer, exploiting gaps that are sample noise. Two things
+keep the tuner honest:
+
+1. `isotonic_agreement`: P(agree | confidence) per ramp by isotonic regression (pool adjacent
+   violators: the best fit, in squared error, that never agrees more as confidence falls), with
+   each pooled block shrunk toward the ramp's mean agreement by `prior` pseudo-observations. A
+   block is then only as trustworthy as its size: a run of 20 confident answers that all agree
+   counts as ~0.99, not 1, and a lucky gap between two wrong answers is pooled away.
+2. `tuning_target`: the loss the search may spend is the constraint minus `z` binomial standard
+   errors of a loss at the constraint over the window, `z * sqrt(A (1 - A) / n)`: a large window
+   spends nearly all of the constraint, a small one keeps a margin against its own noise.
+
+Measured on synthetic windows (5 ramps, constraint 1%, `scratch` reproduction in
+`tests/core/test_calibration.py`): tuned on 1,024 inputs with prior 4 and z = 1 the loss on fresh
+inputs of the same distribution averages ~0.75% for 97% of the latency win of thresholds tuned on
+40,000 inputs at 0.8%; plain isotonic regression (no prior, no margin) loses 1.4%, raw agreement
+1.4-3%.
 """
 
 from __future__ import annotations
@@ -14,24 +25,59 @@ from __future__ import annotations
 import numpy as np
 
 
-def smooth_agreement(conf: np.ndarray, agree: np.ndarray, bin_size: int = 32, prior: float = 1.0) -> np.ndarray:
-    """P(agree | confidence) per input and ramp, [N, R], estimated from the window itself."""
+def isotonic_agreement(conf: np.ndarray, agree: np.ndarray, prior: float = 4.0) -> np.ndarray:
+    """P(agree | confidence) per input and ramp, [N, R], estimated from the window itself.
+
+    Non-decreasing in confidence for each ramp; inputs of equal confidence get equal values.
+    """
     conf = np.asarray(conf, dtype=np.float64)
     a = np.asarray(agree, dtype=np.float64)
+    if conf.shape != a.shape or conf.ndim != 2:
+        raise ValueError(f"conf and agree must both be [inputs, ramps], got {conf.shape} and {a.shape}")
+    if prior < 0:
+        raise ValueError(f"prior must be >= 0, got {prior}")
     n, R = conf.shape
     if n == 0 or R == 0:
         return a.copy()
-    if bin_size < 1 or prior < 0:
-        raise ValueError(f"need bin_size >= 1 and prior >= 0, got {bin_size}, {prior}")
-    order = np.argsort(-conf, axis=0, kind="stable")  # most confident first, per ramp
-    a_sorted = np.take_along_axis(a, order, axis=0)
-    bins = max(1, n // bin_size)
-    edges = np.linspace(0, n, bins + 1).astype(np.int64)
-    counts = np.diff(edges)
-    sums = np.add.reduceat(a_sorted, edges[:-1], axis=0)  # [bins, R]
-    base = a.mean(axis=0, keepdims=True)
-    rate = (sums + prior * base) / (counts[:, None] + prior)
-    rate = np.minimum.accumulate(rate, axis=0)  # less confident never agrees more
-    out = np.empty_like(a)
-    np.put_along_axis(out, order, np.repeat(rate, counts, axis=0), axis=0)
-    return out
+    # All ramps in one flat, ramp-major array sorted by confidence within each ramp; blocks never
+    # span two ramps. Every pass pools every adjacent pair that violates the order (in parallel:
+    # any order of pooling adjacent violators reaches the same, unique fit).
+    order = np.argsort(conf, axis=0, kind="stable")
+    cs = np.take_along_axis(conf, order, axis=0).T.reshape(-1)
+    ys = np.take_along_axis(a, order, axis=0).T.reshape(-1)
+    ramp = np.repeat(np.arange(R), n)
+    first = np.ones(n * R, dtype=bool)
+    first[1:] = (cs[1:] != cs[:-1]) | (ramp[1:] != ramp[:-1])  # ties in confidence start pooled
+    starts = np.flatnonzero(first)
+    sums = np.add.reduceat(ys, starts)
+    counts = np.diff(np.append(starts, n * R)).astype(np.float64)
+    rid = ramp[starts]
+    while True:
+        mean = sums / counts
+        pool = (rid[:-1] == rid[1:]) & (mean[:-1] >= mean[1:])  # equal means pool harmlessly
+        if not pool.any():
+            break
+        keep = np.ones(sums.size, dtype=bool)
+        keep[1:] = ~pool
+        idx = np.flatnonzero(keep)
+        sums, counts, rid = np.add.reduceat(sums, idx), np.add.reduceat(counts, idx), rid[idx]
+    base = a.mean(axis=0)[rid]
+    fit = (sums + prior * base) / (counts + prior)
+    # Shrinking can reorder neighbours of different sizes: restore the order with a running
+    # maximum within each ramp (offsets of 2 per ramp keep the ramps apart; values are in [0, 1]).
+    fit = np.maximum.accumulate(fit + 2.0 * rid) - 2.0 * rid
+    out = np.empty((R, n))
+    np.put_along_axis(out, order.T, np.repeat(fit, counts.astype(np.int64)).reshape(R, n), axis=1)
+    return out.T
+
+
+def tuning_target(constraint: float, n: int, z: float) -> float:
+    """Loss the threshold search may spend on a window of `n` inputs: the constraint less `z`
+    binomial standard errors of a loss at the constraint over `n` inputs (never below 0)."""
+    if not 0 <= constraint < 1:
+        raise ValueError(f"constraint must be in [0, 1), got {constraint}")
+    if z < 0:
+        raise ValueError(f"z must be >= 0, got {z}")
+    if n <= 0:
+        return 0.0
+    return max(constraint - z * float(np.sqrt(constraint * (1 - constraint) / n)), 0.0)

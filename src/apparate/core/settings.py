@@ -16,10 +16,10 @@ class Settings:
     # --- accuracy -------------------------------------------------------------------------
     accuracy_constraint: float = 0.01
     """A: max share of released answers that may differ from the original model's (1%)."""
-    tuning_margin: float = 0.002
-    """Thresholds are tuned to A - margin, a safety margin against sample noise (notes A5).
-    The artifact's comments say 0.5%, its code effectively A - 0.01% (0.0099); with smoothed
-    agreement (below) out-of-sample loss tracks the target closely, so 0.2% suffices."""
+    margin_z: float = 1.0
+    """Thresholds are tuned to A less this many binomial standard errors of a loss at A over the
+    tuning window (notes A5): A - z sqrt(A (1 - A) / n), 0.31% for A = 1% on 1,024 inputs. The
+    artifact's comments say 0.5%, its code effectively 0.01%. See core/calibration."""
 
     # --- ramp budget ------------------------------------------------------------------------
     ramp_budget: float = 0.02
@@ -43,11 +43,11 @@ class Settings:
     100 batches at batch 40). Every 256 inputs measured no better than every 512, for more CPU."""
     init_step: float = 0.01
     min_step: float = 0.001
-    agreement_bin: int = 32
-    """Tune on agreement smoothed along confidence in bins of this many inputs (0 = raw 0/1
-    agreement, as the artifact). Raw agreement overfits small windows: see core/calibration."""
-    agreement_prior: float = 1.0
-    """Pseudo-observations of a ramp's mean agreement added to each bin."""
+    agreement: str = "isotonic"
+    """Tune on agreement calibrated along confidence ('isotonic') or on raw 0/1 agreement
+    ('raw', as the artifact). Raw agreement overfits small windows: see core/calibration."""
+    agreement_prior: float = 4.0
+    """Pseudo-observations of a ramp's mean agreement added to each isotonic block."""
     emergency_after: int = 2
     """Violations in a row before the emergency action (artifact: >= 2 violating batches)."""
     emergency_action: str = "retune_recent"
@@ -96,8 +96,7 @@ class Settings:
                 raise ValueError(msg)
 
         need(0 <= self.accuracy_constraint < 1, f"accuracy_constraint must be in [0, 1), got {self.accuracy_constraint}")
-        need(0 <= self.tuning_margin <= self.accuracy_constraint,
-             f"tuning_margin must be in [0, accuracy_constraint], got {self.tuning_margin}")
+        need(self.margin_z >= 0, f"margin_z must be >= 0, got {self.margin_z}")
         need(self.ramp_budget >= 0, f"ramp_budget must be >= 0, got {self.ramp_budget}")
         need(self.max_ramps is None or self.max_ramps >= 0, f"max_ramps must be >= 0, got {self.max_ramps}")
         for name in ("window_inputs", "recent_inputs", "min_tune_inputs", "retune_every_inputs",
@@ -105,7 +104,8 @@ class Settings:
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.min_evidence_inputs >= 0, "min_evidence_inputs must be >= 0")
         need(self.min_adjust_inputs >= 0, "min_adjust_inputs must be >= 0")
-        need(self.agreement_bin >= 0 and self.agreement_prior >= 0, "agreement_bin and agreement_prior must be >= 0")
+        need(self.agreement in ("isotonic", "raw"), f"agreement must be isotonic or raw, got {self.agreement!r}")
+        need(self.agreement_prior >= 0, "agreement_prior must be >= 0")
         need(self.recent_inputs <= self.window_inputs, "recent_inputs must not exceed window_inputs")
         need(self.min_tune_inputs <= self.window_inputs, "min_tune_inputs must not exceed window_inputs")
         need(0 < self.min_step <= self.init_step, "need 0 < min_step <= init_step")
@@ -119,10 +119,11 @@ class Settings:
         need(self.move_removes in ("lowest", "highest"), f"move_removes must be lowest or highest, got {self.move_removes!r}")
         need(self.placement in ("greedy", "spaced"), f"placement must be greedy or spaced, got {self.placement!r}")
 
-    @property
-    def tuning_target(self) -> float:
-        """Accuracy loss the tuner aims for on its window."""
-        return self.accuracy_constraint - self.tuning_margin
+    def tuning_target(self, n: int) -> float:
+        """Accuracy loss the tuner aims for on a window of `n` inputs."""
+        from .calibration import tuning_target
+
+        return tuning_target(self.accuracy_constraint, n, self.margin_z)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

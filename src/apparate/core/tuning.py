@@ -30,7 +30,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .calibration import smooth_agreement
+from .calibration import isotonic_agreement
 from .exits import ExitResult, check_thresholds, check_window, first_exit, simulate
 from .profile import LatencyTable
 from .settings import Settings
@@ -83,7 +83,7 @@ def greedy_thresholds(
     conf, agree: [N, R] for the active ramps in site order. `fixed` maps ramp positions (0..R-1)
     to thresholds that are kept as they are (the partial re-tune of offending ramps).
     `agree_prob` [N, R], if given, replaces 0/1 agreement in the search by probabilities (see
-    `calibration.smooth_agreement`); the returned result is still measured on `agree`.
+    `calibration.isotonic_agreement`); the returned result is still measured on `agree`.
     `method` picks the band bookkeeping ("lists" for small windows, "matrix" for large ones,
     "auto" by size); both take the same decisions.
     """
@@ -402,11 +402,10 @@ _BANDS = {"lists": _list_bands, "matrix": _matrix_bands}
 def tune(conf: np.ndarray, agree: np.ndarray, table: LatencyTable, settings: Settings,
          fixed: Mapping[int, float] | None = None) -> TuneResult:
     """The greedy search as the control loops run it: target, steps and smoothing from settings."""
-    prob = None
-    if settings.agreement_bin > 0:
-        conf, agree = _check_inputs(conf, agree, table)
-        prob = smooth_agreement(conf, agree, settings.agreement_bin, settings.agreement_prior)
-    return greedy_thresholds(conf, agree, table, settings.tuning_target, fixed=fixed, init_step=settings.init_step,
+    conf, agree = _check_inputs(conf, agree, table)
+    prob = isotonic_agreement(conf, agree, settings.agreement_prior) if settings.agreement == "isotonic" else None
+    target = settings.tuning_target(conf.shape[0])
+    return greedy_thresholds(conf, agree, table, target, fixed=fixed, init_step=settings.init_step,
                              min_step=settings.min_step, agree_prob=prob)
 
 

@@ -7,29 +7,36 @@ active set is an immutable tuple swapped atomically, so a controller thread can 
 batches), runs the ramp on the site's output, and calls the per-site callback right away: that is
 where a live server releases answers while the batch runs on. Hooks never return a value, so the
 backbone's own computation, and hence its final output, is bit-identical to the bare model's.
+
+The hook is the hot path of early exits: it runs once per active ramp per batch, and on a CPU at
+batch 1 a ramp's arithmetic takes microseconds, so everything around it counts. A ramp runs as
+its `Ramp.fast` function (two to four torch ops, no module calls), its confidence and answer are
+read from the logits on the host in one step (`ramps.scorer`), per-batch work (text token
+weights) is done once per batch, and a ramp's result is a small tuple. `apparate bench ramps`
+measures what is left.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from apparate.model.ramps import ConfidenceFn, confidence_fn, score
+from apparate.model.ramps import ConfidenceFn, Ramp, confidence_fn, scorer, token_weights
 from apparate.model.sites import ModelInput, Site, call_model, primary_output
 
 
-@dataclass(frozen=True)
-class RampResult:
+class RampResult(NamedTuple):
     """One active ramp's answers for a batch."""
 
     site: int
     name: str
-    conf: torch.Tensor  # [B] in [0, 1]
-    pred: torch.Tensor  # [B] class index (in the target's label space)
+    conf: np.ndarray  # [B] float in [0, 1]
+    pred: np.ndarray  # [B] int64 class index (in the target's label space)
     logits: torch.Tensor  # [B, classes]
 
 
@@ -39,9 +46,34 @@ class EarlyExitOutput:
     final_pred: torch.Tensor  # [B] the original model's answer (mapped to the target labels)
     ramps: dict[int, RampResult] = field(default_factory=dict)  # active sites, execution order
 
-    def conf_matrix(self, sites: Sequence[int]) -> torch.Tensor:
+    def conf_matrix(self, sites: Sequence[int]) -> np.ndarray:
         """[B, len(sites)] confidences of the given (active) sites."""
-        return torch.stack([self.ramps[s].conf for s in sites], dim=1)
+        return np.stack([self.ramps[s].conf for s in sites], axis=1)
+
+    def pred_matrix(self, sites: Sequence[int]) -> np.ndarray:
+        """[B, len(sites)] answers of the given (active) sites."""
+        return np.stack([self.ramps[s].pred for s in sites], axis=1)
+
+
+class _Call:
+    """What the hooks need during one forward on one thread."""
+
+    __slots__ = ("active", "results", "callback", "mask", "weights")
+
+    def __init__(self, active: frozenset[int], callback: Any, mask: torch.Tensor | None,
+                 weights: torch.Tensor | None) -> None:
+        self.active = active
+        self.results: list[RampResult] = []
+        self.callback = callback
+        self.mask = mask
+        self.weights = weights  # text token weights for mean ramps, once per batch
+
+
+def _fast_for(ramp: nn.Module) -> Callable[[torch.Tensor, _Call], torch.Tensor]:
+    if isinstance(ramp, Ramp):
+        f = ramp.fast()
+        return lambda h, call: f(h, call.weights)
+    return lambda h, call: ramp(h, call.mask)  # any module with the ramps' (h, mask) signature
 
 
 RampCallback = Callable[[RampResult], None]
@@ -72,9 +104,12 @@ class EarlyExitModel(nn.Module):
         self.ramps = nn.ModuleList(ramps)
         self.sites = tuple(sites)
         self.confidence = confidence_fn(confidence)
+        self._score = scorer(self.confidence)
+        self._fast = [_fast_for(r) for r in self.ramps]
+        self._token_sites = frozenset(i for i, r in enumerate(self.ramps) if getattr(r, "needs_token_weights", False))
         self.label_map = None if label_map is None else torch.as_tensor(list(label_map), dtype=torch.long)
         self._active: tuple[int, ...] = ()
-        self._local = threading.local()  # per-call state: a server may run forwards on threads
+        self._local = threading.local()  # per-call state (`_Call`): a server may run forwards on threads
         modules = dict(backbone.named_modules())
         missing = [s.name for s in sites if s.name not in modules]
         if missing:
@@ -108,6 +143,12 @@ class EarlyExitModel(nn.Module):
     def num_sites(self) -> int:
         return len(self.sites)
 
+    def set_ramp(self, index: int, ramp: nn.Module) -> None:
+        """Replace the ramp at a site (a `Ramp`, or any module called as `ramp(h, mask)`)."""
+        self.ramps[index] = ramp
+        self._fast[index] = _fast_for(ramp)
+        self._token_sites = frozenset(i for i, r in enumerate(self.ramps) if getattr(r, "needs_token_weights", False))
+
     # ---------------------------------------------------------------- running
     def final_prediction(self, final_output: Any) -> torch.Tensor:
         pred = primary_output(final_output).argmax(dim=-1)
@@ -121,26 +162,20 @@ class EarlyExitModel(nn.Module):
 
         `active` overrides the active set for this call only (e.g. all sites when recording).
         """
-        state = self._local
         act = self._active if active is None else tuple(sorted({int(s) for s in active}))
         if act and (act[0] < 0 or act[-1] >= len(self.sites)):
             raise ValueError(f"site index out of range 0..{len(self.sites) - 1}: {list(act)}")
-        state.active = frozenset(act)
-        state.results = {}
-        state.callback = on_ramp
-        state.mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        weights = token_weights(mask) if mask is not None and self._token_sites.intersection(act) else None
+        call = self._local.call = _Call(frozenset(act), on_ramp, mask, weights)
         self._attach(act)
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 out = call_model(self.backbone, inputs)
-            results = dict(sorted(state.results.items()))
         finally:
             self._detach(act)
-            state.active = frozenset()
-            state.results = {}
-            state.callback = None
-            state.mask = None
-        return EarlyExitOutput(out, self.final_prediction(out), results)
+            self._local.call = None
+        return EarlyExitOutput(out, self.final_prediction(out), {r.site: r for r in call.results})
 
     def _attach(self, sites: tuple[int, ...]) -> None:
         with self._hook_lock:
@@ -161,19 +196,20 @@ class EarlyExitModel(nn.Module):
                 self._handles.pop(s).remove()
 
     def _make_hook(self, site: Site) -> Callable:
+        index, name, local = site.index, site.name, self._local
+        fasts, score = self._fast, self._score
+
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            state = self._local
-            active = getattr(state, "active", None)
-            if not active or site.index not in active:
+            call = getattr(local, "call", None)
+            if call is None or index not in call.active:
                 return None
-            h = primary_output(output)
-            with torch.no_grad():
-                logits = self.ramps[site.index](h, state.mask)
-                conf, pred = score(logits, self.confidence)
-            result = RampResult(site.index, site.name, conf, pred, logits)
-            state.results[site.index] = result
-            if state.callback is not None:
-                state.callback(result)
+            h = output if type(output) is torch.Tensor else primary_output(output)
+            logits = fasts[index](h, call)
+            conf, pred = score(logits)
+            result = RampResult(index, name, conf, pred, logits)
+            call.results.append(result)
+            if call.callback is not None:
+                call.callback(result)
             return None  # never alter the backbone's computation
 
         return hook

@@ -3,12 +3,14 @@ machine, per batch size (and per sequence-length bucket for text). Produces the 
 `LatencyProfile`.
 
 Cumulative site times come from forward hooks that only read the clock (negligible cost) during
-a run of the backbone; the vanilla total is timed separately without any hook. Each ramp is
-timed on its own, on the site's real activation for that batch, and the backbone is also run
-with every ramp active through the EarlyExitModel: the extra time is what ramps cost as paid
-(hooks, scoring, Python), which on a CPU is several times their compute alone; it is shared
-among the ramps in proportion to their own compute. Every number is the median over
-`repeats` rounds after `warmup` rounds, each round visiting every shape once, with
+a run of the backbone; the vanilla total is timed separately without any hook. A ramp's cost is
+measured as serving pays it: the backbone runs through the EarlyExitModel with every ramp
+active, hooks attached as the server attaches them (a clock hook before each ramp's), and a
+release callback that does what the server's does with no answer to hand over. Each site's cost
+is the time from its module's end to the end of its ramp's callback, plus an equal share of
+what the run cost beyond the bare model and those times together (the hook dispatch, caches):
+that part is about the same for every ramp, whatever its arithmetic. Every number is the median
+over `repeats` rounds after `warmup` rounds, each round visiting every shape once, with
 `torch.set_num_threads(threads)` in force.
 
 Medians of noisy runs can break physical order by a hair (a bigger batch looking faster, a
@@ -91,8 +93,6 @@ def profile_latency(
     van_runs: dict[tuple[int, int], list[float]] = {k: [] for k in inputs}
     site_runs: dict[tuple[int, int], list[np.ndarray]] = {k: [] for k in inputs}
     ramp_runs: dict[tuple[int, int], list[np.ndarray]] = {k: [] for k in inputs}
-    paid_runs: dict[tuple[int, int], list[float]] = {k: [] for k in inputs}
-    everything = tuple(range(S))
     # Hooks are attached only during its own calls, so the bare and site-timed runs stay hook-free.
     ee = EarlyExitModel(backbone, sites, ramps) if S else None
     with num_threads(threads), torch.no_grad():
@@ -103,27 +103,20 @@ def profile_latency(
         for rnd in range(warmup + repeats):
             for li, bi, length, b in shapes:
                 x = inputs[(li, bi)]
-                mask = x.get("attention_mask") if isinstance(x, dict) else None
                 van = _once_ms(lambda: call_model(backbone, x))
-                stamps, acts = _site_times(backbone, modules, sites, x)
-                ramp = np.array([_once_ms(lambda: ramps[s](acts[s], mask), inner=3) for s in range(S)])
-                # What ramps cost as paid inside the model (hook, scoring, Python), not alone.
-                paid = _once_ms(lambda: ee(x, active=everything, on_ramp=_noop)) - van if ee is not None else 0.0
+                stamps, _ = _site_times(backbone, modules, sites, x)
+                ramp = served_ramp_ms(ee, modules, x, van) if ee is not None else np.zeros(0)
                 if rnd >= warmup:
                     van_runs[(li, bi)].append(van)
                     site_runs[(li, bi)].append(stamps)
                     ramp_runs[(li, bi)].append(ramp)
-                    paid_runs[(li, bi)].append(paid)
             bar.update(1)
         bar.close()
     for (li, bi) in inputs:
         van_ms[li, bi] = float(np.median(van_runs[(li, bi)]))
         site_ms[li, bi] = np.median(np.stack(site_runs[(li, bi)]), axis=0)
-        alone = np.median(np.stack(ramp_runs[(li, bi)]), axis=0)
-        # Spread the paid total over the ramps in proportion to their own compute: on ResNet-56
-        # a pooling ramp computes in ~0.04 ms but costs ~0.3 ms inside the model.
-        paid_total = float(np.median(paid_runs[(li, bi)])) if S else 0.0
-        ramp_ms[li, bi] = alone * max(1.0, paid_total / max(float(alone.sum()), 1e-9))
+        if S:
+            ramp_ms[li, bi] = np.median(np.stack(ramp_runs[(li, bi)]), axis=0)
     # Monotone in depth, capped by the whole model, and monotone in batch size and length.
     site_ms = np.minimum(np.maximum.accumulate(site_ms, axis=2), van_ms[..., None])
     for axis in (1, 0):
@@ -135,8 +128,44 @@ def profile_latency(
         lengths=np.asarray([1] if lens == [None] else lens), site_names=tuple(s.name for s in sites))
 
 
-def _noop(_result: Any) -> None:
-    """Stands in for a server's release callback while profiling."""
+def served_ramp_ms(ee: EarlyExitModel, modules: dict[str, nn.Module], x: ModelInput, bare_ms: float) -> np.ndarray:
+    """Each site's ramp cost (ms) in one run with every ramp active, as a server pays it: the time
+    from the site's module end (a clock hook placed before the ramp's, as the server's) to the end
+    of a release callback that stores the ramp's answers and tests them against a threshold, plus
+    an equal share of the run's remaining cost over the bare model (`bare_ms`)."""
+    S = ee.num_sites
+    start = np.zeros(S)
+    end = np.zeros(S)
+    n = _batch_len(x)
+    conf = np.zeros((n, S))
+    pred = np.zeros((n, S), dtype=np.int64)
+    pending = np.ones(n, dtype=bool)
+
+    def stamp(i: int) -> Callable:
+        def hook(_m: nn.Module, _i: Any, _o: Any) -> None:
+            start[i] = time.perf_counter()
+        return hook
+
+    def on_ramp(r: Any) -> None:  # what serve.executor does when nothing is released
+        conf[:, r.site] = r.conf
+        pred[:, r.site] = r.pred
+        np.flatnonzero(pending & ((1.0 - conf[:, r.site]) < 1e-12))
+        end[r.site] = time.perf_counter()
+
+    handles = [modules[s.name].register_forward_hook(stamp(s.index), prepend=True) for s in ee.sites]
+    try:
+        total = _once_ms(lambda: ee(x, active=range(S), on_ramp=on_ramp))
+    finally:
+        for h in handles:
+            h.remove()
+    inside = np.maximum(end - start, 0.0) * 1e3
+    rest = max(total - bare_ms - float(inside.sum()), 0.0)
+    return inside + rest / S
+
+
+def _batch_len(x: ModelInput) -> int:
+    t = x if torch.is_tensor(x) else next(v for v in x.values() if torch.is_tensor(v))
+    return int(t.shape[0])
 
 
 def _once_ms(fn: Callable[[], Any], inner: int = 1) -> float:

@@ -22,7 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CV_KINDS = ("pool", "conv")
@@ -101,13 +103,50 @@ class Ramp(nn.Module):
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.reduce(h, mask))
 
+    def fast(self) -> "FastRamp":
+        """The same function as `forward`, as the serving hot path runs it: no module calls, two
+        to four torch ops, the weights captured as views of the parameters (so loading new weights
+        in place keeps it current). Text `mean` ramps take the batch's token weights, computed
+        once per batch (`token_weights`) instead of once per ramp. Equal to `forward` up to float
+        rounding."""
+        k = self.spec.kind
+        if k == "conv":
+            conv, lin = self.head[0], self.head[-1]
+            cw, cb, stride = conv.weight.detach(), conv.bias.detach(), conv.stride
+            wt, b = lin.weight.detach().t(), lin.bias.detach()
+            return lambda h, w: torch.addmm(b, F.conv2d(h, cw, cb, stride, 1).relu_().mean((2, 3)), wt)
+        if k == "deebert":
+            d1, d2 = self.head[0], self.head[-1]
+            w1, b1, w2, b2 = d1.weight.detach().t(), d1.bias.detach(), d2.weight.detach().t(), d2.bias.detach()
+            return lambda h, w: torch.addmm(b2, torch.addmm(b1, h[:, 0], w1).tanh_(), w2)
+        wt, b = self.head.weight.detach().t(), self.head.bias.detach()
+        if k == "pool":
+            if len(self.spec.in_shape) == 3:
+                return lambda h, w: torch.addmm(b, h.mean((2, 3)), wt)
+            return lambda h, w: torch.addmm(b, h.flatten(1), wt)
+        if k == "mean":
+            return lambda h, w: torch.addmm(b, h.mean(1) if w is None else torch.bmm(w, h).squeeze(1), wt)
+        return lambda h, w: torch.addmm(b, h[:, 0], wt)  # cls
+
+    @property
+    def needs_token_weights(self) -> bool:
+        return self.spec.kind == "mean"
+
+
+FastRamp = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def token_weights(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, 1, T] weights of a masked mean over tokens, or None when every token counts (a plain
+    mean is then the same and cheaper)."""
+    if mask is None or bool(mask.all()):
+        return None
+    m = mask.to(torch.float32)
+    return (m / m.sum(dim=1, keepdim=True).clamp_min(1.0)).unsqueeze(1)
+
 
 def build_ramps(specs: list[RampSpec]) -> nn.ModuleList:
     return nn.ModuleList(Ramp(s) for s in specs)
-
-
-def default_kind(text: bool) -> str:
-    return "mean" if text else "pool"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,3 +193,29 @@ def score(logits: torch.Tensor, fn: ConfidenceFn) -> tuple[torch.Tensor, torch.T
     probs = torch.softmax(logits.float(), dim=-1)
     conf = fn(probs).clamp(0.0, 1.0)  # float rounding must not leave [0, 1]
     return conf, logits.argmax(dim=-1)  # from logits: softmax can round near-ties to equal
+
+
+Scorer = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+
+
+def scorer(fn: ConfidenceFn) -> Scorer:
+    """logits -> (confidence [B] float32, class [B] int64) as numpy arrays, for the hot path.
+
+    Max softmax is read from the logits on the host without a softmax: 1 / sum(exp(l - max)),
+    for two classes the logistic of the logit gap. Numpy on a few numbers costs less than torch
+    ops do, and on the CPU `.numpy()` shares the memory (the one host transfer of a ramp). Other
+    confidences go through `score`."""
+    if fn is max_softmax:
+        def fast(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            x = logits.numpy() if logits.device.type == "cpu" else logits.cpu().numpy()
+            if x.shape[1] == 2:
+                d = x[:, 1] - x[:, 0]
+                return 1.0 / (1.0 + np.exp(-np.abs(d))), (d > 0).astype(np.int64)
+            top = x.max(axis=1, keepdims=True)
+            return 1.0 / np.exp(x - top).sum(axis=1), x.argmax(axis=1)
+        return fast
+
+    def general(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        conf, pred = score(logits, fn)
+        return conf.cpu().numpy(), pred.cpu().numpy()
+    return general

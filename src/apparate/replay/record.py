@@ -42,8 +42,8 @@ def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool
     with tqdm(total=n, desc=f"record {stream.name}", unit="input", disable=not progress) as bar:
         for batch in bundle.workload.batches(stream, batch_size):
             out = model(batch.inputs, active=sites)
-            conf.append(out.conf_matrix(sites).float().numpy())
-            pred.append(torch.stack([out.ramps[s].pred for s in sites], dim=1).numpy())
+            conf.append(out.conf_matrix(sites).astype(np.float32))
+            pred.append(out.pred_matrix(sites))
             final.append(out.final_pred.numpy())
             labels.append(np.asarray(batch.labels))
             costs.append(np.asarray(batch.costs if batch.costs is not None else np.ones(len(batch.labels))))

@@ -71,8 +71,7 @@ def auto_slo_ms(profile: Any, max_batch: int, length: float | None = None) -> fl
 def settings_for(kind: str, accuracy_constraint: float, ramp_budget: float) -> Any:
     from apparate.core.settings import Settings
 
-    margin = min(Settings().tuning_margin, accuracy_constraint)
-    base = dict(accuracy_constraint=accuracy_constraint, ramp_budget=ramp_budget, tuning_margin=margin)
+    base = dict(accuracy_constraint=accuracy_constraint, ramp_budget=ramp_budget)
     return Settings.for_nlp(**base) if kind == "text" else Settings(**base)
 
 
