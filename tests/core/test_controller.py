@@ -31,7 +31,7 @@ def feed(ctl, rec, sizes, start=0):
 
 
 FAST = Settings(window_inputs=256, recent_inputs=64, min_tune_inputs=32, retune_every_inputs=64,
-                adjust_every_batches=5, utility_batches=5, min_evidence_inputs=16)
+                adjust_every_batches=5, utility_inputs=128, min_evidence_inputs=16)
 
 
 @hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

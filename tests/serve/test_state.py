@@ -57,7 +57,7 @@ def test_periodic_checkpoints_while_serving(tiny_cnn, tmp_path):
 
     with serving(served_cnn(tiny_cnn), control_opts=_control(tmp_path, checkpoint_every_s=0.1)) as live:
         _serve_some(live, 3)
-        assert wait_for(lambda: (s := load_state(tmp_path)) is not None and s["controller"]["counters"]["written"] == 24,
+        assert wait_for(lambda: (s := load_state(tmp_path)) is not None and s["controller"]["window"]["written"] == 24,
                         timeout=5)
         assert live.engine.control.last_checkpoint is not None
 

@@ -14,6 +14,7 @@ BENCHES = (
     "apparate.bench.sweep",
     "apparate.bench.simspeed",
     "apparate.bench.engine",
+    "apparate.bench.ramps",
 )
 
 

@@ -48,11 +48,19 @@ class Settings:
     ('raw', as the artifact). Raw agreement overfits small windows: see core/calibration."""
     agreement_prior: float = 4.0
     """Pseudo-observations of a ramp's mean agreement added to each isotonic block."""
+    change_evidence: float = 3.0
+    """On a violation, a change in the inputs is declared where the current thresholds' errors
+    began to exceed the constraint, if they exceed it by at least this many wrong answers since:
+    the thresholds are then tuned on the inputs from there on alone (a new regime)."""
+    min_regime_inputs: int = 16
+    """A new regime is tuned on as few as this many inputs (with the margin of so few); fewer, and
+    its thresholds are 0 until it has them. It is re-tuned each time it doubles."""
     emergency_after: int = 2
-    """Violations in a row before the emergency action (artifact: >= 2 violating batches)."""
-    emergency_action: str = "retune_recent"
-    """'retune_recent' re-tunes on the violation window alone; 'zero' (artifact CV) disables the
-    ramps that released wrong answers there; 'shrink' (artifact NLP) scales their thresholds."""
+    """Violations in a row before an emergency action (artifact: >= 2 violating batches)."""
+    emergency_action: str = "regime"
+    """'regime': no separate emergency, violations re-tune on the current regime (above); 'zero'
+    (artifact CV) disables the ramps that released wrong answers on the latest inputs; 'shrink'
+    (artifact NLP) scales their thresholds."""
     emergency_shrink: float = 0.1
 
     # --- ramp adjustment --------------------------------------------------------------------
@@ -61,14 +69,13 @@ class Settings:
     min_adjust_inputs: int = 256
     """...and at least this many inputs since the last adjustment: at batch size 1, 30 batches
     are too little evidence and ramps churn."""
-    utility_batches: int = 20
-    """Utility history per ramp, in batches (artifact: 20)."""
+    utility_inputs: int = 512
+    """A ramp's utility is pooled over this many latest inputs that saw it (the artifact kept 20
+    batches and called a ramp negative when every batch's utility was <= 0, which at batch size
+    1 means only a ramp that never releases anything)."""
     min_evidence_inputs: int = 64
     """A ramp is judged only on at least this many inputs of history (the artifact judged an
     empty history as negative)."""
-    negative_share: float = 1.0
-    """A ramp is negative when at least this share of its history batches had utility <= 0
-    (artifact: all of them for CV, 60% for NLP)."""
     tune_gap: float = 0.02
     """If re-tuning alone wins this much more latency (fraction of vanilla), adjust nothing
     (artifact: 2 pp for CV, 5 pp for NLP)."""
@@ -87,8 +94,10 @@ class Settings:
     placement: str = "greedy"
     """'greedy' adds the ramp with the best tuned latency win per cost until none helps;
     'spaced' is the artifact's: greedy count, then evenly spaced positions."""
-    placement_batch_size: int = 8
-    """Batch size whose latencies drive placement and the initial tune."""
+    placement_batch_size: int = 1
+    """Batch size at which placement judges latencies and the budget, when the caller does not
+    say where it will serve (a replay passes the batch size its trace gives vanilla; a server
+    starts at 1, the strictest for the budget, and re-judges at the batch size it serves)."""
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -100,7 +109,8 @@ class Settings:
         need(self.ramp_budget >= 0, f"ramp_budget must be >= 0, got {self.ramp_budget}")
         need(self.max_ramps is None or self.max_ramps >= 0, f"max_ramps must be >= 0, got {self.max_ramps}")
         for name in ("window_inputs", "recent_inputs", "min_tune_inputs", "retune_every_inputs",
-                     "adjust_every_batches", "utility_batches", "emergency_after", "placement_batch_size"):
+                     "adjust_every_batches", "utility_inputs", "emergency_after", "placement_batch_size",
+                     "min_regime_inputs"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.min_evidence_inputs >= 0, "min_evidence_inputs must be >= 0")
         need(self.min_adjust_inputs >= 0, "min_adjust_inputs must be >= 0")
@@ -109,13 +119,13 @@ class Settings:
         need(self.recent_inputs <= self.window_inputs, "recent_inputs must not exceed window_inputs")
         need(self.min_tune_inputs <= self.window_inputs, "min_tune_inputs must not exceed window_inputs")
         need(0 < self.min_step <= self.init_step, "need 0 < min_step <= init_step")
-        need(0 < self.negative_share <= 1, "negative_share must be in (0, 1]")
+        need(self.change_evidence > 0, "change_evidence must be > 0")
         need(0 <= self.exit_rate_guard <= 1, "exit_rate_guard must be in [0, 1]")
         need(0 <= self.new_ramp_threshold <= 1, "new_ramp_threshold must be in [0, 1]")
         need(0 < self.emergency_shrink < 1, "emergency_shrink must be in (0, 1)")
         need(self.cooldown_adjustments >= 0, "cooldown_adjustments must be >= 0")
-        need(self.emergency_action in ("retune_recent", "zero", "shrink"),
-             f"emergency_action must be retune_recent, zero or shrink, got {self.emergency_action!r}")
+        need(self.emergency_action in ("regime", "zero", "shrink"),
+             f"emergency_action must be regime, zero or shrink, got {self.emergency_action!r}")
         need(self.move_removes in ("lowest", "highest"), f"move_removes must be lowest or highest, got {self.move_removes!r}")
         need(self.placement in ("greedy", "spaced"), f"placement must be greedy or spaced, got {self.placement!r}")
 
@@ -141,7 +151,7 @@ class Settings:
 
     @classmethod
     def for_nlp(cls, **changes: Any) -> "Settings":
-        """The artifact's NLP variants of the defaults (notes §5.5)."""
-        base = dict(adjust_every_batches=100, negative_share=0.6, tune_gap=0.05,
-                    new_ramp_threshold=0.01, emergency_action="shrink")
+        """The artifact's NLP variants of the defaults (notes §5.5); its NLP emergency action,
+        'shrink', stays an option: the regime re-tune serves both kinds of input."""
+        base = dict(adjust_every_batches=100, tune_gap=0.05, new_ramp_threshold=0.01)
         return cls(**{**base, **changes})

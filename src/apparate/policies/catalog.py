@@ -2,7 +2,11 @@
 
 * `vanilla`: no ramps.
 * `static`: Apparate's initial configuration (placement on bootstrap data), never adapted.
-* `apparate`: the adaptive controller, starting from that configuration.
+* `apparate`: the adaptive controller, starting from that configuration, within the user's ramp
+  budget.
+* `apparate-all`: the same with a ramp budget that admits every candidate ramp at once: the
+  paper's comparison setting (§5.3: "support ramps at all layers"), the budget the baselines'
+  all-ramps configurations get implicitly.
 * `branchynet`: light ramps at every site, one shared threshold tuned once.
 * `deebert`: DeeBERT-style (pooler) ramps after every encoder layer, one shared threshold.
 * `X+`: the same ramps with per-ramp thresholds tuned once (the greedy search).
@@ -11,7 +15,10 @@
 * `optimal`: each input exits at the earliest site that agrees with the original, ramps free;
   `optimal-cost`: the same with every ramp running and paid for (notes A11).
 
-One-time tuning uses a uniform sample of the workload, as the paper did.
+One-time tuning uses a uniform sample of the workload, as the paper did. Every policy judges
+latencies (and Apparate its budget) at the serving point: the batch size (and text length) the
+replayed trace gives, `PolicyInputs.serving`; the `opt` variants are tuned on exactly the
+inputs replayed.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from apparate.core.adjust import BudgetPoint
 from apparate.core.controller import Config, Controller
 from apparate.core.placement import initial_placement
 from apparate.core.profile import LatencyProfile
@@ -54,6 +62,7 @@ class PolicyInputs:
     deebert: RampFamily | None = None  # pooler ramps, NLP only
     sample_share: float = 0.1  # uniform sample of the workload for one-time tuning
     seed: int = 0
+    serving: BudgetPoint = (1.0, None)  # (batch size, text length) the replay will serve at
 
     def sample(self, family: RampFamily) -> Recording:
         n = family.evaluation.num_inputs
@@ -65,7 +74,7 @@ class PolicyInputs:
 def _all_sites_tuned(name: str, family: RampFamily, rec: Recording, inputs: PolicyInputs, per_ramp: bool) -> Policy:
     S = family.profile.num_sites
     sites = list(range(S))
-    table = family.profile.table(inputs.settings.placement_batch_size, sites)
+    table = family.profile.table(inputs.serving[0], sites, inputs.serving[1])
     target = inputs.settings.accuracy_constraint
     search = greedy_thresholds if per_ramp else shared_threshold
     res = search(rec.conf, rec.agree, table, target)
@@ -90,20 +99,31 @@ def _baseline(kind: str, per_ramp: bool, on_eval: bool) -> Callable[[str, Policy
 
 def _static(name: str, inputs: PolicyInputs) -> Policy:
     fam = inputs.light
-    place = initial_placement(fam.bootstrap.conf, fam.bootstrap.agree, fam.profile, inputs.settings)
+    place = initial_placement(fam.bootstrap.conf, fam.bootstrap.agree, fam.profile, inputs.settings, inputs.serving)
     return ThresholdPolicy(name, Config(place.sites, place.thresholds))
 
 
-def _apparate(name: str, inputs: PolicyInputs) -> Policy:
-    fam = inputs.light
-    return AdaptivePolicy(name, Controller.from_bootstrap(fam.profile, fam.bootstrap.conf, fam.bootstrap.agree,
-                                                          inputs.settings))
+def all_ramps_budget(profile: LatencyProfile) -> float:
+    """A ramp budget that admits every candidate ramp at once, at any batch size."""
+    return profile.overhead(range(profile.num_sites)) + 1e-9
+
+
+def _apparate(all_ramps: bool) -> Callable[[str, PolicyInputs], Policy]:
+    def build(name: str, inputs: PolicyInputs) -> Policy:
+        fam = inputs.light
+        settings = inputs.settings
+        if all_ramps:
+            settings = settings.replace(ramp_budget=all_ramps_budget(fam.profile))
+        return AdaptivePolicy(name, Controller.from_bootstrap(fam.profile, fam.bootstrap.conf, fam.bootstrap.agree,
+                                                              settings, inputs.serving))
+    return build
 
 
 POLICIES: dict[str, Callable[[str, PolicyInputs], Policy]] = {
     "vanilla": lambda name, inputs: ThresholdPolicy(name, Config()),
     "static": _static,
-    "apparate": _apparate,
+    "apparate": _apparate(all_ramps=False),
+    "apparate-all": _apparate(all_ramps=True),
     "branchynet": _baseline("light", per_ramp=False, on_eval=False),
     "branchynet+": _baseline("light", per_ramp=True, on_eval=False),
     "branchynet-opt": _baseline("light", per_ramp=False, on_eval=True),

@@ -8,14 +8,15 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from apparate.core.recording import Recording
 from apparate.core.settings import Settings
 from apparate.paths import cache_dir
-from apparate.policies.catalog import POLICIES, PolicyInputs, RampFamily, family_of, make_policy
+from apparate.core.adjust import BudgetPoint
+from apparate.policies.catalog import POLICIES, PolicyInputs, RampFamily, all_ramps_budget, family_of, make_policy
 
 from . import traces
 from .batchers import ClockworkBatcher, TFServingBatcher
@@ -24,7 +25,7 @@ from .simulator import RunResult, replay
 
 Log = Callable[[str], None]
 
-DEFAULT_POLICIES = ("vanilla", "static", "apparate", "branchynet", "branchynet+", "branchynet-opt",
+DEFAULT_POLICIES = ("vanilla", "static", "apparate", "apparate-all", "branchynet", "branchynet+", "branchynet-opt",
                     "branchynet+opt", "optimal", "optimal-cost")
 TEXT_POLICIES = ("deebert", "deebert+", "deebert-opt", "deebert+opt")
 
@@ -158,24 +159,35 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
 
+    n0 = families["light"].evaluation.num_inputs
+    n = n0 if spec.n is None else min(spec.n, n0)
+    # Every policy sees exactly the replayed inputs (the opt variants are tuned on them).
+    families = {k: RampFamily(f.bootstrap, f.evaluation.take(slice(0, n)), f.profile) for k, f in families.items()}
     light = families["light"]
-    n = light.evaluation.num_inputs if spec.n is None else min(spec.n, light.evaluation.num_inputs)
     arrivals = make_trace(spec, n)
     lengths = light.evaluation.lengths
     # text: 90th-percentile tokens, so that the SLO is attainable for nearly every input alone
-    typical = None if lengths is None else float(np.percentile(lengths[:n], 90))
+    typical = None if lengths is None else float(np.percentile(lengths, 90))
     slo = spec.slo_ms or spec.slo_x * light.profile.vanilla(1, typical)
     batcher = make_batcher(spec)
-    inputs = PolicyInputs(light, spec.settings, families.get("deebert"), seed=spec.seed)
+    vanilla_run = replay(light.evaluation, arrivals, light.profile, make_policy("vanilla", PolicyInputs(light)),
+                         batcher, slo)
+    serving = serving_point(vanilla_run, lengths)
+    inputs = PolicyInputs(light, spec.settings, families.get("deebert"), seed=spec.seed, serving=serving)
     info.update(inputs=n, trace=spec.trace, rate=spec.rate, slo_ms=round(slo, 3), batching=spec.batching,
                 max_batch=spec.max_batch, accuracy_constraint=spec.settings.accuracy_constraint,
                 ramp_budget=spec.settings.ramp_budget, candidate_sites=light.profile.num_sites,
-                vanilla_ms_batch1=round(light.profile.vanilla(1), 3))
+                vanilla_ms_batch1=round(light.profile.vanilla(1), 3),
+                serving_batch=serving[0], serving_length=None if serving[1] is None else round(serving[1], 1))
+    if "apparate-all" in wants:
+        info["all_ramps_budget"] = round(all_ramps_budget(light.profile), 4)
     metrics, runs = [], []
     for name in wants:
         fam = families["deebert"] if family_of(name) == "deebert" else light
-        policy = make_policy(name, inputs)
-        run = replay(fam.evaluation.take(slice(0, n)), arrivals, fam.profile, policy, batcher, slo)
+        if name == "vanilla":
+            run = vanilla_run
+        else:
+            run = replay(fam.evaluation, arrivals, fam.profile, make_policy(name, inputs), batcher, slo)
         runs.append(run)
         metrics.append(summarize(run))
         if spec.progress:
@@ -184,13 +196,23 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
     return ExperimentResult(spec, metrics, runs, info, None if phases is None else phases[:n])
 
 
+def serving_point(run: RunResult, lengths: np.ndarray | None) -> BudgetPoint:
+    """Where a trace makes the model serve: the median batch size over served inputs and, for
+    text, the mean of each input's batch length (the longest input of its batch)."""
+    served = run.batch >= 0
+    if not served.any():
+        return 1.0, None
+    bs = float(np.median(run.batch_size[run.batch[served]]))
+    if lengths is None:
+        return max(bs, 1.0), None
+    longest = np.zeros(run.batch_size.size)
+    np.maximum.at(longest, run.batch[served], lengths[: run.batch.size][served])
+    return max(bs, 1.0), float(longest[run.batch[served]].mean())
+
+
 def with_settings(spec: ExperimentSpec, **changes: Any) -> ExperimentSpec:
     return replace(spec, settings=spec.settings.replace(**changes))
 
 
 def by_policy(result: ExperimentResult) -> dict[str, Metrics]:
     return {m.policy: m for m in result.metrics}
-
-
-def policies_for(names: Sequence[str] | None) -> tuple[str, ...] | None:
-    return tuple(names) if names else None

@@ -120,12 +120,16 @@ class ControlLoop:
             return Config()
         if opt.initial is not None:
             if opt.policy == "apparate":
-                self.controller = Controller(self.profile, s, opt.initial)
+                boot = None if served.recording is None else (served.recording.conf, served.recording.agree)
+                self.controller = Controller(self.profile, s, opt.initial, boot)
             return opt.initial
         if served.recording is None:
             raise ValueError("no bootstrap recording to place the initial ramps: give an initial config")
         rec = served.recording
-        ctl = Controller.from_bootstrap(self.profile, rec.conf, rec.agree, s)
+        # Placement at batch 1 (the strictest for the budget, and what an idle server serves);
+        # the controller re-judges at the batch size it serves.
+        length = None if rec.lengths is None else float(np.mean(rec.lengths))
+        ctl = Controller.from_bootstrap(self.profile, rec.conf, rec.agree, s, (1.0, length))
         if opt.policy == "apparate":
             self.controller = ctl
         return ctl.config
@@ -156,14 +160,15 @@ class ControlLoop:
             self.restored["what"] = "profile, config"
             return Config.from_dict(state["config"])
         try:
-            ctl = Controller.from_state(state["controller"])
+            boot = None if served.recording is None else (served.recording.conf, served.recording.agree)
+            ctl = Controller.from_state(state["controller"], bootstrap=boot)
         except (KeyError, TypeError, ValueError) as e:
             log.warning("the saved controller state is unusable (%s); placing ramps afresh", e)
             return None
         if ctl.settings != self.settings:
             # Keep what was learnt about ramps and costs; the new settings apply from here on.
             log.info("settings changed since the checkpoint: keeping its ramps and profile, re-tuning")
-            ctl = Controller(ctl.profile, self.settings, ctl.config)
+            ctl = Controller(ctl.profile, self.settings, ctl.config, boot)
             self.restored["what"] = "profile, config (settings changed)"
         else:
             self.restored["what"] = "profile, config, controller window"

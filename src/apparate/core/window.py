@@ -1,0 +1,168 @@
+"""The controller's memory: the feedback of the last W inputs, and what the current configuration
+would have answered on them.
+
+A ring buffer of W rows, one per input in arrival order: each site's confidence (NaN where the
+site did not run for that input) and agreement, the batch size and cost key it was served at,
+whether its answer as served agreed with the original, the site that released it, its batch.
+Beside it, the counterfactual: would the *current* configuration's answer agree with the
+original's? Valid where every firing ramp of that configuration ran. That is what lets the
+controller's checks ask "would these thresholds break the constraint on the latest inputs?"
+rather than "did the answers we happened to release?".
+
+Rows are addressed by absolute input number (0 = the first input ever seen): `last(k, since)` is
+the ring rows of the latest k inputs, none older than input `since` (the start of the current
+regime, after a detected change in the inputs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .types import Config, Feedback, released
+
+
+class Window:
+    def __init__(self, size: int, num_sites: int) -> None:
+        if size < 1 or num_sites < 0:
+            raise ValueError(f"need size >= 1 and num_sites >= 0, got {size}, {num_sites}")
+        W, S = size, num_sites
+        self.size, self.num_sites = W, S
+        self.conf = np.full((W, S), np.nan)
+        self.agree = np.zeros((W, S), dtype=bool)
+        self.bs = np.zeros(W)
+        self.len = np.full(W, np.nan)
+        self.correct = np.ones(W, dtype=bool)  # released answer agreed (as actually served)
+        self.exit = np.full(W, -1, dtype=np.int64)  # site that released it, -1 = final output
+        self.batch = np.full(W, -1, dtype=np.int64)  # batch index of each input
+        self.cf_ok = np.ones(W, dtype=bool)  # the current config's answer would agree
+        self.cf_valid = np.zeros(W, dtype=bool)  # ... and every firing ramp of it ran
+        self.written = 0
+
+    # ------------------------------------------------------------------ writing
+    def record(self, fb: Feedback, batch: int, config: Config) -> None:
+        """Append one batch (a batch larger than the window keeps its last W inputs)."""
+        W, n = self.size, fb.batch_size
+        keep = min(n, W)
+        rows = (self.written + np.arange(n - keep, n)) % W
+        cols = np.asarray(fb.sites, dtype=np.int64)
+        exit_idx, ok = fb.released()
+        self.conf[rows] = np.nan
+        self.agree[rows] = False
+        if cols.size:
+            self.conf[rows[:, None], cols] = fb.conf[n - keep:]
+            self.agree[rows[:, None], cols] = fb.agree[n - keep:]
+        self.bs[rows] = n
+        self.len[rows] = np.nan if fb.length is None else fb.length
+        self.correct[rows] = ok[n - keep:]
+        self.exit[rows] = np.append(cols, -1)[exit_idx][n - keep:]
+        self.batch[rows] = batch
+        self.written += n
+        if fb.sites == config.sites and fb.thresholds == config.thresholds:
+            self.cf_ok[rows] = ok[n - keep:]  # served with the current config: that is the answer
+            self.cf_valid[rows] = True
+        else:
+            self.refresh(config, rows)
+
+    def refresh(self, config: Config, rows: np.ndarray | None = None) -> None:
+        """Recompute the counterfactual for some rows (default: the whole window)."""
+        if rows is None:
+            rows = self.last(self.size)
+        firing = [j for j, t in enumerate(config.thresholds) if t > 0]
+        if not firing:
+            self.cf_ok[rows] = True
+            self.cf_valid[rows] = True
+            return
+        cols = np.asarray(config.sites)
+        conf = self.conf[rows[:, None], cols]
+        seen = ~np.isnan(conf)
+        self.cf_valid[rows] = seen[:, firing].all(axis=1)
+        _, ok = released(np.where(seen, conf, 0.0), self.agree[rows[:, None], cols], np.asarray(config.thresholds))
+        self.cf_ok[rows] = ok
+
+    # ------------------------------------------------------------------ reading
+    def last(self, k: int, since: int = 0) -> np.ndarray:
+        """Ring rows of the latest k inputs (oldest first), none before input number `since`."""
+        m = min(k, self.written - since, self.size)
+        return np.arange(self.written - max(m, 0), self.written) % self.size
+
+    def rows(self, sites: Sequence[int], need: Sequence[int], last: int, since: int = 0,
+             default_bs: float = 1.0) -> tuple[np.ndarray, np.ndarray, float, float | None]:
+        """Among the latest `last` inputs, those where every site in `need` ran: conf/agree for
+        `sites` (0 confidence where a site did not run), mean batch size and length."""
+        idx = self.last(last, since)
+        cols = list(sites)
+        if need:
+            idx = idx[~np.isnan(self.conf[np.ix_(idx, list(need))]).any(axis=1)]
+        conf = np.nan_to_num(self.conf[np.ix_(idx, cols)], nan=0.0)
+        agree = self.agree[np.ix_(idx, cols)]
+        bs = float(self.bs[idx].mean()) if idx.size else float(default_bs)
+        return conf, agree, bs, self.mean_length(idx)
+
+    def seen(self, sites: Sequence[int], last: int, since: int = 0) -> np.ndarray:
+        """How many of the latest `last` inputs each site ran on: [len(sites)]."""
+        idx = self.last(last, since)
+        return (~np.isnan(self.conf[np.ix_(idx, list(sites))])).sum(axis=0)
+
+    def mean_length(self, idx: np.ndarray) -> float | None:
+        lens = self.len[idx]
+        return float(np.nanmean(lens)) if idx.size and not np.isnan(lens).all() else None
+
+    def counterfactual_loss(self, last: int, since: int = 0) -> tuple[float, int]:
+        """(share of the latest inputs the current config would answer wrongly, valid inputs)."""
+        idx = self.last(last, since)
+        valid = self.cf_valid[idx]
+        n = int(valid.sum())
+        return (1.0 - float(self.cf_ok[idx][valid].mean())) if n else 0.0, n
+
+    def change_point(self, constraint: float, since: int = 0) -> tuple[int, float]:
+        """Where the current config's errors began to exceed the constraint: (input number,
+        evidence). The start is the suffix of the window (from `since` on) that maximises
+        sum(wrong - constraint) over its valid inputs (the CUSUM estimate of a change point); the
+        evidence is that excess, in wrong answers."""
+        idx = self.last(self.size, since)
+        valid = self.cf_valid[idx]
+        pos = np.flatnonzero(valid)  # positions in idx, oldest first
+        if not pos.size:
+            return self.written, 0.0
+        wrong = ~self.cf_ok[idx[pos]]
+        excess = np.cumsum(wrong[::-1] - constraint)  # over suffixes of growing length
+        k = int(np.argmax(excess))
+        first = pos[pos.size - 1 - k]  # the oldest input of the best suffix
+        return self.written - (idx.size - first), float(excess[k])
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict[str, Any]:
+        return {
+            "conf": np.where(np.isnan(self.conf), -1.0, self.conf).tolist(),
+            "agree": self.agree.astype(int).tolist(),
+            "bs": self.bs.tolist(),
+            "len": np.where(np.isnan(self.len), -1.0, self.len).tolist(),
+            "correct": self.correct.astype(int).tolist(),
+            "exit": self.exit.tolist(),
+            "batch": self.batch.tolist(),
+            "written": self.written,
+        }
+
+    @classmethod
+    def from_state(cls, w: Mapping[str, Any], size: int, num_sites: int, config: Config) -> "Window":
+        win = cls(size, num_sites)
+        conf = np.asarray(w["conf"], dtype=np.float64)
+        if conf.shape != win.conf.shape:
+            raise ValueError(f"window shape {conf.shape} does not match {win.conf.shape}")
+        win.conf = np.where(conf < 0, np.nan, conf)
+        win.agree = np.asarray(w["agree"], dtype=bool)
+        win.bs = np.asarray(w["bs"], dtype=np.float64)
+        lens = np.asarray(w["len"], dtype=np.float64)
+        win.len = np.where(lens < 0, np.nan, lens)
+        win.correct = np.asarray(w["correct"], dtype=bool)
+        win.exit = np.asarray(w["exit"], dtype=np.int64)
+        win.batch = np.asarray(w["batch"], dtype=np.int64)
+        win.written = int(w["written"])
+        for name in ("agree", "bs", "len", "correct", "exit", "batch"):
+            want = (size, num_sites) if name == "agree" else (size,)
+            if getattr(win, name).shape != want:
+                raise ValueError(f"window field {name} has shape {getattr(win, name).shape}, not {want}")
+        win.refresh(config)
+        return win
