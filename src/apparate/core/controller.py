@@ -128,7 +128,7 @@ class Controller:
         """Take one batch's feedback; return the configuration for the next batch."""
         if fb.sites and max(fb.sites) >= self.profile.num_sites:
             raise ValueError(f"feedback site {max(fb.sites)} beyond the profile's {self.profile.num_sites} sites")
-        self.window.record(fb, self._batches, self._config)
+        wrong = self.window.record(fb, self._batches, self._config)
         self._batches += 1
         self._since_tune += fb.batch_size
 
@@ -136,6 +136,8 @@ class Controller:
         if self._tuned_sites != self._config.sites and self._tune("reconfigured"):
             pass
         elif self._fresh and self._fresh_ready() and self._tune("new ramp has data"):
+            pass
+        elif wrong and self._drifted():
             pass
         elif self._violated():
             self._violations += 1
@@ -168,26 +170,39 @@ class Controller:
         a = s.accuracy_constraint
         return loss > a + s.violation_z * float(np.sqrt(a * (1 - a) / valid)) + 1e-12
 
+    def _drifted(self) -> bool:
+        """After a wrong answer: did the inputs change? If the current thresholds' errors since
+        some recent input exceed twice the constraint by `change_evidence` wrong answers (the
+        change point located against twice the constraint, the likelihood-ratio reference between
+        a loss at the constraint and one three times it, so the old regime's own errors do not
+        pull it back), a new regime starts there and is tuned on its own inputs at once."""
+        s = self.settings
+        start, excess = self.window.change_point(2 * s.accuracy_constraint, self._since)
+        if excess < s.change_evidence or start <= self._since:
+            return False
+        self._since = start
+        self._regime_next = s.min_regime_inputs
+        while self._regime_next <= self._regime_inputs():
+            self._regime_next *= 2
+        self._event("drift", f"errors above the constraint since input {start} "
+                             f"({excess:.1f} wrong beyond twice it): a new regime")
+        self._violation_at = self.window.written
+        if not self._tune("drift"):
+            self._set(self._config.sites, (0.0,) * len(self._config.sites), "emergency",
+                      "too little data in the new regime: thresholds 0")
+            self._since_tune = 0
+        return True
+
     def _on_violation(self) -> None:
         s = self.settings
-        start, excess = self.window.change_point(s.accuracy_constraint, self._since)
-        drift = excess >= s.change_evidence and start > self._since
-        if drift:
-            self._since = start
-            self._regime_next = max(2 * s.min_regime_inputs, 1)
-            self._event("drift", f"errors above the constraint since input {start} "
-                                 f"({excess:.1f} wrong beyond it): a new regime")
         if s.emergency_action != "regime" and self._violations >= s.emergency_after:
             self._emergency()
             return
         # Re-tuning on the same inputs gives the same thresholds: wait for new ones.
-        if not drift and self.window.written - self._violation_at < s.min_regime_inputs:
+        if self.window.written - self._violation_at < s.min_regime_inputs:
             return
         self._violation_at = self.window.written
-        if not self._tune("violation"):
-            firing = tuple(0.0 for _ in self._config.sites)
-            self._set(self._config.sites, firing, "emergency", "too little data in the new regime: thresholds 0")
-            self._since_tune = 0
+        self._tune("violation")
 
     def _regime_grew(self) -> None:
         """Re-tune a young regime each time it doubles, until it fills the window."""

@@ -53,10 +53,10 @@ class Settings:
     violation_z: float = 1.0
     """The current thresholds violate the constraint when their loss on the latest inputs exceeds
     it by this many binomial standard errors (0: any excess, as the artifact)."""
-    change_evidence: float = 3.0
+    change_evidence: float = 2.0
     """On a violation, a change in the inputs is declared where the current thresholds' errors
-    began to exceed the constraint, if they exceed it by at least this many wrong answers since:
-    the thresholds are then tuned on the inputs from there on alone (a new regime)."""
+    began to exceed twice the constraint, if they exceed it by at least this many wrong answers
+    since: the thresholds are then tuned on the inputs from there on alone (a new regime)."""
     min_regime_inputs: int = 16
     """A new regime is tuned on as few as this many inputs (with the margin of so few); fewer, and
     its thresholds are 0 until it has them. It is re-tuned each time it doubles."""
