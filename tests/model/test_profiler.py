@@ -47,3 +47,40 @@ def test_threads_are_restored():
     with num_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_served_ramp_cost_counts_each_active_site(r20_bundle):
+    """Every site gets a positive cost from one served run, and the per-site costs add up to no
+    more than the run's extra time over the bare model (the rest is split, not invented)."""
+    import time
+
+    from apparate.model.profiler import served_ramp_ms
+    from apparate.zoo.cifar_resnet import normalize
+
+    ee = r20_bundle.early_exit_model()
+    model = ee.backbone
+    x = normalize(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8))
+    modules = dict(model.named_modules())
+    with torch.inference_mode():
+        t = time.perf_counter()
+        model(x)
+        bare = (time.perf_counter() - t) * 1e3
+        cost = served_ramp_ms(ee, modules, x, bare)
+    assert cost.shape == (r20_bundle.num_sites,) and np.all(cost > 0)
+    assert not any(modules[s.name]._forward_hooks for s in r20_bundle.sites)  # nothing left attached
+
+
+def test_bench_ramps_reports_every_site(r20_bundle, data_dir):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "apparate", "bench", "ramps", str(r20_bundle.path), "--rounds", "2",
+                          "--inner", "2", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("|") and "layer" in line]
+    assert len(rows) == r20_bundle.num_sites
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        in_model, module, lean = (float(c) for c in cells[3:6])
+        assert in_model > 0 and module > 0 and lean > 0
+    assert "torch threads 1" in out.stdout and "command: apparate bench ramps" in out.stdout
