@@ -11,33 +11,69 @@ backbone's own computation, and hence its final output, is bit-identical to the 
 The hook is the hot path of early exits: it runs once per active ramp per batch, and on a CPU at
 batch 1 a ramp's arithmetic takes microseconds, so everything around it counts. A ramp runs as
 its `Ramp.fast` function (two to four torch ops, no module calls), its confidence and answer are
-read from the logits on the host in one step (`ramps.scorer`), per-batch work (text token
-weights) is done once per batch, and a ramp's result is a small tuple. `apparate bench ramps`
-measures what is left.
+read from the logits on the host (`ramps.scorer`) only when the callback asks (a ramp that
+cannot release anything is scored after the batch, with the others, in one step), per-batch
+work (text token weights) is done once per batch, and a ramp's result is a small object.
+`apparate bench ramps` measures what is left.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from apparate.model.ramps import ConfidenceFn, Ramp, confidence_fn, scorer, token_weights
+from apparate.model.ramps import ConfidenceFn, Ramp, Scorer, confidence_fn, scorer, token_weights
 from apparate.model.sites import ModelInput, Site, call_model, primary_output
 
 
-class RampResult(NamedTuple):
-    """One active ramp's answers for a batch."""
+class RampResult:
+    """One active ramp's answers for a batch: its logits, and its confidence and answer, scored
+    from the logits on first use (a ramp whose answers nobody asks for during the batch, one
+    that cannot release anything, is scored after the batch with the others, in one step)."""
 
-    site: int
-    name: str
-    conf: np.ndarray  # [B] float in [0, 1]
-    pred: np.ndarray  # [B] int64 class index (in the target's label space)
-    logits: torch.Tensor  # [B, classes]
+    __slots__ = ("site", "name", "logits", "_scorer", "_conf", "_pred")
+
+    def __init__(self, site: int, name: str, logits: torch.Tensor, scorer: Scorer) -> None:
+        self.site, self.name, self.logits, self._scorer = site, name, logits, scorer
+        self._conf: np.ndarray | None = None
+        self._pred: np.ndarray | None = None
+
+    @property
+    def scored(self) -> bool:
+        return self._conf is not None
+
+    @property
+    def conf(self) -> np.ndarray:
+        """[B] confidence in [0, 1]."""
+        if self._conf is None:
+            self._conf, self._pred = self._scorer(self.logits)
+        return self._conf
+
+    @property
+    def pred(self) -> np.ndarray:
+        """[B] int64 class index (in the target's label space)."""
+        if self._pred is None:
+            self._conf, self._pred = self._scorer(self.logits)
+        return self._pred  # type: ignore[return-value]
+
+
+def score_all(results: Sequence[RampResult]) -> None:
+    """Score every unscored result in one step (same classes: their logits stack)."""
+    todo = [r for r in results if not r.scored]
+    if not todo:
+        return
+    if len(todo) == 1:
+        todo[0].conf
+        return
+    b = todo[0].logits.shape[0]
+    conf, pred = todo[0]._scorer(torch.cat([r.logits for r in todo]))
+    for k, r in enumerate(todo):
+        r._conf, r._pred = conf[k * b:(k + 1) * b], pred[k * b:(k + 1) * b]
 
 
 @dataclass(frozen=True)
@@ -48,10 +84,12 @@ class EarlyExitOutput:
 
     def conf_matrix(self, sites: Sequence[int]) -> np.ndarray:
         """[B, len(sites)] confidences of the given (active) sites."""
+        score_all([self.ramps[s] for s in sites])
         return np.stack([self.ramps[s].conf for s in sites], axis=1)
 
     def pred_matrix(self, sites: Sequence[int]) -> np.ndarray:
         """[B, len(sites)] answers of the given (active) sites."""
+        score_all([self.ramps[s] for s in sites])
         return np.stack([self.ramps[s].pred for s in sites], axis=1)
 
 
@@ -204,9 +242,7 @@ class EarlyExitModel(nn.Module):
             if call is None or index not in call.active:
                 return None
             h = output if type(output) is torch.Tensor else primary_output(output)
-            logits = fasts[index](h, call)
-            conf, pred = score(logits)
-            result = RampResult(index, name, conf, pred, logits)
+            result = RampResult(index, name, fasts[index](h, call), score)
             call.results.append(result)
             if call.callback is not None:
                 call.callback(result)

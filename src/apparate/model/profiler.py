@@ -137,8 +137,6 @@ def served_ramp_ms(ee: EarlyExitModel, modules: dict[str, nn.Module], x: ModelIn
     start = np.zeros(S)
     end = np.zeros(S)
     n = _batch_len(x)
-    conf = np.zeros((n, S))
-    pred = np.zeros((n, S), dtype=np.int64)
     pending = np.ones(n, dtype=bool)
 
     def stamp(i: int) -> Callable:
@@ -146,10 +144,11 @@ def served_ramp_ms(ee: EarlyExitModel, modules: dict[str, nn.Module], x: ModelIn
             start[i] = time.perf_counter()
         return hook
 
-    def on_ramp(r: Any) -> None:  # what serve.executor does when nothing is released
-        conf[:, r.site] = r.conf
-        pred[:, r.site] = r.pred
-        np.flatnonzero(pending & ((1.0 - conf[:, r.site]) < 1e-12))
+    def on_ramp(r: Any) -> None:  # what serve.executor does for a ramp that may release, when none fires
+        if n == 1:
+            _ = pending[0] and 1.0 - float(r.conf[0]) < 1e-12
+        else:
+            np.flatnonzero(pending & ((1.0 - r.conf.astype(np.float64)) < 1e-12))
         end[r.site] = time.perf_counter()
 
     handles = [modules[s.name].register_forward_hook(stamp(s.index), prepend=True) for s in ee.sites]

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from apparate.core.controller import Config
+from apparate.model.early_exit import score_all
 from apparate.model.sites import primary_output
 
 from .model_io import ServedModel
@@ -169,7 +170,6 @@ class Executor:
         n = len(batch)
         R = len(cfg.sites)
         pos = {s: j for j, s in enumerate(cfg.sites)}
-        thr = np.asarray(cfg.thresholds, dtype=np.float64)
         conf = np.zeros((n, R))
         pred = np.zeros((n, R), dtype=np.int64)
         ran = np.zeros(R, dtype=bool)
@@ -181,19 +181,25 @@ class Executor:
         rel_s = np.zeros(R)  # time spent handing answers over, per ramp (not the ramp's own cost)
         clock = self.clock
 
+        thr_of = cfg.thresholds
+
         def on_ramp(r: Any) -> None:
             j = pos[r.site]
-            conf[:, j] = r.conf  # float64: the release test must be the controller's, bit for bit
-            pred[:, j] = r.pred
             ran[j] = True
-            if thr[j] > 0:
-                idx = np.flatnonzero(pending & ((1.0 - conf[:, j]) < thr[j]))
-                if idx.size:
-                    pending[idx] = False
-                    exit_pos[idx] = j
+            t = thr_of[j]
+            if t > 0:  # only a ramp that can release is scored now; the rest after the batch
+                # float64, as the controller tests it: the same decision, bit for bit
+                if n == 1:  # the common case under light load: scalars cost less than arrays
+                    idx = (0,) if pending[0] and 1.0 - float(r.conf[0]) < t else ()
+                else:
+                    idx = np.flatnonzero(pending & ((1.0 - r.conf.astype(np.float64)) < t))
+                if len(idx):
+                    pending[list(idx)] = False
+                    exit_pos[list(idx)] = j
                     now = clock()
-                    release_t[idx] = now
-                    self.release([(batch[i], self._answer(batch[i], int(pred[i, j]), float(conf[i, j]), r.site, True,
+                    release_t[list(idx)] = now
+                    c, p = r.conf, r.pred
+                    self.release([(batch[i], self._answer(batch[i], int(p[i]), float(c[i]), r.site, True,
                                                           t_start, now, n, cfg.version)) for i in idx])
                     rel_s[j] = clock() - now
             hook_end[j] = clock()
@@ -239,6 +245,11 @@ class Executor:
             self.release([(batch[i], self._answer(batch[i], int(final_pred[i]), float(fconf[i]), -1, False,
                                                   t_start, now, n, cfg.version)) for i in rest])
         t_end = clock()
+        results = [out.ramps[s] for s in cfg.sites if s in out.ramps]
+        score_all(results)  # the ramps that could not release, in one step, after every answer is out
+        for r in results:
+            conf[:, pos[r.site]] = r.conf
+            pred[:, pos[r.site]] = r.pred
 
         agree = pred == final_pred[:, None]
         rel_agree = np.ones(n, dtype=bool)
