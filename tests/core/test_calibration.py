@@ -63,33 +63,36 @@ def test_a_perfect_run_is_trusted_only_as_far_as_its_size():
 
 def test_tuning_target_spends_more_of_the_constraint_on_larger_windows():
     a = 0.01
-    targets = [tuning_target(a, n, 1.0) for n in (64, 256, 1024, 10**6)]
+    targets = [tuning_target(a, n, 3.0) for n in (64, 256, 1024, 10**7)]
     assert all(x < y for x, y in zip(targets, targets[1:])) and targets[-1] == pytest.approx(a, abs=1e-4)
-    assert tuning_target(a, 1024, 1.0) == pytest.approx(a - np.sqrt(a * (1 - a) / 1024))
-    assert tuning_target(a, 1024, 0.0) == a and tuning_target(a, 4, 5.0) == 0.0
+    for n, z in ((1024, 3.0), (256, 1.0), (50, 2.0)):  # its upper confidence bound is the constraint
+        t = tuning_target(a, n, z)
+        assert t + z * np.sqrt(t * (1 - t) / n) == pytest.approx(a, rel=1e-9)
+    assert tuning_target(a, 1024, 0.0) == a and tuning_target(a, 0, 3.0) == 0.0
     with pytest.raises(ValueError):
         tuning_target(a, 100, -1.0)
     with pytest.raises(ValueError):
         isotonic_agreement(np.ones((3, 1)), np.ones((3, 1), bool), prior=-1)
 
 
-def test_calibrated_tuning_keeps_fresh_inputs_within_the_constraint_and_spends_it():
+def test_calibrated_tuning_keeps_fresh_inputs_within_the_constraint_near_the_best_tradeoff():
     """Tuned on 1,024-input windows, the thresholds meet the constraint on fresh inputs of the same
-    distribution on average, for most of the win of thresholds tuned on 40x the data; raw 0/1
-    agreement, tuned on the same windows, breaks the constraint out of sample."""
+    distribution, and win nearly as much latency as thresholds tuned on 40x the data for the same
+    loss (the margin trades win for safety, it wastes little); raw 0/1 agreement, tuned on the
+    same windows without a margin, breaks the constraint out of sample."""
     R = 5
     table = LatencyProfile.linear(R, ramp_fraction=0.005).table(1, list(range(R)))
     s = Settings()
     fresh = synthetic_window(40_000, R, seed=999)
-    ideal = simulate(*fresh, greedy_thresholds(*fresh, table, s.accuracy_constraint).thresholds, table).win
     ours, raw = [], []
     for seed in range(12):
         c, a = synthetic_window(1024, R, seed=seed)
-        for kind, out in (("isotonic", ours), ("raw", raw)):
-            res = tune(c, a, table, s.replace(agreement=kind))
+        for kind, z, out in (("isotonic", s.margin_z, ours), ("raw", 0.0, raw)):
+            res = tune(c, a, table, s.replace(agreement=kind, margin_z=z))
             ev = simulate(*fresh, res.thresholds, table)
             out.append((1 - ev.accuracy, ev.win))
     loss, win = np.mean(ours, axis=0)
-    assert loss <= s.accuracy_constraint
+    assert 0 < loss <= s.accuracy_constraint
+    ideal = simulate(*fresh, greedy_thresholds(*fresh, table, loss).thresholds, table).win
     assert win >= 0.9 * ideal
     assert np.mean(raw, axis=0)[0] > s.accuracy_constraint

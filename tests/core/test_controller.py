@@ -95,9 +95,9 @@ def test_stays_within_the_constraint_on_a_drifting_stream_and_wins_most_of_the_h
     assert win >= 0.6 * best > 0.05
 
 
-def test_harder_inputs_lower_the_thresholds():
+def test_inputs_the_ramps_misjudge_lower_the_thresholds():
     easy = synthetic_recording(3000, S, seed=8, difficulty=-0.2)
-    hard = synthetic_recording(3000, S, seed=9, difficulty=0.5)
+    hard = synthetic_recording(3000, S, seed=9, difficulty=-0.2, overconfidence=0.15)  # same confidence, less right
     ctl = Controller(PROFILE, FAST.replace(adjust_every_batches=10_000), Config((3, 6), (0.0, 0.0)))
     feed(ctl, easy, [8] * 375)
     t_easy = np.array(ctl.config.thresholds)
@@ -105,7 +105,7 @@ def test_harder_inputs_lower_the_thresholds():
     feed(ctl, hard, [8] * 375)
     t_hard = np.array(ctl.config.thresholds)
     assert np.all(t_hard <= t_easy) and np.any(t_hard < t_easy)
-    assert any(e.kind == "tune" and e.detail.startswith(("violation", "emergency")) for e in ctl.events)
+    assert any(e.kind == "drift" or (e.kind == "tune" and e.detail.startswith("violation")) for e in ctl.events)
 
 
 def test_a_useless_ramp_is_removed_and_capacity_moves_deeper():

@@ -9,9 +9,9 @@ keep the tuner honest:
    each pooled block shrunk toward the ramp's mean agreement by `prior` pseudo-observations. A
    block is then only as trustworthy as its size: a run of 20 confident answers that all agree
    counts as ~0.99, not 1, and a lucky gap between two wrong answers is pooled away.
-2. `tuning_target`: the loss the search may spend is the constraint minus `z` binomial standard
-   errors of a loss at the constraint over the window, `z * sqrt(A (1 - A) / n)`: a large window
-   spends nearly all of the constraint, a small one keeps a margin against its own noise.
+2. `tuning_target`: the loss the search may spend is the largest loss whose upper confidence
+   bound, `z` binomial standard errors above it over the window's n inputs, stays within the
+   constraint: a large window spends most of it, a small one keeps a margin against its noise.
 
 Measured on synthetic windows (5 ramps, constraint 1%, `scratch` reproduction in
 `tests/core/test_calibration.py`): tuned on 1,024 inputs with prior 4 and z = 1 the loss on fresh
@@ -72,12 +72,18 @@ def isotonic_agreement(conf: np.ndarray, agree: np.ndarray, prior: float = 4.0) 
 
 
 def tuning_target(constraint: float, n: int, z: float) -> float:
-    """Loss the threshold search may spend on a window of `n` inputs: the constraint less `z`
-    binomial standard errors of a loss at the constraint over `n` inputs (never below 0)."""
+    """Loss the threshold search may spend on a window of `n` inputs: the largest loss L whose
+    upper confidence bound L + z sqrt(L (1 - L) / n) stays within the constraint (0 for n = 0)."""
     if not 0 <= constraint < 1:
         raise ValueError(f"constraint must be in [0, 1), got {constraint}")
     if z < 0:
         raise ValueError(f"z must be >= 0, got {z}")
     if n <= 0:
         return 0.0
-    return max(constraint - z * float(np.sqrt(constraint * (1 - constraint) / n)), 0.0)
+    if z == 0 or constraint == 0:
+        return constraint
+    # L + k sqrt(L (1 - L)) = A with k = z / sqrt(n): squaring, (1 + k^2) L^2 - (2A + k^2) L + A^2 = 0,
+    # the smaller root
+    k2 = z * z / n
+    a, b, c = 1.0 + k2, -(2.0 * constraint + k2), constraint * constraint
+    return max((-b - float(np.sqrt(b * b - 4 * a * c))) / (2 * a), 0.0)

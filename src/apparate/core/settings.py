@@ -16,10 +16,12 @@ class Settings:
     # --- accuracy -------------------------------------------------------------------------
     accuracy_constraint: float = 0.01
     """A: max share of released answers that may differ from the original model's (1%)."""
-    margin_z: float = 1.0
-    """Thresholds are tuned to A less this many binomial standard errors of a loss at A over the
-    tuning window (notes A5): A - z sqrt(A (1 - A) / n), 0.31% for A = 1% on 1,024 inputs. The
-    artifact's comments say 0.5%, its code effectively 0.01%. See core/calibration."""
+    margin_z: float = 3.0
+    """Thresholds are tuned to the largest loss L whose upper confidence bound, L + z sqrt(L (1 - L)
+    / n) over the tuning window's n inputs, is within A (notes A5): 0.41% for A = 1% on 1,024
+    inputs, 0.19% on 256. Tuned thresholds lose 1.5-2x more on the next inputs than on the window
+    they were tuned on (selection and drift, measured on the real recordings: docs/core.md), so z
+    is large. The artifact's comments say A - 0.5%, its code effectively A - 0.01%."""
 
     # --- ramp budget ------------------------------------------------------------------------
     ramp_budget: float = 0.02

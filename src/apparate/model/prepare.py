@@ -46,7 +46,7 @@ DEFAULT_BOOTSTRAP = {"image": 5000, "text": 2000}
 def prepare_workload(workload: Any, out: str | os.PathLike, options: PrepareOptions = PrepareOptions(),
                      log: Log = print) -> Bundle:
     """Prepare a `Workload` and write its bundle to `out`."""
-    n = options.bootstrap or DEFAULT_BOOTSTRAP.get(workload.kind, 2000)
+    n = options.bootstrap or getattr(workload, "bootstrap_size", None) or DEFAULT_BOOTSTRAP.get(workload.kind, 2000)
     stream = workload.stream(workload.bootstrap_stream, seed=options.seed, n=n)
     extra = {"workload": workload.name, "bootstrap_stream": workload.bootstrap_stream,
              "description": workload.description}

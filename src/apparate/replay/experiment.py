@@ -64,9 +64,14 @@ class ExperimentResult:
     phases: np.ndarray | None = None
 
 
+# Part of the cache key of prepared bundles: bump it when preparation changes what it makes (the
+# profile's ramp costs, default bootstrap sizes), so that stale bundles are not reused.
+PREPARATION_VERSION = 2
+
+
 def _bundle_dir(spec: ExperimentSpec, ramp: str | None) -> Path:
     tag = (f"{spec.workload}-{ramp or 'default'}-b{spec.bootstrap or 'default'}-s{spec.seed}"
-           f"-p{spec.profile_max_batch or 'default'}")
+           f"-p{spec.profile_max_batch or 'default'}-v{PREPARATION_VERSION}")
     return cache_dir("bundles") / tag
 
 

@@ -86,6 +86,7 @@ class Workload:
     label_map: tuple[int, ...] | None = None
     site_names: list[str] | None = None  # None: discover
     profile_lengths: tuple[int, ...] | None = None  # token buckets for text
+    bootstrap_size: int | None = None  # bootstrap inputs when preparing (None: the kind's default)
     source: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # e.g. the sentiment model's dev accuracy
