@@ -65,7 +65,7 @@ def test_served_ramp_cost_counts_each_active_site(r20_bundle):
         t = time.perf_counter()
         model(x)
         bare = (time.perf_counter() - t) * 1e3
-        cost = served_ramp_ms(ee, modules, x, bare)
+        cost = served_ramp_ms(ee, x, bare)
     assert cost.shape == (r20_bundle.num_sites,) and np.all(cost > 0)
     assert not any(modules[s.name]._forward_hooks for s in r20_bundle.sites)  # nothing left attached
 

@@ -87,10 +87,14 @@ def run(args: argparse.Namespace) -> int:
 
     def served() -> tuple[float, np.ndarray]:
         b = bare()
-        return b, served_ramp_ms(ee, modules, x, b)
+        return b, served_ramp_ms(ee, x, b)
 
-    def whole() -> float:
-        return timed(lambda: ee(x, active=range(S), on_ramp=lambda r: None))
+    def whole() -> float:  # hooks attached beforehand, as served
+        ee.set_active(range(S))
+        try:
+            return timed(lambda: ee(x, on_ramp=lambda r: r.conf))
+        finally:
+            ee.set_active(())
 
     def module_ms(i: int) -> float:
         return timed(lambda: score(bundle.ramps[i](acts[i], mask), ee.confidence), args.inner)

@@ -20,6 +20,7 @@ work (text token weights) is done once per batch, and a ramp's result is a small
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -49,7 +50,7 @@ class RampResult:
 
     @property
     def conf(self) -> np.ndarray:
-        """[B] confidence in [0, 1]."""
+        """[B] confidence in [0, 1] (float64; a one-element tuple for a batch of one)."""
         if self._conf is None:
             self._conf, self._pred = self._scorer(self.logits)
         return self._conf
@@ -96,15 +97,16 @@ class EarlyExitOutput:
 class _Call:
     """What the hooks need during one forward on one thread."""
 
-    __slots__ = ("active", "results", "callback", "mask", "weights")
+    __slots__ = ("active", "results", "callback", "mask", "weights", "stamps")
 
     def __init__(self, active: frozenset[int], callback: Any, mask: torch.Tensor | None,
-                 weights: torch.Tensor | None) -> None:
+                 weights: torch.Tensor | None, stamps: Any) -> None:
         self.active = active
         self.results: list[RampResult] = []
         self.callback = callback
         self.mask = mask
         self.weights = weights  # text token weights for mean ramps, once per batch
+        self.stamps = stamps  # per site: the clock when its module ended, before its ramp
 
 
 def _fast_for(ramp: nn.Module) -> Callable[[torch.Tensor, _Call], torch.Tensor]:
@@ -195,17 +197,19 @@ class EarlyExitModel(nn.Module):
         return pred
 
     def forward(self, inputs: ModelInput, on_ramp: RampCallback | None = None,
-                active: Iterable[int] | None = None) -> EarlyExitOutput:
+                active: Iterable[int] | None = None, stamps: Any = None) -> EarlyExitOutput:
         """Run one batch. `on_ramp` is called once per active ramp, as soon as it has run.
 
         `active` overrides the active set for this call only (e.g. all sites when recording).
+        `stamps`, an array indexed by site, receives `time.perf_counter()` when each active site's
+        module ends, before its ramp runs (what a server times its stages by, at no extra hook).
         """
         act = self._active if active is None else tuple(sorted({int(s) for s in active}))
         if act and (act[0] < 0 or act[-1] >= len(self.sites)):
             raise ValueError(f"site index out of range 0..{len(self.sites) - 1}: {list(act)}")
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
         weights = token_weights(mask) if mask is not None and self._token_sites.intersection(act) else None
-        call = self._local.call = _Call(frozenset(act), on_ramp, mask, weights)
+        call = self._local.call = _Call(frozenset(act), on_ramp, mask, weights, stamps)
         self._attach(act)
         try:
             with torch.inference_mode():
@@ -235,12 +239,14 @@ class EarlyExitModel(nn.Module):
 
     def _make_hook(self, site: Site) -> Callable:
         index, name, local = site.index, site.name, self._local
-        fasts, score = self._fast, self._score
+        fasts, score, clock = self._fast, self._score, time.perf_counter
 
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             call = getattr(local, "call", None)
             if call is None or index not in call.active:
                 return None
+            if call.stamps is not None:
+                call.stamps[index] = clock()
             h = output if type(output) is torch.Tensor else primary_output(output)
             result = RampResult(index, name, fasts[index](h, call), score)
             call.results.append(result)

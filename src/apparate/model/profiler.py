@@ -105,7 +105,7 @@ def profile_latency(
                 x = inputs[(li, bi)]
                 van = _once_ms(lambda: call_model(backbone, x))
                 stamps, _ = _site_times(backbone, modules, sites, x)
-                ramp = served_ramp_ms(ee, modules, x, van) if ee is not None else np.zeros(0)
+                ramp = served_ramp_ms(ee, x, van) if ee is not None else np.zeros(0)
                 if rnd >= warmup:
                     van_runs[(li, bi)].append(van)
                     site_runs[(li, bi)].append(stamps)
@@ -128,10 +128,10 @@ def profile_latency(
         lengths=np.asarray([1] if lens == [None] else lens), site_names=tuple(s.name for s in sites))
 
 
-def served_ramp_ms(ee: EarlyExitModel, modules: dict[str, nn.Module], x: ModelInput, bare_ms: float) -> np.ndarray:
-    """Each site's ramp cost (ms) in one run with every ramp active, as a server pays it: the time
-    from the site's module end (a clock hook placed before the ramp's, as the server's) to the end
-    of a release callback that stores the ramp's answers and tests them against a threshold, plus
+def served_ramp_ms(ee: EarlyExitModel, x: ModelInput, bare_ms: float) -> np.ndarray:
+    """Each site's ramp cost (ms) in one run with every ramp active, as a server pays it: hooks
+    attached beforehand (as a server keeps them between batches), the time from the site's module
+    end to the end of a release callback that tests the ramp's answers against a threshold, plus
     an equal share of the run's remaining cost over the bare model (`bare_ms`)."""
     S = ee.num_sites
     start = np.zeros(S)
@@ -139,24 +139,19 @@ def served_ramp_ms(ee: EarlyExitModel, modules: dict[str, nn.Module], x: ModelIn
     n = _batch_len(x)
     pending = np.ones(n, dtype=bool)
 
-    def stamp(i: int) -> Callable:
-        def hook(_m: nn.Module, _i: Any, _o: Any) -> None:
-            start[i] = time.perf_counter()
-        return hook
-
     def on_ramp(r: Any) -> None:  # what serve.executor does for a ramp that may release, when none fires
         if n == 1:
             _ = pending[0] and 1.0 - float(r.conf[0]) < 1e-12
         else:
-            np.flatnonzero(pending & ((1.0 - r.conf.astype(np.float64)) < 1e-12))
+            np.flatnonzero(pending & ((1.0 - r.conf) < 1e-12))
         end[r.site] = time.perf_counter()
 
-    handles = [modules[s.name].register_forward_hook(stamp(s.index), prepend=True) for s in ee.sites]
+    before = ee.active
+    ee.set_active(range(S))
     try:
-        total = _once_ms(lambda: ee(x, active=range(S), on_ramp=on_ramp))
+        total = _once_ms(lambda: ee(x, on_ramp=on_ramp, stamps=start))
     finally:
-        for h in handles:
-            h.remove()
+        ee.set_active(before)
     inside = np.maximum(end - start, 0.0) * 1e3
     rest = max(total - bare_ms - float(inside.sum()), 0.0)
     return inside + rest / S

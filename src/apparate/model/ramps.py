@@ -19,6 +19,7 @@ Kinds:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -105,16 +106,20 @@ class Ramp(nn.Module):
 
     def fast(self) -> "FastRamp":
         """The same function as `forward`, as the serving hot path runs it: no module calls, two
-        to four torch ops, the weights captured as views of the parameters (so loading new weights
-        in place keeps it current). Text `mean` ramps take the batch's token weights, computed
-        once per batch (`token_weights`) instead of once per ramp. Equal to `forward` up to float
+        to four torch ops. Text `mean` ramps take the batch's token weights, computed once per
+        batch (`token_weights`) instead of once per ramp. Equal to `forward` up to float
         rounding."""
         k = self.spec.kind
+        # Pooling as a sum with the 1/area folded into the weights: a sum costs less than a mean
+        # inside the model (measured, `apparate bench ramps`). The scaled weights are a copy: fast
+        # functions are rebuilt when weights change (EarlyExitModel.set_ramp, load_bundle).
         if k == "conv":
             conv, lin = self.head[0], self.head[-1]
             cw, cb, stride = conv.weight.detach(), conv.bias.detach(), conv.stride
-            wt, b = lin.weight.detach().t(), lin.bias.detach()
-            return lambda h, w: torch.addmm(b, F.conv2d(h, cw, cb, stride, 1).relu_().mean((2, 3)), wt)
+            h_out = (self.spec.in_shape[1] + 2 - 3) // stride[0] + 1
+            w_out = (self.spec.in_shape[2] + 2 - 3) // stride[1] + 1
+            ws, b = (lin.weight.detach().t() / (h_out * w_out)).contiguous(), lin.bias.detach()
+            return lambda h, w: torch.addmm(b, F.conv2d(h, cw, cb, stride, 1).relu_().sum((2, 3)), ws)
         if k == "deebert":
             d1, d2 = self.head[0], self.head[-1]
             w1, b1, w2, b2 = d1.weight.detach().t(), d1.bias.detach(), d2.weight.detach().t(), d2.bias.detach()
@@ -122,7 +127,9 @@ class Ramp(nn.Module):
         wt, b = self.head.weight.detach().t(), self.head.bias.detach()
         if k == "pool":
             if len(self.spec.in_shape) == 3:
-                return lambda h, w: torch.addmm(b, h.mean((2, 3)), wt)
+                area = self.spec.in_shape[1] * self.spec.in_shape[2]
+                ws = (wt / area).contiguous()
+                return lambda h, w: torch.addmm(b, h.sum((2, 3)), ws)
             return lambda h, w: torch.addmm(b, h.flatten(1), wt)
         if k == "mean":
             return lambda h, w: torch.addmm(b, h.mean(1) if w is None else torch.bmm(w, h).squeeze(1), wt)
@@ -199,15 +206,26 @@ Scorer = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
 
 def scorer(fn: ConfidenceFn) -> Scorer:
-    """logits -> (confidence [B] float32, class [B] int64) as numpy arrays, for the hot path.
+    """logits -> (confidence [B] float64, class [B] int64), for the hot path: numpy arrays, or
+    one-element tuples of Python numbers for a batch of one.
 
     Max softmax is read from the logits on the host without a softmax: 1 / sum(exp(l - max)),
-    for two classes the logistic of the logit gap. Numpy on a few numbers costs less than torch
-    ops do, and on the CPU `.numpy()` shares the memory (the one host transfer of a ramp). Other
-    confidences go through `score`."""
+    for two classes the logistic of the logit gap. A batch of one is scored in plain Python
+    floats (inside the model a numpy call costs ~10 us there, several times its work), larger
+    ones with numpy; on the CPU `.numpy()` and `.tolist()` read the logits in place, the one
+    host transfer of a ramp. Other confidences go through `score`."""
     if fn is max_softmax:
         def fast(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-            x = logits.numpy() if logits.device.type == "cpu" else logits.cpu().numpy()
+            if logits.device.type != "cpu":
+                logits = logits.cpu()
+            if logits.shape[0] == 1:  # one-element tuples: making arrays costs more than the math here
+                row = logits.tolist()[0]
+                if len(row) == 2:
+                    d = row[1] - row[0]
+                    return (1.0 / (1.0 + math.exp(-abs(d))),), (int(d > 0),)  # type: ignore[return-value]
+                top = max(row)
+                return (1.0 / sum(math.exp(v - top) for v in row),), (row.index(top),)  # type: ignore[return-value]
+            x = logits.numpy().astype(np.float64)
             if x.shape[1] == 2:
                 d = x[:, 1] - x[:, 0]
                 return 1.0 / (1.0 + np.exp(-np.abs(d))), (d > 0).astype(np.int64)
@@ -217,5 +235,5 @@ def scorer(fn: ConfidenceFn) -> Scorer:
 
     def general(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         conf, pred = score(logits, fn)
-        return conf.cpu().numpy(), pred.cpu().numpy()
+        return conf.cpu().numpy().astype(np.float64), pred.cpu().numpy()
     return general

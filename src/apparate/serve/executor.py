@@ -6,8 +6,8 @@ HTTP clients get the response while the batch continues), the rest when the mode
 is released at most once, at the first active ramp that fires: exactly the rule
 `core.exits.first_exit` applies, so what was served and what the controller evaluates agree.
 
-Measured stage times come from clock-reading hooks placed before the ramps' hooks on the active
-sites' modules: the cumulative backbone time to each active site (ramp and release time
+Measured stage times come from the clock the EarlyExitModel reads as each active site's module
+ends, before its ramp: the cumulative backbone time to each active site (ramp and release time
 subtracted), each active ramp's own cost, the whole backbone, and the engine's own overhead. They go with the
 batch's feedback to the control thread, which moves the LatencyProfile toward them.
 
@@ -82,48 +82,29 @@ def final_confidence(logits: Any, label_map: Any, num_classes: int) -> Any:
 
 
 class Executor:
-    def __init__(self, served: ServedModel, release: Release, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, served: ServedModel, release: Release):
         import torch
 
         self.served = served
         self.ee = served.ee
         self.release = release
-        self.clock = clock
+        self.clock = time.perf_counter  # the EarlyExitModel's stamps use the same clock
         self._label_map = None if served.label_map is None else torch.as_tensor(list(served.label_map), dtype=torch.long)
-        self._stamps: np.ndarray | None = None  # set while a timed batch runs
         self.ramp_failures = 0
         self.model_failures = 0
-        self._modules = dict(self.ee.backbone.named_modules())
-        self._handles: list[Any] = []
-        self._stamped: tuple[int, ...] | None = None
+        self._active: tuple[int, ...] | None = None
 
     def _use_sites(self, sites: tuple[int, ...]) -> None:
         """On a configuration change: make `sites` the model's active set, so that their ramp hooks
-        stay attached between batches, and put clock hooks on their modules only (registered
-        with prepend, they run when the site's module ends, before its ramp starts). Inactive
-        sites need no clock: the profile scales them with the measured backbone."""
-        if sites == self._stamped:
-            return
-        self.close()
-        self.ee.set_active(sites)
-        for s in sites:
-            site = self.ee.sites[s]
-            self._handles.append(self._modules[site.name].register_forward_hook(self._stamp_hook(site.index),
-                                                                                prepend=True))
-        self._stamped = sites
-
-    def _stamp_hook(self, index: int) -> Callable:
-        def hook(_m: Any, _i: Any, _o: Any) -> None:
-            stamps = self._stamps
-            if stamps is not None:
-                stamps[index] = self.clock()
-        return hook
+        stay attached between batches (attaching them per batch costs more than the ramps)."""
+        if sites != self._active:
+            self.ee.set_active(sites)
+            self._active = sites
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._stamped = None
+        """Detach the ramps (the backbone is then the bare model again)."""
+        self.ee.set_active(())
+        self._active = None
 
     # ------------------------------------------------------------------------------------------
     def warm_up(self, sizes: Sequence[int], sites: Sequence[int]) -> None:
@@ -192,7 +173,7 @@ class Executor:
                 if n == 1:  # the common case under light load: scalars cost less than arrays
                     idx = (0,) if pending[0] and 1.0 - float(r.conf[0]) < t else ()
                 else:
-                    idx = np.flatnonzero(pending & ((1.0 - r.conf.astype(np.float64)) < t))
+                    idx = np.flatnonzero(pending & ((1.0 - r.conf) < t))
                 if len(idx):
                     pending[list(idx)] = False
                     exit_pos[list(idx)] = j
@@ -211,13 +192,11 @@ class Executor:
             return self._fail(batch, pending, e)
         feedback = True
         self._use_sites(cfg.sites)
-        self._stamps = site_end
         try:
             t0 = clock()
-            out = self.ee(x, on_ramp=on_ramp, active=cfg.sites)
+            out = self.ee(x, on_ramp=on_ramp, active=cfg.sites, stamps=site_end)
             t1 = clock()
         except Exception as e:  # noqa: BLE001
-            self._stamps = None
             if not R:
                 return self._fail(batch, pending, e)
             site_end[:] = np.nan  # the failed run's times are not this batch's
@@ -233,8 +212,6 @@ class Executor:
             log.error("a ramp failed (active %s): %s: %s; this batch is served without early exits",
                       list(cfg.sites), type(e).__name__, e)
             self.on_error("ramp")
-        finally:
-            self._stamps = None
 
         final_pred = out.final_pred.numpy()
         fconf = final_confidence(primary_output(out.final), self._label_map, self.served.num_classes).numpy()
