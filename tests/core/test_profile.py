@@ -113,3 +113,13 @@ def test_exit_latencies_grow_with_depth(bs, sites):
     t = p.table(bs, sorted(sites))
     assert np.all(np.diff(t.all_ms) > 0)
     assert t.end_ms >= t.vanilla_ms
+
+
+def test_another_preparations_ramps_on_this_backbone_clock():
+    a = LatencyProfile.linear(4, vanilla_ms=10.0, ramp_fraction=0.01)
+    b = LatencyProfile.linear(4, vanilla_ms=20.0, ramp_fraction=0.03)  # measured on a busier moment
+    c = b.with_backbone_of(a)
+    assert np.array_equal(c.site_ms, a.site_ms) and np.array_equal(c.vanilla_ms, a.vanilla_ms)
+    assert np.allclose(c.site_overheads(1), b.site_overheads(1))  # each ramp's share of a pass is kept
+    with pytest.raises(ValueError, match="grid"):
+        b.with_backbone_of(LatencyProfile.linear(5))

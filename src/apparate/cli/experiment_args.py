@@ -33,6 +33,9 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
                    help="override a controller setting (any field of apparate.core.settings.Settings, "
                         "see docs/core.md), e.g. --set agreement=raw; repeatable")
     p.add_argument("--bootstrap", type=int, help="bootstrap inputs when preparing a bundle")
+    p.add_argument("--stream-bootstrap", type=float, default=0.0, metavar="SHARE",
+                   help="place Apparate's ramps on this first share of the stream (the paper's bootstrap, e.g. 0.1), "
+                        "which is then not replayed; default: the bundle's held-out bootstrap inputs")
     p.add_argument("--threads", type=int, help="torch threads when preparing and recording")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-policy lines")
 
@@ -49,7 +52,8 @@ def spec_from_args(args: argparse.Namespace, policies=None):
         workload=args.workload, data_dir=args.data_dir, bundle=args.bundle, deebert_bundle=args.deebert_bundle,
         stream=args.stream, n=args.n, seed=args.seed, trace=args.trace, rate=args.rate, cv=args.cv,
         slo_ms=args.slo_ms, slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
-        settings=settings, policies=policies, bootstrap=args.bootstrap, threads=args.threads,
+        settings=settings, policies=policies, bootstrap=args.bootstrap, stream_bootstrap=args.stream_bootstrap,
+        threads=args.threads,
         progress=not args.no_progress)
 
 

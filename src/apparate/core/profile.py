@@ -278,6 +278,16 @@ class LatencyProfile:
         site = np.minimum(np.maximum.accumulate(site, axis=2), van[..., None])
         return LatencyProfile(self.batch_sizes, site, ramp, van, self.lengths, self.site_names)
 
+    def with_backbone_of(self, other: "LatencyProfile") -> "LatencyProfile":
+        """This profile's ramps on `other`'s backbone timings: for two preparations of the same
+        model (other ramps) measured at different moments, so that they compare on one clock.
+        Ramp costs are scaled by the ratio of the two bare-model times, cell by cell."""
+        if (other.site_ms.shape != self.site_ms.shape or not np.array_equal(other.batch_sizes, self.batch_sizes)
+                or not np.array_equal(other.lengths, self.lengths)):
+            raise ValueError("the two profiles differ in sites, batch sizes or lengths: not the same backbone grid")
+        ramp = self.ramp_ms * (other.vanilla_ms / self.vanilla_ms)[..., None]
+        return LatencyProfile(other.batch_sizes, other.site_ms, ramp, other.vanilla_ms, other.lengths, self.site_names)
+
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         return {

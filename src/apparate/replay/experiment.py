@@ -50,6 +50,8 @@ class ExperimentSpec:
     settings: Settings = field(default_factory=Settings)
     policies: tuple[str, ...] | None = None  # default: all that apply
     bootstrap: int | None = None
+    stream_bootstrap: float = 0.0  # > 0: place Apparate's ramps on this first share of the stream (the
+    # paper's bootstrap), which is then not replayed; 0: on the bundle's held-out bootstrap inputs
     profile_max_batch: int | None = None  # largest batch profiled when preparing (default: max(64, max_batch))
     threads: int | None = None
     progress: bool = True
@@ -157,7 +159,8 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
         if any(family_of(p) == "deebert" for p in wants):
             deb = load_or_prepare(spec.workload, spec.data_dir, spec.deebert_bundle, "deebert", spec, log)
             drec = load_or_record(deb, stream, spec.n, spec.seed, spec, log)
-            families["deebert"] = RampFamily(deb.recording, drec, deb.profile)
+            # one clock for both: the same backbone, timed once (the light bundle's measurement)
+            families["deebert"] = RampFamily(deb.recording, drec, deb.profile.with_backbone_of(light.profile))
     else:
         wants = spec.policies or DEFAULT_POLICIES
     unknown = [p for p in wants if p not in POLICIES]
@@ -167,7 +170,14 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
     n0 = families["light"].evaluation.num_inputs
     n = n0 if spec.n is None else min(spec.n, n0)
     # Every policy sees exactly the replayed inputs (the opt variants are tuned on them).
-    families = {k: RampFamily(f.bootstrap, f.evaluation.take(slice(0, n)), f.profile) for k, f in families.items()}
+    k = int(round(spec.stream_bootstrap * n))
+    if not 0 <= k < n:
+        raise ValueError(f"stream_bootstrap must leave inputs to replay, got {spec.stream_bootstrap}")
+    families = {name: RampFamily(f.evaluation.take(slice(0, k)) if k else f.bootstrap, f.evaluation.take(slice(k, n)),
+                                 f.profile) for name, f in families.items()}
+    if phases is not None:
+        phases = phases[k:]
+    n -= k
     light = families["light"]
     arrivals = make_trace(spec, n)
     lengths = light.evaluation.lengths
@@ -179,7 +189,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
                          batcher, slo)
     serving = serving_point(vanilla_run, lengths)
     inputs = PolicyInputs(light, spec.settings, families.get("deebert"), seed=spec.seed, serving=serving)
-    info.update(inputs=n, trace=spec.trace, rate=spec.rate, slo_ms=round(slo, 3), batching=spec.batching,
+    info.update(inputs=n, bootstrap=f"first {k} of the stream" if k else "held out", trace=spec.trace, rate=spec.rate, slo_ms=round(slo, 3), batching=spec.batching,
                 max_batch=spec.max_batch, accuracy_constraint=spec.settings.accuracy_constraint,
                 ramp_budget=spec.settings.ramp_budget, candidate_sites=light.profile.num_sites,
                 vanilla_ms_batch1=round(light.profile.vanilla(1), 3),
