@@ -50,24 +50,23 @@ def test_threads_are_restored():
 
 
 def test_served_ramp_cost_counts_each_active_site(r20_bundle):
-    """Every site gets a positive cost from one served run, and the per-site costs add up to no
-    more than the run's extra time over the bare model (the rest is split, not invented)."""
-    import time
-
-    from apparate.model.profiler import served_ramp_ms
+    """One served run times every site's hook, leaves nothing attached, and the costs apportioned
+    from it add up to what the run cost over the bare pass, split by those times."""
+    from apparate.model.profiler import PAID_SHARE, apportion, served_ramp_ms
     from apparate.zoo.cifar_resnet import normalize
 
     ee = r20_bundle.early_exit_model()
-    model = ee.backbone
+    modules = dict(ee.backbone.named_modules())
     x = normalize(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8))
-    modules = dict(model.named_modules())
     with torch.inference_mode():
-        t = time.perf_counter()
-        model(x)
-        bare = (time.perf_counter() - t) * 1e3
-        cost = served_ramp_ms(ee, x, bare)
-    assert cost.shape == (r20_bundle.num_sites,) and np.all(cost > 0)
+        inside, total = served_ramp_ms(ee, x)
+    assert inside.shape == (r20_bundle.num_sites,) and np.all(inside > 0) and total > 0
     assert not any(modules[s.name]._forward_hooks for s in r20_bundle.sites)  # nothing left attached
+    paid = 0.5 * float(inside.sum())
+    cost = apportion(inside, paid)
+    assert cost.sum() == pytest.approx(paid) and np.allclose(cost / cost.sum(), inside / inside.sum())
+    # a noisy, negative difference of two passes cannot make the ramps free
+    assert np.allclose(apportion(inside, -1.0), inside * PAID_SHARE[0])
 
 
 def test_bench_ramps_reports_every_site(r20_bundle, data_dir):
@@ -81,6 +80,6 @@ def test_bench_ramps_reports_every_site(r20_bundle, data_dir):
     assert len(rows) == r20_bundle.num_sites
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        in_model, module, lean = (float(c) for c in cells[3:6])
-        assert in_model > 0 and module > 0 and lean > 0
+        in_model, in_hook, module, lean = (float(c) for c in cells[3:7])
+        assert in_model > 0 and in_hook > 0 and module > 0 and lean > 0
     assert "torch threads 1" in out.stdout and "command: apparate bench ramps" in out.stdout

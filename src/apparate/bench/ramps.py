@@ -1,22 +1,20 @@
 """`apparate bench ramps BUNDLE`: what each ramp costs inside the model, against its own compute.
 
-Per round, interleaved and in a rotating order: the bare model on a real batch; the
-EarlyExitModel with every ramp active as a server runs it (a clock hook before each ramp's, a
-release callback that stores the answers and tests them against a threshold); and, per site,
-the ramp alone on that site's cached activation, twice: as its module (`ramp(h)` then `score`,
-what the ramp is) and as the serving path runs it (`Ramp.fast` then the host scorer). Medians
-over the rounds.
+Per round, interleaved and in a rotating order: the bare model on a real batch, and right after
+it the EarlyExitModel with every ramp active as a server runs it (hooks attached beforehand, a
+release callback that tests the answers against a threshold); and, per site, the ramp alone on
+that site's cached activation, twice: as its module (`ramp(h)` then `score`, what the ramp is)
+and as the serving path runs it (`Ramp.fast` then the host scorer). Medians over the rounds.
 
-    in-model      the site's cost as served: hook start -> callback end, plus an equal share of
-                  what the run cost beyond the bare model and those times (the profiler's measure,
-                  `model.profiler.served_ramp_ms`)
+    in-model      the site's cost as served, the profiler's measure (`model.profiler.apportion`):
+                  what every ramp together added to the pass, split by the sites' in-hook times
+    in-hook       the time inside the site's hook (module end to callback end); above in-model
+                  where the backbone's caches are cold there (the hook pays misses the next layer
+                  would have paid)
     module        the ramp module's forward + softmax scoring alone, in a tight loop
     lean          the serving path's ramp function + host scoring alone, in a tight loop
-    ratio         in-model / module (target: at most 1.5 at batch 1)
-    share         in-model / the bare batch: what one ramp adds to a non-exiting input
-
-The last line also gives the whole run's extra time per ramp ((served - bare) / sites), which
-checks the per-site figures without their apportioning.
+    in-model / module    target: at most 1.5 at batch 1
+    share         in-model / the bare pass: what one ramp adds to a non-exiting input
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     from apparate.bench.timing import markdown_table
     from apparate.model.bundle import load_bundle
-    from apparate.model.profiler import served_ramp_ms
+    from apparate.model.profiler import apportion, served_ramp_ms
     from apparate.model.ramps import score
     from apparate.model.sites import call_model, primary_output
 
@@ -85,16 +83,11 @@ def run(args: argparse.Namespace) -> int:
     def bare() -> float:
         return timed(lambda: call_model(model, x))
 
-    def served() -> tuple[float, np.ndarray]:
+    def pair() -> tuple[float, np.ndarray, float]:
+        """(bare ms, each site's in-hook ms, served extra ms) with the two passes side by side."""
         b = bare()
-        return b, served_ramp_ms(ee, x, b)
-
-    def whole() -> float:  # hooks attached beforehand, as served
-        ee.set_active(range(S))
-        try:
-            return timed(lambda: ee(x, on_ramp=lambda r: r.conf))
-        finally:
-            ee.set_active(())
+        inside, total = served_ramp_ms(ee, x)
+        return b, inside, total - b
 
     def module_ms(i: int) -> float:
         return timed(lambda: score(bundle.ramps[i](acts[i], mask), ee.confidence), args.inner)
@@ -102,34 +95,37 @@ def run(args: argparse.Namespace) -> int:
     def lean_ms(i: int) -> float:
         return timed(lambda: scorer(fast[i](acts[i], weights)), args.inner)
 
-    bare_t, whole_t, inmodel, mod, lean = [], [], [], [], []
+    bare_t, inside_t, paid_t, mod, lean = [], [], [], [], []
     with torch.inference_mode():
         for _ in range(3):  # warm-up
-            served(), whole(), [module_ms(i) + lean_ms(i) for i in range(S)]
+            pair(), [module_ms(i) + lean_ms(i) for i in range(S)]
         for r in range(args.rounds):
-            steps = [lambda: bare_t.append(bare()), lambda: whole_t.append(whole()),
-                     lambda: inmodel.append(served()[1]),
-                     lambda: mod.append([module_ms(i) for i in range(S)]),
+            def served_step() -> None:
+                b, inside, paid = pair()
+                bare_t.append(b)
+                inside_t.append(inside)
+                paid_t.append(paid)
+            steps = [served_step, lambda: mod.append([module_ms(i) for i in range(S)]),
                      lambda: lean.append([lean_ms(i) for i in range(S)])]
             for k in range(len(steps)):
                 steps[(r + k) % len(steps)]()
     b = float(np.median(bare_t))
-    im = np.median(np.array(inmodel), axis=0) * 1e3
+    hook = np.median(np.array(inside_t), axis=0) * 1e3
+    paid = float(np.median(paid_t))
+    im = apportion(hook / 1e3, paid) * 1e3
     md = np.median(np.array(mod), axis=0) * 1e3
     ln = np.median(np.array(lean), axis=0) * 1e3
-    rows = [(i, s.name, bundle.specs[i].kind, f"{im[i]:.1f}", f"{md[i]:.1f}", f"{ln[i]:.1f}", f"{im[i] / md[i]:.2f}",
-             f"{im[i] / (b * 1e3):.2%}") for i, s in enumerate(bundle.sites)]
+    rows = [(i, s.name, bundle.specs[i].kind, f"{im[i]:.1f}", f"{hook[i]:.1f}", f"{md[i]:.1f}", f"{ln[i]:.1f}",
+             f"{im[i] / md[i]:.2f}", f"{im[i] / (b * 1e3):.2%}") for i, s in enumerate(bundle.sites)]
     what = f"{args.tokens} tokens" if wl.kind == "text" else "images"
     print(f"# Ramp cost inside the model: {wl.name}, batch {args.batch} ({what}), {args.rounds} interleaved rounds, "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores\n")
-    print(markdown_table(["site", "module", "ramp", "in-model us", "module us", "lean us", "in-model / module",
-                          "share of a pass"], rows))
-    per_ramp = (float(np.median(whole_t)) - b) / S * 1e3
-    print(f"\nbare pass {b:.3f} ms; median per site: in-model {np.median(im):.1f} us, module {np.median(md):.1f} us, "
-          f"lean {np.median(ln):.1f} us, in-model / module {np.median(im / md):.2f} (max {np.max(im / md):.2f}), "
-          f"in-model / lean {np.median(im / ln):.2f}")
-    print(f"whole run with every ramp active: {per_ramp:.1f} us per ramp over the bare pass "
-          f"(sum of the per-site figures: {im.sum() / S:.1f} us per ramp)")
+    print(markdown_table(["site", "module", "ramp", "in-model us", "in-hook us", "module us", "lean us",
+                          "in-model / module", "share of a pass"], rows))
+    print(f"\nbare pass {b:.3f} ms; every ramp together adds {paid * 1e3:.0f} us ({paid / b:.1%}), "
+          f"{paid * 1e3 / S:.1f} us per ramp; the in-hook times add up to {hook.sum():.0f} us")
+    print(f"median per site: in-model {np.median(im):.1f} us, module {np.median(md):.1f} us, lean {np.median(ln):.1f} us; "
+          f"in-model / module {np.median(im / md):.2f} (max {np.max(im / md):.2f})")
     print(f"\ncommand: apparate bench ramps {args.bundle} --batch {args.batch}"
           + (f" --tokens {args.tokens}" if wl.kind == "text" else "") + f" --rounds {args.rounds} --threads {args.threads}")
     return 0
