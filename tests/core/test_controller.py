@@ -273,3 +273,20 @@ def test_ramps_are_shed_when_the_load_falls_to_small_batches():
     # configuration served is over the budget there
     settled = quiet[FAST.window_inputs // 2 + FAST.min_adjust_inputs + FAST.adjust_every_batches:]
     assert settled and all(prof.overhead(c.sites, 1) <= 0.02 + 1e-12 for c in settled)
+
+
+def test_a_probe_that_wins_less_than_the_configuration_before_it_is_reverted():
+    """With room for one ramp, probing earlier means moving the only ramp; when the earlier site
+    cannot release anything safely, the move is undone and the site waits out a cooldown."""
+    rec = synthetic_recording(6000, S, seed=17, difficulty=-0.4)
+    rec.pred[:, :3] = (rec.final[:, None] + 1) % 10  # sites 0-2 never agree
+    budget = PROFILE.overhead([6]) * 1.5  # one ramp fits, two do not
+    ctl = Controller(PROFILE, FAST.replace(ramp_budget=budget), Config((6,), (0.1,)))
+    feed(ctl, rec, [8] * 750)
+    kinds = [(e.kind, e.detail) for e in ctl.events]
+    moves = [d for k, d in kinds if k == "move"]
+    reverts = [d for k, d in kinds if k == "revert"]
+    assert moves and reverts, kinds
+    assert ctl.config.sites == (6,) or all(x > 2 for x in ctl.config.sites)
+    # the reverted site is not probed again at once: fewer moves than adjustments
+    assert len(moves) < sum(1 for k, _ in kinds if k in ("move", "revert", "remove", "add"))

@@ -70,6 +70,7 @@ class Controller:
         self._since = 0  # first input of the current regime (a detected change in the inputs)
         self._regime_next = 0  # regime size at which to re-tune next (0: the regime is settled)
         self._violation_at = -(10 ** 9)  # input count at the last re-tune for a violation
+        self._trial: dict[str, Any] | None = None  # the configuration before a probe, and its win
         self.events: deque[Event] = deque(maxlen=1000)
 
     # ------------------------------------------------------------------ construction
@@ -302,6 +303,8 @@ class Controller:
         if not cfg.sites:
             self._replace(at)
             return
+        if self._trial is not None and not self._fresh and self._judge_trial():
+            return
         pooled = self._pooled()
         if pooled is None:
             return
@@ -360,19 +363,48 @@ class Controller:
             detail += f"; try deeper {deeper}"
         self._reconfigure(sorted(keep), "remove", detail)
 
+    def _window_win(self) -> float | None:
+        """Latency win of the current configuration on the latest `utility_inputs` inputs of the
+        regime that saw all its ramps (None with too little evidence)."""
+        cfg, s = self._config, self.settings
+        conf, agree, bs, length = self.window.rows(cfg.sites, cfg.sites, s.utility_inputs, self._since)
+        if conf.shape[0] < max(s.min_evidence_inputs, 1):
+            return None
+        return simulate(conf, agree, np.asarray(cfg.thresholds), self.profile.table(bs, cfg.sites, length),
+                        validate=False).win
+
+    def _judge_trial(self) -> bool:
+        """A probe, once tuned and seen on enough inputs, stays only if the configuration wins at
+        least as much as the one before it did; otherwise the old one comes back and the probed
+        site waits out a cooldown. True if it reverted."""
+        trial = self._trial
+        win = self._window_win()
+        if win is None:
+            return False
+        self._trial = None
+        if trial is None or trial["win"] is None or win >= trial["win"]:
+            return False
+        self._block(trial["site"])
+        self._reconfigure(trial["sites"], "revert", f"probe of {trial['site']} won {win:.3f} < {trial['win']:.3f} "
+                                                    f"before it: back to {list(trial['sites'])}")
+        return True
+
     def _probe_earlier(self, pooled: dict[int, dict[str, float]], at: BudgetPoint | None) -> None:
         cfg, s = self._config, self.settings
         cand = earlier_site(cfg.sites)
         if cand is None or self._blocked(cand) or cand in cfg.sites:
             return
+        trial = {"sites": list(cfg.sites), "win": self._window_win(), "site": cand}
         if within_budget(list(cfg.sites) + [cand], self.profile, s, at):
             self._reconfigure(sorted(list(cfg.sites) + [cand]), "add", f"all pay; probe earlier {cand}")
+            self._trial = trial
             return
         util = {x: pooled[x]["utility"] for x in cfg.sites}
         victim = (min if s.move_removes == "lowest" else max)(cfg.sites, key=lambda x: (util[x], x))
         new = sorted([x for x in cfg.sites if x != victim] + [cand])
         if within_budget(new, self.profile, s, at):
             self._reconfigure(new, "move", f"all pay; move {victim} -> {cand}")
+            self._trial = trial
 
     def _reconfigure(self, sites: Sequence[int], kind: str, detail: str) -> None:
         cfg = self._config
@@ -429,6 +461,7 @@ class Controller:
                          "batches_at_check": self._batches_at_check, "inputs_at_check": self._inputs_at_check,
                          "since": self._since, "regime_next": self._regime_next,
                          "violation_at": self._violation_at},
+            "trial": self._trial,
             "fresh": sorted(self._fresh),
             "tabu": {str(k): v for k, v in self._tabu.items()},
             "events": [asdict(e) for e in self.events],
@@ -450,6 +483,9 @@ class Controller:
             ctl._batches_at_check, ctl._inputs_at_check = int(c["batches_at_check"]), int(c["inputs_at_check"])
             ctl._since, ctl._regime_next = int(c["since"]), int(c["regime_next"])
             ctl._violation_at = int(c["violation_at"])
+            t = state["trial"]
+            ctl._trial = None if t is None else {"sites": [int(x) for x in t["sites"]], "site": int(t["site"]),
+                                                 "win": None if t["win"] is None else float(t["win"])}
             ctl._fresh = {int(x) for x in state["fresh"]}
             ts = state["tuned_sites"]
             ctl._tuned_sites = None if ts is None else tuple(int(x) for x in ts)

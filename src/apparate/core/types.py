@@ -115,6 +115,6 @@ class Event:
 
     batch: int
     inputs: int
-    kind: str  # start, tune, violation, drift, emergency, add, remove, move, place
+    kind: str  # start, tune, drift, emergency, add, remove, move, revert, place
     detail: str
     version: int
