@@ -71,6 +71,7 @@ class Controller:
         self._regime_next = 0  # regime size at which to re-tune next (0: the regime is settled)
         self._violation_at = -(10 ** 9)  # input count at the last re-tune for a violation
         self._trial: dict[str, Any] | None = None  # the configuration before a probe, and its win
+        self._clean = False  # the last violation check passed, with nothing wrong since
         self.events: deque[Event] = deque(maxlen=1000)
 
     # ------------------------------------------------------------------ construction
@@ -140,7 +141,7 @@ class Controller:
             pass
         elif wrong and self._drifted():
             pass
-        elif self._violated():
+        elif self._violated(wrong):
             self._violations += 1
             self._on_violation()
         else:
@@ -160,16 +161,20 @@ class Controller:
         return self.window.written - self._since
 
     # ------------------------------------------------------------------ threshold loop
-    def _violated(self) -> bool:
+    def _violated(self, wrong: int) -> bool:
         """Would the current thresholds break the constraint on the latest inputs, by more than
         `violation_z` standard errors of a loss at the constraint over that many inputs? (Thresholds
-        tuned to spend the constraint exceed it on some 256 inputs by chance alone.)"""
+        tuned to spend the constraint exceed it on some 256 inputs by chance alone.) Without a new
+        wrong answer since a check that passed, under the same configuration, it still passes."""
+        if not wrong and self._clean:
+            return False
         s = self.settings
         loss, valid = self.window.counterfactual_loss(s.recent_inputs)
-        if valid < min(s.recent_inputs, s.min_tune_inputs):
-            return False
         a = s.accuracy_constraint
-        return loss > a + s.violation_z * float(np.sqrt(a * (1 - a) / valid)) + 1e-12
+        bad = valid >= min(s.recent_inputs, s.min_tune_inputs) and \
+            loss > a + s.violation_z * float(np.sqrt(a * (1 - a) / max(valid, 1))) + 1e-12
+        self._clean = not bad and valid >= min(s.recent_inputs, s.min_tune_inputs)
+        return bad
 
     def _drifted(self) -> bool:
         """After a wrong answer: did the inputs change? If the current thresholds' errors since
@@ -422,6 +427,7 @@ class Controller:
         if sites != cfg.sites or thresholds != cfg.thresholds:
             self._config = Config(sites, thresholds, cfg.version + 1)
             self.window.refresh(self._config)
+            self._clean = False  # the counterfactual changed: check again
         self._event(kind, detail)
 
     def _event(self, kind: str, detail: str) -> None:
@@ -460,7 +466,7 @@ class Controller:
                          "violations": self._violations, "checks": self._checks,
                          "batches_at_check": self._batches_at_check, "inputs_at_check": self._inputs_at_check,
                          "since": self._since, "regime_next": self._regime_next,
-                         "violation_at": self._violation_at},
+                         "violation_at": self._violation_at, "clean": self._clean},
             "trial": self._trial,
             "fresh": sorted(self._fresh),
             "tabu": {str(k): v for k, v in self._tabu.items()},
@@ -482,7 +488,7 @@ class Controller:
             ctl._violations, ctl._checks = int(c["violations"]), int(c["checks"])
             ctl._batches_at_check, ctl._inputs_at_check = int(c["batches_at_check"]), int(c["inputs_at_check"])
             ctl._since, ctl._regime_next = int(c["since"]), int(c["regime_next"])
-            ctl._violation_at = int(c["violation_at"])
+            ctl._violation_at, ctl._clean = int(c["violation_at"]), bool(c["clean"])
             t = state["trial"]
             ctl._trial = None if t is None else {"sites": [int(x) for x in t["sites"]], "site": int(t["site"]),
                                                  "win": None if t["win"] is None else float(t["win"])}

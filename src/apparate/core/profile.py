@@ -94,6 +94,21 @@ def _interp_weights(grid: np.ndarray, x: float) -> tuple[int, int, float]:
     return i, j, float((x - grid[i]) / (grid[j] - grid[i]))
 
 
+def _interp_weights_many(grid: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_interp_weights` for many points at once: (i, j, w) arrays."""
+    grid = np.asarray(grid, dtype=np.float64)
+    xs = np.asarray(xs, dtype=np.float64)
+    n = grid.size
+    if n == 1:
+        z = np.zeros(xs.size, dtype=np.int64)
+        return z, z, np.zeros(xs.size)
+    j = np.clip(np.searchsorted(grid, xs), 1, n - 1)
+    i = j - 1
+    w = (xs - grid[i]) / (grid[j] - grid[i])
+    below = xs <= grid[0]
+    return np.where(below, 0, i), np.where(below, 0, j), np.where(below, 0.0, w)
+
+
 @dataclass(frozen=True, eq=False)
 class LatencyProfile:
     """Measured costs of a model and its candidate ramps.
@@ -186,6 +201,27 @@ class LatencyProfile:
         if len(self._cache) < 4096:  # type: ignore[attr-defined]
             self._cache[key] = out  # type: ignore[attr-defined]
         return out
+
+    def end_ms_grid(self, sites: Sequence[int], batch_sizes: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+        """[len(lengths) or 1, len(batch_sizes)]: the non-exit latency (bare model + the given
+        active ramps) at many batch sizes (and lengths) at once, interpolated exactly as `at`
+        does. What batchers ask for on every decision, so it is computed once per configuration
+        (the live server's `BatchCosts`, the replay simulator)."""
+        sites = [int(s) for s in sites]
+        ls = np.asarray(lengths if lengths is not None else [float(self.lengths[0])], dtype=np.float64)
+        li, lj, lw = _interp_weights_many(self.lengths, ls)
+        bi, bj, bw = _interp_weights_many(self.batch_sizes, np.asarray(batch_sizes, dtype=np.float64))
+
+        def blend(arr: np.ndarray) -> np.ndarray:  # arr [L, B, ...] -> [len(ls), len(bs), ...]
+            pad = (None,) * (arr.ndim - 1)
+            by_len = (1 - lw)[(...,) + pad] * arr[li] + lw[(...,) + pad] * arr[lj]
+            extra = (None,) * (arr.ndim - 2)
+            return (1 - bw)[(None, slice(None)) + extra] * by_len[:, bi] + bw[(None, slice(None)) + extra] * by_len[:, bj]
+
+        van = np.maximum(blend(self.vanilla_ms), 1e-9)
+        if sites:
+            return van + np.maximum(blend(self.ramp_ms[..., sites]), 0.0).sum(axis=-1)
+        return van
 
     def vanilla(self, batch_size: float, length: float | None = None) -> float:
         return self.at(batch_size, length)[2]

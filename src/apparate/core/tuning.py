@@ -38,7 +38,7 @@ from .settings import Settings
 # Loops longer than this switch from plain Python to numpy (a numpy call costs ~1-4 us).
 VECTOR_CUTOFF = 96
 # Windows larger than this (inputs x ramps) keep their bands in matrices (see `_matrix_bands`).
-MATRIX_CUTOFF = 4096
+MATRIX_CUTOFF = 1024
 
 
 @dataclass(frozen=True, eq=False)

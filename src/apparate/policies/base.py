@@ -35,8 +35,10 @@ class Policy:
         """conf, agree: [n, S] over every candidate site for the batch about to run."""
         raise NotImplementedError
 
-    def observe(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None = None) -> None:
-        """Feedback after the batch ran (every input reached the final output)."""
+    def observe(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None = None,
+                correct: np.ndarray | None = None) -> None:
+        """Feedback after the batch ran (every input reached the final output); `correct`, if
+        given, says whether each released answer agreed with the original."""
 
     def cost_sites(self) -> tuple[int, ...]:
         """Ramps the next batch will pay for (for batch-time predictions)."""
@@ -78,10 +80,14 @@ class AdaptivePolicy(Policy):
         pos = first_exit(1.0 - conf[:, list(cfg.sites)], np.asarray(cfg.thresholds))
         return Plan(cfg.sites, pos, cfg.thresholds, cfg.version)
 
-    def observe(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None = None) -> None:
+    def observe(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None = None,
+                correct: np.ndarray | None = None) -> None:
         cols = list(plan.sites)
-        # The plan came from this controller's config and the data from a validated recording.
-        self.controller.observe(Feedback.trusted(plan.sites, plan.thresholds, conf[:, cols], agree[:, cols], length))
+        # The plan came from this controller's config and the data from a validated recording;
+        # the simulator already released the batch (exits and their agreement).
+        exits = None if correct is None else (plan.exit_pos, correct)
+        self.controller.observe(Feedback.trusted(plan.sites, plan.thresholds, conf[:, cols], agree[:, cols], length,
+                                                 exits))
 
     def cost_sites(self) -> tuple[int, ...]:
         return self.controller.config.sites

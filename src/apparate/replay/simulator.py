@@ -91,15 +91,21 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
     b_active: list[int] = []
     b_sites: list[tuple[int, ...]] = []
 
-    def exec_for(queue_lengths: np.ndarray | None):
-        sites = policy.cost_sites()
-        pay = policy.pays_ramps
+    # Batch times for the batcher, per set of paid ramps: [length, batch size] grids built once
+    # (the batcher asks for many batch sizes on every decision).
+    grids: dict[tuple[int, ...], np.ndarray] = {}
+    sizes = np.arange(1, batcher.max_batch + 1)
+    max_len = None if lengths is None else int(lengths.max())
 
-        def exec_ms(b: int) -> float:
-            length = None if queue_lengths is None else float(queue_lengths[b - 1])
-            tab = profile.table(b, sites, length)
-            return tab.end_ms if pay else tab.vanilla_ms
-        return exec_ms
+    def exec_for(queue_lengths: np.ndarray | None):
+        sites = policy.cost_sites() if policy.pays_ramps else ()
+        grid = grids.get(sites)
+        if grid is None:
+            grid = grids[sites] = profile.end_ms_grid(sites, sizes, None if max_len is None else np.arange(1, max_len + 1))
+        if queue_lengths is None:
+            row = grid[0]
+            return lambda b: float(row[b - 1])
+        return lambda b: float(grid[int(queue_lengths[b - 1]) - 1, b - 1])
 
     def run_batch(members: np.ndarray, now: float) -> float:
         k = members.size
@@ -131,7 +137,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         b_version.append(plan.version)
         b_active.append(len(plan.sites) if plan.pay_ramps else 0)
         b_sites.append(plan.sites if plan.pay_ramps else ())
-        policy.observe(plan, conf_b, agree_b, length)
+        policy.observe(plan, conf_b, agree_b, length, ok)
         return finish_time(now, run_ms)
 
     def exec_ms_for(queue: np.ndarray):

@@ -19,41 +19,10 @@ import numpy as np
 from apparate.core.profile import LatencyProfile
 
 
-def _weights(grid: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Vectorised `apparate.core.profile._interp_weights`: (i, j, w) for every x."""
-    grid = np.asarray(grid, dtype=np.float64)
-    xs = np.asarray(xs, dtype=np.float64)
-    n = grid.size
-    if n == 1:
-        z = np.zeros(xs.size, dtype=np.int64)
-        return z, z, np.zeros(xs.size)
-    j = np.clip(np.searchsorted(grid, xs), 1, n - 1)
-    i = j - 1
-    w = (xs - grid[i]) / (grid[j] - grid[i])
-    below = xs <= grid[0]
-    i, j, w = np.where(below, 0, i), np.where(below, 0, j), np.where(below, 0.0, w)
-    return i, j, w
-
-
 def end_ms_grid(profile: LatencyProfile, sites: Sequence[int], batch_sizes: np.ndarray,
                 lengths: np.ndarray | None) -> np.ndarray:
     """[len(lengths) or 1, len(batch_sizes)]: the non-exit latency (vanilla + active ramps)."""
-    sites = [int(s) for s in sites]
-    ls = np.asarray(lengths if lengths is not None else [float(profile.lengths[0])], dtype=np.float64)
-    li, lj, lw = _weights(profile.lengths, ls)
-    bi, bj, bw = _weights(profile.batch_sizes, np.asarray(batch_sizes, dtype=np.float64))
-
-    def blend(arr: np.ndarray) -> np.ndarray:  # arr [L, B, ...] -> [len(ls), len(bs), ...]
-        by_len = (1 - lw)[(...,) + (None,) * (arr.ndim - 1)] * arr[li] + lw[(...,) + (None,) * (arr.ndim - 1)] * arr[lj]
-        extra = (None,) * (arr.ndim - 2)
-        return (1 - bw)[(None, slice(None)) + extra] * by_len[:, bi] + bw[(None, slice(None)) + extra] * by_len[:, bj]
-
-    van = np.maximum(blend(profile.vanilla_ms), 1e-9)
-    if sites:
-        ramp = np.maximum(blend(profile.ramp_ms[..., sites]), 0.0).sum(axis=-1)
-    else:
-        ramp = np.zeros_like(van)
-    return van + ramp
+    return profile.end_ms_grid(sites, batch_sizes, lengths)
 
 
 @dataclass(frozen=True, eq=False)
