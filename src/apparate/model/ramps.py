@@ -132,7 +132,17 @@ class Ramp(nn.Module):
                 return lambda h, w: torch.addmm(b, h.sum((2, 3)), ws)
             return lambda h, w: torch.addmm(b, h.flatten(1), wt)
         if k == "mean":
-            return lambda h, w: torch.addmm(b, h.mean(1) if w is None else torch.bmm(w, h).squeeze(1), wt)
+            scaled: dict[int, torch.Tensor] = {}  # the weights over 1/tokens, per token count seen
+
+            def mean_ramp(h: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+                if w is not None:
+                    return torch.addmm(b, torch.bmm(w, h).squeeze(1), wt)
+                t = h.shape[1]
+                ws = scaled.get(t)
+                if ws is None:
+                    ws = scaled[t] = (wt / t).contiguous()
+                return torch.addmm(b, h.sum(1), ws)
+            return mean_ramp
         return lambda h, w: torch.addmm(b, h[:, 0], wt)  # cls
 
     @property
