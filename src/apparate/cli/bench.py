@@ -15,6 +15,7 @@ BENCHES = (
     "apparate.bench.simspeed",
     "apparate.bench.engine",
     "apparate.bench.ramps",
+    "apparate.bench.calibration",
 )
 
 
