@@ -130,7 +130,7 @@ class Controller:
         """Take one batch's feedback; return the configuration for the next batch."""
         if fb.sites and max(fb.sites) >= self.profile.num_sites:
             raise ValueError(f"feedback site {max(fb.sites)} beyond the profile's {self.profile.num_sites} sites")
-        wrong = self.window.record(fb, self._batches, self._config)
+        _, wrong = self.window.record(fb, self._batches, self._config)
         self._batches += 1
         self._since_tune += fb.batch_size
 

@@ -50,8 +50,6 @@ class Settings:
     ('raw', as the artifact). Raw agreement overfits small windows: see core/calibration."""
     agreement_prior: float = 4.0
     """Pseudo-observations of a ramp's mean agreement added to each isotonic block."""
-    recency_inputs: float = 0.0
-    """Weight a wrong answer in the tuning window by exp(-age / this) (0 = all inputs alike)."""
     violation_z: float = 1.0
     """The current thresholds violate the constraint when their loss on the latest inputs exceeds
     it by this many binomial standard errors (0: any excess, as the artifact)."""
@@ -123,7 +121,6 @@ class Settings:
         need(self.min_adjust_inputs >= 0, "min_adjust_inputs must be >= 0")
         need(self.agreement in ("isotonic", "raw"), f"agreement must be isotonic or raw, got {self.agreement!r}")
         need(self.agreement_prior >= 0, "agreement_prior must be >= 0")
-        need(self.recency_inputs >= 0, "recency_inputs must be >= 0")
         need(self.recent_inputs <= self.window_inputs, "recent_inputs must not exceed window_inputs")
         need(self.min_tune_inputs <= self.window_inputs, "min_tune_inputs must not exceed window_inputs")
         need(0 < self.min_step <= self.init_step, "need 0 < min_step <= init_step")

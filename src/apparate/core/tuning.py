@@ -399,33 +399,13 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
 _BANDS = {"lists": _list_bands, "matrix": _matrix_bands}
 
 
-def recency_weights(n: int, scale: float) -> np.ndarray:
-    """[n] weights of inputs oldest to newest, exp(-age / scale), mean 1 (all 1 when scale is 0)."""
-    if scale <= 0 or n == 0:
-        return np.ones(n)
-    w = np.exp(-(n - 1 - np.arange(n)) / scale)
-    return w * (n / w.sum())
-
-
 def tune(conf: np.ndarray, agree: np.ndarray, table: LatencyTable, settings: Settings,
          fixed: Mapping[int, float] | None = None) -> TuneResult:
-    """The greedy search as the control loops run it: target, steps, calibration and recency
-    weighting from settings. Inputs are oldest first. With `recency_inputs`, a wrong answer's
-    weight in the accuracy budget decays with its age (latency is still the window's mean), so
-    recent inputs steer thresholds more and the margin is sized from the effective sample size."""
+    """The greedy search as the control loops run it: target, steps and calibration from settings."""
     conf, agree = _check_inputs(conf, agree, table)
-    n = conf.shape[0]
-    w = recency_weights(n, settings.recency_inputs)
-    if settings.agreement == "isotonic":
-        prob = isotonic_agreement(conf, agree, settings.agreement_prior)
-    else:
-        prob = agree.astype(np.float64) if settings.recency_inputs > 0 else None
-    if prob is not None and settings.recency_inputs > 0:
-        prob = np.clip(1.0 - w[:, None] * (1.0 - prob), 0.0, 1.0)
-    n_eff = float(w.sum() ** 2 / (w ** 2).sum()) if n else 0.0
-    target = settings.tuning_target(int(round(n_eff)))
-    return greedy_thresholds(conf, agree, table, target, fixed=fixed, init_step=settings.init_step,
-                             min_step=settings.min_step, agree_prob=prob)
+    prob = isotonic_agreement(conf, agree, settings.agreement_prior) if settings.agreement == "isotonic" else None
+    return greedy_thresholds(conf, agree, table, settings.tuning_target(conf.shape[0]), fixed=fixed,
+                             init_step=settings.init_step, min_step=settings.min_step, agree_prob=prob)
 
 
 def _best_feasible(conf, agree, table: LatencyTable, candidates: np.ndarray, target: float, chunk: int = 4096) -> TuneResult:

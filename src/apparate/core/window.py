@@ -41,9 +41,9 @@ class Window:
         self.written = 0
 
     # ------------------------------------------------------------------ writing
-    def record(self, fb: Feedback, batch: int, config: Config) -> int:
+    def record(self, fb: Feedback, batch: int, config: Config) -> tuple[int, int]:
         """Append one batch (a batch larger than the window keeps its last W inputs); returns how
-        many of its inputs the current config answers wrongly."""
+        many of its answers were wrong as served, and how many the current config answers wrongly."""
         W, n = self.size, fb.batch_size
         keep = min(n, W)
         rows = (self.written + np.arange(n - keep, n)) % W
@@ -65,7 +65,7 @@ class Window:
             self.cf_valid[rows] = True
         else:
             self.refresh(config, rows)
-        return int((self.cf_valid[rows] & ~self.cf_ok[rows]).sum())
+        return int(n - ok.sum()), int((self.cf_valid[rows] & ~self.cf_ok[rows]).sum())
 
     def refresh(self, config: Config, rows: np.ndarray | None = None) -> None:
         """Recompute the counterfactual for some rows (default: the whole window)."""
