@@ -72,6 +72,7 @@ class Controller:
         self._violation_at = -(10 ** 9)  # input count at the last re-tune for a violation
         self._trial: dict[str, Any] | None = None  # the configuration before a probe, and its win
         self._clean = False  # the last violation check passed, with nothing wrong since
+        self._seeded = 0  # bootstrap inputs the window started with (before any served one)
         self.events: deque[Event] = deque(maxlen=1000)
 
     # ------------------------------------------------------------------ construction
@@ -83,6 +84,10 @@ class Controller:
         settings = settings or Settings()
         place = initial_placement(conf, agree, profile, settings, at)
         ctl = cls(profile, settings, Config(place.sites, place.thresholds, 0), bootstrap=(conf, agree))
+        if settings.seed_window:
+            point = (float(at[0]), at[1]) if at is not None else (float(settings.placement_batch_size), None)
+            ctl.window.seed(conf, agree, point[0], point[1], ctl.config)
+            ctl._inputs_at_check = ctl._seeded = ctl.window.written
         ctl._event("start", f"placement={settings.placement} sites={list(place.sites)} "
                             f"bootstrap win={place.win:.3f} acc={place.accuracy:.4f}")
         return ctl
@@ -108,8 +113,8 @@ class Controller:
 
     @property
     def regime_start(self) -> int:
-        """Input number where the current regime began (0 unless a change was detected)."""
-        return self._since
+        """Served input number where the current regime began (0 unless a change was detected)."""
+        return max(self._since - self._seeded, 0)
 
     def _fit_budget(self, at: BudgetPoint | None, why: str) -> bool:
         """Drop ramps until the active ones fit the budget at `at`; True if any was dropped."""
@@ -190,7 +195,7 @@ class Controller:
         self._regime_next = s.min_regime_inputs
         while self._regime_next <= self._regime_inputs():
             self._regime_next *= 2
-        self._event("drift", f"errors above the constraint since input {start} "
+        self._event("drift", f"errors above the constraint since input {start - self._seeded} "
                              f"({excess:.1f} wrong beyond twice it): a new regime")
         self._violation_at = self.window.written
         if not self._tune("drift"):
@@ -431,13 +436,14 @@ class Controller:
         self._event(kind, detail)
 
     def _event(self, kind: str, detail: str) -> None:
-        self.events.append(Event(self._batches, self.window.written, kind, detail, self._config.version))
+        self.events.append(Event(self._batches, self.window.written - self._seeded, kind, detail, self._config.version))
 
     # ------------------------------------------------------------------ live statistics
     def stats(self) -> dict[str, Any]:
         """Accuracy of released answers and exit shares over the window, for dashboards."""
         win = self.window
         idx = win.last(self.settings.window_inputs)
+        idx = idx[win.batch[idx] >= 0]  # served inputs only (not the bootstrap's)
         exits = win.exit[idx]
         per_site = {int(x): float((exits == x).mean()) for x in np.unique(exits) if x >= 0} if idx.size else {}
         return {
@@ -448,8 +454,8 @@ class Controller:
             "window_accuracy": float(win.correct[idx].mean()) if idx.size else 1.0,
             "exit_rates": per_site,
             "batches": self._batches,
-            "inputs": win.written,
-            "regime_start": self._since,
+            "inputs": win.written - self._seeded,
+            "regime_start": max(self._since - self._seeded, 0),
         }
 
     # ------------------------------------------------------------------ persistence
@@ -466,7 +472,7 @@ class Controller:
                          "violations": self._violations, "checks": self._checks,
                          "batches_at_check": self._batches_at_check, "inputs_at_check": self._inputs_at_check,
                          "since": self._since, "regime_next": self._regime_next,
-                         "violation_at": self._violation_at, "clean": self._clean},
+                         "violation_at": self._violation_at, "clean": self._clean, "seeded": self._seeded},
             "trial": self._trial,
             "fresh": sorted(self._fresh),
             "tabu": {str(k): v for k, v in self._tabu.items()},
@@ -489,6 +495,7 @@ class Controller:
             ctl._batches_at_check, ctl._inputs_at_check = int(c["batches_at_check"]), int(c["inputs_at_check"])
             ctl._since, ctl._regime_next = int(c["since"]), int(c["regime_next"])
             ctl._violation_at, ctl._clean = int(c["violation_at"]), bool(c["clean"])
+            ctl._seeded = int(c["seeded"])
             t = state["trial"]
             ctl._trial = None if t is None else {"sites": [int(x) for x in t["sites"]], "site": int(t["site"]),
                                                  "win": None if t["win"] is None else float(t["win"])}

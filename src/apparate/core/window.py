@@ -67,6 +67,20 @@ class Window:
             self.refresh(config, rows)
         return int(n - ok.sum()), int((self.cf_valid[rows] & ~self.cf_ok[rows]).sum())
 
+    def seed(self, conf: np.ndarray, agree: np.ndarray, batch_size: float, length: float | None, config: Config) -> None:
+        """Start from inputs seen before serving (the bootstrap's held-out inputs, every site
+        observed): the first tunes then have their evidence instead of none. They are the oldest
+        inputs, so a detected change in the inputs leaves them behind. Batch index -1 marks them
+        (not served: left out of the served statistics)."""
+        n = conf.shape[0]
+        if n == 0:
+            return
+        sites = tuple(range(self.num_sites))
+        self.record(Feedback.trusted(sites, (0.0,) * self.num_sites, np.asarray(conf, dtype=np.float64),
+                                     np.asarray(agree, dtype=bool), length), -1, config)
+        rows = self.last(min(n, self.size))
+        self.bs[rows] = batch_size
+
     def refresh(self, config: Config, rows: np.ndarray | None = None) -> None:
         """Recompute the counterfactual for some rows (default: the whole window)."""
         if rows is None:
