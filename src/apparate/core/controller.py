@@ -155,9 +155,11 @@ class Controller:
                 self._regime_grew()
             elif self._since_tune >= s.retune_every_inputs:
                 self._tune("periodic")
+        # Ramps are not judged while a new regime is young: its thresholds are still held down by
+        # the margin of few inputs, so every ramp would look as if it did not pay.
         if (self._batches - self._batches_at_check >= s.adjust_every_batches
                 and self.window.written - self._inputs_at_check >= s.min_adjust_inputs
-                and self._regime_inputs() >= s.min_adjust_inputs):
+                and not self._regime_next):
             self._batches_at_check, self._inputs_at_check = self._batches, self.window.written
             self._adjust()
         return self._config

@@ -58,7 +58,7 @@ def place_greedy(conf, agree, profile: LatencyProfile, settings: Settings, at: B
             gain = res.result.win - win
             if gain <= 1e-12:
                 continue
-            score = gain / max(costs[c], 1e-12)
+            score = gain  # net of the ramp's cost already: the tuned latencies include it
             if pick is None or score > pick_score:
                 pick, pick_score, pick_res = c, score, res
         if pick is None:
