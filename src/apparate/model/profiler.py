@@ -3,7 +3,8 @@ machine, per batch size (and per sequence-length bucket for text). Produces the 
 `LatencyProfile`.
 
 Cumulative site times come from forward hooks that only read the clock (negligible cost) during
-a run of the backbone; the vanilla total is timed separately without any hook. A ramp's cost is
+a run of the backbone, as shares of that run, scaled to the bare total timed separately without
+any hook. A ramp's cost is
 measured as serving pays it: the backbone runs through the EarlyExitModel with every ramp
 active, hooks attached beforehand as the server keeps them, and a release callback that does
 what the server's does with no answer to hand over. The run's extra time over a bare pass
@@ -104,7 +105,7 @@ def profile_latency(
             for li, bi, length, b in shapes:
                 x = inputs[(li, bi)]
                 van = _once_ms(lambda: call_model(backbone, x))
-                stamps, _ = _site_times(backbone, modules, sites, x)
+                stamps = _site_times(backbone, modules, sites, x)
                 # the ramps' total is a small difference of two noisy passes: pair it more often
                 # where a pass is short (each pair: bare, then with every ramp)
                 pairs = [(van, served_ramp_ms(ee, x))] if ee is not None else []
@@ -121,7 +122,7 @@ def profile_latency(
         bar.close()
     for (li, bi) in inputs:
         van_ms[li, bi] = float(np.median(van_runs[(li, bi)]))
-        site_ms[li, bi] = np.median(np.stack(site_runs[(li, bi)]), axis=0)
+        site_ms[li, bi] = np.median(np.stack(site_runs[(li, bi)]), axis=0) * van_ms[li, bi]
         if S:
             ramp_ms[li, bi] = apportion(np.median(np.stack(inside_runs[(li, bi)]), axis=0),
                                         float(np.median(paid_runs[(li, bi)])))
@@ -200,22 +201,23 @@ def _once_ms(fn: Callable[[], Any], inner: int = 1) -> float:
 
 
 def _site_times(backbone: nn.Module, modules: dict[str, nn.Module], sites: Sequence[Site],
-                x: ModelInput) -> tuple[np.ndarray, list[torch.Tensor]]:
-    """Cumulative ms from the forward's start to the end of each site, and the activations."""
+                x: ModelInput) -> np.ndarray:
+    """How far through the forward each site ends: the share of the pass (clock hooks on the
+    sites; the pass's own total as the reference, so that hook costs and noise between this pass
+    and a separate bare one cannot squash the deepest sites against the bare total)."""
     stamps = np.zeros(len(sites))
-    acts: list[Any] = [None] * len(sites)
 
     def make_hook(i: int) -> Callable:
-        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        def hook(_m: nn.Module, _i: Any, _o: Any) -> None:
             stamps[i] = time.perf_counter()
-            acts[i] = primary_output(out)
         return hook
 
     handles = [modules[s.name].register_forward_hook(make_hook(s.index)) for s in sites]
     try:
         t0 = time.perf_counter()
         call_model(backbone, x)
+        t1 = time.perf_counter()
     finally:
         for h in handles:
             h.remove()
-    return (stamps - t0) * 1e3, acts
+    return np.clip((stamps - t0) / max(t1 - t0, 1e-12), 0.0, 1.0)
