@@ -146,7 +146,7 @@ class EarlyExitModel(nn.Module):
         self.confidence = confidence_fn(confidence)
         self._score = scorer(self.confidence)
         self._fast = [_fast_for(r) for r in self.ramps]
-        self._token_sites = frozenset(i for i, r in enumerate(self.ramps) if getattr(r, "needs_token_weights", False))
+        self._token_sites = self._needing_token_weights()
         self.label_map = None if label_map is None else torch.as_tensor(list(label_map), dtype=torch.long)
         self._active: tuple[int, ...] = ()
         self._local = threading.local()  # per-call state (`_Call`): a server may run forwards on threads
@@ -187,7 +187,10 @@ class EarlyExitModel(nn.Module):
         """Replace the ramp at a site (a `Ramp`, or any module called as `ramp(h, mask)`)."""
         self.ramps[index] = ramp
         self._fast[index] = _fast_for(ramp)
-        self._token_sites = frozenset(i for i, r in enumerate(self.ramps) if getattr(r, "needs_token_weights", False))
+        self._token_sites = self._needing_token_weights()
+
+    def _needing_token_weights(self) -> frozenset[int]:
+        return frozenset(i for i, r in enumerate(self.ramps) if getattr(r, "needs_token_weights", False))
 
     # ---------------------------------------------------------------- running
     def final_prediction(self, final_output: Any) -> torch.Tensor:
