@@ -215,7 +215,8 @@ class Controller:
         if self.window.written - self._violation_at < s.min_regime_inputs:
             return
         self._violation_at = self.window.written
-        self._tune("violation")
+        # the latest inputs are the ones the thresholds fail on: tune on them (with their margin)
+        self._tune("violation", s.violation_tune_inputs or None)
 
     def _regime_grew(self) -> None:
         """Re-tune a young regime each time it doubles, until it fills the window."""
@@ -223,15 +224,16 @@ class Controller:
         self._regime_next = 2 * self._regime_next if 2 * self._regime_next < self.settings.window_inputs else 0
         self._tune(f"regime of {n} inputs")
 
-    def _tune(self, reason: str) -> bool:
-        """Re-tune the active ramps on the window's inputs of the current regime. Ramps without
-        enough observations yet keep their thresholds. False if there is too little data."""
+    def _tune(self, reason: str, last: int | None = None) -> bool:
+        """Re-tune the active ramps on the window's (or the `last`) inputs of the current regime.
+        Ramps without enough observations yet keep their thresholds. False if there is too little
+        data."""
         cfg, s, win = self._config, self.settings, self.window
         if not cfg.sites:
             self._tuned_sites = cfg.sites
             self._since_tune = 0
             return True
-        W = s.window_inputs
+        W = last or s.window_inputs
         regime = self._regime_inputs()
         need = s.min_tune_inputs if regime >= s.min_tune_inputs else s.min_regime_inputs
         ready = [site for site, c in zip(cfg.sites, win.seen(cfg.sites, W, self._since)) if c >= need]

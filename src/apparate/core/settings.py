@@ -55,9 +55,12 @@ class Settings:
     ('raw', as the artifact). Raw agreement overfits small windows: see core/calibration."""
     agreement_prior: float = 4.0
     """Pseudo-observations of a ramp's mean agreement added to each isotonic block."""
-    violation_z: float = 1.0
+    violation_z: float = 0.5
     """The current thresholds violate the constraint when their loss on the latest inputs exceeds
     it by this many binomial standard errors (0: any excess, as the artifact)."""
+    violation_tune_inputs: int = 256
+    """On a violation, re-tune on this many latest inputs, the ones the thresholds fail on (with
+    the margin of so few; 0: the whole window of the regime, which the old inputs dominate)."""
     change_evidence: float = 2.0
     """On a violation, a change in the inputs is declared where the current thresholds' errors
     began to exceed twice the constraint, if they exceed it by at least this many wrong answers
