@@ -110,6 +110,8 @@ def test_cli_refuses_an_unreadable_video_before_any_work(tmp_path, capsys):
     rc = main(["bench", "compare", "video-lite0", "--stream", f"video:{garbage}", "--out", str(tmp_path / "o")])
     assert rc == 2 and "cannot read video" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    rc = main(["loadgen", "http://127.0.0.1:9", "--stream", "cifar10-resnet20", "--stream-name", f"video:{garbage}"])
+    assert rc == 2 and "cannot read video" in capsys.readouterr().err
 
 
 def test_record_your_own_footage_with_a_real_model(r20, r20_bundle, clips, tmp_path, capsys):
@@ -126,6 +128,15 @@ def test_record_your_own_footage_with_a_real_model(r20, r20_bundle, clips, tmp_p
     rec = Recording.load(out)
     assert rec.num_inputs == 20 and rec.num_sites == r20_bundle.num_sites
     np.testing.assert_allclose(rec.meta["per_input_timestamp"], np.arange(20) / 30.0)
+
+
+def test_loadgen_sends_your_footage_at_the_served_size(data_dir, clips):
+    from apparate.serve.loadgen import stream_payloads
+
+    p = stream_payloads("cifar10-resnet20", f"video:{clips / 'highway.avi'}", 5, str(data_dir))
+    assert len(p.bodies) == 5 and (p.labels == -1).all()
+    raw = 32 * 32 * 3  # binary tensor data: the JSON header, then the frame's bytes
+    assert all(len(b.content) == int(b.headers["inference-header-content-length"]) + raw for b in p.bodies)
 
 
 def test_class_map_on_real_frames(clips):

@@ -168,20 +168,13 @@ def fine_tuned_dir(data_dir: PathLike = None, recipe: FineTuneRecipe = FineTuneR
     """The cached fine-tuned camera model, made on first use."""
     clips = camera_clips(data_dir, labels, recipe.block_seconds)
     target = paths.cache_dir("models") / f"video-lite0-{recipe.key()}-{labels.key()}-{_clip_hashes(clips)}"
-    if (target / "apparate.json").exists() and (target / "model.safetensors").exists():
-        return target
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    info = fine_tune(tmp, clips, recipe, progress=progress)
-    info["labelling"] = {"recipe": asdict(labels), "clips": [asdict(c.spec) for c in clips]}
-    (tmp / "apparate.json").write_text(json.dumps(info, indent=2))
-    if target.exists():  # another process won the race: keep theirs
-        import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    return target
+    def make(tmp: Path) -> dict[str, Any]:
+        info = fine_tune(tmp, clips, recipe, progress=progress)
+        info["labelling"] = {"recipe": asdict(labels), "clips": [asdict(c.spec) for c in clips]}
+        return info
+
+    return paths.build_once(target, make)
 
 
 def fine_tune(out_dir: Path, clips: Sequence[CameraClip], recipe: FineTuneRecipe, progress: bool = True) -> dict[str, Any]:
