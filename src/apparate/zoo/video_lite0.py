@@ -10,9 +10,12 @@ MOG2 background subtraction. Each clip is split in time:
   cut into 2-second blocks, alternately used for fine-tuning and held back, so that the
   fine-tuned model's label accuracy is measured on frames it never saw (`held_back_accuracy`).
 
-Fine-tuning keeps the stem and MBConv blocks 0-10 frozen at their ImageNet weights (their
-activations are computed once and cached in memory), and trains blocks 11-15, the head
-convolution and a new 2-class classifier on top, batch norms in inference mode. The result is
+Fine-tuning keeps the stem and MBConv blocks 0-2 frozen at their ImageNet weights (their
+activations are computed once and cached in memory), and trains blocks 3-15, the head
+convolution and a new 2-class classifier on top, batch norms in inference mode, on every
+second frame of the fine-tuning blocks (neighbouring frames are near-duplicates). Training the
+deep blocks alone (blocks 0-10 frozen) left the ramps at sites 0-10 on ImageNet features that
+agree with the camera model's answer on 48-78% of frames (docs/video.md). The result is
 cached as safetensors under the cache directory with a JSON of its metrics, so it is made once.
 """
 
@@ -46,16 +49,17 @@ RECIPE_VERSION = 1
 class FineTuneRecipe:
     """How the cached camera model is made; part of its cache key."""
 
-    frozen_blocks: int = 11  # stem and blocks 0..10 keep ImageNet weights
+    frozen_blocks: int = 3  # stem and blocks 0..2 keep ImageNet weights
     block_seconds: float = 2.0  # fine-tuning / held-back blocks alternate at this length
-    epochs: int = 8
+    frame_stride: int = 2  # every 2nd frame of a fine-tuning block (neighbours are near-duplicates)
+    epochs: int = 6
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
 
     def key(self) -> str:
-        return (f"v{RECIPE_VERSION}-f{self.frozen_blocks}-blk{self.block_seconds:g}-e{self.epochs}"
+        return (f"v{RECIPE_VERSION}-f{self.frozen_blocks}-blk{self.block_seconds:g}-st{self.frame_stride}-e{self.epochs}"
                 f"-b{self.batch_size}-lr{self.lr:g}-s{self.seed}")
 
 
@@ -70,11 +74,15 @@ class CameraClip:
     def served(self) -> np.ndarray:
         return self.clip.index >= self.boot_end
 
-    def fine_tune_mask(self) -> np.ndarray:
+    def _even_block(self) -> np.ndarray:
         return self.served() & (((self.clip.index - self.boot_end) // self.block) % 2 == 0)
 
+    def fine_tune_mask(self, stride: int = 1) -> np.ndarray:
+        return self._even_block() & ((self.clip.index - self.boot_end) % stride == 0)
+
     def held_back_mask(self) -> np.ndarray:
-        return self.served() & ~self.fine_tune_mask()
+        """Frames of the other blocks: never seen by fine-tuning, nor next to a frame that was."""
+        return self.served() & ~self._even_block()
 
 
 def video_dir(data_dir: PathLike) -> Path:
@@ -191,14 +199,15 @@ def fine_tune(out_dir: Path, clips: Sequence[CameraClip], recipe: FineTuneRecipe
     enc = Lite0Encoder(FRAME_SIZE)
     k = recipe.frozen_blocks
     t0 = time.perf_counter()
-    # Frozen activations of every served frame, once (the bootstrap frames are not needed).
+    # Frozen activations of the fine-tuning and held-back frames, once.
     feats, labels, train, clip_of = [], [], [], []
-    total = sum(int(c.served().sum()) for c in clips)
+    use = [c.fine_tune_mask(recipe.frame_stride) | c.held_back_mask() for c in clips]
+    total = sum(int(u.sum()) for u in use)
     with torch.no_grad(), tqdm(total=total, desc="camera model: frozen ImageNet features (once, cached)",
                                disable=None if progress else True, unit="frame") as bar:
         for ci, c in enumerate(clips):
-            served = np.flatnonzero(c.served())
-            ft = c.fine_tune_mask()
+            served = np.flatnonzero(use[ci])
+            ft = c.fine_tune_mask(recipe.frame_stride)
             for s in range(0, len(served), 64):
                 idx = served[s:s + 64]
                 x = enc([torch.from_numpy(np.ascontiguousarray(c.clip.frames[i].transpose(2, 0, 1))) for i in idx])
@@ -258,18 +267,16 @@ def fine_tune(out_dir: Path, clips: Sequence[CameraClip], recipe: FineTuneRecipe
             "clip": c.spec.name, "file": c.spec.file, "question": c.spec.question, "frames": int(len(c.clip)),
             "bootstrap_frames": int((~c.served()).sum()), "served_frames": int(c.served().sum()),
             "fine_tune_frames": int((m & is_train).sum()), "held_back_frames": int((m & held).sum()),
-            "positive_share_served": round(float(yn[m].mean()), 4),
+            "positive_share_served": round(float(c.labels[c.served()].mean()), 4),
             "positive_share_all": round(float((c.labels == 1).mean()), 4),
             "held_back_accuracy": acc(m & held), "fine_tune_accuracy": acc(m & is_train),
-            "model_positive_share_served": round(float(pred[m].mean()), 4),
         })
     state = {k_: v.detach().contiguous() for k_, v in model.state_dict().items()}
     save_file(state, str(out_dir / "model.safetensors"))
     return {
         "recipe": asdict(recipe), "frame_size": list(FRAME_SIZE), "classes": list(CLASS_NAMES),
         "held_back_accuracy": acc(held), "fine_tune_accuracy": acc(is_train),
-        "served_label_accuracy": acc(yn >= 0),
-        "positive_share_served": round(float(yn.mean()), 4),
+        "positive_share_served": round(float(np.concatenate([c.labels[c.served()] for c in clips]).mean()), 4),
         "fine_tune_frames": int(is_train.sum()), "held_back_frames": int(held.sum()),
         "cache_seconds": round(cache_s, 1), "train_seconds": round(train_s, 1), "steps": steps,
         "torch_threads": torch.get_num_threads(), "clips": per_clip,
@@ -323,5 +330,4 @@ def video_workload(data_dir: PathLike = None, progress: bool = True) -> Any:
         frame_size=FRAME_SIZE, source={"kind": "zoo", "workload": "video-lite0", "fine_tune": info["recipe"]},
         description="EfficientNet-Lite0 (ImageNet weights) fine-tuned on three fixed cameras: is there a vehicle "
                     "in the region of interest? (labels: MOG2 background subtraction)",
-        info={k: info[k] for k in ("held_back_accuracy", "fine_tune_accuracy", "served_label_accuracy",
-                                   "positive_share_served", "train_seconds", "cache_seconds")})
+        info={k: info[k] for k in ("held_back_accuracy", "fine_tune_accuracy", "positive_share_served", "train_seconds", "cache_seconds")})
