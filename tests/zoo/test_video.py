@@ -153,3 +153,33 @@ def test_class_map_on_real_frames(clips):
     # Cars drive through one or two at a time: a third of the frames, in runs, not flicker.
     assert 0.25 < lab.labels.mean() < 0.5
     assert np.abs(np.diff(lab.labels)).sum() < 20
+
+
+def test_camera_day_splits_bootstrap_fine_tuning_and_held_back(clips):
+    """The paper's split on real clips: the first 10% bootstraps the ramps and is never served;
+    fine-tuning and held-back frames are disjoint 2-second blocks of the served part."""
+    from apparate.zoo.video_labels import CLIPS
+    from apparate.zoo.video_lite0 import CameraClip, camera_stream
+
+    cams = []
+    for spec, limit in zip(CLIPS[:2], (120, 200)):
+        clip = decode_clip(clips / spec.file, (16, 16), limit=limit)
+        block = int(round(2.0 * clip.info.fps))
+        cams.append(CameraClip(spec, clip, np.arange(limit) % 2, boot_end=limit // 10, block=block))
+    day = camera_stream("camera-day", cams, "served", "test")
+    boot = camera_stream("bootstrap", cams, "bootstrap", "test")
+    assert len(day) == 108 + 180 and len(boot) == 12 + 20
+    assert day.meta["phases"] == ["car-park", "motorway"]
+    frame, phase = day.meta["frame"], day.meta["phase"]
+    assert (frame[phase == 0] == np.arange(12, 120)).all() and (frame[phase == 1] == np.arange(20, 200)).all()
+    assert (boot.meta["frame"][boot.meta["phase"] == 0] == np.arange(12)).all()
+    np.testing.assert_array_equal(day.labels[phase == 1], np.arange(20, 200) % 2)
+    ts = day.meta["timestamp"]
+    assert ts[0] == 0 and (np.diff(ts) > 0).all()
+    for c in cams:
+        ft, held = c.fine_tune_mask(2), c.held_back_mask()
+        assert not (ft & held).any() and not ((ft | held) & ~c.served()).any()
+        # Blocks alternate, fine-tuning first, and each kind covers about half the served part.
+        first_held = np.flatnonzero(held)[0]
+        assert first_held - c.boot_end == c.block and 0.35 < held[c.served()].mean() < 0.65
+    assert len(day.take(slice(0, 5))) == 5
