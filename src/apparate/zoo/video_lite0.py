@@ -52,7 +52,7 @@ class FineTuneRecipe:
     frozen_blocks: int = 3  # stem and blocks 0..2 keep ImageNet weights
     block_seconds: float = 2.0  # fine-tuning / held-back blocks alternate at this length
     frame_stride: int = 2  # every 2nd frame of a fine-tuning block (neighbours are near-duplicates)
-    epochs: int = 6
+    epochs: int = 12
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
