@@ -8,8 +8,11 @@ Expensive derived artefacts (fine-tuned models, extracted images) are cached und
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 
 def data_dir(explicit: str | os.PathLike | None = None, required: bool = True) -> Path | None:
@@ -37,3 +40,21 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def build_once(target: Path, make: Callable[[Path], dict[str, Any]]) -> Path:
+    """A cached folder made once: `make(tmp)` fills a fresh temporary folder and returns what it
+    measured (written as `apparate.json`, the marker of a complete folder); the folder is then
+    renamed into place, so an interrupted build leaves nothing that looks finished."""
+    if (target / "apparate.json").exists():
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    info = make(tmp)
+    (tmp / "apparate.json").write_text(json.dumps(info, indent=2))
+    if target.exists():  # another process won the race: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target

@@ -15,7 +15,10 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
     p.add_argument("--data-dir", help="data directory (default: $APPARATE_DATA, else ../shared/data)")
     p.add_argument("--bundle", help="use this prepared bundle (default: prepare once into the cache)")
     p.add_argument("--deebert-bundle", help="bundle with DeeBERT-style ramps for the deebert policies")
-    p.add_argument("--stream", help="stream to replay (default: camera-day for images, drift for text)")
+    p.add_argument("--stream", help="stream to replay (default: camera-day for images, drift for text), or video:PATH "
+                                    "(your own footage: a video file, or a folder of them in name order)")
+    p.add_argument("--fps", type=float, help="a camera's fixed-rate trace at this many frames per second (sets --trace "
+                                             "fixed --rate FPS); video:PATH streams default to their own frame times")
     p.add_argument("--n", type=int, help="inputs to replay (default: the whole stream)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace", default="fixed", choices=["fixed", "poisson", "gamma", "azure"],
@@ -50,7 +53,8 @@ def spec_from_args(args: argparse.Namespace, policies=None):
         settings = settings.replace(**overrides)
     return ExperimentSpec(
         workload=args.workload, data_dir=args.data_dir, bundle=args.bundle, deebert_bundle=args.deebert_bundle,
-        stream=args.stream, n=args.n, seed=args.seed, trace=args.trace, rate=args.rate, cv=args.cv,
+        stream=args.stream, n=args.n, seed=args.seed, trace="fixed" if args.fps else args.trace,
+        rate=args.fps or args.rate, fps=args.fps, cv=args.cv,
         slo_ms=args.slo_ms, slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
         settings=settings, policies=policies, bootstrap=args.bootstrap, stream_bootstrap=args.stream_bootstrap,
         threads=args.threads,

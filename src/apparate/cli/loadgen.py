@@ -21,9 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", metavar="BUNDLE", help="start a vanilla and an apparate server for BUNDLE and compare")
     p.add_argument("--model", help="model name (default: the --stream workload's name)")
     p.add_argument("--stream", required=True, metavar="WORKLOAD", help="zoo workload whose stream supplies the inputs")
-    p.add_argument("--stream-name", help="stream of the workload (default: camera-day for images, sst2-dev for text)")
+    p.add_argument("--stream-name", help="stream of the workload (default: camera-day for images, sst2-dev for text), "
+                                         "or video:PATH: your own footage (a video file, or a folder of them in "
+                                         "name order), decoded at the workload's frame size")
     p.add_argument("--trace", choices=("fixed", "poisson", "gamma", "azure"), default="poisson")
-    p.add_argument("--rate", type=float, required=True, help="mean requests per second")
+    p.add_argument("--rate", type=float, help="mean requests per second (required unless --fps or a video:PATH stream)")
+    p.add_argument("--fps", type=float, help="a camera: fixed-rate trace at this many frames per second "
+                                             "(video:PATH default: the first clip's own frame rate)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of measured load per run")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of unmeasured load first (fixed rate)")
     p.add_argument("--cv", type=float, default=2.0, help="gamma trace: coefficient of variation of the gaps")
@@ -74,6 +78,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("at most two URLs")
     if args.rounds < 1:
         raise UserError("--rounds must be at least 1")
+    from apparate.zoo.video import is_video_stream, probe_all
+
+    if is_video_stream(args.stream_name):  # an unreadable video fails before any server starts
+        infos = probe_all(args.stream_name[len("video:"):])
+        if not args.fps and args.rate is None:
+            args.fps = infos[0].fps
+    if args.fps:
+        args.trace, args.rate = "fixed", args.fps
+    if args.rate is None:
+        raise UserError("give --rate (requests per second) or --fps (a camera's frame rate)")
     times = lg.make_trace(args.trace, args.rate, args.duration, args.seed, args.cv, args.data_dir)
     if len(times) == 0:
         raise UserError("the trace is empty: raise --rate or --duration")

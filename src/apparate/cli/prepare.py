@@ -99,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     if "sst2_dev_accuracy" in info:
         print(f"sentiment model: SST-2 dev accuracy {info['sst2_dev_accuracy']:.1%} "
               f"(fine-tuned once in {info.get('train_seconds', '?')} s, cached)")
+    if "held_back_accuracy" in info:
+        print(f"camera model: {info['held_back_accuracy']:.1%} label accuracy on held-back frames "
+              f"(fine-tuned once in {info.get('train_seconds', '?')} s after {info.get('cache_seconds', '?')} s "
+              f"of frozen features, cached)")
     print(f"workload {workload.name}: {workload.description} (loaded in {time.perf_counter() - t0:.0f} s)")
     sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
     opts = PrepareOptions(bootstrap=args.bootstrap, ramp=args.ramp, seed=args.seed, threads=args.threads,

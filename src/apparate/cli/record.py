@@ -9,7 +9,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("record", help="run a bundle over a stream once, every ramp active, and save the outputs",
                        description=__doc__)
     p.add_argument("bundle", help="bundle directory (from `apparate prepare`)")
-    p.add_argument("--stream", required=True, help="stream name of the bundle's workload (e.g. camera-day, test, drift)")
+    p.add_argument("--stream", required=True,
+                   help="stream name of the bundle's workload (e.g. camera-day, test, drift), or video:PATH "
+                        "(a video file, or a folder of them played in name order)")
+    p.add_argument("--fps", type=float, help="video:PATH: frame timestamps at this rate (default: the clip's own)")
     p.add_argument("--out", required=True, help="recording file to write (.npz)")
     p.add_argument("--n", type=int, help="inputs (default: the stream's own size)")
     p.add_argument("--seed", type=int, default=0)
@@ -23,12 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from apparate.model.bundle import load_bundle
     from apparate.replay.record import record_stream
+    from apparate.zoo.video import check_stream, resolve_stream
 
+    check_stream(args.stream)  # an unreadable video fails before the model loads
     bundle = load_bundle(args.bundle, data_dir=args.data_dir)
     if bundle.workload is None:
         raise ValueError(f"bundle {args.bundle} has no workload to draw streams from")
-    kw = {"n": args.n} if args.n else {}
-    stream = bundle.workload.stream(args.stream, seed=args.seed, **kw)
+    stream = resolve_stream(bundle.workload, args.stream, seed=args.seed, n=args.n, fps=args.fps)
     rec = record_stream(bundle, stream, args.batch_size, progress=not args.no_progress, threads=args.threads)
     path = rec.save(args.out)
     agree = rec.agree.mean(axis=0)

@@ -36,11 +36,12 @@ class ExperimentSpec:
     data_dir: str | None = None
     bundle: str | None = None  # an existing bundle directory; default: prepared into the cache
     deebert_bundle: str | None = None
-    stream: str | None = None  # default: camera-day (images), drift (text)
+    stream: str | None = None  # default: camera-day (images), drift (text); or video:PATH (your footage)
     n: int | None = None  # inputs to replay (default: the stream's own size)
     seed: int = 0
     trace: str = "fixed"  # fixed | poisson | bursty | azure-llm
     rate: float = 30.0  # requests per second
+    fps: float | None = None  # video:PATH: a fixed trace at this rate (default: the frames' own times)
     cv: float = 2.0  # for bursty
     slo_ms: float | None = None  # default: slo_x times the bare model's batch-1 latency
     slo_x: float = 4.0
@@ -104,9 +105,12 @@ def load_or_prepare(workload: str, data_dir: str | None, bundle: str | None, ram
 
 
 def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec: ExperimentSpec, log: Log) -> Recording:
+    from apparate.zoo.video import footage_key, is_video_stream, resolve_stream
+
     from .record import bundle_id, check_recording_matches, record_stream
 
-    key = f"{bundle_id(bundle.path)}-{stream_name}-n{n or 'all'}-s{seed}.npz"
+    tag = footage_key(stream_name, spec.fps) if is_video_stream(stream_name) else stream_name
+    key = f"{bundle_id(bundle.path)}-{tag}-n{n or 'all'}-s{seed}.npz"
     path = cache_dir("recordings") / key
     if path.exists():
         try:
@@ -115,8 +119,7 @@ def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec
             return rec
         except ValueError as e:
             log(f"cached recording {path} is unusable ({e}); recording again")
-    kw = {"n": n} if n else {}
-    stream = bundle.workload.stream(stream_name, seed=seed, **kw)
+    stream = resolve_stream(bundle.workload, stream_name, seed=seed, n=n, fps=spec.fps)
     log(f"recording {len(stream)} inputs of stream {stream_name!r} with every ramp active (once; cached)")
     rec = record_stream(bundle, stream, progress=spec.progress, threads=spec.threads)
     rec.save(path)
@@ -144,8 +147,11 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
                    phases: np.ndarray | None = None) -> ExperimentResult:
     """Replay every policy on the same recording and trace. `families` skips bundles and
     recordings (tests and synthetic runs)."""
+    from apparate.zoo.video import check_stream, is_video_stream
+
     info: dict[str, Any] = {"workload": spec.workload}
     if families is None:
+        check_stream(spec.stream)  # an unreadable video fails before any preparation
         families = {}
         light = load_or_prepare(spec.workload, spec.data_dir, spec.bundle, None, spec, log)
         kind = light.workload.kind
@@ -180,6 +186,11 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
     n -= k
     light = families["light"]
     arrivals = make_trace(spec, n)
+    frame_times = light.evaluation.meta.get("per_input_timestamp")
+    if is_video_stream(spec.stream) and not spec.fps and frame_times:
+        # your footage arrives as it was filmed: every frame at its own time
+        arrivals = np.asarray(frame_times[k:k + n], dtype=np.float64) - float(frame_times[k])
+        info["trace"] = "frame times"
     lengths = light.evaluation.lengths
     # text: 90th-percentile tokens, so that the SLO is attainable for nearly every input alone
     typical = None if lengths is None else float(np.percentile(lengths, 90))
@@ -189,7 +200,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
                          batcher, slo)
     serving = serving_point(vanilla_run, lengths)
     inputs = PolicyInputs(light, spec.settings, families.get("deebert"), seed=spec.seed, serving=serving)
-    info.update(inputs=n, bootstrap=f"first {k} of the stream" if k else "held out", trace=spec.trace, rate=spec.rate, slo_ms=round(slo, 3), batching=spec.batching,
+    info.update(inputs=n, bootstrap=f"first {k} of the stream" if k else "held out", trace=info.get("trace", spec.trace), rate=spec.rate, slo_ms=round(slo, 3), batching=spec.batching,
                 max_batch=spec.max_batch, accuracy_constraint=spec.settings.accuracy_constraint,
                 ramp_budget=spec.settings.ramp_budget, candidate_sites=light.profile.num_sites,
                 vanilla_ms_batch1=round(light.profile.vanilla(1), 3),

@@ -141,17 +141,64 @@ def plot_timeline(runs: Sequence[RunResult], path: Path, constraint: float, wind
     return path
 
 
+def plot_exits(runs: Sequence[RunResult], path: Path, phases: np.ndarray | None = None,
+               policies: Sequence[str] = ("apparate", "optimal"), window: int = 100) -> Path:
+    """Where on the stream the ramps fire: each request's exit site over time (one panel per
+    policy), and the share of requests released early over a sliding window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .simulator import FINAL
+
+    shown = [r for p in policies for r in runs if r.policy == p]
+    fig, axes = plt.subplots(len(shown) + 1, 1, figsize=(9, 2.4 * (len(shown) + 1)), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    for ax, run in zip(axes, shown):
+        served = run.served
+        site = np.where(run.exit_site == FINAL, run.num_sites, run.exit_site)
+        early = served & (run.exit_site != FINAL)
+        ax.scatter(run.arrival[early], site[early], s=2, color=policy_style(run.policy)["color"], label="ramp exit")
+        late = served & ~early
+        ax.scatter(run.arrival[late], site[late], s=2, color="lightgrey", label="final output")
+        ax.set_ylim(-0.5, run.num_sites + 0.5)
+        ax.set_ylabel(f"{run.policy}\nexit site")
+        ax.grid(alpha=0.3)
+    for run in shown:
+        t = run.arrival[run.served]
+        ax = axes[-1]
+        ax.plot(t, _sliding(run.exit_site[run.served] != FINAL, window), label=run.policy, **policy_style(run.policy))
+    axes[-1].set_ylabel(f"released early\n(sliding {window})")
+    axes[-1].set_ylim(-0.02, 1.02)
+    axes[-1].grid(alpha=0.3)
+    if shown:
+        axes[-1].legend(fontsize=7)
+    if phases is not None and runs:
+        t = runs[0].arrival
+        for c in np.flatnonzero(np.diff(phases[: t.size]) != 0):
+            for ax in axes:
+                ax.axvline(t[c + 1], color="grey", lw=0.8, alpha=0.7)
+    axes[-1].set_xlabel("time (s)" + ("; grey lines: stream phase changes" if phases is not None else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(out: str | Path, metrics: Sequence[Metrics], runs: Sequence[RunResult], info: dict[str, Any],
                  command: str, constraint: float, phases: np.ndarray | None = None) -> Path:
-    """report.md, metrics.json, latency_cdf.png, timeline.png in `out`."""
+    """report.md, metrics.json, latency_cdf.png, timeline.png, exits.png in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = comparison_table(metrics)
     plot_latency_cdf(runs, out / "latency_cdf.png", info.get("slo_ms"))
     plot_timeline(runs, out / "timeline.png", constraint, phases=phases)
+    plot_exits(runs, out / "exits.png", phases=phases)
     lines = ["# Policy comparison", "", "```", command, "```", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
-    lines += ["", table, "", "![latency CDF](latency_cdf.png)", "", "![timeline](timeline.png)", ""]
+    lines += ["", table, "", "![latency CDF](latency_cdf.png)", "", "![timeline](timeline.png)", "",
+              "![exits](exits.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "metrics.json").write_text(json.dumps({"info": info, "command": command,
                                                   "metrics": [m.to_dict() for m in metrics]}, indent=1))

@@ -70,11 +70,12 @@ JSON_HEADERS = {"content-type": "application/json"}
 def stream_payloads(workload: str, stream: str | None, n: int, data_dir: str | None = None, seed: int = 0,
                     binary: bool = True) -> Payloads:
     """Request bodies for the first n items of a zoo workload's stream (cycled if shorter)."""
+    from apparate.zoo.video import is_video_stream, resolve_stream
     from apparate.zoo.workloads import get_workload
 
     wl = get_workload(workload, data_dir, progress=False)
     name = stream or ("camera-day" if wl.kind == "image" else "sst2-dev")
-    s = wl.stream(name, seed=seed)
+    s = resolve_stream(wl, name, seed=seed, n=n if is_video_stream(name) else None)
     k = min(len(s), n)
     if wl.kind == "image":
         bodies = [image_body(np.asarray(s.inputs[i]), binary=binary) for i in range(k)]

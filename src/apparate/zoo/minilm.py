@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,19 +112,9 @@ def fine_tuned_dir(data_dir: str | os.PathLike | None = None, recipe: FineTuneRe
     """The cached fine-tuned sentiment model, built on first use (whole encoder + head)."""
     recipe = recipe or FineTuneRecipe()
     target = paths.cache_dir("models") / f"minilm-{recipe.corpus}-{recipe.key()}"
-    if (target / "apparate.json").exists():
-        return target
-    if not build:
+    if not build and not (target / "apparate.json").exists():
         raise FileNotFoundError(f"no fine-tuned MiniLM at {target}")
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    info = fine_tune(tmp, data_dir, recipe, progress=progress)
-    (tmp / "apparate.json").write_text(json.dumps(info, indent=2))
-    if target.exists():  # another process won the race: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    return target
+    return paths.build_once(target, lambda tmp: fine_tune(tmp, data_dir, recipe, progress=progress))
 
 
 def fine_tune(out_dir: Path, data_dir: str | os.PathLike | None, recipe: FineTuneRecipe,

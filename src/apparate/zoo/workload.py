@@ -90,6 +90,7 @@ class Workload:
     source: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # e.g. the sentiment model's dev accuracy
+    frame_size: tuple[int, int] | None = None  # (H, W) video frames are decoded at; None: the bootstrap's
 
     def stream(self, name: str, seed: int = 0, **kw: Any) -> Stream:
         if name not in self.streams:

