@@ -9,7 +9,7 @@ from apparate.model.ramps import CONFIDENCES, Ramp, RampSpec, confidence_fn, sco
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from(["pool", "conv", "pool-flat"]), st.integers(1, 5), st.integers(2, 7), st.integers(0, 10_000))
+@given(st.sampled_from(["pool", "conv", "grid", "pool-flat"]), st.integers(1, 5), st.integers(2, 7), st.integers(0, 10_000))
 def test_fast_image_ramps_equal_their_modules(kind, batch, classes, seed):
     torch.manual_seed(seed)
     shape = (8,) if kind == "pool-flat" else (8, 6, 6)

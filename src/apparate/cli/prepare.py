@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="store_true", help="list the zoo workloads and exit")
     p.add_argument("--data-dir", help="data directory (default: $APPARATE_DATA, else ../shared/data)")
     p.add_argument("--bootstrap", type=int, help="bootstrap inputs (default: the workload's; 20000 CIFAR images, else 5000 images / 2000 texts)")
-    p.add_argument("--ramp", choices=("pool", "conv", "cls", "mean", "deebert"),
+    p.add_argument("--ramp", choices=("pool", "grid", "conv", "cls", "mean", "deebert"),
                    help="ramp kind (default: pool for images, mean for text)")
     p.add_argument("--threads", type=int, help="torch threads for training and profiling")
     p.add_argument("--seed", type=int, default=0)

@@ -6,6 +6,9 @@ backbone runs a single time however many epochs the ramps need.
 
 Kinds:
 - `pool` (CV default, the paper's): global average pooling + linear.
+- `grid` (CV, for questions about a part of the view): average pooling to a coarse g x g grid
+  (g = `hidden`, default 3) + linear: the ramp keeps where in the frame things are, which global
+  pooling averages away, at the cost of a pooling ramp.
 - `conv` (CV, stronger): 3x3 convolution (same width, stride 2 on maps 8x8 and up, to bound its
   cost) + ReLU,
   then pooling + linear; it can combine spatial evidence that pooling alone throws away.
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CV_KINDS = ("pool", "conv")
+CV_KINDS = ("pool", "grid", "conv")
 NLP_KINDS = ("cls", "mean", "deebert")
 KINDS = CV_KINDS + NLP_KINDS
 
@@ -40,7 +43,7 @@ class RampSpec:
     kind: str
     in_shape: tuple[int, ...]  # the site's output shape per input (no batch dimension)
     num_classes: int
-    hidden: int = 0  # conv channels (conv) or pooler width (deebert); 0 = the kind's default
+    hidden: int = 0  # conv channels (conv), grid side (grid) or pooler width (deebert); 0 = the kind's default
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -71,6 +74,11 @@ class Ramp(nn.Module):
         k, shape, n = spec.kind, spec.in_shape, spec.num_classes
         if k == "pool":
             self.head = nn.Linear(shape[0], n)
+        elif k == "grid":
+            if len(shape) != 3:
+                raise ValueError("a 'grid' ramp needs a [C, H, W] site output")
+            g = self.grid = min(spec.hidden or 3, shape[1], shape[2])
+            self.head = nn.Linear(shape[0] * g * g, n)
         elif k == "conv":
             if len(shape) != 3:
                 raise ValueError("a 'conv' ramp needs a [C, H, W] site output")
@@ -92,6 +100,8 @@ class Ramp(nn.Module):
         k = self.spec.kind
         if k == "pool":
             return h.mean(dim=(2, 3)) if h.dim() == 4 else h.flatten(1)
+        if k == "grid":
+            return F.adaptive_avg_pool2d(h, self.grid).flatten(1)
         if k == "conv":
             return h
         if k == "mean":
@@ -125,6 +135,9 @@ class Ramp(nn.Module):
             w1, b1, w2, b2 = d1.weight.detach().t(), d1.bias.detach(), d2.weight.detach().t(), d2.bias.detach()
             return lambda h, w: torch.addmm(b2, torch.addmm(b1, h[:, 0], w1).tanh_(), w2)
         wt, b = self.head.weight.detach().t(), self.head.bias.detach()
+        if k == "grid":
+            g = self.grid
+            return lambda h, w: torch.addmm(b, F.adaptive_avg_pool2d(h, g).flatten(1), wt)
         if k == "pool":
             if len(self.spec.in_shape) == 3:
                 area = self.spec.in_shape[1] * self.spec.in_shape[2]
