@@ -31,8 +31,12 @@ def test_round_trip(r20_bundle, r20, test_images):
 
 
 def test_zoo_bundle_rebuilds_its_model(r20_bundle, data_dir):
-    b = load_bundle(r20_bundle.path, data_dir=data_dir)
+    from apparate.zoo import load_bundle as load_zoo_bundle
+
+    b = load_zoo_bundle(r20_bundle.path, data_dir=data_dir)
     assert b.workload is not None and b.workload.name == "cifar10-resnet20"
+    with pytest.raises(BundleError, match="apparate.zoo.load_bundle"):  # the model layer knows no zoo
+        load_bundle(r20_bundle.path)
 
 
 def _copy(bundle, tmp_path):

@@ -28,7 +28,7 @@ def test_image_folder_and_manifest(tmp_path):
 
 
 def test_image_workload_prepares_any_module(tmp_path):
-    from apparate.model.bundle import load_bundle
+    from apparate.zoo import load_bundle
     from apparate.model.prepare import PrepareOptions, prepare_workload
 
     _images(tmp_path / "imgs", n=8)

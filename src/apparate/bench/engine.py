@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from apparate.model.bundle import load_bundle
+    from apparate.zoo.bundles import load_bundle
     from apparate.serve.control import ControlOptions
     from apparate.serve.engine import Engine, EngineOptions
     from apparate.serve.model_io import ServedModel

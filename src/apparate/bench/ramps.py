@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from apparate.bench.timing import markdown_table
-    from apparate.model.bundle import load_bundle
+    from apparate.zoo.bundles import load_bundle
     from apparate.model.profiler import apportion, served_ramp_ms
     from apparate.model.ramps import score
     from apparate.model.sites import call_model, primary_output

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apparate.model.bundle import load_bundle
+    from apparate.zoo.bundles import load_bundle
     from apparate.replay.record import record_stream
     from apparate.zoo.video import check_stream, resolve_stream
 

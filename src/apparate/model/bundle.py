@@ -169,11 +169,11 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def load_bundle(path: str | os.PathLike, model: nn.Module | None = None, data_dir: str | os.PathLike | None = None,
-                load_model: bool = True, check_fingerprint: bool = True) -> Bundle:
-    """Restore a bundle. Zoo models are rebuilt from the data directory unless `model` is given;
-    any other model must be passed as `model`. The model must be the one the bundle was made for.
-    """
+def load_bundle(path: str | os.PathLike, model: nn.Module | None = None, load_model: bool = True,
+                check_fingerprint: bool = True, workload: Any = None) -> Bundle:
+    """Restore a bundle, with `model` (the one it was made for) or without any (`load_model`
+    False: profile, recording and ramps only). `apparate.zoo.load_bundle` rebuilds zoo and Hugging
+    Face models from the bundle's manifest instead."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -208,22 +208,12 @@ def load_bundle(path: str | os.PathLike, model: nn.Module | None = None, data_di
     if recording.num_sites != len(sites):
         raise BundleError(f"{path / RECORDING} has {recording.num_sites} sites, the manifest {len(sites)}")
 
-    workload = None
     src = manifest.get("model", {})
     if load_model and model is None:
-        if src.get("kind") == "zoo":
-            from apparate.zoo.workloads import get_workload
-
-            workload = get_workload(src["workload"], data_dir)
-            model = workload.model
-        elif src.get("kind") == "hf":
-            from apparate.zoo.byo import hf_text_workload
-
-            workload = hf_text_workload(src["path"], texts=None)
-            model = workload.model
-        else:
-            raise BundleError(f"bundle {path} was prepared for a {src.get('class', 'custom')} model: "
-                              "pass it as load_bundle(path, model=...)")
+        how = ("load it with apparate.zoo.load_bundle, which rebuilds it" if src.get("kind") in ("zoo", "hf")
+               else "pass it as load_bundle(path, model=...)")
+        raise BundleError(f"bundle {path} was prepared for a {src.get('workload') or src.get('class', 'custom')} "
+                          f"model: {how}")
     if model is not None and check_fingerprint and src.get("fingerprint"):
         if model_fingerprint(model) != src["fingerprint"]:
             raise BundleError(f"the model given differs from the one bundle {path} was prepared for "

@@ -1,6 +1,7 @@
 """Preparation pipeline: sites -> ramps -> frozen-backbone training -> latency profile -> bundle.
 
-`prepare_workload` does it for a zoo (or bring-your-own) `Workload`; `prepare_model` for any
+`prepare_workload` does it for a workload (a zoo or bring-your-own `Workload`: anything with the
+fields it reads); `prepare_model` for any
 `torch.nn.Module` with an encoder from raw inputs to model inputs and a bootstrap `Stream`.
 """
 
@@ -14,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from apparate.model.batching import batch_maker as make_batches, encode_batches
 from apparate.model.bundle import Bundle, load_bundle, save_bundle
 from apparate.model.profiler import num_threads, powers_of_two, profile_latency
 from apparate.model.ramps import RampSpec, build_ramps
@@ -87,18 +89,12 @@ def prepare_model(
     or a dict of keyword tensors). Without a `source`, the bundle records the model's class and
     `load_bundle` will need the model passed in.
     """
-    from apparate.zoo.workload import Workload
-
     if len(bootstrap) < 10:
         raise ValueError(f"need at least 10 bootstrap inputs, got {len(bootstrap)}")
     torch.manual_seed(options.seed)
     model.eval()
-    if batches is None or batch_maker is None:
-        shim = Workload(name="custom", kind="text" if profile_lengths else "image", model=model, encode=encode,
-                        num_classes=num_classes, class_names=tuple(class_names), streams={},
-                        bootstrap_stream="", default_ramp=ramp, label_map=None if label_map is None else tuple(label_map))
-        batches = batches or (lambda s, b: shim.batches(s, b))
-        batch_maker = batch_maker or shim.batch_maker(bootstrap)
+    batches = batches or (lambda s, b: encode_batches(s, encode, b))
+    batch_maker = batch_maker or make_batches(bootstrap, encode, bool(profile_lengths))
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     with num_threads(options.threads):

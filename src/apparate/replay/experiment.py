@@ -81,7 +81,8 @@ def _bundle_dir(spec: ExperimentSpec, ramp: str | None) -> Path:
 def load_or_prepare(workload: str, data_dir: str | None, bundle: str | None, ramp: str | None, spec: ExperimentSpec,
                     log: Log) -> Any:
     """Load `bundle`, else the cached bundle for this workload, else prepare it (once)."""
-    from apparate.model.bundle import BundleError, load_bundle
+    from apparate.model.bundle import BundleError
+    from apparate.zoo.bundles import load_bundle
     from apparate.model.prepare import PrepareOptions, prepare_workload
     from apparate.zoo.workloads import get_workload
 

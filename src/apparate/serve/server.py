@@ -79,7 +79,7 @@ def build_engine(opts: ServeOptions) -> Any:
     import numpy as np
     import torch
 
-    from apparate.model.bundle import load_bundle
+    from apparate.zoo.bundles import load_bundle
 
     from .control import ControlOptions
     from .engine import Engine, EngineOptions

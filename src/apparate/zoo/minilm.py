@@ -10,7 +10,6 @@ a production model trained end to end.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -216,6 +215,3 @@ def fine_tune_info(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "apparate.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
-
-def expected_steps(recipe: FineTuneRecipe) -> int:
-    return recipe.epochs * math.ceil(recipe.train_examples / recipe.batch_size)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from apparate.model.batching import batch_maker, encode_batches
 from apparate.model.training import Batch
 
 
@@ -99,25 +100,8 @@ class Workload:
 
     def batches(self, stream: Stream, batch_size: int = 128) -> Iterator[Batch]:
         """Model-ready batches of a stream, in order."""
-        if batch_size < 1:
-            raise ValueError("batch size must be at least 1")
-        for s in range(0, len(stream), batch_size):
-            items = [stream.item(i) for i in range(s, min(len(stream), s + batch_size))]
-            yield Batch(self.encode([it.input for it in items]), [it.label for it in items], [it.cost for it in items])
-
-    def example_input(self, stream: Stream | None = None, n: int = 2) -> Any:
-        stream = stream or self.stream(self.bootstrap_stream, n=max(n, 8))
-        return self.encode([stream.item(i).input for i in range(min(n, len(stream)))])
+        return encode_batches(stream, self.encode, batch_size)
 
     def batch_maker(self, stream: Stream) -> Callable[[int, int | None], Any]:
-        """(batch size, length) -> model input of real inputs, for the profiler.
-
-        Text inputs are padded or cut to exactly `length` tokens, so each bucket costs what a
-        batch of that length costs whatever the sentences say.
-        """
-        def make(b: int, length: int | None) -> Any:
-            items = [stream.item(i % len(stream)).input for i in range(b)]
-            if length is None or self.kind != "text":
-                return self.encode(items)
-            return self.encode(items, pad_to=length)  # type: ignore[call-arg]
-        return make
+        """(batch size, length) -> model input of real inputs, for the profiler."""
+        return batch_maker(stream, self.encode, self.kind == "text")
