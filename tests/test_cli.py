@@ -41,7 +41,7 @@ def test_settings_overrides_reach_the_experiment_and_bad_ones_are_refused():
 
     import pytest
 
-    from apparate.cli.experiment_args import add_experiment_args, parse_overrides, spec_from_args
+    from apparate.bench.experiment_args import add_experiment_args, parse_overrides, spec_from_args
 
     assert parse_overrides(["agreement=raw", "placement=spaced", "max_ramps=null", "tune_gap=0.1"]) == {
         "agreement": "raw", "placement": "spaced", "max_ramps": None, "tune_gap": 0.1}

@@ -11,9 +11,9 @@ import pytest
 from apparate.core.recording import Recording
 from apparate.core.settings import Settings
 from apparate.policies.catalog import RampFamily
-from apparate.replay.experiment import DEFAULT_POLICIES, ExperimentSpec, run_experiment
-from apparate.replay.record import bundle_id, check_recording_matches, record_stream
-from apparate.replay.report import comparison_table, write_report
+from apparate.bench.experiment import DEFAULT_POLICIES, ExperimentSpec, run_experiment
+from apparate.bench.record import bundle_id, check_recording_matches, record_stream
+from apparate.bench.report import comparison_table, write_report
 
 
 @pytest.fixture(scope="module")

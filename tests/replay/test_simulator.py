@@ -9,9 +9,9 @@ from apparate.core.synthetic import drift_curve, synthetic_recording
 from apparate.policies import PolicyInputs, make_policy
 from apparate.policies.base import OraclePolicy, ThresholdPolicy
 from apparate.policies.catalog import RampFamily
-from apparate.replay import traces
-from apparate.replay.batchers import ClockworkBatcher, TFServingBatcher
-from apparate.replay.metrics import sliding_min_mean, summarize
+from apparate.zoo import traces
+from apparate.core.batchers import ClockworkBatcher, TFServingBatcher
+from apparate.replay.summary import sliding_min_mean, summarize
 from apparate.replay.simulator import DROPPED, FINAL, replay
 
 TINY = LatencyProfile(batch_sizes=[1, 2], site_ms=[[2.0, 5.0], [3.0, 7.0]], ramp_ms=[[0.5, 0.5], [1.0, 1.0]],

@@ -76,7 +76,7 @@ def test_batch_costs_match_the_profile(b, length, sites, seed):
        st.booleans())
 def test_scheduler_drops_exactly_the_late_and_batches_the_rest(reqs, kind, shed):
     from apparate.core.profile import LatencyProfile
-    from apparate.replay.batchers import finish_time
+    from apparate.core.batchers import finish_time
     from apparate.serve.costs import BatchCosts
     from apparate.serve.scheduler import BatchingOptions, Scheduler
 

@@ -16,7 +16,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from apparate.cli.experiment_args import add_experiment_args
+    from apparate.bench.experiment_args import add_experiment_args
 
     p = sub.add_parser("calibration", help="loss of tuned thresholds on the next inputs vs in sample, per setting",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,11 +33,11 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from apparate.bench.timing import markdown_table
-    from apparate.cli.experiment_args import command_line, parse_overrides, spec_from_args
+    from apparate.bench.experiment_args import command_line, parse_overrides, spec_from_args
     from apparate.core.exits import simulate
     from apparate.core.placement import initial_placement
     from apparate.core.tuning import tune
-    from apparate.replay.experiment import load_or_prepare, load_or_record
+    from apparate.bench.experiment import load_or_prepare, load_or_record
 
     spec = spec_from_args(args)
     log = print if spec.progress else (lambda _s: None)

@@ -7,7 +7,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from apparate.cli.experiment_args import add_experiment_args
+    from apparate.bench.experiment_args import add_experiment_args
 
     p = sub.add_parser("compare", help="all policies side by side on one recording and trace", description=__doc__)
     add_experiment_args(p)
@@ -17,9 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apparate.cli.experiment_args import command_line, spec_from_args
-    from apparate.replay.experiment import run_experiment
-    from apparate.replay.report import comparison_table, write_report
+    from apparate.bench.experiment_args import command_line, spec_from_args
+    from apparate.bench.experiment import run_experiment
+    from apparate.bench.report import comparison_table, write_report
 
     policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else None
     spec = spec_from_args(args, policies)

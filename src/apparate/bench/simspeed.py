@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
     from apparate.core.synthetic import drift_curve, synthetic_recording
     from apparate.policies import PolicyInputs, make_policy
     from apparate.policies.catalog import RampFamily
-    from apparate.replay import traces
-    from apparate.replay.batchers import ClockworkBatcher
-    from apparate.replay.metrics import summarize
+    from apparate.zoo import traces
+    from apparate.core.batchers import ClockworkBatcher
+    from apparate.replay.summary import summarize
     from apparate.replay.simulator import replay
 
     S, n = args.sites, args.n

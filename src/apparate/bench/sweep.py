@@ -10,7 +10,7 @@ PARAMS = {"slo": "SLO as a multiple of batch-1 latency", "budget": "ramp budget"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from apparate.cli.experiment_args import add_experiment_args
+    from apparate.bench.experiment_args import add_experiment_args
 
     p = sub.add_parser("sweep", help="sweep the SLO, ramp budget or accuracy constraint", description=__doc__)
     add_experiment_args(p)
@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from apparate.bench.timing import markdown_table
-    from apparate.cli.experiment_args import command_line, spec_from_args
-    from apparate.replay.experiment import by_policy, run_experiment, with_settings
+    from apparate.bench.experiment_args import command_line, spec_from_args
+    from apparate.bench.experiment import by_policy, run_experiment, with_settings
 
     values = [float(v) for v in args.values.split(",")]
     base = spec_from_args(args, ("vanilla", "apparate", "optimal"))

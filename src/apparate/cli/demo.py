@@ -15,7 +15,7 @@ from dataclasses import replace
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .experiment_args import add_experiment_args
+    from apparate.bench.experiment_args import add_experiment_args
 
     p = sub.add_parser("demo", help="the main job: prepare the default workload and compare every policy",
                        description=__doc__)
@@ -31,10 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apparate.replay.experiment import run_experiment
-    from apparate.replay.report import comparison_table, write_report
+    from apparate.bench.experiment import run_experiment
+    from apparate.bench.report import comparison_table, write_report
 
-    from .experiment_args import command_line, spec_from_args
+    from apparate.bench.experiment_args import command_line, spec_from_args
 
     t0 = time.time()
     policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else None

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from apparate.zoo.bundles import load_bundle
-    from apparate.replay.record import record_stream
+    from apparate.bench.record import record_stream
     from apparate.zoo.video import check_stream, resolve_stream
 
     check_stream(args.stream)  # an unreadable video fails before the model loads

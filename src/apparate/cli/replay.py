@@ -36,11 +36,11 @@ def run(args: argparse.Namespace) -> int:
     from apparate.core.settings import Settings
     from apparate.model.bundle import load_bundle
     from apparate.policies.catalog import RampFamily
-    from apparate.replay.experiment import ExperimentSpec, run_experiment
-    from apparate.replay.record import check_recording_matches
-    from apparate.replay.report import comparison_table, write_report
+    from apparate.bench.experiment import ExperimentSpec, run_experiment
+    from apparate.bench.record import check_recording_matches
+    from apparate.bench.report import comparison_table, write_report
 
-    from .experiment_args import command_line
+    from apparate.bench.experiment_args import command_line
 
     bundle = load_bundle(args.bundle, load_model=False)
     rec = Recording.load(args.recording)

@@ -17,7 +17,7 @@ from apparate.core.profile import LatencyProfile
 from apparate.core.recording import Recording
 from apparate.policies.base import Policy
 
-from .batchers import Batcher, drive, finish_time
+from apparate.core.batchers import Batcher, drive, finish_time
 
 DROPPED = -2  # exit_site of a request that was never served
 FINAL = -1  # exit_site of a request released by the model's final output

@@ -86,7 +86,7 @@ def stream_payloads(workload: str, stream: str | None, n: int, data_dir: str | N
 
 def make_trace(kind: str, rate: float, duration: float, seed: int = 0, cv: float = 2.0,
                data_dir: str | None = None) -> np.ndarray:
-    from apparate.replay.traces import generate
+    from apparate.zoo.traces import generate
 
     if kind not in TRACES:
         raise ValueError(f"trace must be one of {', '.join(TRACES)}, got {kind!r}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from apparate.replay.batchers import LATE, Batcher, ClockworkBatcher, Decision, TFServingBatcher, finish_time
+from apparate.core.batchers import LATE, Batcher, ClockworkBatcher, Decision, TFServingBatcher, finish_time
 
 from .costs import BatchCosts
 

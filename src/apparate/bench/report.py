@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .metrics import Metrics
-from .simulator import RunResult
+from apparate.replay.summary import Metrics
+from apparate.replay.simulator import RunResult
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -150,7 +150,7 @@ def plot_exits(runs: Sequence[RunResult], path: Path, phases: np.ndarray | None 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .simulator import FINAL
+    from apparate.replay.simulator import FINAL
 
     shown = [r for p in policies for r in runs if r.policy == p]
     fig, axes = plt.subplots(len(shown) + 1, 1, figsize=(9, 2.4 * (len(shown) + 1)), sharex=True, squeeze=False)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apparate.replay.batchers import (LATE, QUEUE_FULL, ClockworkBatcher, Decision, TFServingBatcher,
+from apparate.core.batchers import (LATE, QUEUE_FULL, ClockworkBatcher, Decision, TFServingBatcher,
                                       finish_time, run_queue)
 
 

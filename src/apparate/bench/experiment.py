@@ -18,10 +18,10 @@ from apparate.paths import cache_dir
 from apparate.core.adjust import BudgetPoint
 from apparate.policies.catalog import POLICIES, PolicyInputs, RampFamily, all_ramps_budget, family_of, make_policy
 
-from . import traces
-from .batchers import ClockworkBatcher, TFServingBatcher
-from .metrics import Metrics, summarize
-from .simulator import RunResult, replay
+from apparate.zoo import traces
+from apparate.core.batchers import ClockworkBatcher, TFServingBatcher
+from apparate.replay.summary import Metrics, summarize
+from apparate.replay.simulator import RunResult, replay
 
 Log = Callable[[str], None]
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apparate.replay import traces as T
+from apparate.zoo import traces as T
 
 REPO = Path(__file__).resolve().parents[2]
 

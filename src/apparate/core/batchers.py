@@ -10,7 +10,7 @@ whose worker is busy applies the drops, ignores `start` and asks again when the 
 Writing the policy once this way is what lets a simulated run and a live one batch identically.
 
 Units. Time points (`now`, arrivals, deadlines, `wake_at`, start/finish times) are seconds on the
-trace's clock, like `apparate.replay.traces`. Durations taken from the LatencyProfile or given as
+trace's clock, like `apparate.zoo.traces`. Durations taken from the LatencyProfile or given as
 settings are milliseconds and carry a `_ms` suffix (`exec_ms`, `slo_ms`, `batch_timeout_ms`).
 The one conversion is `finish_time`, used by every comparison against a deadline here, so a
 simulator that uses it too agrees with the batcher to the last bit.

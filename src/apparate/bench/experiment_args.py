@@ -45,7 +45,7 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
 
 def spec_from_args(args: argparse.Namespace, policies=None):
     from apparate.core.settings import Settings
-    from apparate.replay.experiment import ExperimentSpec
+    from apparate.bench.experiment import ExperimentSpec
 
     settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget)
     overrides = parse_overrides(getattr(args, "overrides", []))
