@@ -1,0 +1,93 @@
+"""The Python API, a few verbs over the packages below (each imports what it needs when called, so
+`import apparate` stays light):
+
+    import apparate
+    bundle = apparate.prepare("cifar10-vehicle-resnet56", data_dir="../shared/data", out="bundles/vr56")
+    result = apparate.replay(bundle, trace="poisson", rate=40, policies=["vanilla", "apparate"])
+    print(result.table())
+    with apparate.serve(bundle, port=8000) as server:   # OIP v2 over HTTP on 127.0.0.1
+        print(server.url)
+
+`prepare` takes a zoo workload's name, a `Workload`, or your own `torch.nn.Module` with its
+encoder and bootstrap inputs. `replay` replays policies on a recorded stream and an arrival trace.
+`serve` runs the live server in this process until the `with` block ends.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+PathLike = str | os.PathLike
+
+
+def prepare(model: Any, out: PathLike, *, data_dir: PathLike | None = None, encode: Callable[[Sequence[Any]], Any] | None = None,
+            bootstrap: Any = None, num_classes: int | None = None, progress: bool = True, **options: Any) -> Any:
+    """Find ramp sites, train ramps with the model frozen, profile, write a bundle to `out`; return it.
+
+    `model`: a zoo workload name (`apparate prepare --list`), a `Workload`, or an `nn.Module`, which
+    then needs `encode` (raw inputs -> model inputs), `bootstrap` (a `Stream` of inputs) and
+    `num_classes`. `options` are `apparate.model.prepare.PrepareOptions` fields (`bootstrap` as a
+    count for workloads, `ramp`, `threads`, `max_batch`, `seed`, ...)."""
+    from apparate.model.prepare import PrepareOptions, prepare_model, prepare_workload
+
+    log = print if progress else (lambda _s: None)
+    if isinstance(model, str):
+        from apparate.zoo import get_workload
+
+        model = get_workload(model, data_dir, progress=progress)
+    if hasattr(model, "streams") and hasattr(model, "bootstrap_stream"):  # a Workload
+        if isinstance(bootstrap, int):
+            options["bootstrap"] = bootstrap
+        return prepare_workload(model, out, PrepareOptions(progress=progress, **options), log=log)
+    if encode is None or bootstrap is None or num_classes is None:
+        raise ValueError("preparing your own model needs encode=, bootstrap= (a Stream) and num_classes=")
+    ramp = options.pop("ramp", "pool")
+    return prepare_model(model, encode, bootstrap, out, num_classes=num_classes, ramp=ramp,
+                         options=PrepareOptions(progress=progress, ramp=ramp, **options), log=log)
+
+
+@dataclass
+class ReplayResult:
+    """Every policy's metrics on the same recording and trace (`apparate.replay.summary.Metrics`)."""
+
+    metrics: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    experiment: Any = None  # the full `bench.experiment.ExperimentResult` (runs, for plots)
+
+    def table(self) -> str:
+        from apparate.bench.report import comparison_table
+
+        return comparison_table(list(self.metrics.values()))
+
+
+def replay(bundle: Any, stream: str | None = None, *, policies: Sequence[str] | None = None, trace: str = "fixed",
+           rate: float = 30.0, n: int | None = None, data_dir: PathLike | None = None, settings: Any = None,
+           progress: bool = False, **spec: Any) -> ReplayResult:
+    """Replay policies (default: all that apply) on `bundle`'s model over a stream (default: the
+    workload's drifting one) and an arrival trace: the recording is made once and cached.
+    `bundle` is a `Bundle` or its directory; `settings` a `core.settings.Settings`; `spec` other
+    `bench.experiment.ExperimentSpec` fields (`slo_ms`, `max_batch`, `batching`, ...)."""
+    from apparate.bench.experiment import ExperimentSpec, run_experiment
+    from apparate.core.settings import Settings
+
+    from apparate.model.bundle import read_manifest
+
+    path = str(getattr(bundle, "path", bundle))
+    manifest = read_manifest(path)
+    workload = manifest.get("workload") or manifest.get("model", {}).get("workload", "custom")
+    result = run_experiment(ExperimentSpec(workload=workload, data_dir=None if data_dir is None else str(data_dir),
+                                           bundle=path, stream=stream, n=n, trace=trace, rate=rate,
+                                           settings=settings or Settings(), policies=tuple(policies) if policies else None,
+                                           progress=progress, **spec),
+                            log=print if progress else (lambda _s: None))
+    return ReplayResult({m.policy: m for m in result.metrics}, result.info, result)
+
+
+def serve(bundle: Any, **options: Any) -> Any:
+    """The live server in this process, on 127.0.0.1 (a context manager: `with apparate.serve(...)
+    as server: ... server.url`). `options` are `apparate.serve.server.ServeOptions` fields."""
+    from apparate.serve.server import ServeOptions, serve_in_thread
+
+    return serve_in_thread(ServeOptions(bundle=str(getattr(bundle, "path", bundle)), **options))
