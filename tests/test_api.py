@@ -1,4 +1,4 @@
-"""The Python API: prepare a real (small) model, replay it, from the package top."""
+"""The Python API: prepare a real (small) model, compare policies on it, from the package top."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ def test_prepare_a_zoo_workload_and_replay_it(data_dir, tmp_path):
     bundle = apparate.prepare("cifar10-resnet20", tmp_path / "b", data_dir=data_dir, bootstrap=300, max_batch=2,
                               warmup=0, repeats=1, holdout=0.25, progress=False)
     assert bundle.num_sites == 9 and (tmp_path / "b" / "manifest.json").exists()
-    result = apparate.replay(bundle, "test", policies=["vanilla", "apparate", "optimal"], n=200, rate=50.0,
+    result = apparate.compare(bundle, "test", policies=["vanilla", "apparate", "optimal"], n=200, rate=50.0,
                              data_dir=data_dir)
     assert list(result.metrics) == ["vanilla", "apparate", "optimal"]
     assert all(m.requests == 200 for m in result.metrics.values())

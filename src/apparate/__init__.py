@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from apparate.api import prepare, replay, serve  # noqa: E402  (light: each imports what it needs when called)
+from apparate.api import compare, prepare, serving  # noqa: E402  (light: each imports what it needs when called)
 
-__all__ = ["__version__", "prepare", "replay", "serve"]
+__all__ = ["__version__", "compare", "prepare", "serving"]

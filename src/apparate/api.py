@@ -2,15 +2,16 @@
 `import apparate` stays light):
 
     import apparate
-    bundle = apparate.prepare("cifar10-vehicle-resnet56", data_dir="../shared/data", out="bundles/vr56")
-    result = apparate.replay(bundle, trace="poisson", rate=40, policies=["vanilla", "apparate"])
+    bundle = apparate.prepare("cifar10-vehicle-resnet56", "bundles/vr56", data_dir="../shared/data")
+    result = apparate.compare(bundle, trace="poisson", rate=40, policies=["vanilla", "apparate"])
     print(result.table())
-    with apparate.serve(bundle, port=8000) as server:   # OIP v2 over HTTP on 127.0.0.1
+    with apparate.serving(bundle, port=8000) as server:   # OIP v2 over HTTP on 127.0.0.1
         print(server.url)
 
 `prepare` takes a zoo workload's name, a `Workload`, or your own `torch.nn.Module` with its
-encoder and bootstrap inputs. `replay` replays policies on a recorded stream and an arrival trace.
-`serve` runs the live server in this process until the `with` block ends.
+encoder and bootstrap inputs. `compare` replays policies on a recorded stream and an arrival
+trace, side by side. `serving` runs the live server in this process until the `with` block ends.
+(The verbs are not `replay` and `serve`: those are the subpackages' names.)
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def prepare(model: Any, out: PathLike, *, data_dir: PathLike | None = None, enco
 
 
 @dataclass
-class ReplayResult:
+class Comparison:
     """Every policy's metrics on the same recording and trace (`apparate.replay.summary.Metrics`)."""
 
     metrics: dict[str, Any]
@@ -62,9 +63,9 @@ class ReplayResult:
         return comparison_table(list(self.metrics.values()))
 
 
-def replay(bundle: Any, stream: str | None = None, *, policies: Sequence[str] | None = None, trace: str = "fixed",
+def compare(bundle: Any, stream: str | None = None, *, policies: Sequence[str] | None = None, trace: str = "fixed",
            rate: float = 30.0, n: int | None = None, data_dir: PathLike | None = None, settings: Any = None,
-           progress: bool = False, **spec: Any) -> ReplayResult:
+           progress: bool = False, **spec: Any) -> Comparison:
     """Replay policies (default: all that apply) on `bundle`'s model over a stream (default: the
     workload's drifting one) and an arrival trace: the recording is made once and cached.
     `bundle` is a `Bundle` or its directory; `settings` a `core.settings.Settings`; `spec` other
@@ -82,10 +83,10 @@ def replay(bundle: Any, stream: str | None = None, *, policies: Sequence[str] | 
                                            settings=settings or Settings(), policies=tuple(policies) if policies else None,
                                            progress=progress, **spec),
                             log=print if progress else (lambda _s: None))
-    return ReplayResult({m.policy: m for m in result.metrics}, result.info, result)
+    return Comparison({m.policy: m for m in result.metrics}, result.info, result)
 
 
-def serve(bundle: Any, **options: Any) -> Any:
+def serving(bundle: Any, **options: Any) -> Any:
     """The live server in this process, on 127.0.0.1 (a context manager: `with apparate.serve(...)
     as server: ... server.url`). `options` are `apparate.serve.server.ServeOptions` fields."""
     from apparate.serve.server import ServeOptions, serve_in_thread
