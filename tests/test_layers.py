@@ -1,7 +1,7 @@
 """The dependency direction of DESIGN.md, checked on the source: every `import` (top-level or inside
 a function) of every module.
 
-    cli -> bench / serve / cluster / generate -> replay / policies -> zoo -> model -> core
+    cli, api -> bench / serve / cluster / generate -> replay / policies -> zoo -> model -> core
 
 A package may import its own layer and the layers below it, never one above; `core` imports
 nothing but numpy and the standard library, so the same decisions run in the server and in replay.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "apparate"
 RANK = {"core": 0, "model": 1, "zoo": 2, "replay": 3, "policies": 3,
-        "bench": 4, "serve": 4, "cluster": 4, "generate": 4, "cli": 5}
+        "bench": 4, "serve": 4, "cluster": 4, "generate": 4, "cli": 5, "api": 5}
 ANYWHERE = {"paths", "__init__", "__main__"}  # small shared utilities (and the package itself)
 
 
