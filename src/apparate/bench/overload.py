@@ -240,7 +240,6 @@ def run(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from apparate.cli import UserError
     from apparate.model.bundle import read_manifest
     from apparate.serve import httpload
     from apparate.serve.launch import start_server, stop_server
@@ -248,13 +247,13 @@ def run(args: argparse.Namespace) -> int:
 
     multiples = [float(x) for x in args.multiples.split(",") if x.strip()]
     if not multiples or min(multiples) <= 0:
-        raise UserError("--multiples must be positive numbers, e.g. 0.5,1,1.5,2,3")
+        raise ValueError("--multiples must be positive numbers, e.g. 0.5,1,1.5,2,3")
     if args.runs < 1 or args.duration <= 0:
-        raise UserError("--runs must be at least 1 and --duration positive")
+        raise ValueError("--runs must be at least 1 and --duration positive")
     manifest = read_manifest(args.bundle)
     workload = manifest.get("workload") or manifest.get("model", {}).get("workload")
     if not workload:
-        raise UserError("the overload benchmark needs a zoo or hf bundle: its workload supplies the inputs")
+        raise ValueError("the overload benchmark needs a zoo or hf bundle: its workload supplies the inputs")
     t_all = time.perf_counter()
     n_items = 2000
     payloads = stream_payloads(workload, args.stream_name or None, n_items, args.data_dir, args.seed)
