@@ -156,11 +156,16 @@ def test_image_codec_parses_what_it_documents():
     codec = ImageCodec(encode_images, (8, 8, 3))
     data = np.arange(2 * 8 * 8 * 3) % 256
     items, costs = codec.parse({"name": "input", "datatype": "UINT8", "shape": [2, 8, 8, 3], "data": data.tolist()})
-    assert costs == [1, 1] and items[0].shape == (3, 8, 8) and items[0].dtype == torch.uint8
-    assert torch.equal(items[1].permute(1, 2, 0), torch.as_tensor(data.reshape(2, 8, 8, 3)[1], dtype=torch.uint8))
+    assert costs == [1, 1] and items[0].shape == (8, 8, 3) and items[0].dtype == np.uint8  # no torch op yet
+    assert np.array_equal(items[1], data.reshape(2, 8, 8, 3)[1])
     f_items, _ = codec.parse({"name": "input", "datatype": "FP32", "shape": [8, 8, 3],
                               "data": data[:192].astype(float).tolist()})
-    assert torch.allclose(codec.encode([items[0], f_items[0]])[1], codec.encode([items[0]])[0])
+    # encoded on the engine thread as [C, H, W]; UINT8 and FP32 inputs of one batch agree, and
+    # in-process callers' [C, H, W] tensors mix with them
+    x = codec.encode([items[0], f_items[0]])
+    assert x.shape == (2, 3, 8, 8) and torch.allclose(x[1], codec.encode([items[0]])[0])
+    chw = torch.as_tensor(data.reshape(2, 8, 8, 3)[1], dtype=torch.uint8).permute(2, 0, 1)
+    assert torch.equal(codec.encode([chw, items[1]])[0], codec.encode([items[1]])[0])
 
 
 def test_hf_text_codec_counts_and_encodes_with_separate_tokenizers():
