@@ -35,15 +35,22 @@ def find_data_dir() -> "os.PathLike":
 
 
 class Sleep(nn.Module):
-    """Identity that sleeps `delay` seconds: a model made slow on purpose after a site."""
+    """Identity that sleeps `delay` seconds (waiting, as for a lock or a device) or computes for
+    `spin` seconds (a busy loop: as a slower machine would): a model made slow on purpose after
+    a site."""
 
     def __init__(self) -> None:
         super().__init__()
         self.delay = 0.0
+        self.spin = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.delay:
             time.sleep(self.delay)
+        if self.spin:
+            end = time.thread_time() + self.spin
+            while time.thread_time() < end:
+                pass
         return x
 
 

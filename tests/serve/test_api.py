@@ -87,7 +87,7 @@ def test_earlyexit_state_and_metrics(cnn_server):
     text = metrics.text
     for name in ("apparate_request_latency_seconds_bucket", 'apparate_exits_total{site="0"}', "apparate_window_accuracy",
                  "apparate_active_ramps 2.0", "apparate_batch_size_bucket", "apparate_queue_depth",
-                 "apparate_dropped_total", "apparate_errors_total", 'apparate_http_requests_total{code="200"}',
+                 "apparate_dropped_total", "apparate_errors_total", 'apparate_http_requests_total{code="200",route="infer"}',
                  'apparate_ramp_threshold{site="0"} 1.0'):
         assert name in text, name
 

@@ -125,3 +125,45 @@ def test_long_text_is_truncated_when_configured(tiny_text):
             assert r.status_code == 200, r.text
             assert r.json()["outputs"][0]["data"] == cut.json()["outputs"][0]["data"]
             assert c.post("/v2/models/words/infer", json=text_request(["x" * 501])).status_code == 400
+
+
+DEEP = b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+
+
+@pytest.mark.parametrize("server,body,expect", [
+    ("cnn", DEEP, "nested too deeply"),
+    ("cnn", b"[" * 50_000, "nested too deeply"),
+    ("words", b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["\\ud800"]}]}',
+     "text 0 is not valid Unicode"),
+    ("words", b'{"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["fine", "a \\udfff b"]}]}',
+     "text 1 is not valid Unicode"),
+], ids=["nested 1000 deep", "50k open brackets", "lone surrogate", "lone low surrogate"])
+def test_input_that_broke_the_parser_is_a_400_and_counted(request, server, body, expect):
+    live = request.getfixturevalue(server)
+    url = f"/v2/models/{live.served.name}/infer"
+
+    def count(text: str, code: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(f'apparate_http_requests_total{{code="{code}",route="infer"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    with httpx.Client(base_url=live.url) as c:
+        before = count(c.get("/metrics").text, "400")
+        r = c.post(url, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert expect in r.json()["error"]
+        after = c.get("/metrics").text
+        assert count(after, "400") == before + 1
+        assert count(after, "500") == 0
+        assert c.get("/v2/health/ready").status_code == 200
+
+
+def test_every_error_is_counted_with_its_code_and_route(cnn):
+    with httpx.Client(base_url=cnn.url) as c:
+        assert c.get("/v2/models/tiny/infer").status_code == 405
+        assert c.get("/nowhere").status_code == 404
+        assert c.post("/v2/models/other/infer", json=image_request(1)).status_code == 404
+        text = c.get("/metrics").text
+    for series in ('{code="405",route="infer"}', '{code="404",route="other"}', '{code="404",route="infer"}'):
+        assert f"apparate_http_requests_total{series}" in text, series

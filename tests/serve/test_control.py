@@ -65,14 +65,14 @@ def test_measured_times_update_the_profile(tiny_cnn):
     control = ControlOptions(policy="static", initial=Config((0, 1), (0.0, 0.0)),  # both ramps run, none exits
                              profile_every_s=0.0)
     with serving(served, control_opts=control) as live, httpx.Client(base_url=live.url) as c:
-        served.ee.backbone.slow.delay = 0.05  # this "machine" is slower than when it was profiled
+        served.ee.backbone.slow.spin = 0.03  # this "machine" is slower than when it was profiled
         for s in range(6):
             assert c.post("/v2/models/tiny/infer", json=image_request(4, seed=s)).status_code == 200
-        served.ee.backbone.slow.delay = 0.0
+        served.ee.backbone.slow.spin = 0.0
         assert live.engine.flush()
         after = live.engine.control.profile
         costs = live.engine.live.costs
-    # The backbone to site 1 now includes the 50 ms sleep; site 0 (before it) does not.
+    # The backbone to site 1 now includes the 30 ms of computing; site 0 (before it) does not.
     assert after.at(4)[0][1] > before.at(4)[0][1] + 10
     assert after.at(4)[0][0] < before.at(4)[0][0] + 10
     assert after.vanilla(4) > before.vanilla(4) + 10

@@ -62,19 +62,59 @@ def test_periodic_checkpoints_while_serving(tiny_cnn, tmp_path):
         assert live.engine.control.last_checkpoint is not None
 
 
-def test_unusable_state_is_ignored_not_fatal(tiny_cnn, tmp_path):
-    from apparate.serve.state import FILE, save_state
-
-    (tmp_path / FILE).write_text("{not json")
-    with serving(served_cnn(tiny_cnn), control_opts=_control(tmp_path)) as live:
-        assert live.engine.control.restored == {"from": None}
+def _good_state(tiny_cnn, state_dir) -> dict:
+    with serving(served_cnn(tiny_cnn), control_opts=_control(state_dir)) as live:
         _serve_some(live, 1)
-    # another model's state: ignored too
-    save_state(tmp_path, {"policy": "apparate", "model": {"name": "x", "fingerprint": "other", "num_sites": 2},
-                          "config": {}, "profile": {}, "controller": None})
-    with serving(served_cnn(tiny_cnn), control_opts=_control(tmp_path)) as live:
-        assert live.engine.control.restored == {"from": None}
-        assert live.engine.live.config.version == 0
+    from apparate.serve.state import FILE
+
+    return json.loads((state_dir / FILE).read_text())
+
+
+def _unusable_cases(good: dict) -> dict:
+    wrong_site = json.loads(json.dumps(good))
+    wrong_site["controller"]["config"]["sites"] = [0, 7]
+    static_wrong_site = {**json.loads(json.dumps(good)), "policy": "static", "config": {"sites": [5], "thresholds": [0.5]}}
+    return {
+        "truncated": json.dumps(good)[:200],
+        "random bytes": bytes(range(256)) * 4,
+        "not an object": "[1, 2, 3]",
+        "wrong fields": json.dumps({"format": good["format"], "model": "x", "config": 3, "profile": []}),
+        "model fields of the wrong types": json.dumps({**good, "model": {"fingerprint": 7, "num_sites": "two"}}),
+        "a profile that is not one": json.dumps({**good, "profile": {"format": "nope"}}),
+        "a controller naming a site the bundle lacks": json.dumps(wrong_site),
+        "a config naming a site the bundle lacks": json.dumps(static_wrong_site),
+        "another model": json.dumps({**good, "model": {**good["model"], "fingerprint": "other"}}),
+        "a directory": None,
+    }
+
+
+def test_unusable_state_is_ignored_moved_aside_and_the_start_is_fresh(tiny_cnn, tmp_path):
+    from apparate.serve.state import FILE, load_state
+
+    good = _good_state(tiny_cnn, tmp_path / "good")
+    for i, (name, content) in enumerate(_unusable_cases(good).items()):
+        d = tmp_path / f"case{i}"
+        d.mkdir()
+        target = d / FILE
+        if content is None:
+            target.mkdir()
+            (target / "x").write_text("a directory where the state file should be")
+        elif isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content)
+        policy = "static" if name == "a config naming a site the bundle lacks" else "apparate"
+        with serving(served_cnn(tiny_cnn), control_opts=_control(d, policy=policy)) as live:
+            restored = live.engine.control.restored
+            assert restored["from"] is None and restored["ignored"], name
+            assert live.engine.live.config.version == 0, name  # placed afresh
+            _serve_some(live, 1)
+        aside = [p for p in d.iterdir() if p.name.startswith(FILE + ".unusable-")]
+        assert len(aside) == 1 and restored["moved_to"] == str(aside[0]), name  # kept, not deleted
+        assert (aside[0].is_dir() if content is None else aside[0].read_bytes() ==
+                (content if isinstance(content, bytes) else content.encode())), name
+        saved = load_state(d)  # the fresh start's checkpoint is a good one
+        assert saved is not None and saved["policy"] == policy, name
 
 
 def test_changed_settings_keep_ramps_and_profile(tiny_cnn, tmp_path):

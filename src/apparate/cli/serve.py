@@ -36,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--long-text", choices=("truncate", "reject"), default="truncate",
                    help="text over --max-tokens: cut it, or refuse the request (400)")
     p.add_argument("--max-tokens", type=int, help="text token limit (default: the encoder's, 128 for MiniLM)")
+    c = p.add_argument_group("connections (see docs/serve.md: what the server does past capacity)")
+    c.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections; beyond, the longest idle one is closed, else 503 (health exempt)")
+    c.add_argument("--idle-timeout", type=float, default=5.0, help="seconds a keep-alive connection may stay idle")
+    c.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's head (line and headers)")
+    c.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client has to send a request's body")
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--port-file", help="write {url, port, pid} as JSON here once listening")
@@ -49,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: binding {args.host}: the server is reachable from other machines")
     if args.max_batch < 1:
         raise UserError("--max-batch must be at least 1")
+    if args.max_connections < 1:
+        raise UserError("--max-connections must be at least 1")
+    for flag in ("idle_timeout", "header_timeout", "body_timeout"):
+        if not getattr(args, flag) > 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive")
     from apparate.serve.server import ServeOptions, run as serve
 
     opts = ServeOptions(
@@ -58,5 +70,7 @@ def run(args: argparse.Namespace) -> int:
         ramp_budget=args.ramp_budget, state_dir=args.state_dir, checkpoint_every_s=args.checkpoint_every,
         threads=args.threads, data_dir=args.data_dir, max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_inputs=args.max_inputs, long_text=args.long_text, max_tokens=args.max_tokens,
-        access_log=args.access_log, log_level=args.log_level, port_file=args.port_file)
+        access_log=args.access_log, log_level=args.log_level, port_file=args.port_file,
+        max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout)
     return serve(opts)

@@ -35,7 +35,7 @@ from apparate.core.settings import Settings
 
 from .costs import BatchCosts
 from .executor import BatchReport
-from .state import load_state, save_state
+from .state import SavedState, StateError, read_state, save_state, set_aside
 
 log = logging.getLogger("apparate.serve")
 
@@ -106,14 +106,8 @@ class ControlLoop:
     # ------------------------------------------------------------------------------ start-up
     def _initial(self) -> Config:
         opt, served, s = self.options, self.served, self.settings
-        state = None
         if opt.state_dir is not None:
-            try:
-                state = load_state(opt.state_dir)
-            except ValueError as e:
-                log.warning("ignoring the saved state: %s", e)
-        if state is not None:
-            cfg = self._restore(state)
+            cfg = self._try_restore()
             if cfg is not None:
                 return cfg
         if opt.policy == "vanilla":
@@ -134,37 +128,52 @@ class ControlLoop:
             self.controller = ctl
         return ctl.config
 
-    def _restore(self, state: dict[str, Any]) -> Config | None:
-        opt, served = self.options, self.served
-        model = state.get("model", {})
-        if model.get("fingerprint") != served.fingerprint or model.get("num_sites") != served.num_sites:
-            log.warning("the saved state in %s belongs to another model (%s); starting afresh",
-                        opt.state_dir, model.get("name"))
-            return None
+    def _try_restore(self) -> Config | None:
+        """Restore from the state directory. Whatever is unusable (not a state, wrong fields,
+        another model's, sites this model lacks) is logged, moved aside and the start is fresh:
+        a bad file must never stop the server from starting."""
+        opt = self.options
+        where = Path(opt.state_dir)
+        if where.exists() and not where.is_dir():
+            raise ValueError(f"the state directory {where} is a file")
         try:
-            profile = LatencyProfile.from_dict(state["profile"])
-            if profile.num_sites != served.num_sites:
-                raise ValueError("profile sites differ")
-        except (KeyError, ValueError) as e:
-            log.warning("the saved profile is unusable (%s); starting afresh", e)
+            state = read_state(where)
+            if state is None:
+                return None
+            return self._restore(state)
+        except Exception as e:  # noqa: BLE001 - StateError, or anything a restore raised
+            reason = str(e) if isinstance(e, StateError) else f"{type(e).__name__}: {e}"
+            moved = set_aside(where)
+            log.warning("ignoring the saved state in %s: %s; %s; starting afresh", where, reason,
+                        f"moved it to {moved.name}" if moved is not None else "it could not be moved aside")
+            self.profile = self.served.profile
+            self.controller = None
+            self.restored = {"from": None, "ignored": reason, "moved_to": None if moved is None else str(moved)}
             return None
-        self.profile = profile
-        self.restored = {"from": str(opt.state_dir), "saved_at": state.get("saved_at"), "policy": state.get("policy"),
+
+    def _restore(self, state: SavedState) -> Config | None:
+        opt, served = self.options, self.served
+        if state.fingerprint != served.fingerprint or state.num_sites != served.num_sites:
+            raise StateError(f"it belongs to another model ({state.model_name or 'unnamed'}, "
+                             f"{state.num_sites} sites)")
+        self.profile = state.profile
+        self.restored = {"from": str(opt.state_dir), "saved_at": state.saved_at, "policy": state.policy,
                          "what": "profile"}
-        if state.get("policy") != opt.policy:
-            log.info("saved state was for policy %s: restored the measured profile only", state.get("policy"))
+        if state.policy != opt.policy:
+            log.info("saved state was for policy %s: restored the measured profile only", state.policy)
             return None
         if opt.policy == "vanilla":
             return Config()
         if opt.policy == "static":
             self.restored["what"] = "profile, config"
-            return Config.from_dict(state["config"])
+            return state.config
         try:
             boot = None if served.recording is None else (served.recording.conf, served.recording.agree)
-            ctl = Controller.from_state(state["controller"], bootstrap=boot)
-        except (KeyError, TypeError, ValueError) as e:
-            log.warning("the saved controller state is unusable (%s); placing ramps afresh", e)
-            return None
+            ctl = Controller.from_state(state.controller or {}, bootstrap=boot)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise StateError(f"its controller state is unusable ({type(e).__name__}: {e})") from None
+        if ctl.profile.num_sites != served.num_sites or (ctl.config.sites and max(ctl.config.sites) >= served.num_sites):
+            raise StateError("its controller names sites this model lacks")
         if ctl.settings != self.settings:
             # Keep what was learnt about ramps and costs; the new settings apply from here on.
             log.info("settings changed since the checkpoint: keeping its ramps and profile, re-tuning")

@@ -49,15 +49,44 @@ class BatchCosts:
         row = min(max(int(length), 1), self.table.shape[0]) - 1
         return float(self.table[row, b - 1]) + self.overhead_ms
 
-    def exec_ms(self, costs: np.ndarray) -> Callable[[int], float]:
+    def exec_ms(self, costs: np.ndarray, scale: float = 1.0) -> Callable[[int], float]:
         """exec_ms(b) for the batcher: a batch of the b oldest queued requests (text pads to the
-        longest of them)."""
+        longest of them). `scale` multiplies every prediction (the engine's measured slowdown)."""
         table, over = self.table, self.overhead_ms
         if table.shape[0] == 1 or costs.size == 0:
             row = table[0]
-            return lambda b: float(row[min(b, row.size) - 1]) + over
+            if scale == 1.0:
+                return lambda b: float(row[min(b, row.size) - 1]) + over
+            return lambda b: (float(row[min(b, row.size) - 1]) + over) * scale
         longest = np.maximum.accumulate(np.clip(costs, 1, table.shape[0]))
 
         def f(b: int) -> float:
-            return float(table[longest[min(b, longest.size) - 1] - 1, min(b, table.shape[1]) - 1]) + over
+            return (float(table[longest[min(b, longest.size) - 1] - 1, min(b, table.shape[1]) - 1]) + over) * scale
         return f
+
+    def drain_ms(self, count: int, costs: np.ndarray | None = None) -> float:
+        """Predicted time to serve `count` queued inputs in arrival order, in batches as full as
+        the max batch allows (how a work-conserving batcher drains a backlog): the finish time,
+        from the moment the worker is free, of the last of them. `costs` (text: each input's
+        token count, oldest first) pads each batch to its longest; None for fixed-size inputs.
+
+        This is what admission compares with a request's deadline, the request's own inputs
+        being the last `n` of `count`. For images it is exact whenever the profile is; for text
+        it assumes the queued inputs are batched in arrival order, as Clockwork batches them."""
+        if count <= 0:
+            return 0.0
+        table, over, mb = self.table, self.overhead_ms, self.table.shape[1]
+        full, rest = divmod(int(count), mb)
+        if table.shape[0] == 1 or costs is None:
+            row = table[0]
+            return full * (float(row[mb - 1]) + over) + (float(row[rest - 1]) + over if rest else 0.0)
+        c = np.clip(np.asarray(costs, dtype=np.int64)[-int(count):], 1, table.shape[0])
+        if full:
+            longest = c[: full * mb].reshape(full, mb).max(axis=1)
+            ms = float(table[longest - 1, mb - 1].sum()) + full * over
+        else:
+            ms = 0.0
+        if rest:
+            ms += float(table[int(c[full * mb:].max()) - 1, rest - 1]) + over
+        return ms
+

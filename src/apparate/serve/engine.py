@@ -13,6 +13,18 @@ Threads:
 Batch-time predictions come from the live profile for the active ramps plus the measured engine
 overhead, so the batcher's deadline checks use what batches really cost on this machine.
 
+Contention is kept out of the profile. With one torch thread a batch's compute runs on the
+engine thread, so that thread's CPU time is what the batch costs; the wall time on top of it is
+waiting: for the GIL while the event loop parses requests (between every two torch ops), or for
+a core another process holds. Under overload that doubled a ResNet-20 batch here. Each batch's
+measured stage times are therefore scaled by CPU / wall before they reach the profile (what
+the controller weighs ramps with, and what is checkpointed). How much longer batches take than
+that profile predicts is tracked separately, over the last 64 batches: the median
+(`slowdown`) multiplies what the batcher predicts, the 90th percentile (`margin`) what
+admission promises.
+Queueing for the interpreter then shows as what it is, a transient load, instead of inflating
+the model's costs.
+
 `stop(drain=True)` closes the queue to new requests, serves everything already admitted, stops
 the control thread and writes a last checkpoint.
 """
@@ -35,11 +47,17 @@ from .costs import BatchCosts
 from .executor import BatchReport, Executor
 from .metrics import ServeMetrics
 from .model_io import ServedModel
-from .queue import CLOSED, Refused, RequestQueue
+from .queue import CLOSED, QUEUE_FULL, Refused, RequestQueue
 from .scheduler import BatchingOptions, Scheduler
 from .types import Answer, Rejected, Request, Result
 
 log = logging.getLogger("apparate.serve")
+
+# Admission's reason for a 503: the work queued ahead of the request already makes it miss its
+# deadline. Distinct from the scheduler's "late" (admitted, then found late at batch time), so
+# that /metrics tells a prediction that held from one that did not.
+OVERLOADED = "overloaded"
+TOO_LARGE = 413  # a request that cannot meet the SLO even on an idle server
 
 
 @dataclass(frozen=True)
@@ -51,12 +69,17 @@ class EngineOptions:
     warmup: bool = True
     switch_interval_ms: float | None = 0.2  # Python's GIL switch interval while serving (None: leave it)
     calibrate_ramps: bool = True  # time every ramp as it is paid here before placing ramps
+    # Admission promises a deadline with batch times scaled by this quantile of how much longer
+    # the latest batches took than the profile predicts (the batcher uses the median).
+    admission_quantile: float = 0.9
 
     def __post_init__(self) -> None:
         if not self.slo_ms > 0:
             raise ValueError(f"slo_ms must be positive, got {self.slo_ms}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if not 0.5 <= self.admission_quantile < 1:
+            raise ValueError(f"admission_quantile must be in [0.5, 1), got {self.admission_quantile}")
 
 
 def _resolve(pairs: list[tuple[asyncio.Future, Result]]) -> None:
@@ -109,6 +132,24 @@ class Engine:
         self._admitted = 0  # inputs put in the queue
         self._settled = 0  # inputs answered or refused after admission (engine thread only)
         self._settled_cond = threading.Condition()
+        # See the module doc: CPU time is a batch's cost only for a CPU model on one thread (a GPU
+        # batch waits for the device, several threads' work is not on this thread's clock).
+        self._cpu_clock = options.threads == 1 and _on_cpu(served.ee)
+        # Wall time of the latest batches over what the profile predicts for them: the median
+        # scales what the batcher predicts, the 90th percentile what admission promises.
+        self._walls = np.zeros((64, 3))  # wall ms, batch size, padded length of the latest batches
+        self._n_ratios = 0
+        self.slowdown = 1.0
+        self.margin = 1.0
+        self._predicted_ms = 0.0  # of the running batch
+        self.metrics.watch_slowdown(lambda: self.slowdown)
+        self._busy_until = 0.0  # predicted end (perf_counter s) of the running batch; 0 when idle
+        self._shed = options.batching.shed
+        self._text = max_tokens is not None
+        # The costs as measured at start on this (idle) machine: the 413 check takes the lower
+        # of this and the live prediction, so a request is never refused as too large only
+        # because batches are slower while the server is loaded.
+        self._idle_costs = self.live.costs
 
     # ------------------------------------------------------------------------------ lifecycle
     def _set_live(self, live: Live) -> None:
@@ -164,15 +205,18 @@ class Engine:
         self._thread = None
 
     # ------------------------------------------------------------------------------ admission
-    def _requests(self, items: Sequence[Any], costs: Sequence[int], make_future: Any, loop: Any) -> list[Request]:
-        now = time.perf_counter()
+    def _requests(self, items: Sequence[Any], costs: Sequence[int], make_future: Any, loop: Any,
+                  arrival: float | None) -> list[Request]:
+        now = time.perf_counter() if arrival is None else arrival
         deadline = now + self.options.slo_ms * 1e-3
         return [Request(it, int(c), now, deadline, make_future(), loop) for it, c in zip(items, costs)]
 
-    async def infer(self, items: Sequence[Any], costs: Sequence[int]) -> list[Result]:
-        """Admit one HTTP request's inputs (all or none) and wait until each is released."""
+    async def infer(self, items: Sequence[Any], costs: Sequence[int], arrival: float | None = None) -> list[Result]:
+        """Admit one HTTP request's inputs (all or none) and wait until each is released.
+        `arrival` (perf_counter s) is when the request reached the server; its deadline counts
+        from there, so reading and parsing it are part of its latency."""
         loop = asyncio.get_running_loop()
-        reqs = self._requests(items, costs, loop.create_future, loop)
+        reqs = self._requests(items, costs, loop.create_future, loop, arrival)
         if not self._admit(reqs):
             return [r.future.result() for r in reqs]
         return list(await asyncio.gather(*(r.future for r in reqs)))
@@ -180,15 +224,78 @@ class Engine:
     def submit(self, items: Sequence[Any], costs: Sequence[int] | None = None) -> list[concurrent.futures.Future]:
         """In-process callers: one concurrent future per input (Answer or Rejected)."""
         costs = costs if costs is not None else [1] * len(items)
-        reqs = self._requests(items, costs, concurrent.futures.Future, None)
+        reqs = self._requests(items, costs, concurrent.futures.Future, None, None)
         self._admit(reqs)
         return [r.future for r in reqs]
 
+    def idle_ms(self, costs: Sequence[int]) -> float:
+        """Predicted time to serve a request of these inputs on an idle server (the lower of the
+        start-up and the live prediction)."""
+        c = np.asarray(costs, dtype=np.int64) if self._text else None
+        return min(self._idle_costs.drain_ms(len(costs), c), self.live.costs.drain_ms(len(costs), c))
+
+    def too_large(self, costs: Sequence[int]) -> str | None:
+        """Why a request can never meet the SLO, even alone on an idle server; None if it can."""
+        slo = self.options.slo_ms
+        need = self.idle_ms(costs)
+        if need <= slo:
+            return None
+        n, mb = len(costs), self.options.batching.max_batch
+        fit = 0
+        while fit < n and self.idle_ms(list(costs)[: fit + 1]) <= slo:
+            fit += 1
+        what = "fewer or shorter texts" if self._text else f"at most {fit} inputs per request" if fit else "fewer inputs"
+        return (f"this request of {n} inputs needs about {need:.0f} ms on an idle server ({-(-n // mb)} batches of up "
+                f"to {mb}), more than the SLO of {slo:.0f} ms: send {what}")
+
+    def _finish(self, now: float, count: int, costs: np.ndarray | None) -> float:
+        """When the last of `count` inputs queued now will have been served, at the latest (perf_counter s):
+        the running batch's end, then the backlog in full batches, each predicted time scaled
+        by the 90th percentile of how much longer recent batches took than predicted. A
+        promise has to hold for the batches that run slow, not only for the median one: with
+        the median, a third of the requests admitted at ~capacity were dropped late here."""
+        start = max(now, self._busy_until)
+        return start + self.live.costs.drain_ms(count, costs) * self.margin * 1e-3
+
+    def refusal(self, now: float | None = None) -> str | None:
+        """Before a request is read or parsed: why it would be refused (503), or None. Checks the
+        queue as it stands for the smallest request (one input, the shortest text), so it refuses
+        only what cannot be served in time whatever it holds: cheap enough to run first, which is
+        what keeps refusing from eating the CPU that serving needs past capacity."""
+        q = self.queue
+        if q.closed:
+            return CLOSED
+        n = len(q)
+        if n >= q.limit:
+            return QUEUE_FULL
+        if self._shed and (n or self.running_batch):  # an idle engine takes it (see _admit)
+            now = time.perf_counter() if now is None else now
+            if self._finish(now, n + 1, None) > now + self.options.slo_ms * 1e-3:
+                return OVERLOADED
+        return None
+
     def _admit(self, reqs: list[Request]) -> bool:
-        """Put all or none; refused requests get their 503 result set here."""
+        """Put all or none; refused requests get their result (413 or 503) set here."""
+        big = self.too_large([r.cost for r in reqs]) if reqs else None
+        if big is not None:
+            self.metrics.drop("too large", len(reqs))
+            for r in reqs:
+                r.future.set_result(Rejected(TOO_LARGE, big))
+            return False
+
+        def deadline_check(queued: Any) -> str | None:
+            # Under the queue's lock: the request's own inputs come last, in arrival order. One
+            # that finds the engine idle is admitted: it delays nobody, and refusing it would
+            # not make it any faster (whether it can ever fit was too_large's question).
+            if not self._shed or (not queued and not self.running_batch):
+                return None
+            costs = np.fromiter((x.cost for x in (*queued, *reqs)), dtype=np.int64) if self._text else None
+            last = self._finish(time.perf_counter(), len(queued) + len(reqs), costs)
+            return OVERLOADED if last > reqs[0].deadline else None
+
         with self._count_lock:
             try:
-                self.queue.put_all(reqs)
+                self.queue.put_all(reqs, deadline_check)
             except Refused as e:
                 self.metrics.drop(e.reason, len(reqs))
                 for r in reqs:
@@ -264,8 +371,12 @@ class Engine:
                 return
             live = self.live
             now = time.perf_counter()
-            step = self.scheduler.decide(now, arr, dl, cost, live.costs)
+            step = self.scheduler.decide(now, arr, dl, cost, live.costs, self.slowdown)
             dropped, batch = q.remove([i for i, _ in step.drops], step.start)
+            if batch:  # admission counts from the running batch's predicted end
+                c = np.fromiter((r.cost for r in batch), dtype=np.int64, count=len(batch)) if self._text else None
+                self._predicted_ms = live.costs.drain_ms(len(batch), c)
+                self._busy_until = time.perf_counter() + self._predicted_ms * self.margin * 1e-3
             if dropped:
                 by_reason: dict[str, list[Request]] = {}
                 for req, (_, why) in zip(dropped, step.drops):
@@ -281,13 +392,37 @@ class Engine:
                     timeout = min(timeout, 0.05)
                 q.wait_change(version, timeout)
 
+    def _observe_wall(self, wall_ms: float, size: int, length: float | None) -> None:
+        """Record a batch's wall time; `slowdown` and `margin` become the median and the 90th
+        percentile, over the latest 64 batches, of wall time / what the profile predicts now for
+        a batch of that shape. Against the current profile, not the one in force then: the
+        profile moves (toward the measured costs) and an old ratio would no longer fit it."""
+        k = self._n_ratios % self._walls.shape[0]
+        self._walls[k] = (wall_ms, size, 1.0 if length is None else length)
+        self._n_ratios += 1
+        w = self._walls[: min(self._n_ratios, self._walls.shape[0])]
+        c = self.live.costs  # the latest, which may be newer than the batch's
+        rows = np.clip(w[:, 2].astype(np.int64), 1, c.table.shape[0]) - 1
+        cols = np.clip(w[:, 1].astype(np.int64), 1, c.table.shape[1]) - 1
+        ratios = w[:, 0] / np.maximum(c.table[rows, cols] + c.overhead_ms, 1e-6)
+        self.slowdown, self.margin = (float(v) for v in np.quantile(ratios, (0.5, self.options.admission_quantile)))
+
     def _serve(self, batch: list[Request], live: Live, t_start: float) -> None:
         self.running_batch = len(batch)
+        c0 = time.thread_time() if self._cpu_clock else 0.0
         try:
             report = self.executor.run(batch, live.config, t_start)
         finally:
             self.running_batch = 0
+            self._busy_until = 0.0
         t_end = time.perf_counter()
+        wall = t_end - t_start
+        if report is not None:
+            if self._cpu_clock:  # the profile follows the CPU time: what the batch cost
+                cpu = time.thread_time() - c0
+                if cpu > 0 and wall > 0:
+                    _scale_times(report, min(cpu / wall, 1.0))
+            self._observe_wall(wall * 1e3, len(batch), report.length)
         self.batches += 1
         self.last_batch = {"start": t_start, "end": t_end, "size": len(batch)}
         if report is not None:
@@ -319,6 +454,8 @@ class Engine:
             "num_sites": self.served.num_sites,
             **stats,
             "queue_depth": len(self.queue),
+            "admission": {"shed": self._shed, "slowdown": round(self.slowdown, 3), "margin": round(self.margin, 3), "predicted_wait_ms": round(max(self._finish(time.perf_counter(), len(self.queue), None)
+                                                                             - time.perf_counter(), 0.0) * 1e3, 3)},
             "batches": self.batches,
             "slo_ms": self.options.slo_ms,
             "batching": {"kind": self.options.batching.kind, "max_batch": mb, "shed": self.options.batching.shed},
@@ -328,4 +465,25 @@ class Engine:
             "restored": self.control.restored,
             "last_checkpoint": self.control.last_checkpoint,
         }
+
+
+def _on_cpu(model: Any) -> bool:
+    try:
+        return all(p.device.type == "cpu" for p in model.parameters())
+    except (AttributeError, TypeError):
+        return False
+
+
+def _scale_times(report: BatchReport, share: float) -> None:
+    """A batch's measured stage times with the waiting taken out: each scaled by the share of
+    the batch's wall time that the engine thread was running (its CPU time / wall time).
+    Assumes the waiting spread evenly over the batch, as GIL hand-overs between ops do."""
+    if share >= 1.0:
+        return
+    report.site_ms = {k: v * share for k, v in report.site_ms.items()}
+    report.ramp_ms = {k: v * share for k, v in report.ramp_ms.items()}
+    if report.vanilla_ms is not None:
+        report.vanilla_ms *= share
+    report.total_ms *= share
+    report.overhead_ms *= share
 

@@ -32,8 +32,13 @@ class ServeMetrics:
                                  registry=r)
         self.queue_wait = Histogram("apparate_queue_wait_seconds", "Arrival to the start of the input's batch",
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.http = Counter("apparate_http_requests_total", "Infer requests answered, by HTTP status", ["code"],
-                            registry=r)
+        self.http = Counter("apparate_http_requests_total",
+                            "HTTP responses sent, by status and route (infer, health, model, metrics, server, other)",
+                            ["code", "route"], registry=r)
+        self.connections = Gauge("apparate_open_connections", "HTTP connections open", registry=r)
+        self.closed = Counter("apparate_connections_closed_total",
+                              "Connections closed by the server, by reason (idle, header timeout, evicted, over cap)",
+                              ["reason"], registry=r)
         self.exits = Counter("apparate_exits_total", "Answers released, by exit (site index or final)", ["site"],
                              registry=r)
         self.released = Counter("apparate_released_total",
@@ -50,6 +55,11 @@ class ServeMetrics:
         self.batch_time = Histogram("apparate_batch_seconds", "Batch taken from the queue -> all answers released",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("apparate_queue_depth", "Inputs waiting in the queue", registry=r)
+        self.gc_pause = Histogram("apparate_gc_pause_seconds", "Garbage collections (`apparate serve` only)",
+                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2), registry=r)
+        self.slowdown = Gauge("apparate_batch_slowdown",
+                              "Wall time / engine CPU time of recent batches (1: no waiting for the GIL or a core)",
+                              registry=r)
         self.dropped = Counter("apparate_dropped_total", "Inputs refused or dropped (HTTP 503), by reason", ["reason"],
                                registry=r)
         self.errors = Counter("apparate_errors_total", "Errors, by kind (ramp, model, feedback, http)", ["kind"],
@@ -61,6 +71,9 @@ class ServeMetrics:
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
+
+    def watch_slowdown(self, value: Callable[[], float]) -> None:
+        self.slowdown.set_function(value)
 
     def show_config(self, sites: tuple[int, ...], thresholds: tuple[float, ...], version: int) -> None:
         self.active_ramps.set(len(sites))

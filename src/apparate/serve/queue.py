@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -47,13 +47,18 @@ class RequestQueue:
     def closed(self) -> bool:
         return self._closed
 
-    def put_all(self, reqs: Sequence[Request]) -> None:
-        """Admit every request or none (raises Refused)."""
+    def put_all(self, reqs: Sequence[Request], check: Callable[[Any], str | None] | None = None) -> None:
+        """Admit every request or none (raises Refused). `check(queued)` sees the queue as it is
+        under the lock (oldest first) and returns a reason to refuse, or None."""
         with self._cond:
             if self._closed:
                 raise Refused(CLOSED)
             if len(self._items) + len(reqs) > self.limit:
                 raise Refused(QUEUE_FULL)
+            if check is not None:
+                why = check(self._items)
+                if why is not None:
+                    raise Refused(why)
             self._items.extend(reqs)
             self._version += 1
             self._cond.notify()

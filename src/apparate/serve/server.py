@@ -50,6 +50,15 @@ class ServeOptions:
     log_level: str = "info"
     port_file: str | None = None
     graceful_timeout_s: float = 30.0
+    max_connections: int = 1024
+    idle_timeout_s: float = 5.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+
+    def limits(self) -> Any:
+        from .connections import ConnectionLimits
+
+        return ConnectionLimits(self.max_connections, self.idle_timeout_s, self.header_timeout_s, self.body_timeout_s)
 
 
 def default_threads() -> int:
@@ -60,11 +69,24 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def auto_slo_ms(profile: Any, max_batch: int, length: float | None = None) -> float:
-    """Default SLO: three times the bare model's time for a full batch of typical inputs (a
-    request may wait for the running batch, then run in the next one), at least 50 ms, rounded up
-    to 10 ms. For text, `length` is the typical token count (the bootstrap inputs' median)."""
-    ms = max(50.0, 3.0 * float(profile.vanilla(max_batch, length)))
+def auto_slo_ms(profile: Any, max_batch: int, length: float | None = None, max_inputs: int = 1,
+                max_length: float | None = None) -> float:
+    """Default SLO, rounded up to 10 ms: the largest of
+    * 50 ms;
+    * three times the bare model's time for a full batch of typical inputs (a request may wait
+      for the running batch, then run in the next one); for text, `length` is the typical token
+      count (the bootstrap inputs' median);
+    * 1.5 times what the largest request the server admits (`max_inputs` inputs, for text each
+      `max_length` tokens long) takes when it arrives just as a full batch of such inputs
+      starts: it waits for that batch, then runs in ceil(max_inputs / max_batch) batches of its
+      own. Without this a valid request of many inputs could never meet the SLO. The margin is
+      for a machine busier than the one the bundle was profiled on.
+    """
+    typical = 3.0 * float(profile.vanilla(max_batch, length))
+    full, rest = divmod(max(int(max_inputs), 1), max_batch)
+    one = float(profile.vanilla(max_batch, max_length))
+    largest = full * one + (float(profile.vanilla(rest, max_length)) if rest else 0.0)
+    ms = max(50.0, typical, 1.5 * (one + largest))
     return float(-(-ms // 10) * 10)
 
 
@@ -94,7 +116,12 @@ def build_engine(opts: ServeOptions) -> Any:
     rec = served.recording
     typical = float(np.median(rec.lengths)) if served.kind == "text" and rec is not None and rec.lengths is not None \
         and len(rec.lengths) else None
-    slo = opts.slo_ms if opts.slo_ms else auto_slo_ms(served.profile, opts.max_batch, typical)
+    max_len = float(served.codec.max_tokens) if served.kind == "text" else None  # type: ignore[union-attr]
+    slo = opts.slo_ms if opts.slo_ms else auto_slo_ms(served.profile, opts.max_batch, typical, opts.max_inputs, max_len)
+    if not opts.slo_ms:
+        log.info("SLO %.0f ms (auto: it fits the largest request admitted, %d inputs%s; --slo-ms sets another, and "
+                 "then larger requests are refused with 413)", slo, opts.max_inputs,
+                 f" of {max_len:.0f} tokens" if max_len else "")
     eo = EngineOptions(
         batching=BatchingOptions(opts.batching, opts.max_batch, opts.shed, opts.batch_timeout_ms),
         slo_ms=slo, max_queue=opts.max_queue, threads=threads)
@@ -104,15 +131,70 @@ def build_engine(opts: ServeOptions) -> Any:
     return Engine(served, eo, co)
 
 
+def _raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one (each connection holds one); return it."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        return int(soft)
+    except (ImportError, ValueError, OSError):
+        return 1024
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (the model, torch, the libraries: several hundred thousand)
+    out of the garbage collector's reach. Without this a full collection traversed them all
+    while serving: 60-115 ms with every thread stopped, several times a minute under load,
+    longer than the whole SLO of a ResNet-20 server. What is allocated later (requests,
+    answers, batches) is collected as usual."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+def watch_gc(metrics: Any) -> None:
+    """Time every garbage collection into `apparate_gc_pause_seconds` (process-wide: the CLI
+    server's process holds one engine); pauses over 20 ms are logged."""
+    import gc
+
+    started = [0.0]
+
+    def timer(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        dt = time.perf_counter() - started[0]
+        metrics.gc_pause.observe(dt)
+        if dt > 0.02:
+            log.warning("garbage collection (generation %d) stopped every thread for %.0f ms", info["generation"], dt * 1e3)
+
+    gc.callbacks.append(timer)
+
+
 def uvicorn_config(app: Any, host: str, port: int, access_log: bool = False, log_level: str = "warning",
-                   graceful_timeout_s: float = 30.0, max_connections: int = 2048) -> Any:
+                   graceful_timeout_s: float = 30.0) -> Any:
+    """uvicorn settings for an app made by `create_app`: its connection limits (connections.py)
+    replace uvicorn's `limit_concurrency`, whose refusals were plain text and hit health checks."""
     import uvicorn
 
-    # limit_concurrency: beyond this many connections and tasks uvicorn answers 503 itself, which
-    # bounds the memory of requests being read and parsed (each is also bounded by the body limit).
+    from .connections import ConnectionLimits, protocol_class
+
+    limits = getattr(app, "limits", None) or ConnectionLimits()
+    files = _raise_fd_limit()
+    if limits.max_connections > files - 64:  # past the file limit accept() fails and nobody gets an answer
+        from dataclasses import replace
+
+        log.warning("at most %d connections: the open-file limit is %d", max(files - 64, 1), files)
+        limits = replace(limits, max_connections=max(files - 64, 1))
     return uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
                           timeout_graceful_shutdown=graceful_timeout_s, server_header=False,
-                          limit_concurrency=max_connections)
+                          http=protocol_class(limits, app), timeout_keep_alive=limits.idle_timeout_s)
 
 
 def bound_port(server: Any) -> int:
@@ -135,9 +217,10 @@ def run(opts: ServeOptions) -> int:
     t0 = time.perf_counter()
     engine = build_engine(opts)
     engine.start()
-    app = create_app(engine, opts.max_body_bytes, manage_engine=True)
-    server = uvicorn.Server(uvicorn_config(app, opts.host, opts.port, opts.access_log, "warning", opts.graceful_timeout_s,
-                                           max(opts.max_queue, 256) + 256))
+    freeze_heap()
+    watch_gc(engine.metrics)
+    app = create_app(engine, opts.max_body_bytes, manage_engine=True, limits=opts.limits())
+    server = uvicorn.Server(uvicorn_config(app, opts.host, opts.port, opts.access_log, "warning", opts.graceful_timeout_s))
 
     async def main() -> None:
         task = asyncio.create_task(server.serve())
@@ -163,7 +246,9 @@ def run(opts: ServeOptions) -> int:
 
     previous = {sig: signal.signal(sig, stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        asyncio.run(main())
+        # The loop uvicorn would pick (uvloop when installed): asyncio.run alone gives the default one.
+        with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+            runner.run(main())
     except _Stopped:
         pass
     finally:

@@ -46,7 +46,7 @@ class Request:
     concurrent.futures.Future (loop None) for in-process callers such as the benchmark.
     """
 
-    item: Any  # what the codec's encode takes: a [3, H, W] image tensor or a text
+    item: Any  # what the codec's encode takes: an [H, W, C] array or [C, H, W] tensor (images), a text
     cost: int  # 1 for images, token count for text: the batch's length key
     arrival: float  # perf_counter seconds
     deadline: float  # perf_counter seconds
