@@ -6,7 +6,7 @@
     result = apparate.compare(bundle, trace="poisson", rate=40, policies=["vanilla", "apparate"])
     print(result.table())
     with apparate.serving(bundle, port=8000) as server:   # OIP v2 over HTTP on 127.0.0.1
-        print(server.url)
+        print(server.url)                                  # and server.engine.submit(inputs)
 
 `prepare` takes a zoo workload's name, a `Workload`, or your own `torch.nn.Module` with its
 encoder and bootstrap inputs. `compare` replays policies on a recorded stream and an arrival
@@ -86,9 +86,13 @@ def compare(bundle: Any, stream: str | None = None, *, policies: Sequence[str] |
     return Comparison({m.policy: m for m in result.metrics}, result.info, result)
 
 
-def serving(bundle: Any, **options: Any) -> Any:
-    """The live server in this process, on 127.0.0.1 (a context manager: `with apparate.serve(...)
-    as server: ... server.url`). `options` are `apparate.serve.server.ServeOptions` fields."""
+def serving(bundle: Any, *, port: int = 0, data_dir: PathLike | None = None, **options: Any) -> Any:
+    """The live server in this process, on 127.0.0.1, already started: a context manager
+    (`with apparate.serving(bundle) as server: ... server.url`); `server.engine.submit(inputs)`
+    serves without HTTP. `port` 0 takes a free one. `options` are the fields of
+    `apparate.serve.server.ServeOptions` (the `apparate serve` flags: policy, slo_ms, max_batch,
+    ramp_budget, state_dir, threads, ...)."""
     from apparate.serve.server import ServeOptions, serve_in_thread
 
-    return serve_in_thread(ServeOptions(bundle=str(getattr(bundle, "path", bundle)), **options))
+    return serve_in_thread(ServeOptions(bundle=str(getattr(bundle, "path", bundle)), port=port,
+                                        data_dir=None if data_dir is None else str(data_dir), **options))

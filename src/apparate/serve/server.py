@@ -264,6 +264,25 @@ class _Stopped(Exception):
     pass
 
 
+def serve_in_thread(opts: ServeOptions, timeout: float = 120.0) -> "ServerThread":
+    """`apparate serve` inside this process: the engine built from `opts`, its HTTP app on a
+    uvicorn thread (port 0: a free one, read back as `.port` / `.url`), the engine in
+    `.engine` for in-process submits. Started; stop with `.stop()` or use it as a context
+    manager. The process's signals and garbage collector are left alone (they are the caller's)."""
+    from .app import create_app
+
+    engine = build_engine(opts)
+    app = create_app(engine, opts.max_body_bytes, manage_engine=True, limits=opts.limits())
+    server = ServerThread(app, opts.host, opts.port, opts.graceful_timeout_s)
+    server.engine = engine
+    try:
+        return server.start(timeout)
+    except BaseException:
+        if engine.running:
+            engine.stop(False)
+        raise
+
+
 class ServerThread:
     """An app served by uvicorn on a background thread, on a free loopback port by default."""
 
@@ -273,9 +292,12 @@ class ServerThread:
         self.server = uvicorn.Server(uvicorn_config(app, host, port, graceful_timeout_s=graceful_timeout_s))
         self.host = host
         self.port: int | None = None
+        self.engine: Any = None  # set by serve_in_thread
         self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
     def start(self, timeout: float = 60.0) -> "ServerThread":
+        if self.port is not None:  # already started (serve_in_thread, then `with`)
+            return self
         self._thread.start()
         end = time.monotonic() + timeout
         while not self.server.started:
