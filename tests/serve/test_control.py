@@ -78,3 +78,37 @@ def test_measured_times_update_the_profile(tiny_cnn):
     assert after.vanilla(4) > before.vanilla(4) + 10
     assert costs.batch_ms(4) > before.table(4, live.engine.live.config.sites).end_ms + 10
     assert live.engine.control.overhead_ms >= 0
+
+
+def test_the_server_runs_the_policies_replay_runs(tiny_cnn):
+    """`serve --policy branchynet+` serves every ramp with the thresholds the replay catalog tunes
+    on the same bootstrap; what cannot be served says why."""
+    import numpy as np
+    import pytest
+
+    from apparate.core.tuning import greedy_thresholds, shared_threshold
+    from apparate.serve.control import ControlOptions
+
+    rec = tiny_cnn.bundle.recording
+    prof = tiny_cnn.bundle.profile
+    S = prof.num_sites
+    for name, search in (("branchynet+", greedy_thresholds), ("branchynet", shared_threshold)):
+        served = served_cnn(tiny_cnn)
+        with serving(served, control_opts=ControlOptions(policy=name, settings=small_settings())) as live, \
+                httpx.Client(base_url=live.url) as c:
+            st = c.get("/v2/models/tiny/earlyexit").json()
+            assert st["policy"] == name and st["config"]["sites"] == list(range(S))
+            length = None if rec.lengths is None else float(np.mean(rec.lengths))
+            want = search(rec.conf, rec.agree, prof.table(1.0, list(range(S)), length), 0.05).thresholds
+            assert np.allclose(st["config"]["thresholds"], want)
+            if name == "branchynet":
+                assert len(set(st["config"]["thresholds"])) == 1  # one shared threshold
+            r = c.post("/v2/models/tiny/infer", json=image_request(8, seed=3)).json()
+            exits = [int(e) for e in r["parameters"]["exit_sites"].split(",")]
+            assert all(e in (-1, *range(S)) for e in exits)
+            assert live.engine.flush()
+            assert c.get("/v2/models/tiny/earlyexit").json()["config"]["thresholds"] == st["config"]["thresholds"]
+    for name, why in (("branchynet+opt", "hindsight"), ("optimal", "oracle"), ("deebert", "separate"),
+                      ("nope", "not a policy")):
+        with pytest.raises(ValueError, match=why):
+            ControlOptions(policy=name)

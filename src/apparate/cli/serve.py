@@ -14,8 +14,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed; default 8000)")
     p.add_argument("--model-name", help="name in the URL /v2/models/NAME (default: the bundle's workload)")
-    p.add_argument("--policy", choices=("apparate", "static", "vanilla"), default="apparate",
-                   help="apparate: ramps and thresholds adapt; static: initial placement, never adapted; vanilla: no ramps")
+    p.add_argument("--policy", default="apparate",
+                   help="apparate: ramps and thresholds adapt within the budget; apparate-all: the same with a "
+                        "budget admitting every ramp; static: the initial placement, never adapted; branchynet / "
+                        "branchynet+: every ramp, one shared / per-ramp thresholds tuned once on the bootstrap; "
+                        "vanilla: no ramps (the policies replay runs, apparate.policies)")
     p.add_argument("--slo-ms", type=float, help="latency objective per request (default: 3x a full batch, >= 50 ms)")
     p.add_argument("--batching", choices=("clockwork", "tfserving"), default="clockwork")
     p.add_argument("--max-batch", type=int, default=16)
@@ -61,7 +64,13 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("idle_timeout", "header_timeout", "body_timeout"):
         if not getattr(args, flag) > 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
+    from apparate.policies import check_servable
     from apparate.serve.server import ServeOptions, run as serve
+
+    try:
+        check_servable(args.policy)
+    except ValueError as e:
+        raise UserError(f"--policy: {e}") from None
 
     opts = ServeOptions(
         bundle=args.bundle, host=args.host, port=args.port, model_name=args.model_name, policy=args.policy,

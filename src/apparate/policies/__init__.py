@@ -6,7 +6,7 @@ batch showed (`observe`). See `make_policy` for the named ones.
 """
 
 from .base import Plan, Policy, ThresholdPolicy, AdaptivePolicy, OraclePolicy
-from .catalog import POLICIES, PolicyInputs, make_policy
+from .catalog import ADAPTIVE, POLICIES, SERVABLE, PolicyInputs, check_servable, make_policy, serving_policy
 
 __all__ = ["Plan", "Policy", "ThresholdPolicy", "AdaptivePolicy", "OraclePolicy", "POLICIES", "PolicyInputs",
-           "make_policy"]
+           "make_policy", "serving_policy", "check_servable", "SERVABLE", "ADAPTIVE"]

@@ -142,6 +142,31 @@ def family_of(name: str) -> str:
     return "deebert" if name.startswith("deebert") else "light"
 
 
+# What a live server can run: the rest need what a server does not have (the evaluation stream in
+# advance, every input's true answer, a second preparation of DeeBERT ramps).
+SERVABLE = ("vanilla", "static", "apparate", "apparate-all", "branchynet", "branchynet+")
+ADAPTIVE = ("apparate", "apparate-all")
+
+
+def check_servable(name: str) -> None:
+    """ValueError, saying why, unless a live server can run the policy `name`."""
+    if name not in SERVABLE:
+        why = ("it is tuned on the stream it is evaluated on (hindsight)" if name.endswith("opt") else
+               "it is an oracle that knows every answer in advance" if name.startswith("optimal") else
+               "its pooler ramps are a separate preparation (replay only)" if name.startswith("deebert") else
+               "it is not a policy")
+        raise ValueError(f"policy {name!r} cannot be served: {why}; servable: {', '.join(SERVABLE)}")
+
+
+def serving_policy(name: str, bootstrap: Recording, profile: LatencyProfile, settings: Settings,
+                   serving: BudgetPoint = (1.0, None)) -> Policy:
+    """A policy for live serving, built from what a server has: the bundle's bootstrap recording
+    (placement, and the one-time baselines' tuning sample: all of it) and its profile."""
+    check_servable(name)
+    family = RampFamily(bootstrap, bootstrap, profile)
+    return make_policy(name, PolicyInputs(family, settings, sample_share=1.0, serving=serving))
+
+
 def make_policy(name: str, inputs: PolicyInputs) -> Policy:
     try:
         build = POLICIES[name]

@@ -13,8 +13,11 @@ slowing serving down). The control thread then
    the engine reads once per batch: a configuration changes only between batches;
 4. checkpoints the state every `checkpoint_every_s` seconds (and once more at shutdown).
 
-Policies: `apparate` (the controller adapts), `static` (the initial placement, never changed),
-`vanilla` (no ramps). All three keep the profile current, so they batch on the same footing.
+Policies come from `apparate.policies` (`serving_policy`), the same ones replay runs: `apparate`
+and `apparate-all` (the controller adapts, at the user's budget or at one admitting every ramp),
+`static` (the initial placement, never changed), `branchynet` / `branchynet+` (every ramp, one
+shared or per-ramp thresholds tuned once on the bootstrap), `vanilla` (no ramps). All keep the
+profile current, so they batch on the same footing.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import numpy as np
 from apparate.core.controller import Config, Controller, Feedback
 from apparate.core.profile import LatencyProfile
 from apparate.core.settings import Settings
+from apparate.policies import ADAPTIVE, AdaptivePolicy, check_servable, serving_policy
+from apparate.policies.catalog import all_ramps_budget
 
 from .costs import BatchCosts
 from .executor import BatchReport
@@ -39,7 +44,6 @@ from .state import SavedState, StateError, read_state, save_state, set_aside
 
 log = logging.getLogger("apparate.serve")
 
-POLICIES = ("apparate", "static", "vanilla")
 _STOP = object()
 
 
@@ -57,8 +61,7 @@ class ControlOptions:
     max_pending: int = 256  # batch reports waiting for the controller before new ones are dropped
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        check_servable(self.policy)
         if not 0 < self.profile_weight <= 1:
             raise ValueError(f"profile_weight must be in (0, 1], got {self.profile_weight}")
 
@@ -84,6 +87,8 @@ class ControlLoop:
         self.publish = publish
         self.settings = options.settings or (Settings.for_nlp() if served.kind == "text" else Settings())
         self.profile: LatencyProfile = served.profile
+        if options.policy == "apparate-all":
+            self.settings = self.settings.replace(ramp_budget=all_ramps_budget(served.profile))
         self.controller: Controller | None = None
         self.restored: dict[str, Any] = {"from": None}
         self.config = self._initial()
@@ -113,20 +118,21 @@ class ControlLoop:
         if opt.policy == "vanilla":
             return Config()
         if opt.initial is not None:
-            if opt.policy == "apparate":
+            if opt.policy in ADAPTIVE:
                 boot = None if served.recording is None else (served.recording.conf, served.recording.agree)
                 self.controller = Controller(self.profile, s, opt.initial, boot)
             return opt.initial
         if served.recording is None:
             raise ValueError("no bootstrap recording to place the initial ramps: give an initial config")
         rec = served.recording
-        # Placement at batch 1 (the strictest for the budget, and what an idle server serves);
-        # the controller re-judges at the batch size it serves.
+        # Placement and one-time tuning at batch 1 (the strictest for the budget, and what an idle
+        # server serves); the controller re-judges at the batch size it serves.
         length = None if rec.lengths is None else float(np.mean(rec.lengths))
-        ctl = Controller.from_bootstrap(self.profile, rec.conf, rec.agree, s, (1.0, length))
-        if opt.policy == "apparate":
-            self.controller = ctl
-        return ctl.config
+        policy = serving_policy(opt.policy, rec, self.profile, s, (1.0, length))
+        if isinstance(policy, AdaptivePolicy):
+            self.controller = policy.controller
+            return policy.controller.config
+        return policy.config  # type: ignore[attr-defined]
 
     def _try_restore(self) -> Config | None:
         """Restore from the state directory. Whatever is unusable (not a state, wrong fields,
@@ -164,7 +170,7 @@ class ControlLoop:
             return None
         if opt.policy == "vanilla":
             return Config()
-        if opt.policy == "static":
+        if opt.policy not in ADAPTIVE:  # a fixed configuration
             self.restored["what"] = "profile, config"
             return state.config
         try:

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from apparate.policies.catalog import ADAPTIVE, SERVABLE as POLICIES
+
 FORMAT = "apparate.serve-state/1"
 FILE = "serve-state.json"
-POLICIES = ("apparate", "static", "vanilla")
 
 
 class StateError(ValueError):
@@ -148,8 +149,8 @@ def parse_state(data: Any, where: str = "the state") -> SavedState:
     ctl = data.get("controller")
     if ctl is not None and not isinstance(ctl, dict):
         raise StateError(f"{where}: 'controller' must be an object or null")
-    if policy == "apparate" and ctl is None:
-        raise StateError(f"{where}: an apparate state without 'controller'")
+    if policy in ADAPTIVE and ctl is None:
+        raise StateError(f"{where}: an {policy} state without 'controller'")
     return SavedState(policy, name, fingerprint, sites, None if saved_at is None else float(saved_at), config,
                       profile, ctl, data)
 
