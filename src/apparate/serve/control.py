@@ -9,8 +9,9 @@ slowing serving down). The control thread then
    decisions use this machine's real costs;
 2. for the apparate policy, gives the batch's confidences and agreements to the controller
    (`Controller.observe`), which returns the configuration for the next batches;
-3. publishes a new `Live` (configuration + precomputed batch costs) by one reference swap, which
-   the engine reads once per batch: a configuration changes only between batches;
+3. replaces its `live` snapshot (configuration + precomputed batch costs, an immutable value) by
+   one reference swap; the engine reads `control.live` once per batch, so a configuration
+   changes only between batches and nothing calls back into the engine;
 4. checkpoints the state every `checkpoint_every_s` seconds (and once more at shutdown).
 
 Policies come from `apparate.policies` (`serving_policy`), the same ones replay runs: `apparate`
@@ -28,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -74,21 +75,21 @@ class Live:
     costs: BatchCosts
 
 
-CostsFn = Callable[[LatencyProfile, tuple[int, ...], float], BatchCosts]
-
-
 class ControlLoop:
-    def __init__(self, served: Any, options: ControlOptions, costs_fn: CostsFn, metrics: Any,
-                 publish: Callable[[Live], None]):
+    """Owns the latency profile (the bundle's, calibrated at start, then measured) and the policy's
+    state; hands the engine `live`, a snapshot it replaces whole."""
+
+    def __init__(self, served: Any, options: ControlOptions, metrics: Any, profile: LatencyProfile | None = None,
+                 max_batch: int = 16, max_tokens: int | None = None):
         self.served = served
         self.options = options
-        self.costs_fn = costs_fn
         self.metrics = metrics
-        self.publish = publish
+        self.max_batch, self.max_tokens = max_batch, max_tokens
         self.settings = options.settings or (Settings.for_nlp() if served.kind == "text" else Settings())
-        self.profile: LatencyProfile = served.profile
+        self.initial_profile: LatencyProfile = profile if profile is not None else served.profile
+        self.profile: LatencyProfile = self.initial_profile
         if options.policy == "apparate-all":
-            self.settings = self.settings.replace(ramp_budget=all_ramps_budget(served.profile))
+            self.settings = self.settings.replace(ramp_budget=all_ramps_budget(self.profile))
         self.controller: Controller | None = None
         self.restored: dict[str, Any] = {"from": None}
         self.config = self._initial()
@@ -152,7 +153,7 @@ class ControlLoop:
             moved = set_aside(where)
             log.warning("ignoring the saved state in %s: %s; %s; starting afresh", where, reason,
                         f"moved it to {moved.name}" if moved is not None else "it could not be moved aside")
-            self.profile = self.served.profile
+            self.profile = self.initial_profile
             self.controller = None
             self.restored = {"from": None, "ignored": reason, "moved_to": None if moved is None else str(moved)}
             return None
@@ -323,7 +324,7 @@ class ControlLoop:
     def _publish(self, cfg: Config) -> None:
         changed = cfg != self.config or not self._last_costs
         self.config = cfg
-        self.publish(Live(cfg, self.costs_fn(self.profile, cfg.sites, self.overhead_ms)))
+        self.live = Live(cfg, BatchCosts.build(self.profile, cfg.sites, self.max_batch, self.max_tokens, self.overhead_ms))
         self._last_costs = time.monotonic()
         self._costs_stale = False
         if changed:

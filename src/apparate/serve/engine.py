@@ -8,7 +8,7 @@ Threads:
   through the executor, which releases each input's answer at its first confident active ramp
   (or at the end). Releases reach asyncio callers through one `call_soon_threadsafe` per ramp;
 * the control thread takes each batch's report, updates the profile, runs the controller and
-  publishes a new `Live` (config + batch costs), which the engine reads once per batch.
+  replaces `control.live` (config + batch costs, a value), which the engine reads once per batch.
 
 Batch-time predictions come from the live profile for the active ramps plus the measured engine
 overhead, so the batcher's deadline checks use what batches really cost on this machine.
@@ -43,7 +43,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from .control import ControlLoop, ControlOptions, Live
-from .costs import BatchCosts
 from .executor import BatchReport, Executor
 from .metrics import ServeMetrics
 from .model_io import ServedModel
@@ -102,24 +101,20 @@ class Engine:
         max_tokens = getattr(served.codec, "max_tokens", None)
         mb = options.batching.max_batch
 
-        def costs_fn(profile: Any, sites: tuple[int, ...], overhead: float) -> BatchCosts:
-            return BatchCosts.build(profile, sites, mb, max_tokens, overhead)
-
-        self._live: Live | None = None
+        profile = served.profile  # the bundle's; calibrated here, then owned by the control loop
         if options.calibrate_ramps and served.num_sites:
             import torch
 
             if options.threads is not None:
                 torch.set_num_threads(options.threads)
             t = time.perf_counter()
-            grid = [int(b) for b in served.profile.batch_sizes]
+            grid = [int(b) for b in profile.batch_sizes]
             sizes = sorted({min(grid, key=lambda g: abs(g - want)) for want in (1, mb)})
-            before = served.profile
-            served.profile = self.executor.calibrate(served.profile, sizes)
+            profile = self.executor.calibrate(served.profile, sizes)
             log.info("ramp costs calibrated in %.1f s at batch sizes %s: %.3f ms per ramp (profiled %.3f) at batch %d",
-                     time.perf_counter() - t, sizes, float(served.profile.at(sizes[-1])[1].mean()),
-                     float(before.at(sizes[-1])[1].mean()), sizes[-1])
-        self.control = ControlLoop(served, control, costs_fn, self.metrics, self._set_live)
+                     time.perf_counter() - t, sizes, float(profile.at(sizes[-1])[1].mean()),
+                     float(served.profile.at(sizes[-1])[1].mean()), sizes[-1])
+        self.control = ControlLoop(served, control, self.metrics, profile, mb, max_tokens)
         self._thread: threading.Thread | None = None
         self.ready = False
         self.started_at: float | None = None
@@ -152,13 +147,11 @@ class Engine:
         self._idle_costs = self.live.costs
 
     # ------------------------------------------------------------------------------ lifecycle
-    def _set_live(self, live: Live) -> None:
-        self._live = live  # one reference swap: the engine reads it once per batch
-
     @property
     def live(self) -> Live:
-        assert self._live is not None
-        return self._live
+        """The control loop's latest snapshot (Config + batch costs), a value replaced as a whole:
+        read once per batch, so a configuration changes only between batches."""
+        return self.control.live
 
     @property
     def running(self) -> bool:
