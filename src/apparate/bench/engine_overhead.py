@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from apparate.serve.engine import Engine, EngineOptions
     from apparate.serve.model_io import ServedModel
     from apparate.serve.scheduler import BatchingOptions
-    from apparate.serve.server import default_threads, settings_for
+    from apparate.serve.server import default_threads, freeze_heap, settings_for
 
     args.threads = args.threads or default_threads()
     torch.set_num_threads(args.threads)
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     engines = (ev, es, ea)
     for e in engines:
         e.start()
+    freeze_heap()  # as `apparate serve` does once warm: collections skip the model and libraries
     codec = ss.codec
     x = codec.encode(items)
     ee = ss.ee
