@@ -31,6 +31,9 @@ def test_feedback_changes_thresholds_over_time(tiny_cnn):
     start = Config((0, 1), (0.0, 1.0))
     control = ControlOptions(policy="apparate", settings=small_settings(), initial=start)
     with serving(served, control_opts=control) as live, httpx.Client(base_url=live.url) as c:
+        from apparate.policies import AdaptivePolicy
+
+        assert isinstance(live.engine.control.policy, AdaptivePolicy)  # what replay runs, fed by the server
         assert c.get("/v2/models/tiny/earlyexit").json()["config"]["version"] == 0
         first = c.post("/v2/models/tiny/infer", json=image_request(8, seed=100)).json()
         assert first["parameters"]["exit_sites"] == ",".join(["1"] * 8)  # served with the start config
@@ -87,6 +90,7 @@ def test_the_server_runs_the_policies_replay_runs(tiny_cnn):
     import pytest
 
     from apparate.core.tuning import greedy_thresholds, shared_threshold
+    from apparate.policies import ThresholdPolicy
     from apparate.serve.control import ControlOptions
 
     rec = tiny_cnn.bundle.recording
@@ -98,6 +102,8 @@ def test_the_server_runs_the_policies_replay_runs(tiny_cnn):
                 httpx.Client(base_url=live.url) as c:
             st = c.get("/v2/models/tiny/earlyexit").json()
             assert st["policy"] == name and st["config"]["sites"] == list(range(S))
+            pol = live.engine.control.policy  # the catalog's own class, behind the shared verbs
+            assert isinstance(pol, ThresholdPolicy) and not pol.adaptive and pol.config == live.engine.live.config
             length = None if rec.lengths is None else float(np.mean(rec.lengths))
             want = search(rec.conf, rec.agree, prof.table(1.0, list(range(S)), length), 0.05).thresholds
             assert np.allclose(st["config"]["thresholds"], want)

@@ -26,10 +26,24 @@ class Plan:
 
 
 class Policy:
-    """Base: subclasses implement `plan`; adaptive ones also `observe`."""
+    """Base: what the next batch runs and what a batch taught the policy.
+
+    Two callers, one set of verbs. The simulator (replay) asks `plan` for a batch's exits and
+    gives `observe` what the batch showed; the server asks `config` for the configuration its
+    executor applies and gives `feedback` the `Feedback` of served batches. Fixed policies ignore
+    feedback; adaptive ones learn from it."""
 
     name: str = "policy"
     adaptive: bool = False
+
+    @property
+    def config(self) -> Config:
+        """The configuration the next batches run (active ramps and their thresholds)."""
+        raise NotImplementedError(f"{self.name} has no configuration a server could apply")
+
+    def feedback(self, fb: Feedback) -> Config:
+        """A served batch's feedback; returns the configuration for the next batches."""
+        return self.config
 
     def plan(self, conf: np.ndarray, agree: np.ndarray) -> Plan:
         """conf, agree: [n, S] over every candidate site for the batch about to run."""
@@ -54,13 +68,17 @@ class ThresholdPolicy(Policy):
 
     def __init__(self, name: str, config: Config):
         self.name = name
-        self.config = config
+        self._config = config
         self._cols = np.asarray(config.sites, dtype=np.int64)
         self._thr = np.asarray(config.thresholds, dtype=np.float64)
 
+    @property
+    def config(self) -> Config:
+        return self._config
+
     def plan(self, conf: np.ndarray, agree: np.ndarray) -> Plan:
         pos = first_exit(1.0 - conf[:, self._cols], self._thr)
-        return Plan(self.config.sites, pos, self.config.thresholds, self.config.version)
+        return Plan(self._config.sites, pos, self._config.thresholds, self._config.version)
 
     def cost_sites(self) -> tuple[int, ...]:
         return self.config.sites
@@ -75,6 +93,13 @@ class AdaptivePolicy(Policy):
         self.name = name
         self.controller = controller
 
+    @property
+    def config(self) -> Config:
+        return self.controller.config
+
+    def feedback(self, fb: Feedback) -> Config:
+        return self.controller.observe(fb)
+
     def plan(self, conf: np.ndarray, agree: np.ndarray) -> Plan:
         cfg = self.controller.config
         pos = first_exit(1.0 - conf[:, list(cfg.sites)], np.asarray(cfg.thresholds))
@@ -86,8 +111,7 @@ class AdaptivePolicy(Policy):
         # The plan came from this controller's config and the data from a validated recording;
         # the simulator already released the batch (exits and their agreement).
         exits = None if correct is None else (plan.exit_pos, correct)
-        self.controller.observe(Feedback.trusted(plan.sites, plan.thresholds, conf[:, cols], agree[:, cols], length,
-                                                 exits))
+        self.feedback(Feedback.trusted(plan.sites, plan.thresholds, conf[:, cols], agree[:, cols], length, exits))
 
     def cost_sites(self) -> tuple[int, ...]:
         return self.controller.config.sites
@@ -113,6 +137,10 @@ class OraclePolicy(Policy):
 
     def cost_sites(self) -> tuple[int, ...]:
         return self.sites if self._pay else ()
+
+    @property
+    def config(self) -> Config:
+        raise NotImplementedError("the oracle knows every answer in advance: it exists in replay only")
 
     @property
     def pays_ramps(self) -> bool:

@@ -36,7 +36,7 @@ import numpy as np
 from apparate.core.controller import Config, Controller, Feedback
 from apparate.core.profile import LatencyProfile
 from apparate.core.settings import Settings
-from apparate.policies import ADAPTIVE, AdaptivePolicy, check_servable, serving_policy
+from apparate.policies import ADAPTIVE, AdaptivePolicy, Policy, ThresholdPolicy, check_servable, serving_policy
 from apparate.policies.catalog import all_ramps_budget
 
 from .costs import BatchCosts
@@ -90,7 +90,7 @@ class ControlLoop:
         self.profile: LatencyProfile = self.initial_profile
         if options.policy == "apparate-all":
             self.settings = self.settings.replace(ramp_budget=all_ramps_budget(self.profile))
-        self.controller: Controller | None = None
+        self.policy: Policy = ThresholdPolicy(options.policy, Config())  # replaced by _initial
         self.restored: dict[str, Any] = {"from": None}
         self.config = self._initial()
         self.overhead_ms = 0.0
@@ -109,6 +109,11 @@ class ControlLoop:
         self._publish(self.config)
         self._refresh_stats(force=True)
 
+    @property
+    def controller(self) -> Controller | None:
+        """The adaptive policy's controller (its window, events, state); None for fixed policies."""
+        return getattr(self.policy, "controller", None)
+
     # ------------------------------------------------------------------------------ start-up
     def _initial(self) -> Config:
         opt, served, s = self.options, self.served, self.settings
@@ -121,7 +126,9 @@ class ControlLoop:
         if opt.initial is not None:
             if opt.policy in ADAPTIVE:
                 boot = None if served.recording is None else (served.recording.conf, served.recording.agree)
-                self.controller = Controller(self.profile, s, opt.initial, boot)
+                self.policy = AdaptivePolicy(opt.policy, Controller(self.profile, s, opt.initial, boot))
+            else:
+                self.policy = ThresholdPolicy(opt.policy, opt.initial)
             return opt.initial
         if served.recording is None:
             raise ValueError("no bootstrap recording to place the initial ramps: give an initial config")
@@ -129,11 +136,8 @@ class ControlLoop:
         # Placement and one-time tuning at batch 1 (the strictest for the budget, and what an idle
         # server serves); the controller re-judges at the batch size it serves.
         length = None if rec.lengths is None else float(np.mean(rec.lengths))
-        policy = serving_policy(opt.policy, rec, self.profile, s, (1.0, length))
-        if isinstance(policy, AdaptivePolicy):
-            self.controller = policy.controller
-            return policy.controller.config
-        return policy.config  # type: ignore[attr-defined]
+        self.policy = serving_policy(opt.policy, rec, self.profile, s, (1.0, length))
+        return self.policy.config
 
     def _try_restore(self) -> Config | None:
         """Restore from the state directory. Whatever is unusable (not a state, wrong fields,
@@ -154,7 +158,7 @@ class ControlLoop:
             log.warning("ignoring the saved state in %s: %s; %s; starting afresh", where, reason,
                         f"moved it to {moved.name}" if moved is not None else "it could not be moved aside")
             self.profile = self.initial_profile
-            self.controller = None
+            self.policy = ThresholdPolicy(opt.policy, Config())
             self.restored = {"from": None, "ignored": reason, "moved_to": None if moved is None else str(moved)}
             return None
 
@@ -173,6 +177,7 @@ class ControlLoop:
             return Config()
         if opt.policy not in ADAPTIVE:  # a fixed configuration
             self.restored["what"] = "profile, config"
+            self.policy = ThresholdPolicy(opt.policy, state.config)
             return state.config
         try:
             boot = None if served.recording is None else (served.recording.conf, served.recording.agree)
@@ -189,7 +194,7 @@ class ControlLoop:
         else:
             self.restored["what"] = "profile, config, controller window"
         self.profile = ctl.profile
-        self.controller = ctl
+        self.policy = AdaptivePolicy(opt.policy, ctl)
         log.info("restored the serving state from %s: ramps %s, version %d", opt.state_dir, list(ctl.config.sites),
                  ctl.config.version)
         return ctl.config
@@ -257,11 +262,11 @@ class ControlLoop:
         w = self.options.profile_weight
         self.overhead_ms = rep.overhead_ms if self.handled == 0 else (1 - w) * self.overhead_ms + w * rep.overhead_ms
         cfg = self.config
-        if self.controller is not None and rep.feedback:
+        if self.policy.adaptive and rep.feedback:  # fixed policies learn nothing: no pooling for them
             fb = self._pool_feedback(rep)
             if fb is not None:
-                self.controller.profile = self.profile
-                cfg = self.controller.observe(fb)
+                self.controller.profile = self.profile  # type: ignore[union-attr]
+                cfg = self.policy.feedback(fb)
                 self._log_events()
         self.handled += 1
         now = time.monotonic()
@@ -289,11 +294,11 @@ class ControlLoop:
         return fb
 
     def _observe_pending(self) -> None:
-        if self.controller is None or not self._pending:
+        if not self.policy.adaptive or not self._pending:
             return
         pend, self._pending = self._pending, []
-        self.controller.profile = self.profile
-        self.config = self.controller.observe(_merged(pend))
+        self.controller.profile = self.profile  # type: ignore[union-attr]
+        self.config = self.policy.feedback(_merged(pend))
 
     def _pool_times(self, rep: BatchReport) -> None:
         """Pool measured times per batch shape; every `profile_every_s` move the profile toward
