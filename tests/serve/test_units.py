@@ -21,7 +21,7 @@ from .conftest import encode_images, served_cnn
                 max_size=12), st.integers(1, 10))
 def test_queue_matches_a_list_model(ops, limit):
     from apparate.serve.queue import QUEUE_FULL, Refused, RequestQueue
-    from apparate.serve.types import Request
+    from apparate.serve.requests import Request
 
     q = RequestQueue(limit)
     model: list[int] = []
@@ -120,7 +120,7 @@ def executor_parts(tiny_cnn):
 def test_every_input_is_released_once_at_its_first_confident_ramp(executor_parts, n, thr, sites, seed):
     from apparate.core.controller import Config, Feedback
     from apparate.core.exits import first_exit
-    from apparate.serve.types import Answer, Request
+    from apparate.serve.requests import Answer, Request
 
     served, ex, released = executor_parts
     released.clear()

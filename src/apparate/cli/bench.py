@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from apparate.bench import calibration, compare, engine_overhead, overload, ramps, search_speed, simspeed, sweep
+from apparate.bench import compare, engine_overhead, out_of_sample, overload, ramp_cost, search_speed, simspeed, sweep
 
-BENCHES = (search_speed, compare, sweep, simspeed, engine_overhead, ramps, calibration, overload)
+BENCHES = (search_speed, compare, sweep, simspeed, engine_overhead, ramp_cost, out_of_sample, overload)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

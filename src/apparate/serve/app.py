@@ -49,7 +49,7 @@ from .connections import HEALTH_LIVE, HEALTH_READY, ConnectionLimits, route_of
 from .engine import Engine
 from .model_io import InputError
 from .protocol import HEADER_LENGTH, attach_binary, decode_json, infer_response, model_metadata, parse_infer, split_binary
-from .types import Rejected
+from .requests import Rejected
 
 log = logging.getLogger("apparate.serve")
 

@@ -48,7 +48,7 @@ from .metrics import ServeMetrics
 from .model_io import ServedModel
 from .queue import CLOSED, QUEUE_FULL, Refused, RequestQueue
 from .scheduler import BatchingOptions, Scheduler
-from .types import Answer, Rejected, Request, Result
+from .requests import Answer, Rejected, Request, Result
 
 log = logging.getLogger("apparate.serve")
 

@@ -30,7 +30,7 @@ from apparate.model.early_exit import score_all
 from apparate.model.sites import primary_output
 
 from .model_io import ServedModel
-from .types import Answer, Rejected, Request, Result
+from .requests import Answer, Rejected, Request, Result
 
 log = logging.getLogger("apparate.serve")
 

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .model_io import BINARY, InputError
-from .types import Answer
+from .requests import Answer
 
 HEADER_LENGTH = "inference-header-content-length"
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .types import Request
+from .requests import Request
 
 QUEUE_FULL = "queue full"
 CLOSED = "shutting down"
