@@ -48,6 +48,18 @@ def test_greedy_matches_reference_on_larger_windows(n, r, seed):
         assert np.array_equal(greedy_thresholds(conf, agree, table, 0.01, method=method).thresholds, slow)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(windows(max_n=80, max_r=4), st.sampled_from([0.0, 0.02]))
+def test_matrix_bands_match_reference_when_sums_are_too_large_to_pack(w, target):
+    # Latencies of hours in ns: the matrix bookkeeping keeps wrong answers and latency apart
+    # (its packed single-sum path would overflow) and must decide exactly as the reference.
+    conf, agree = w
+    table = LatencyProfile.linear(conf.shape[1], vanilla_ms=3.6e7).table(8, list(range(conf.shape[1])))
+    assert conf.shape[0] * int(table.all_ns.max()) >= 1 << 40
+    slow = reference_greedy(conf, agree, table, target)
+    assert np.array_equal(greedy_thresholds(conf, agree, table, target, method="matrix").thresholds, slow)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(windows(max_r=4), st.data())
 def test_fixed_ramps_keep_their_thresholds_and_match_reference(w, data):

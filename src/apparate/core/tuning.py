@@ -331,9 +331,15 @@ def _list_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: np.
     return probe, take, lambda: np.array(e, dtype=np.int64)
 
 
+_SHIFT = 22  # packed band sums: wrong-answer changes in the low bits, signed
+_HALF = 1 << (_SHIFT - 1)
+_MASK = (1 << _SHIFT) - 1
+
+
 def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: np.ndarray, cc_a: np.ndarray,
                   thr: list[float]) -> Bands:
     R, n = u_t.shape
+    w = n + 1  # row width: each ramp's inputs in its order, then a zero (a band may end at n)
     rows = np.arange(R)[:, None]
     u_t = np.ascontiguousarray(u_t)
     order = np.argsort(u_t, axis=1)  # ties in any order: a band takes all equal values or none
@@ -347,35 +353,63 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
     e, cc = e_a, cc_a
     lat = lat_np.tolist()
     lat_r = lat_np[:R, None]
-    # WG[r, j] (rows 0..R-1) and WG[R + r, j]: what moving the j-th input in ramp r's order to
-    # ramp r would change in wrong answers and in latency (zero for inputs that already exit at
-    # r or earlier). C holds their prefix sums, so any band's sums are two lookups. Flat indices
-    # keep numpy's per-call cost low: this runs ~100 times per search.
-    e_o = e[order]
-    movable = e_o > rows
-    WG = np.concatenate([np.where(movable, cc[order] - ag_np.reshape(-1)[flat], 0),
-                         np.where(movable, lat_np[e_o] - lat_r, 0)])
-    C = np.zeros((2 * R, n + 1), dtype=np.int64)
-    np.cumsum(WG, axis=1, out=C[:, 1:])
-    WGf, Cf = WG.reshape(-1), C.reshape(-1)
+    # WG[0, r * w + j] and WG[1, r * w + j]: what moving the j-th input in ramp r's order to ramp
+    # r would change in wrong answers and in latency (zero for inputs that already exit at r or
+    # earlier). A band's sums are one `add.reduceat` over its run of a row, for every probed
+    # ramp at once; a move rewrites only the moved inputs' entries (no prefix sums to redo: a
+    # move used to recompute all of them). Integer sums: exact in any order.
+    WG = np.zeros((2, R, w), dtype=np.int64)
+    if n and e.min() == R and cc.min() == cc.max():  # nothing exits yet (no fixed ramps): every
+        # input is movable everywhere, from the end and with the same correctness: no gathers
+        np.subtract(cc[0], ag_np.reshape(-1)[flat], out=WG[0, :, :n])
+        WG[1, :, :n] = lat_np[R] - lat_r
+    else:
+        e_o = e[order]
+        movable = e_o > rows
+        WG[0, :, :n] = np.where(movable, cc[order] - ag_np.reshape(-1)[flat], 0)
+        WG[1, :, :n] = np.where(movable, lat_np[e_o] - lat_r, 0)
+    WG = WG.reshape(2, R * w)
+    W0, W1 = WG[0], WG[1]
+    # One reduceat instead of two where every band sum fits: an entry packs its latency change
+    # (high bits) and its wrong-answer change (low bits, signed); sums of packed entries are the
+    # packed sums, exactly (integers; the bounds below rule out overflow).
+    w_bound = n * int(max(np.abs(ag_np).max(initial=0), np.abs(cc).max(initial=0)))
+    l_bound = n * int(lat_np.max(initial=0) - min(int(lat_np.min(initial=0)), 0))
+    packed = w_bound < _HALF and l_bound < (1 << (62 - _SHIFT))
+    PK = (W1 << _SHIFT) + W0 if packed else W0
     pos = np.empty_like(order)
-    pos.reshape(-1)[flat] = flat - order + np.arange(n)  # pos[r, m] = r * n + rank of m: WGf's index
-    g_off, cg_off = R * n, R * (n + 1)  # where the latency rows start, in WGf and in Cf
+    pos.reshape(-1)[flat] = rows * w + np.arange(n)  # pos[r, m] = r * w + rank of m in r's order
+    r_w = np.arange(R) * w
     r_n = np.arange(R) * n
     lo = np.searchsorted(keys, r_f + 1j * np.asarray(thr)) - r_n  # inputs already below
     hi_of = lo.copy()
 
+    lo_w = lo + r_w  # band starts as flat indices into WG's rows (kept with `lo`)
+    wn = r_w - r_n  # from a flat key index (r * n + edge) to a flat WG index (r * w + edge)
+
     def probe(ramps: list[int], values: list[float]) -> tuple[list[int], list[int]]:
-        r_a = np.array(ramps)
-        h = np.searchsorted(keys, r_f[r_a] + 1j * np.array(values))  # r * n + band edge
-        hi_of[r_a] = h - r_n[r_a]
-        h += r_a  # r * (n + 1) + edge: the index in Cf
-        l_a = lo[r_a] + r_n[r_a] + r_a
-        return (Cf[h] - Cf[l_a]).tolist(), (Cf[h + cg_off] - Cf[l_a + cg_off]).tolist()
+        r_a = np.array(ramps)  # ascending: the runs [lo, hi) are in order along the flat rows
+        key = np.array(values, dtype=np.complex128)
+        key *= 1j
+        key += r_f[r_a]
+        h = np.searchsorted(keys, key) + wn[r_a]  # band ends, flat
+        hi_of[r_a] = h - r_w[r_a]
+        start = lo_w[r_a]
+        edges = np.empty(2 * r_a.size, dtype=np.int64)
+        edges[0::2], edges[1::2] = start, h
+        if packed:
+            z = np.add.reduceat(PK, edges)[0::2]  # an empty band reads one entry: masked
+            z *= h > start
+            low = ((z + _HALF) & _MASK) - _HALF
+            return low.tolist(), ((z - low) >> _SHIFT).tolist()
+        sums = np.add.reduceat(WG, edges, axis=1)[:, 0::2]
+        sums *= h > start
+        return sums.tolist()  # type: ignore[return-value]  # [wrong changes, latency changes]
 
     def take(chosen: int) -> int:
         band = order[chosen, lo[chosen]:hi_of[chosen]]
         lo[chosen] = hi_of[chosen]
+        lo_w[chosen] = lo[chosen] + r_w[chosen]
         moved = band[e[band] > chosen]
         if not moved.size:
             return 0
@@ -386,11 +420,14 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
         # (now from `chosen`), the others no longer can.
         P = pos[:, moved]
         P0, P1 = P[:chosen], P[chosen:]
-        WGf[P0] = a - ag_np[:chosen, moved]
-        WGf[P0 + g_off] = lat[chosen] - lat_r[:chosen]
-        WGf[P1] = 0
-        WGf[P1 + g_off] = 0
-        np.cumsum(WG, axis=1, out=C[:, 1:])
+        if packed:
+            PK[P0] = ((lat[chosen] - lat_r[:chosen]) << _SHIFT) + (a - ag_np[:chosen, moved])
+            PK[P1] = 0
+        else:
+            W0[P0] = a - ag_np[:chosen, moved]
+            W1[P0] = lat[chosen] - lat_r[:chosen]
+            W0[P1] = 0
+            W1[P1] = 0
         return dwrong
 
     return probe, take, lambda: e
