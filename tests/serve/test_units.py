@@ -307,3 +307,16 @@ def test_the_engines_quantile_is_numpys(values, q):
 
     v = np.sort(np.asarray(values))
     assert abs(_quantile(v, q) - float(np.quantile(v, q))) <= 1e-9 * max(1.0, float(v.max()))
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_final_confidence_is_the_max_softmax_in_the_target_label_space(mapped):
+    from apparate.serve.executor import final_confidence
+
+    logits = torch.tensor(np.random.default_rng(1).normal(size=(8, 10)) * 5, dtype=torch.float32)
+    p = torch.softmax(logits, -1)
+    label_map = np.array([0, 0, 1, 1, 1, 1, 0, 0, 1, 1]) if mapped else None
+    if mapped:  # mapped classes summed: the vehicle task's "vehicle or not"
+        p = torch.stack([p[:, label_map == 0].sum(1), p[:, label_map == 1].sum(1)], 1)
+    got = final_confidence(logits, label_map, 2 if mapped else 10)
+    assert got.shape == (8,) and np.allclose(got, p.max(-1).values.numpy(), atol=1e-6)

@@ -46,6 +46,7 @@ from .state import SavedState, StateError, read_state, save_state, set_aside
 log = logging.getLogger("apparate.serve")
 
 _STOP = object()
+GATE_S = 0.005  # longest wait for a batch to be inside the model before handling a report
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class ControlLoop:
         self.options = options
         self.metrics = metrics
         self.max_batch, self.max_tokens = max_batch, max_tokens
+        self.gate: threading.Event | None = None  # set while a batch is inside the model (the engine's)
         self.settings = options.settings or (Settings.for_nlp() if served.kind == "text" else Settings())
         self.initial_profile: LatencyProfile = profile if profile is not None else served.profile
         self.profile: LatencyProfile = self.initial_profile
@@ -234,6 +236,13 @@ class ControlLoop:
                 rep = self._q.get(timeout=wait)
             except queue.Empty:
                 rep = None
+            if rep is not None and rep is not _STOP and self.gate is not None:
+                # Handle the report while the next batch is inside the model, where the engine
+                # thread holds the GIL only between torch ops, rather than while it encodes and
+                # releases, where it needs the GIL throughout and this thread's Python would
+                # stretch its work (measured: encoding a ResNet-56 batch of 8 took 0.65 ms in
+                # the engine against 0.02 ms alone). An idle engine delays feedback by GATE_S.
+                self.gate.wait(GATE_S)
             try:
                 if rep is _STOP:
                     self._observe_pending()  # a partial pool still belongs in the window

@@ -48,7 +48,7 @@ from .metrics import ServeMetrics
 from .model_io import ServedModel
 from .queue import CLOSED, QUEUE_FULL, Refused, RequestQueue
 from .scheduler import BatchingOptions, Scheduler
-from .requests import Answer, Rejected, Request, Result
+from .requests import Rejected, Request, Result
 
 log = logging.getLogger("apparate.serve")
 
@@ -115,6 +115,7 @@ class Engine:
                      time.perf_counter() - t, sizes, float(profile.at(sizes[-1])[1].mean()),
                      float(served.profile.at(sizes[-1])[1].mean()), sizes[-1])
         self.control = ControlLoop(served, control, self.metrics, profile, mb, max_tokens)
+        self.control.gate = self.executor.in_model
         self._thread: threading.Thread | None = None
         self.ready = False
         self.started_at: float | None = None
