@@ -48,9 +48,12 @@ def run(args: argparse.Namespace) -> int:
 
     built = {nm: make_policy(nm, inputs) for nm in names}
 
+    # The copies are made before timing too (a deep copy of the controller is not replay).
+    fresh = {nm: [copy.deepcopy(built[nm]) for _ in range(args.repeats)] for nm in names}
+
     def job(name):
         def go():
-            policy = copy.deepcopy(built[name])
+            policy = fresh[name].pop()
             runs[name] = replay(fam.evaluation, arrivals, prof, policy, ClockworkBatcher(args.max_batch), slo_ms=200.0)
         return go
 
