@@ -42,7 +42,9 @@ def isotonic_agreement(conf: np.ndarray, agree: np.ndarray, prior: float = 4.0) 
     # All ramps in one flat, ramp-major array sorted by confidence within each ramp; blocks never
     # span two ramps. Every pass pools every adjacent pair that violates the order (in parallel:
     # any order of pooling adjacent violators reaches the same, unique fit).
-    order = np.argsort(conf, axis=0, kind="stable")
+    # Any order of equal confidences will do: they start in one block (below), and their 0/1
+    # sums are exact in any order. (A stable sort cost 4.7x as much at 1,024 x 20.)
+    order = np.argsort(conf, axis=0)
     cs = np.take_along_axis(conf, order, axis=0).T.reshape(-1)
     ys = np.take_along_axis(a, order, axis=0).T.reshape(-1)
     ramp = np.repeat(np.arange(R), n)
