@@ -297,10 +297,7 @@ def test_piecewise_json_decoding_refuses_what_json_loads_refuses(body):
         decode_json(body, piecewise=True, piece_bytes=4)
 
 
-from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
-
-
-@hsettings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(0.01, 100.0), min_size=1, max_size=64), st.floats(0.0, 0.99))
 def test_the_engines_quantile_is_numpys(values, q):
     from apparate.serve.engine import _quantile

@@ -374,9 +374,9 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
     # (high bits) and its wrong-answer change (low bits, signed); sums of packed entries are the
     # packed sums, exactly (integers; the bounds below rule out overflow).
     w_bound = n * int(max(np.abs(ag_np).max(initial=0), np.abs(cc).max(initial=0)))
-    l_bound = n * int(lat_np.max(initial=0) - min(int(lat_np.min(initial=0)), 0))
+    l_bound = n * int(lat_np.max(initial=0) - lat_np.min(initial=0))  # |latency change| <= spread
     packed = w_bound < _HALF and l_bound < (1 << (62 - _SHIFT))
-    PK = (W1 << _SHIFT) + W0 if packed else W0
+    PK = (W1 << _SHIFT) + W0 if packed else None
     pos = np.empty_like(order)
     pos.reshape(-1)[flat] = rows * w + np.arange(n)  # pos[r, m] = r * w + rank of m in r's order
     r_w = np.arange(R) * w

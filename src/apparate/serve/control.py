@@ -81,12 +81,12 @@ class ControlLoop:
     state; hands the engine `live`, a snapshot it replaces whole."""
 
     def __init__(self, served: Any, options: ControlOptions, metrics: Any, profile: LatencyProfile | None = None,
-                 max_batch: int = 16, max_tokens: int | None = None):
+                 max_batch: int = 16, max_tokens: int | None = None, gate: threading.Event | None = None):
         self.served = served
         self.options = options
         self.metrics = metrics
         self.max_batch, self.max_tokens = max_batch, max_tokens
-        self.gate: threading.Event | None = None  # set while a batch is inside the model (the engine's)
+        self.gate = gate  # set while a batch is inside the model (the executor's): see _run
         self.settings = options.settings or (Settings.for_nlp() if served.kind == "text" else Settings())
         self.initial_profile: LatencyProfile = profile if profile is not None else served.profile
         self.profile: LatencyProfile = self.initial_profile

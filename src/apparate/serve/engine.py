@@ -114,8 +114,7 @@ class Engine:
             log.info("ramp costs calibrated in %.1f s at batch sizes %s: %.3f ms per ramp (profiled %.3f) at batch %d",
                      time.perf_counter() - t, sizes, float(profile.at(sizes[-1])[1].mean()),
                      float(served.profile.at(sizes[-1])[1].mean()), sizes[-1])
-        self.control = ControlLoop(served, control, self.metrics, profile, mb, max_tokens)
-        self.control.gate = self.executor.in_model
+        self.control = ControlLoop(served, control, self.metrics, profile, mb, max_tokens, gate=self.executor.in_model)
         self._thread: threading.Thread | None = None
         self.ready = False
         self.started_at: float | None = None
