@@ -25,10 +25,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def isotonic_agreement(conf: np.ndarray, agree: np.ndarray, prior: float = 4.0) -> np.ndarray:
+def isotonic_agreement(conf: np.ndarray, agree: np.ndarray, prior: float = 4.0,
+                       order: np.ndarray | None = None) -> np.ndarray:
     """P(agree | confidence) per input and ramp, [N, R], estimated from the window itself.
 
     Non-decreasing in confidence for each ramp; inputs of equal confidence get equal values.
+    `order`, if given, is `np.argsort(conf, axis=0)` already computed.
     """
     conf = np.asarray(conf, dtype=np.float64)
     a = np.asarray(agree, dtype=np.float64)
@@ -44,16 +46,22 @@ def isotonic_agreement(conf: np.ndarray, agree: np.ndarray, prior: float = 4.0) 
     # any order of pooling adjacent violators reaches the same, unique fit).
     # Any order of equal confidences will do: they start in one block (below), and their 0/1
     # sums are exact in any order. (A stable sort cost 4.7x as much at 1,024 x 20.)
-    order = np.argsort(conf, axis=0)
-    cs = np.take_along_axis(conf, order, axis=0).T.reshape(-1)
-    ys = np.take_along_axis(a, order, axis=0).T.reshape(-1)
-    ramp = np.repeat(np.arange(R), n)
-    first = np.ones(n * R, dtype=bool)
-    first[1:] = (cs[1:] != cs[:-1]) | (ramp[1:] != ramp[:-1])  # ties in confidence start pooled
+    if order is None:
+        order = np.argsort(conf, axis=0)
+    elif order.shape != conf.shape:
+        raise ValueError(f"order must be [inputs, ramps] = {conf.shape}, got {order.shape}")
+    # Flat indices into the row-major [N, R] arrays, ramp-major in sorted order: one gather per
+    # array and one scatter back (take/put_along_axis over the transposed axis cost 2-3x more).
+    flat = (order.T * R + np.arange(R)[:, None]).reshape(-1)
+    cs = np.ascontiguousarray(conf).reshape(-1)[flat]
+    ys = np.ascontiguousarray(a).reshape(-1)[flat]
+    first = np.empty(n * R, dtype=bool)
+    first[1:] = cs[1:] != cs[:-1]  # ties in confidence start pooled
+    first[::n] = True  # each ramp's first input
     starts = np.flatnonzero(first)
     sums = np.add.reduceat(ys, starts)
-    counts = np.diff(np.append(starts, n * R)).astype(np.float64)
-    rid = ramp[starts]
+    counts = np.diff(starts, append=n * R).astype(np.float64)
+    rid = starts // n
     while True:
         mean = sums / counts
         pool = (rid[:-1] == rid[1:]) & (mean[:-1] >= mean[1:])  # equal means pool harmlessly
@@ -68,9 +76,9 @@ def isotonic_agreement(conf: np.ndarray, agree: np.ndarray, prior: float = 4.0) 
     # Shrinking can reorder neighbours of different sizes: restore the order with a running
     # maximum within each ramp (offsets of 2 per ramp keep the ramps apart; values are in [0, 1]).
     fit = np.maximum.accumulate(fit + 2.0 * rid) - 2.0 * rid
-    out = np.empty((R, n))
-    np.put_along_axis(out, order.T, np.repeat(fit, counts.astype(np.int64)).reshape(R, n), axis=1)
-    return out.T
+    out = np.empty((n, R))
+    out.reshape(-1)[flat] = np.repeat(fit, counts.astype(np.int64))
+    return out
 
 
 def tuning_target(constraint: float, n: int, z: float) -> float:

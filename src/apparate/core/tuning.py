@@ -77,6 +77,7 @@ def greedy_thresholds(
     max_rounds: int = 100_000,
     agree_prob: np.ndarray | None = None,
     method: str = "auto",
+    conf_order: np.ndarray | None = None,
 ) -> TuneResult:
     """Per-ramp thresholds that win the most latency with at most `target` accuracy loss.
 
@@ -85,7 +86,8 @@ def greedy_thresholds(
     `agree_prob` [N, R], if given, replaces 0/1 agreement in the search by probabilities (see
     `calibration.isotonic_agreement`); the returned result is still measured on `agree`.
     `method` picks the band bookkeeping ("lists" for small windows, "matrix" for large ones,
-    "auto" by size); both take the same decisions.
+    "auto" by size); both take the same decisions. `conf_order`, if given, is
+    `np.argsort(conf, axis=0)` already computed (the calibration sorts the same window).
     """
     conf, agree = _check_inputs(conf, agree, table)
     if not 0 < min_step <= init_step:
@@ -122,7 +124,14 @@ def greedy_thresholds(
         e_a = np.full(n, R, dtype=np.int64)
         cc_a = np.full(n, units, dtype=np.int64)
     wrong = n * units - int(cc_a.sum())
-    probe_bands, take, exits = _BANDS[method](u_t, ag_np, lat_np, e_a, cc_a, thr)
+    if conf_order is None:
+        conf_order = np.argsort(conf, axis=0)
+    elif conf_order.shape != conf.shape:
+        raise ValueError(f"conf_order must be [N, R] = {conf.shape}, got {conf_order.shape}")
+    # Per ramp, inputs by rising uncertainty: by falling confidence (ties in any order: a band
+    # takes all equal values or none).
+    order = np.ascontiguousarray(conf_order.T[:, ::-1])
+    probe_bands, take, exits = _BANDS[method](u_t, ag_np, lat_np, e_a, cc_a, thr, order)
     step = [float(init_step)] * R
 
     rounds = 0
@@ -204,14 +213,13 @@ Bands = tuple[Callable[[list[int], list[float]], tuple[list[int], list[int]]], C
 
 
 def _list_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: np.ndarray, cc_a: np.ndarray,
-                thr: list[float]) -> Bands:
+                thr: list[float], order: np.ndarray) -> Bands:
     R, n = u_t.shape
     lat = lat_np.tolist()
     ag = ag_np.tolist()
     cl_a = lat_np[e_a]
     e, cc, cl = e_a.tolist(), cc_a.tolist(), cl_a.tolist()  # exit, right?, latency per input
     rows = np.arange(R)[:, None]
-    order = np.argsort(u_t, axis=1)  # [R, N] inputs by uncertainty, per ramp (ties in any order)
     ords = order.tolist()
     us = u_t[rows, order].tolist()
     # Rank of each input in each ramp's order: built on first use (not every search moves).
@@ -337,12 +345,11 @@ _MASK = (1 << _SHIFT) - 1
 
 
 def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: np.ndarray, cc_a: np.ndarray,
-                  thr: list[float]) -> Bands:
+                  thr: list[float], order: np.ndarray) -> Bands:
     R, n = u_t.shape
     w = n + 1  # row width: each ramp's inputs in its order, then a zero (a band may end at n)
     rows = np.arange(R)[:, None]
     u_t = np.ascontiguousarray(u_t)
-    order = np.argsort(u_t, axis=1)  # ties in any order: a band takes all equal values or none
     flat = order + rows * n  # flat index of (r, input at rank j of ramp r's order)
     # Search keys r + i*u: numpy orders complex numbers by real part, then imaginary, so one
     # searchsorted finds every ramp's band edge exactly (no rounding: both parts are kept).
@@ -381,47 +388,69 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
     pos.reshape(-1)[flat] = rows * w + np.arange(n)  # pos[r, m] = r * w + rank of m in r's order
     r_w = np.arange(R) * w
     r_n = np.arange(R) * n
-    lo = np.searchsorted(keys, r_f + 1j * np.asarray(thr)) - r_n  # inputs already below
-    hi_of = lo.copy()
-
-    lo_w = lo + r_w  # band starts as flat indices into WG's rows (kept with `lo`)
     wn = r_w - r_n  # from a flat key index (r * n + edge) to a flat WG index (r * w + edge)
+    # Band starts and ends as flat indices into WG's rows: [lo, hi) of ramp r is
+    # [lo_w[r], hi_w[r]) (inputs already below the threshold start the band).
+    lo_w = np.searchsorted(keys, r_f + 1j * np.asarray(thr)) + wn
+    hi_w = lo_w.copy()
+    order_w = np.zeros((R, w), dtype=np.int64)  # order in WG's layout (the last column unused)
+    order_w[:, :n] = order
+    order_w = order_w.reshape(-1)
+
+    # The probed ramps as an index array, kept while the same ramps are probed (they change only
+    # when a level halves fewer of them or a ramp reaches 1): one numpy call less per probe.
+    probed: list = [None, None, None, None]  # [ramps, as an array, their key base (r + 0j), wn]
+    key_base = r_f + 0j
+    if packed:
+        # Per chosen ramp, the packed latency change for the ramps before it (see `take`).
+        lat_shift = [((lat_np[c] - lat_np[:c]) << _SHIFT)[:, None] for c in range(R)]
 
     def probe(ramps: list[int], values: list[float]) -> tuple[list[int], list[int]]:
-        r_a = np.array(ramps)  # ascending: the runs [lo, hi) are in order along the flat rows
-        key = np.array(values, dtype=np.complex128)
-        key *= 1j
-        key += r_f[r_a]
-        h = np.searchsorted(keys, key) + wn[r_a]  # band ends, flat
-        hi_of[r_a] = h - r_w[r_a]
+        if probed[0] != ramps:  # ascending: the runs [lo, hi) are in order along the flat rows
+            r_a = np.array(ramps)
+            probed[:] = [list(ramps), r_a, key_base[r_a], wn[r_a]]
+        r_a, key = probed[1], probed[2].copy()
+        key.imag = values
+        h = keys.searchsorted(key)
+        h += probed[3]  # band ends, flat
+        hi_w[r_a] = h
         start = lo_w[r_a]
         edges = np.empty(2 * r_a.size, dtype=np.int64)
         edges[0::2], edges[1::2] = start, h
         if packed:
-            z = np.add.reduceat(PK, edges)[0::2]  # an empty band reads one entry: masked
-            z *= h > start
-            low = ((z + _HALF) & _MASK) - _HALF
-            return low.tolist(), ((z - low) >> _SHIFT).tolist()
+            # An empty band reads one entry: it is masked below, in Python (a dozen ramps cost
+            # less as Python ints than as three more numpy calls).
+            zs = np.add.reduceat(PK, edges)[0::2].tolist()
+            ws, ls = [], []
+            for z, a_, b_ in zip(zs, start.tolist(), h.tolist()):
+                if a_ == b_:
+                    ws.append(0)
+                    ls.append(0)
+                else:
+                    low = ((z + _HALF) & _MASK) - _HALF
+                    ws.append(low)
+                    ls.append((z - low) >> _SHIFT)
+            return ws, ls
         sums = np.add.reduceat(WG, edges, axis=1)[:, 0::2]
         sums *= h > start
         return sums.tolist()  # type: ignore[return-value]  # [wrong changes, latency changes]
 
     def take(chosen: int) -> int:
-        band = order[chosen, lo[chosen]:hi_of[chosen]]
-        lo[chosen] = hi_of[chosen]
-        lo_w[chosen] = lo[chosen] + r_w[chosen]
+        a_, b_ = int(lo_w[chosen]), int(hi_w[chosen])
+        lo_w[chosen] = b_
+        band = order_w[a_:b_]
         moved = band[e[band] > chosen]
         if not moved.size:
             return 0
         a = ag_np[chosen, moved]
-        dwrong = int(cc[moved].sum() - a.sum())
+        dwrong = int(np.add.reduce(cc[moved] - a))
         e[moved], cc[moved] = chosen, a
         # Every ramp's view of the moved inputs: ramps before `chosen` could still take them
         # (now from `chosen`), the others no longer can.
         P = pos[:, moved]
         P0, P1 = P[:chosen], P[chosen:]
         if packed:
-            PK[P0] = ((lat[chosen] - lat_r[:chosen]) << _SHIFT) + (a - ag_np[:chosen, moved])
+            PK[P0] = lat_shift[chosen] - ag_np[:chosen, moved] + a
             PK[P1] = 0
         else:
             W0[P0] = a - ag_np[:chosen, moved]
@@ -440,9 +469,12 @@ def tune(conf: np.ndarray, agree: np.ndarray, table: LatencyTable, settings: Set
          fixed: Mapping[int, float] | None = None) -> TuneResult:
     """The greedy search as the control loops run it: target, steps and calibration from settings."""
     conf, agree = _check_inputs(conf, agree, table)
-    prob = isotonic_agreement(conf, agree, settings.agreement_prior) if settings.agreement == "isotonic" else None
+    order = np.argsort(conf, axis=0)  # one sort serves the calibration and the search
+    prob = (isotonic_agreement(conf, agree, settings.agreement_prior, order=order)
+            if settings.agreement == "isotonic" else None)
     return greedy_thresholds(conf, agree, table, settings.tuning_target(conf.shape[0]), fixed=fixed,
-                             init_step=settings.init_step, min_step=settings.min_step, agree_prob=prob)
+                             init_step=settings.init_step, min_step=settings.min_step, agree_prob=prob,
+                             conf_order=order)
 
 
 def _best_feasible(conf, agree, table: LatencyTable, candidates: np.ndarray, target: float, chunk: int = 4096) -> TuneResult:
