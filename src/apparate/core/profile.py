@@ -191,7 +191,8 @@ class LatencyProfile:
 
     def table(self, batch_size: float, sites: Sequence[int] | np.ndarray, length: float | None = None) -> LatencyTable:
         """Latency table for the given active sites (site order) at one batch size."""
-        key = ("table", float(batch_size), tuple(int(s) for s in sites), None if length is None else float(length))
+        site_key = sites if type(sites) is tuple else tuple(int(s) for s in sites)  # a config's sites: as they are
+        key = ("table", float(batch_size), site_key, None if length is None else float(length))
         hit = self._cache.get(key)  # type: ignore[attr-defined]
         if hit is not None:
             return hit

@@ -96,9 +96,8 @@ class Feedback:
         a Recording that was validated when loaded). Same fields, same meaning; `exits`, if
         given, is what `released()` would compute (the caller released the batch already)."""
         fb = object.__new__(cls)
-        for name, value in (("sites", sites), ("thresholds", thresholds), ("conf", conf), ("agree", agree),
-                            ("length", length), ("_exits", exits)):
-            object.__setattr__(fb, name, value)
+        # (the fields directly: frozen dataclasses set them one object.__setattr__ at a time)
+        fb.__dict__.update(sites=sites, thresholds=thresholds, conf=conf, agree=agree, length=length, _exits=exits)
         return fb
 
     @property

@@ -46,26 +46,32 @@ class Window:
         many of its answers were wrong as served, and how many the current config answers wrongly."""
         W, n = self.size, fb.batch_size
         keep = min(n, W)
-        rows = (self.written + np.arange(n - keep, n)) % W
+        r0 = (self.written + n - keep) % W
+        # Rows as a slice unless the batch wraps around the ring (basic indexing: views, no copies).
+        rows: slice | np.ndarray = slice(r0, r0 + keep) if r0 + keep <= W else (r0 + np.arange(keep)) % W
+        rows2 = rows if isinstance(rows, slice) else rows[:, None]  # with a column index array
         cols = np.asarray(fb.sites, dtype=np.int64)
         exit_idx, ok = fb.released()
+        ok_kept = ok[n - keep:]
         self.conf[rows] = np.nan
         self.agree[rows] = False
         if cols.size:
-            self.conf[rows[:, None], cols] = fb.conf[n - keep:]
-            self.agree[rows[:, None], cols] = fb.agree[n - keep:]
+            self.conf[rows2, cols] = fb.conf[n - keep:]
+            self.agree[rows2, cols] = fb.agree[n - keep:]
         self.bs[rows] = n
         self.len[rows] = np.nan if fb.length is None else fb.length
-        self.correct[rows] = ok[n - keep:]
-        self.exit[rows] = np.append(cols, -1)[exit_idx][n - keep:]
+        self.correct[rows] = ok_kept
+        self.exit[rows] = np.append(cols, -1)[exit_idx[n - keep:]]
         self.batch[rows] = batch
         self.written += n
+        wrong_served = n - int(np.count_nonzero(ok))
         if fb.sites == config.sites and fb.thresholds == config.thresholds:
-            self.cf_ok[rows] = ok[n - keep:]  # served with the current config: that is the answer
+            self.cf_ok[rows] = ok_kept  # served with the current config: that is the answer
             self.cf_valid[rows] = True
-        else:
-            self.refresh(config, rows)
-        return int(n - ok.sum()), int((self.cf_valid[rows] & ~self.cf_ok[rows]).sum())
+            return wrong_served, keep - int(np.count_nonzero(ok_kept))
+        idx = rows if isinstance(rows, np.ndarray) else np.arange(rows.start, rows.stop)
+        self.refresh(config, idx)
+        return wrong_served, int(np.count_nonzero(self.cf_valid[idx] & ~self.cf_ok[idx]))
 
     def seed(self, conf: np.ndarray, agree: np.ndarray, batch_size: float, length: float | None, config: Config) -> None:
         """Start from inputs seen before serving (the bootstrap's held-out inputs, every site

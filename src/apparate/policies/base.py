@@ -92,6 +92,7 @@ class AdaptivePolicy(Policy):
     def __init__(self, name: str, controller: Controller):
         self.name = name
         self.controller = controller
+        self._planned: tuple[Config, np.ndarray, np.ndarray] | None = None  # config, its columns, thresholds
 
     @property
     def config(self) -> Config:
@@ -102,7 +103,10 @@ class AdaptivePolicy(Policy):
 
     def plan(self, conf: np.ndarray, agree: np.ndarray) -> Plan:
         cfg = self.controller.config
-        pos = first_exit(1.0 - conf[:, list(cfg.sites)], np.asarray(cfg.thresholds))
+        if self._planned is None or self._planned[0] is not cfg:  # a new configuration: index it once
+            self._planned = (cfg, np.asarray(cfg.sites, dtype=np.int64), np.asarray(cfg.thresholds, dtype=np.float64))
+        _, cols, thr = self._planned
+        pos = first_exit(1.0 - conf[:, cols], thr)
         return Plan(cfg.sites, pos, cfg.thresholds, cfg.version)
 
     def observe(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None = None,

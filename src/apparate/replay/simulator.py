@@ -107,30 +107,41 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
             return lambda b: float(row[b - 1])
         return lambda b: float(grid[int(queue_lengths[b - 1]) - 1, b - 1])
 
+    # Per set of sites: the exit-site lookup (each exit position's site, the final output last).
+    site_of: dict[tuple[int, ...], np.ndarray] = {}
+    final_all, pred_all = recording.final, recording.pred
+
     def run_batch(members: np.ndarray, now: float) -> float:
         k = members.size
-        conf_b = conf_all[members].astype(np.float64)
-        agree_b = agree_all[members]
+        # A batch is usually a run of consecutive requests: slices then index views, not copies.
+        m0 = int(members[0])
+        ix = slice(m0, m0 + k) if int(members[-1]) - m0 + 1 == k else members
+        conf_b = conf_all[ix].astype(np.float64)
+        agree_b = agree_all[ix]
         plan = policy.plan(conf_b, agree_b)
-        length = None if lengths is None else float(lengths[members].max())
+        length = None if lengths is None else float(lengths[ix].max())
         tab = profile.table(k, plan.sites, length)
         if plan.pay_ramps:
             lat_ms, run_ms = tab.all_ms, tab.end_ms
         else:
             lat_ms, run_ms = np.append(tab.site_ms, tab.vanilla_ms), tab.vanilla_ms
         pos = plan.exit_pos
-        start[members] = now
-        release[members] = now + lat_ms[pos] * 1e-3
-        ex = np.append(np.asarray(plan.sites, dtype=np.int64), FINAL)[pos]
-        exit_site[members] = ex
-        at_ramp = ex >= 0
+        start[ix] = now
+        release[ix] = now + lat_ms[pos] * 1e-3
+        lookup = site_of.get(plan.sites)
+        if lookup is None:
+            lookup = site_of[plan.sites] = np.append(np.asarray(plan.sites, dtype=np.int64), FINAL)
+        ex = lookup[pos]
+        exit_site[ix] = ex
+        at = np.flatnonzero(ex >= 0)
         ok = np.ones(k, dtype=bool)
-        ok[at_ramp] = agree_b[np.flatnonzero(at_ramp), ex[at_ramp]]
-        correct[members] = ok
-        rp = recording.final[members].astype(np.int64)
-        rp[at_ramp] = recording.pred[members[at_ramp], ex[at_ramp]]
-        released_pred[members] = rp
-        batch[members] = len(b_size)
+        rp = final_all[ix].astype(np.int64)
+        if at.size:
+            ok[at] = agree_b[at, ex[at]]
+            rp[at] = pred_all[members[at], ex[at]]
+        correct[ix] = ok
+        released_pred[ix] = rp
+        batch[ix] = len(b_size)
         b_start.append(now)
         b_size.append(k)
         b_exec.append(run_ms)
