@@ -133,6 +133,7 @@ def greedy_thresholds(
     order = np.ascontiguousarray(conf_order.T[:, ::-1])
     probe_bands, take, exits = _BANDS[method](u_t, ag_np, lat_np, e_a, cc_a, thr, order)
     step = [float(init_step)] * R
+    cand_v, cand_s = [0.0] * R, [0.0] * R  # each ramp's last probed value and step (this round)
 
     rounds = 0
     while rounds < max_rounds:
@@ -143,7 +144,6 @@ def greedy_thresholds(
         # Level k = the artifact's k-th halving round; the first level with a move wins. The
         # bands follow the levels down, so they are exactly the next round's bands.
         k, chosen = 0, -1
-        cand: dict[int, tuple[float, float]] = {}
         probe = live
         while True:
             scale = 0.5 ** k
@@ -158,7 +158,8 @@ def greedy_thresholds(
                 v = thr[r] + s
                 if v > 1.0:
                     v = 1.0
-                cand[r] = (v, s)
+                cand_v[r] = v
+                cand_s[r] = s
                 values.append(v)
             best_r, best_score, neutral_r = -1, 0.0, -1
             free: list[int] = []
@@ -182,13 +183,16 @@ def greedy_thresholds(
             k += 1
         if chosen < 0:
             break
-        # Apply: steps as after k halvings, the move, then the doublings.
+        # Apply: steps as after k halvings, the move, then the doublings (free holds each ramp
+        # at most once).
         for r in live:
-            step[r] = cand[r][1]
-        thr[chosen] = cand[chosen][0]
+            step[r] = cand_s[r]
+        thr[chosen] = cand_v[chosen]
         wrong += take(chosen)
-        for r in set(free) | {chosen}:
+        for r in free:
             step[r] *= 2.0
+        if chosen not in free:
+            step[chosen] *= 2.0
 
     thr_out = np.array(thr, dtype=np.float64)
     e_out = exits()
@@ -365,25 +369,38 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
     # earlier). A band's sums are one `add.reduceat` over its run of a row, for every probed
     # ramp at once; a move rewrites only the moved inputs' entries (no prefix sums to redo: a
     # move used to recompute all of them). Integer sums: exact in any order.
-    WG = np.zeros((2, R, w), dtype=np.int64)
-    if n and e.min() == R and cc.min() == cc.max():  # nothing exits yet (no fixed ramps): every
-        # input is movable everywhere, from the end and with the same correctness: no gathers
-        np.subtract(cc[0], ag_np.reshape(-1)[flat], out=WG[0, :, :n])
-        WG[1, :, :n] = lat_np[R] - lat_r
-    else:
-        e_o = e[order]
-        movable = e_o > rows
-        WG[0, :, :n] = np.where(movable, cc[order] - ag_np.reshape(-1)[flat], 0)
-        WG[1, :, :n] = np.where(movable, lat_np[e_o] - lat_r, 0)
-    WG = WG.reshape(2, R * w)
-    W0, W1 = WG[0], WG[1]
+    fresh = bool(n) and e.min() == R and cc.min() == cc.max()  # nothing exits yet (no fixed ramps):
+    # every input is movable everywhere, from the end and with the same correctness: no gathers
+    w_bound = n * int(max(ag_np.max(initial=0), -ag_np.min(initial=0), cc.max(initial=0), -cc.min(initial=0)))
+    l_bound = n * int(lat_np.max(initial=0) - lat_np.min(initial=0))  # |latency change| <= spread
     # One reduceat instead of two where every band sum fits: an entry packs its latency change
     # (high bits) and its wrong-answer change (low bits, signed); sums of packed entries are the
-    # packed sums, exactly (integers; the bounds below rule out overflow).
-    w_bound = n * int(max(np.abs(ag_np).max(initial=0), np.abs(cc).max(initial=0)))
-    l_bound = n * int(lat_np.max(initial=0) - lat_np.min(initial=0))  # |latency change| <= spread
+    # packed sums, exactly (integers; the bounds above rule out overflow).
     packed = w_bound < _HALF and l_bound < (1 << (62 - _SHIFT))
-    PK = (W1 << _SHIFT) + W0 if packed else None
+    ag_o = ag_np.reshape(-1)[flat]  # agreement in each ramp's order
+    if packed:
+        PK = np.zeros((R, w), dtype=np.int64)
+        if fresh:
+            np.subtract(cc[0], ag_o, out=PK[:, :n])
+            PK[:, :n] += (lat_np[R] - lat_r) << _SHIFT
+        else:
+            e_o = e[order]
+            PK[:, :n] = np.where(e_o > rows, ((lat_np[e_o] - lat_r) << _SHIFT) + (cc[order] - ag_o), 0)
+        PK = PK.reshape(-1)
+        WG = W0 = W1 = None
+    else:
+        WG = np.zeros((2, R, w), dtype=np.int64)
+        if fresh:
+            np.subtract(cc[0], ag_o, out=WG[0, :, :n])
+            WG[1, :, :n] = lat_np[R] - lat_r
+        else:
+            e_o = e[order]
+            movable = e_o > rows
+            WG[0, :, :n] = np.where(movable, cc[order] - ag_o, 0)
+            WG[1, :, :n] = np.where(movable, lat_np[e_o] - lat_r, 0)
+        WG = WG.reshape(2, R * w)
+        W0, W1 = WG[0], WG[1]
+        PK = None
     pos = np.empty_like(order)
     pos.reshape(-1)[flat] = rows * w + np.arange(n)  # pos[r, m] = r * w + rank of m in r's order
     r_w = np.arange(R) * w
@@ -401,9 +418,8 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
     # when a level halves fewer of them or a ramp reaches 1): one numpy call less per probe.
     probed: list = [None, None, None, None]  # [ramps, as an array, their key base (r + 0j), wn]
     key_base = r_f + 0j
-    if packed:
-        # Per chosen ramp, the packed latency change for the ramps before it (see `take`).
-        lat_shift = [((lat_np[c] - lat_np[:c]) << _SHIFT)[:, None] for c in range(R)]
+    # [c, r]: the packed latency change of moving an input from ramp c to ramp r (see `take`).
+    lat_shift = (lat_np[:R, None] - lat_np[None, :R]) << _SHIFT
 
     def probe(ramps: list[int], values: list[float]) -> tuple[list[int], list[int]]:
         if probed[0] != ramps:  # ascending: the runs [lo, hi) are in order along the flat rows
@@ -450,7 +466,7 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
         P = pos[:, moved]
         P0, P1 = P[:chosen], P[chosen:]
         if packed:
-            PK[P0] = lat_shift[chosen] - ag_np[:chosen, moved] + a
+            PK[P0] = lat_shift[chosen, :chosen, None] - ag_np[:chosen, moved] + a
             PK[P1] = 0
         else:
             W0[P0] = a - ag_np[:chosen, moved]
