@@ -89,19 +89,20 @@ class Window:
 
     def refresh(self, config: Config, rows: np.ndarray | None = None) -> None:
         """Recompute the counterfactual for some rows (default: the whole window)."""
-        if rows is None:
-            rows = self.last(self.size)
+        # The whole window is rows [0, min(written, size)): a slice (row order does not matter here).
+        sel: slice | np.ndarray = slice(0, min(self.written, self.size)) if rows is None else rows
+        sel2 = sel if isinstance(sel, slice) else sel[:, None]  # with a column index array
         firing = [j for j, t in enumerate(config.thresholds) if t > 0]
         if not firing:
-            self.cf_ok[rows] = True
-            self.cf_valid[rows] = True
+            self.cf_ok[sel] = True
+            self.cf_valid[sel] = True
             return
         cols = np.asarray(config.sites)
-        conf = self.conf[rows[:, None], cols]
+        conf = self.conf[sel2, cols]
         seen = ~np.isnan(conf)
-        self.cf_valid[rows] = seen[:, firing].all(axis=1)
-        _, ok = released(np.where(seen, conf, 0.0), self.agree[rows[:, None], cols], np.asarray(config.thresholds))
-        self.cf_ok[rows] = ok
+        self.cf_valid[sel] = seen[:, firing].all(axis=1)
+        _, ok = released(np.where(seen, conf, 0.0), self.agree[sel2, cols], np.asarray(config.thresholds))
+        self.cf_ok[sel] = ok
 
     # ------------------------------------------------------------------ reading
     def last(self, k: int, since: int = 0) -> np.ndarray:
