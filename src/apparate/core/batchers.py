@@ -107,8 +107,10 @@ class ClockworkBatcher:
             if deadlines.size == 0:
                 return Decision(drop=drop, reason=LATE)
         cap = min(self.max_batch, deadlines.size)
-        # The tightest deadline among the b oldest on-time members, for every b.
-        binding = np.minimum.accumulate(np.where(late[:cap], np.inf, deadlines[:cap]))
+        # The tightest deadline among the b oldest on-time members, for every b (with drop_late
+        # every member left is on time).
+        binding = np.minimum.accumulate(deadlines[:cap] if self.drop_late else
+                                        np.where(late[:cap], np.inf, deadlines[:cap]))
         for b in range(cap, 0, -1):
             if finish_time(now, _exec(exec_ms, b)) <= binding[b - 1]:
                 return Decision(start=b, drop=drop, reason=LATE if drop else "")

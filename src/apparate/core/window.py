@@ -39,6 +39,7 @@ class Window:
         self.cf_ok = np.ones(W, dtype=bool)  # the current config's answer would agree
         self.cf_valid = np.zeros(W, dtype=bool)  # ... and every firing ramp of it ran
         self.written = 0
+        self._site_of: dict[tuple[int, ...], np.ndarray] = {}
 
     # ------------------------------------------------------------------ writing
     def record(self, fb: Feedback, batch: int, config: Config) -> tuple[int, int]:
@@ -61,7 +62,12 @@ class Window:
         self.bs[rows] = n
         self.len[rows] = np.nan if fb.length is None else fb.length
         self.correct[rows] = ok_kept
-        self.exit[rows] = np.append(cols, -1)[exit_idx[n - keep:]]
+        site_of = self._site_of.get(fb.sites)  # exit index -> site (-1: final), per set of sites
+        if site_of is None:
+            if len(self._site_of) > 64:  # a long-lived server tries many sets: keep the map small
+                self._site_of.clear()
+            site_of = self._site_of[fb.sites] = np.append(cols, -1)
+        self.exit[rows] = site_of[exit_idx[n - keep:]]
         self.batch[rows] = batch
         self.written += n
         wrong_served = n - int(np.count_nonzero(ok))
