@@ -161,7 +161,7 @@ def greedy_thresholds(
                 cand_v[r] = v
                 cand_s[r] = s
                 values.append(v)
-            best_r, best_score, neutral_r = -1, 0.0, -1
+            best_r, best_score, best_dw, neutral_r, neutral_dw = -1, 0.0, 0, -1, 0
             free: list[int] = []
             for r, dw, dl in zip(probe, *probe_bands(probe, values)):
                 if wrong + dw > allowed:
@@ -169,14 +169,14 @@ def greedy_thresholds(
                 if dl > 0:
                     score = dw / dl
                     if best_r < 0 or score < best_score:
-                        best_r, best_score = r, score
+                        best_r, best_score, best_dw = r, score, dw
                     if dw == 0:
                         free.append(r)
                 elif dw <= 0:
                     if neutral_r < 0:
-                        neutral_r = r
+                        neutral_r, neutral_dw = r, dw
                     free.append(r)
-            chosen = best_r if best_r >= 0 else neutral_r
+            chosen, chosen_dw = (best_r, best_dw) if best_r >= 0 else (neutral_r, neutral_dw)
             if chosen >= 0 or not shrinking:
                 break
             probe = shrinking
@@ -188,7 +188,8 @@ def greedy_thresholds(
         for r in live:
             step[r] = cand_s[r]
         thr[chosen] = cand_v[chosen]
-        wrong += take(chosen)
+        take(chosen)
+        wrong += chosen_dw  # what the move changes in wrong answers: its band's sum, as probed
         for r in free:
             step[r] *= 2.0
         if chosen not in free:
@@ -205,14 +206,15 @@ def greedy_thresholds(
 # Band bookkeeping. Per ramp r, inputs are kept sorted by uncertainty; the ramp's band is the
 # inputs between its threshold and a candidate threshold, [lo, hi) in that order. The search asks
 # `probe(ramps, values)`: for each ramp, what moving its band to it would change (wrong answers
-# dw, latency won dl); `take(r)` moves ramp r's band (the last probed) and returns the change in
-# wrong answers; `exits()` gives each input's exit. Both take ownership of the exit and
-# correctness arrays they are given (`e_a`, `cc_a`) and update them in place. Two implementations that take the same
+# dw, latency won dl); `take(r)` moves ramp r's band (the last probed: its dw is what the move
+# changes in wrong answers); `exits()` gives each input's exit. Both take ownership of the exit
+# and correctness arrays they are given (`e_a`, `cc_a`) and update them in place (the matrix
+# bookkeeping reads correctness only when it starts, so it updates the exits alone). Two implementations that take the same
 # decisions: plain lists with incremental sums for small windows (a numpy call costs ~1-4 us,
 # more than the work), and prefix-sum matrices for large ones (a move updates every ramp's view
 # of the moved inputs in one vectorised step).
 
-Bands = tuple[Callable[[list[int], list[float]], tuple[list[int], list[int]]], Callable[[int], int],
+Bands = tuple[Callable[[list[int], list[float]], tuple[list[int], list[int]]], Callable[[int], None],
               Callable[[], np.ndarray]]
 
 
@@ -326,19 +328,16 @@ def _list_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: np.
             ls.append(bl[r])
         return ws, ls
 
-    def take(chosen: int) -> int:
+    def take(chosen: int) -> None:
         a, L = ag[chosen], lat[chosen]
         moved = [m for m in ords[chosen][lo[chosen]:hi_of[chosen]] if e[m] > chosen]
         lo[chosen] = hi_of[chosen]
         bw[chosen] = bl[chosen] = 0
-        dwrong = 0
         if moved:
             shift_bands(moved, chosen)
             for m in moved:
-                dwrong += cc[m] - a[m]
                 e[m], cc[m], cl[m] = chosen, a[m], L
             pending.append((moved, chosen))
-        return dwrong
 
     return probe, take, lambda: np.array(e, dtype=np.int64)
 
@@ -451,18 +450,17 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
         sums *= h > start
         return sums.tolist()  # type: ignore[return-value]  # [wrong changes, latency changes]
 
-    def take(chosen: int) -> int:
+    def take(chosen: int) -> None:
         a_, b_ = int(lo_w[chosen]), int(hi_w[chosen])
         lo_w[chosen] = b_
         band = order_w[a_:b_]
         moved = band[e[band] > chosen]
         if not moved.size:
-            return 0
-        a = ag_np[chosen, moved]
-        dwrong = int(np.add.reduce(cc[moved] - a))
-        e[moved], cc[moved] = chosen, a
+            return
+        e[moved] = chosen
         # Every ramp's view of the moved inputs: ramps before `chosen` could still take them
-        # (now from `chosen`), the others no longer can.
+        # (now from `chosen`, with its agreement), the others no longer can.
+        a = ag_np[chosen, moved]
         P = pos[:, moved]
         P0, P1 = P[:chosen], P[chosen:]
         if packed:
@@ -473,7 +471,6 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
             W1[P0] = lat[chosen] - lat_r[:chosen]
             W0[P1] = 0
             W1[P1] = 0
-        return dwrong
 
     return probe, take, lambda: e
 
