@@ -178,3 +178,39 @@ def test_tuning_rejects_table_of_wrong_size():
     conf, agree = synthetic_window(10, 2)
     with pytest.raises(ValueError, match="latency table"):
         greedy_thresholds(conf, agree, table_for(3), 0.01)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(windows(max_n=200, max_r=5), st.integers(0, 10_000))
+def test_a_shared_sort_with_ties_in_any_order_gives_the_same_calibration_and_search(w, seed):
+    # `tune` sorts the window once for the calibration and the search; any order of equal
+    # confidences must give the same fit and the same thresholds as each sorting for itself.
+    from apparate.core.calibration import isotonic_agreement
+    from apparate.core.settings import Settings
+    from apparate.core.tuning import tune
+
+    conf, agree = w
+    table = table_for(conf.shape[1])
+    tiebreak = np.random.default_rng(seed).uniform(size=conf.shape)
+    order = np.lexsort((tiebreak, conf), axis=0)  # ascending confidence, ties shuffled
+    own = isotonic_agreement(conf, agree, 4.0)
+    assert np.array_equal(isotonic_agreement(conf, agree, 4.0, order=order), own)
+    for method in ("lists", "matrix"):
+        want = greedy_thresholds(conf, agree, table, 0.02, agree_prob=own, method=method).thresholds
+        got = greedy_thresholds(conf, agree, table, 0.02, agree_prob=own, method=method, conf_order=order).thresholds
+        assert np.array_equal(got, want)
+    s = Settings()
+    want = greedy_thresholds(conf, agree, table, s.tuning_target(conf.shape[0]), init_step=s.init_step,
+                             min_step=s.min_step, agree_prob=own).thresholds
+    assert np.array_equal(tune(conf, agree, table, s).thresholds, want)
+
+
+def test_a_sort_of_the_wrong_shape_is_refused():
+    from apparate.core.calibration import isotonic_agreement
+
+    conf, agree = synthetic_window(50, 3, 0)
+    bad = np.argsort(conf[:40], axis=0)
+    with pytest.raises(ValueError, match="order"):
+        isotonic_agreement(conf, agree, order=bad)
+    with pytest.raises(ValueError, match="conf_order"):
+        greedy_thresholds(conf, agree, table_for(3), 0.01, conf_order=bad)

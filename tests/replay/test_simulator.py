@@ -213,3 +213,37 @@ def test_sliding_min_mean():
     assert sliding_min_mean(x, 2) == 0.0
     assert sliding_min_mean(x, 3) == pytest.approx(1 / 3)
     assert sliding_min_mean(x, 100) == pytest.approx(4 / 6)
+
+
+def test_a_batch_of_requests_that_are_not_consecutive_releases_each_its_own_answer():
+    # A batcher that drops every other waiting request makes batches of non-consecutive
+    # requests (the simulator indexes runs of consecutive ones by slice, the rest by index):
+    # every served request's exit, agreement and released prediction are its own.
+    from dataclasses import dataclass
+
+    from apparate.core.batchers import Decision
+
+    @dataclass(frozen=True)
+    class DropOdd:
+        max_batch: int = 4
+
+        def decide(self, now, arrivals, deadlines, exec_ms):
+            odd = tuple(range(1, len(arrivals), 2))
+            left = len(arrivals) - len(odd)
+            return Decision(start=min(self.max_batch, left), drop=odd, reason="odd")
+
+    n, S = 400, 6
+    prof = LatencyProfile.linear(S, vanilla_ms=10.0)
+    rec = synthetic_recording(n, S, seed=4)
+    policy = ThresholdPolicy("mid", Config((1, 3, 5), (0.1, 0.2, 0.3)))
+    run = replay(rec, np.asarray(traces.poisson(2000.0, n=n, seed=1)), prof, policy, DropOdd(), slo_ms=1e4)
+    served = np.flatnonzero(run.exit_site != DROPPED)
+    assert served.size and (run.batch_size > 1).any()
+    assert any(np.diff(np.flatnonzero(run.batch == b)).max(initial=1) > 1 for b in np.unique(run.batch[served]))
+    agree = rec.agree
+    for i in served:
+        site = run.exit_site[i]
+        assert run.correct[i] == (True if site == FINAL else agree[i, site])
+        u = 1.0 - rec.conf[i, [1, 3, 5]].astype(np.float64)
+        fires = np.flatnonzero(u < np.array([0.1, 0.2, 0.3]))
+        assert site == ((1, 3, 5)[fires[0]] if fires.size else FINAL)

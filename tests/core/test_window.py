@@ -1,0 +1,55 @@
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from apparate.core.types import Config, Feedback, released
+from apparate.core.window import Window
+
+S = 5
+CONFIGS = [Config((1, 3), (0.2, 0.4)), Config((0, 2, 4), (0.1, 0.0, 0.3)), Config((), ())]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 12), st.lists(st.tuples(st.integers(1, 20), st.integers(0, 2), st.integers(0, 2)),
+                                    min_size=1, max_size=12), st.integers(0, 1000))
+def test_the_ring_holds_the_latest_inputs_as_a_plain_list_would(W, batches, seed):
+    # Batches of any size, wrapping around the ring or larger than it, served with the current
+    # configuration or an older one: the window's rows for the latest inputs are what a plain
+    # list of every input ever seen says, and so are the wrong-answer counts it returns.
+    rng = np.random.default_rng(seed)
+    win = Window(W, S)
+    seen = []  # per input: (conf row over all sites, agree row, batch size, exit site, batch index, ok, cf_ok)
+    for b, (n, served_with, current) in enumerate(batches):
+        fb_cfg, cfg = CONFIGS[served_with], CONFIGS[current]
+        cols = list(fb_cfg.sites)
+        conf = rng.uniform(0.5, 1.0, (n, len(cols)))
+        agree = rng.uniform(size=(n, len(cols))) < 0.7
+        fb = Feedback(fb_cfg.sites, fb_cfg.thresholds, conf, agree)
+        wrong, cf_wrong = win.record(fb, b, cfg)
+        idx, ok = released(conf, agree, np.asarray(fb_cfg.thresholds))
+        full_c, full_a = np.full((n, S), np.nan), np.zeros((n, S), dtype=bool)
+        full_c[:, cols], full_a[:, cols] = conf, agree
+        ccols = list(cfg.sites)
+        firing = [j for j, t in enumerate(cfg.thresholds) if t > 0]
+        _, cf_ok = released(np.nan_to_num(full_c[:, ccols]), full_a[:, ccols], np.asarray(cfg.thresholds))
+        cf_valid = ~np.isnan(full_c[:, [ccols[j] for j in firing]]).any(axis=1) if firing else np.ones(n, bool)
+        site_of = np.append(np.asarray(cols, dtype=np.int64), -1)
+        for i in range(n):
+            seen.append((full_c[i], full_a[i], n, site_of[idx[i]], b, ok[i], cf_ok[i], cf_valid[i]))
+        kept = slice(max(n - W, 0), n)
+        assert wrong == int((~ok).sum())
+        assert cf_wrong == int((cf_valid[kept] & ~cf_ok[kept]).sum())
+        rows = win.last(W)
+        latest = seen[-rows.size:]
+        assert rows.size == min(len(seen), W)
+        np.testing.assert_array_equal(win.conf[rows], np.array([x[0] for x in latest]))
+        np.testing.assert_array_equal(win.agree[rows], np.array([x[1] for x in latest]))
+        np.testing.assert_array_equal(win.bs[rows], [x[2] for x in latest])
+        np.testing.assert_array_equal(win.exit[rows], [x[3] for x in latest])
+        np.testing.assert_array_equal(win.batch[rows], [x[4] for x in latest])
+        np.testing.assert_array_equal(win.correct[rows], [x[5] for x in latest])
+    # The counterfactual of the latest batch's rows follows the configuration it was recorded under.
+    n_last = min(batches[-1][0], W)
+    rows = win.last(n_last)
+    np.testing.assert_array_equal(win.cf_valid[rows], [x[7] for x in seen[-n_last:]])
+    valid = win.cf_valid[rows]
+    np.testing.assert_array_equal(win.cf_ok[rows][valid], np.array([x[6] for x in seen[-n_last:]])[valid])
