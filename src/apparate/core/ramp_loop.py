@@ -52,10 +52,11 @@ class RampLoop:
         released, inputs seen. None while there is too little evidence."""
         cfg, s, win = self._config, self.settings, self.window
         idx = win.last(s.utility_inputs, self._since)
-        idx = idx[~np.isnan(win.conf[np.ix_(idx, list(cfg.sites))]).any(axis=1)]
+        conf = win.conf[np.ix_(idx, list(cfg.sites))]
+        keep = ~np.isnan(conf).any(axis=1)
+        idx, conf = idx[keep], conf[keep]
         if idx.size < max(s.min_evidence_inputs, 1):
             return None
-        conf = win.conf[np.ix_(idx, list(cfg.sites))]
         table = self.profile.table(float(win.bs[idx].mean()), cfg.sites, win.mean_length(idx))
         sums = utility_sums(conf, np.asarray(cfg.thresholds), table)
         n = idx.size

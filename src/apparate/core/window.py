@@ -122,9 +122,15 @@ class Window:
         `sites` (0 confidence where a site did not run), mean batch size and length."""
         idx = self.last(last, since)
         cols = list(sites)
+        conf = self.conf[np.ix_(idx, cols)]
         if need:
-            idx = idx[~np.isnan(self.conf[np.ix_(idx, list(need))]).any(axis=1)]
-        conf = np.nan_to_num(self.conf[np.ix_(idx, cols)], nan=0.0)
+            pos = {c: j for j, c in enumerate(cols)}
+            if all(c in pos for c in need):  # the usual case: read the window once
+                keep = ~np.isnan(conf[:, [pos[c] for c in need]]).any(axis=1)
+            else:
+                keep = ~np.isnan(self.conf[np.ix_(idx, list(need))]).any(axis=1)
+            idx, conf = idx[keep], conf[keep]
+        conf = np.nan_to_num(conf, nan=0.0)
         agree = self.agree[np.ix_(idx, cols)]
         bs = float(self.bs[idx].mean()) if idx.size else float(default_bs)
         return conf, agree, bs, self.mean_length(idx)
