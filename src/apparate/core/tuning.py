@@ -380,8 +380,8 @@ def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: n
     if packed:
         PK = np.zeros((R, w), dtype=np.int64)
         if fresh:
-            np.subtract(cc[0], ag_o, out=PK[:, :n])
-            PK[:, :n] += (lat_np[R] - lat_r) << _SHIFT
+            # one pass: (latency change << shift) + correctness, per ramp, minus each agreement
+            np.subtract(((lat_np[R] - lat_r) << _SHIFT) + cc[0], ag_o, out=PK[:, :n])
         else:
             e_o = e[order]
             PK[:, :n] = np.where(e_o > rows, ((lat_np[e_o] - lat_r) << _SHIFT) + (cc[order] - ag_o), 0)
