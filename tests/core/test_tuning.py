@@ -195,7 +195,10 @@ def test_a_shared_sort_with_ties_in_any_order_gives_the_same_calibration_and_sea
     order = np.lexsort((tiebreak, conf), axis=0)  # ascending confidence, ties shuffled
     own = isotonic_agreement(conf, agree, 4.0)
     assert np.array_equal(isotonic_agreement(conf, agree, 4.0, order=order), own)
+    slow = reference_greedy(conf, agree, table, 0.02)  # the oracle sorts nothing: it re-simulates
     for method in ("lists", "matrix"):
+        got = greedy_thresholds(conf, agree, table, 0.02, method=method, conf_order=order).thresholds
+        assert np.array_equal(got, slow)
         want = greedy_thresholds(conf, agree, table, 0.02, agree_prob=own, method=method).thresholds
         got = greedy_thresholds(conf, agree, table, 0.02, agree_prob=own, method=method, conf_order=order).thresholds
         assert np.array_equal(got, want)

@@ -4,6 +4,7 @@
 * `Feedback`: what one served batch tells the decision side (per input, every active ramp's
   confidence and whether its answer agreed with the original model's final answer).
 * `Event`: a decision, for logs and timelines.
+* `exit_sites_of`: exit index -> site, per set of active sites (cached).
 * `released`: where the exit rule releases each input and whether that answer agrees with the
   original: the one place that meaning is computed (the controller's window, its counterfactual
   checks, the server's reports and the replay all call it).
@@ -12,11 +13,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Mapping
 
 import numpy as np
 
 from .exits import check_thresholds, check_window, first_exit
+
+
+@lru_cache(maxsize=256)
+def exit_sites_of(sites: tuple[int, ...]) -> np.ndarray:
+    """Exit index (0..R, R = the final output) -> site released at (-1 for the final output), for
+    a tuple of active sites; shared and read-only (computed once per set of sites)."""
+    out = np.append(np.asarray(sites, dtype=np.int64), -1)
+    out.flags.writeable = False
+    return out
 
 
 def released(conf: np.ndarray, agree: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

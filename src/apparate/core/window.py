@@ -20,7 +20,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .types import Config, Feedback, released
+from .types import Config, Feedback, exit_sites_of, released
+
+
+def _outer(rows: slice | np.ndarray) -> slice | np.ndarray:
+    """Rows to index beside a column index array: a slice as it is, an index array as a column."""
+    return rows if isinstance(rows, slice) else rows[:, None]
 
 
 class Window:
@@ -39,7 +44,6 @@ class Window:
         self.cf_ok = np.ones(W, dtype=bool)  # the current config's answer would agree
         self.cf_valid = np.zeros(W, dtype=bool)  # ... and every firing ramp of it ran
         self.written = 0
-        self._site_of: dict[tuple[int, ...], np.ndarray] = {}
 
     # ------------------------------------------------------------------ writing
     def record(self, fb: Feedback, batch: int, config: Config) -> tuple[int, int]:
@@ -50,7 +54,7 @@ class Window:
         r0 = (self.written + n - keep) % W
         # Rows as a slice unless the batch wraps around the ring (basic indexing: views, no copies).
         rows: slice | np.ndarray = slice(r0, r0 + keep) if r0 + keep <= W else (r0 + np.arange(keep)) % W
-        rows2 = rows if isinstance(rows, slice) else rows[:, None]  # with a column index array
+        rows2 = _outer(rows)
         cols = np.asarray(fb.sites, dtype=np.int64)
         exit_idx, ok = fb.released()
         ok_kept = ok[n - keep:]
@@ -62,12 +66,7 @@ class Window:
         self.bs[rows] = n
         self.len[rows] = np.nan if fb.length is None else fb.length
         self.correct[rows] = ok_kept
-        site_of = self._site_of.get(fb.sites)  # exit index -> site (-1: final), per set of sites
-        if site_of is None:
-            if len(self._site_of) > 64:  # a long-lived server tries many sets: keep the map small
-                self._site_of.clear()
-            site_of = self._site_of[fb.sites] = np.append(cols, -1)
-        self.exit[rows] = site_of[exit_idx[n - keep:]]
+        self.exit[rows] = exit_sites_of(fb.sites)[exit_idx[n - keep:]]
         self.batch[rows] = batch
         self.written += n
         wrong_served = n - int(np.count_nonzero(ok))
@@ -97,7 +96,7 @@ class Window:
         """Recompute the counterfactual for some rows (default: the whole window)."""
         # The whole window is rows [0, min(written, size)): a slice (row order does not matter here).
         sel: slice | np.ndarray = slice(0, min(self.written, self.size)) if rows is None else rows
-        sel2 = sel if isinstance(sel, slice) else sel[:, None]  # with a column index array
+        sel2 = _outer(sel)
         firing = [j for j, t in enumerate(config.thresholds) if t > 0]
         if not firing:
             self.cf_ok[sel] = True
@@ -122,15 +121,12 @@ class Window:
         `sites` (0 confidence where a site did not run), mean batch size and length."""
         idx = self.last(last, since)
         cols = list(sites)
-        conf = self.conf[np.ix_(idx, cols)]
+        read = cols + [c for c in dict.fromkeys(need) if c not in cols]  # the window is read once
+        conf = self.conf[np.ix_(idx, read)]
         if need:
-            pos = {c: j for j, c in enumerate(cols)}
-            if all(c in pos for c in need):  # the usual case: read the window once
-                keep = ~np.isnan(conf[:, [pos[c] for c in need]]).any(axis=1)
-            else:
-                keep = ~np.isnan(self.conf[np.ix_(idx, list(need))]).any(axis=1)
+            keep = ~np.isnan(conf[:, [read.index(c) for c in need]]).any(axis=1)
             idx, conf = idx[keep], conf[keep]
-        conf = np.nan_to_num(conf, nan=0.0)
+        conf = np.nan_to_num(conf[:, :len(cols)], nan=0.0)
         agree = self.agree[np.ix_(idx, cols)]
         bs = float(self.bs[idx].mean()) if idx.size else float(default_bs)
         return conf, agree, bs, self.mean_length(idx)

@@ -8,6 +8,7 @@ import numpy as np
 
 from apparate.core.controller import Config, Controller, Feedback
 from apparate.core.exits import first_exit
+from apparate.core.types import exit_sites_of
 
 
 @dataclass(frozen=True, eq=False)
@@ -22,7 +23,7 @@ class Plan:
 
     def exit_sites(self) -> np.ndarray:
         """[n] site of release, -1 for the final output."""
-        return np.append(np.asarray(self.sites, dtype=np.int64), -1)[self.exit_pos]
+        return exit_sites_of(self.sites)[self.exit_pos]
 
 
 class Policy:

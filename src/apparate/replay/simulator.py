@@ -107,8 +107,6 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
             return lambda b: float(row[b - 1])
         return lambda b: float(grid[int(queue_lengths[b - 1]) - 1, b - 1])
 
-    # Per set of sites: the exit-site lookup (each exit position's site, the final output last).
-    site_of: dict[tuple[int, ...], np.ndarray] = {}
     final_all, pred_all = recording.final, recording.pred
 
     def run_batch(members: np.ndarray, now: float) -> float:
@@ -128,10 +126,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         pos = plan.exit_pos
         start[ix] = now
         release[ix] = now + lat_ms[pos] * 1e-3
-        lookup = site_of.get(plan.sites)
-        if lookup is None:
-            lookup = site_of[plan.sites] = np.append(np.asarray(plan.sites, dtype=np.int64), FINAL)
-        ex = lookup[pos]
+        ex = plan.exit_sites()
         exit_site[ix] = ex
         at = np.flatnonzero(ex >= 0)
         ok = np.ones(k, dtype=bool)

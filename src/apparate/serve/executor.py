@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from apparate.core.controller import Config
+from apparate.core.types import exit_sites_of
 from apparate.model.early_exit import score_all
 from apparate.model.sites import primary_output
 
@@ -64,7 +65,7 @@ class BatchReport:
 
     def account(self, metrics: Any) -> None:
         """Record the batch in the metrics (exits, agreement, latencies, batch size)."""
-        sites = np.append(np.asarray(self.sites, dtype=np.int64), -1)[self.exit_pos]
+        sites = exit_sites_of(tuple(self.sites))[self.exit_pos]
         arr = self.arrivals if self.arrivals is not None else np.full(self.batch_size, self.t_start)
         metrics.batch_done(sites, self.released_agree, (self.release_t - arr).tolist(), (self.t_start - arr).tolist(),
                            self.t_end - self.t_start)
