@@ -42,6 +42,7 @@ def test_settings_overrides_reach_the_experiment_and_bad_ones_are_refused():
     import pytest
 
     from apparate.bench.experiment_args import add_experiment_args, parse_overrides, spec_from_args
+    from apparate.core.settings import Settings
 
     assert parse_overrides(["agreement=raw", "placement=spaced", "max_ramps=null", "tune_gap=0.1"]) == {
         "agreement": "raw", "placement": "spaced", "max_ramps": None, "tune_gap": 0.1}
@@ -49,7 +50,10 @@ def test_settings_overrides_reach_the_experiment_and_bad_ones_are_refused():
     add_experiment_args(p, workload_default="minilm-rt")
     spec = spec_from_args(p.parse_args(["--set", "agreement=raw", "--set", "window_inputs=512",
                                         "--ramp-budget", "0.05"]))
-    assert (spec.settings.agreement, spec.settings.window_inputs, spec.settings.ramp_budget) == ("raw", 512, 0.05)
+    for kind in ("image", "text"):
+        s = spec.settings_for(kind)
+        assert (s.agreement, s.window_inputs, s.ramp_budget) == ("raw", 512, 0.05)
+        assert s == Settings.for_kind(kind, agreement="raw", window_inputs=512, ramp_budget=0.05)
     with pytest.raises(ValueError, match="unknown settings"):
         spec_from_args(p.parse_args(["--set", "no_such=1"]))
     with pytest.raises(ValueError, match="NAME=VALUE"):

@@ -68,10 +68,11 @@ def compare(bundle: Any, stream: str | None = None, *, policies: Sequence[str] |
            progress: bool = False, **spec: Any) -> Comparison:
     """Replay policies (default: all that apply) on `bundle`'s model over a stream (default: the
     workload's drifting one) and an arrival trace: the recording is made once and cached.
-    `bundle` is a `Bundle` or its directory; `settings` a `core.settings.Settings`; `spec` other
+    `bundle` is a `Bundle` or its directory; `settings` changes to the settings of the workload's
+    kind (a dict, e.g. `{"accuracy_constraint": 0.02}`, over `core.settings.Settings.for_kind`,
+    as the server applies its flags) or a whole `Settings`, used as given; `spec` other
     `bench.experiment.ExperimentSpec` fields (`slo_ms`, `max_batch`, `batching`, ...)."""
     from apparate.bench.experiment import ExperimentSpec, run_experiment
-    from apparate.core.settings import Settings
 
     from apparate.model.bundle import read_manifest
 
@@ -80,7 +81,7 @@ def compare(bundle: Any, stream: str | None = None, *, policies: Sequence[str] |
     workload = manifest.get("workload") or manifest.get("model", {}).get("workload", "custom")
     result = run_experiment(ExperimentSpec(workload=workload, data_dir=None if data_dir is None else str(data_dir),
                                            bundle=path, stream=stream, n=n, trace=trace, rate=rate,
-                                           settings=settings or Settings(), policies=tuple(policies) if policies else None,
+                                           settings=settings or {}, policies=tuple(policies) if policies else None,
                                            progress=progress, **spec),
                             log=print if progress else (lambda _s: None))
     return Comparison({m.policy: m for m in result.metrics}, result.info, result)

@@ -147,9 +147,15 @@ def test_feedback_and_config_validation():
 
 
 def test_settings_validation_and_round_trip():
-    s = Settings.for_nlp(max_ramps=2)
+    s = Settings.for_kind("text", max_ramps=2)
     assert Settings.from_dict(s.to_dict()) == s
-    assert s.adjust_every_batches == 100 and s.new_ramp_threshold == 0.01
+    assert s.adjust_every_batches == 100 and s.new_ramp_threshold == 0.01 and s.max_ramps == 2
+    assert Settings.for_kind("image", max_ramps=2) == Settings(max_ramps=2)
+    assert Settings.for_kind("text", tune_gap=0.1).tune_gap == 0.1  # changes win over the kind's
+    with pytest.raises(ValueError, match="kind of workload"):
+        Settings.for_kind("audio")
+    with pytest.raises(ValueError, match="unknown settings"):
+        Settings.for_kind("text", no_such_setting=1)
     for bad in (dict(accuracy_constraint=1.5), dict(margin_z=-1), dict(emergency_action="panic"),
                 dict(recent_inputs=10_000), dict(min_step=0.1, init_step=0.01)):
         with pytest.raises(ValueError):

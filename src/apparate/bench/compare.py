@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     print(comparison_table(result.metrics))
     out = args.out or f"runs/compare-{args.workload}"
     path = write_report(out, result.metrics, result.runs, result.info, command_line(),
-                        spec.settings.accuracy_constraint, result.phases)
+                        result.settings.accuracy_constraint, result.phases)
     print(f"\n{', '.join(f'{k}={v}' for k, v in result.info.items())}")
     print(f"report, plots and metrics: {path.parent}/")
     print(f"reproduce: {command_line()}")

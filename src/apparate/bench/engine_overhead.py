@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from apparate.serve.engine import Engine, EngineOptions
     from apparate.serve.model_io import ServedModel
     from apparate.serve.scheduler import BatchingOptions
-    from apparate.serve.server import default_threads, freeze_heap, settings_for
+    from apparate.core.settings import Settings
+    from apparate.serve.server import default_threads, freeze_heap
 
     args.threads = args.threads or default_threads()
     torch.set_num_threads(args.threads)
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         return ServedModel.from_bundle(bundle, input_shape=tuple(np.asarray(stream.inputs[0]).shape)
                                        if wl.kind == "image" else None)
 
-    settings = settings_for(wl.kind, 0.01, 0.02)
+    settings = Settings.for_kind(wl.kind)  # as `apparate serve` with its default flags
     eo = EngineOptions(batching=BatchingOptions("clockwork", b), slo_ms=1e6, threads=args.threads)
     ev = Engine(served(), eo, ControlOptions(policy="vanilla"))
     ss = served()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -48,7 +48,10 @@ class ExperimentSpec:
     batching: str = "clockwork"
     max_batch: int = 16
     batch_timeout_ms: float = 5.0
-    settings: Settings = field(default_factory=Settings)
+    settings: Settings | Mapping[str, Any] = field(default_factory=dict)
+    # changes to the workload kind's settings (`Settings.for_kind`), applied once the kind is known
+    # (the bundle's), as a server applies them: the flags and `--set`; or a whole Settings, as given
+    kind: str | None = None  # 'image' or 'text'; default: the bundle's (needed with given recordings, `families`)
     policies: tuple[str, ...] | None = None  # default: all that apply
     bootstrap: int | None = None
     stream_bootstrap: float = 0.0  # > 0: place Apparate's ramps on this first share of the stream (the
@@ -56,6 +59,11 @@ class ExperimentSpec:
     profile_max_batch: int | None = None  # largest batch profiled when preparing (default: max(64, max_batch))
     threads: int | None = None
     progress: bool = True
+
+    def settings_for(self, kind: str) -> Settings:
+        """The settings the policies run with on a workload of this kind."""
+        s = self.settings
+        return s if isinstance(s, Settings) else Settings.for_kind(kind, **s)
 
 
 @dataclass
@@ -65,6 +73,7 @@ class ExperimentResult:
     runs: list[RunResult]
     info: dict[str, Any]
     phases: np.ndarray | None = None
+    settings: Settings = field(default_factory=Settings)  # what the policies ran with
 
 
 # Part of the cache key of prepared bundles: bump it when preparation changes what it makes (the
@@ -155,7 +164,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
         check_stream(spec.stream)  # an unreadable video fails before any preparation
         families = {}
         light = load_or_prepare(spec.workload, spec.data_dir, spec.bundle, None, spec, log)
-        kind = light.workload.kind
+        kind = spec.kind or light.kind
         stream = spec.stream or ("camera-day" if kind == "image" else "drift")
         rec = load_or_record(light, stream, spec.n, spec.seed, spec, log)
         families["light"] = RampFamily(light.recording, rec, light.profile)
@@ -169,7 +178,12 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
             # one clock for both: the same backbone, timed once (the light bundle's measurement)
             families["deebert"] = RampFamily(deb.recording, drec, deb.profile.with_backbone_of(light.profile))
     else:
+        kind = spec.kind
+        if kind is None and not isinstance(spec.settings, Settings):
+            raise ValueError("given recordings, the experiment needs the workload's kind ('image' or 'text') "
+                             "for its settings: ExperimentSpec(kind=...)")
         wants = spec.policies or DEFAULT_POLICIES
+    settings = spec.settings_for(kind or "image")  # no kind: spec.settings is a whole Settings
     unknown = [p for p in wants if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
@@ -200,10 +214,10 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
     vanilla_run = replay(light.evaluation, arrivals, light.profile, make_policy("vanilla", PolicyInputs(light)),
                          batcher, slo)
     serving = serving_point(vanilla_run, lengths)
-    inputs = PolicyInputs(light, spec.settings, families.get("deebert"), seed=spec.seed, serving=serving)
+    inputs = PolicyInputs(light, settings, families.get("deebert"), seed=spec.seed, serving=serving)
     info.update(inputs=n, bootstrap=f"first {k} of the stream" if k else "held out", trace=info.get("trace", spec.trace), rate=spec.rate, slo_ms=round(slo, 3), batching=spec.batching,
-                max_batch=spec.max_batch, accuracy_constraint=spec.settings.accuracy_constraint,
-                ramp_budget=spec.settings.ramp_budget, candidate_sites=light.profile.num_sites,
+                max_batch=spec.max_batch, accuracy_constraint=settings.accuracy_constraint,
+                ramp_budget=settings.ramp_budget, candidate_sites=light.profile.num_sites,
                 vanilla_ms_batch1=round(light.profile.vanilla(1), 3),
                 serving_batch=serving[0], serving_length=None if serving[1] is None else round(serving[1], 1))
     if "apparate-all" in wants:
@@ -220,7 +234,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
         if spec.progress:
             m = metrics[-1]
             log(f"  {name:15s} p50 {m.p50_ms:8.2f} ms  acc {m.accuracy:.2%}  drops {m.dropped}")
-    return ExperimentResult(spec, metrics, runs, info, None if phases is None else phases[:n])
+    return ExperimentResult(spec, metrics, runs, info, None if phases is None else phases[:n], settings)
 
 
 def serving_point(run: RunResult, lengths: np.ndarray | None) -> BudgetPoint:
@@ -238,7 +252,8 @@ def serving_point(run: RunResult, lengths: np.ndarray | None) -> BudgetPoint:
 
 
 def with_settings(spec: ExperimentSpec, **changes: Any) -> ExperimentSpec:
-    return replace(spec, settings=spec.settings.replace(**changes))
+    s = spec.settings
+    return replace(spec, settings=s.replace(**changes) if isinstance(s, Settings) else {**s, **changes})
 
 
 def by_policy(result: ExperimentResult) -> dict[str, Metrics]:

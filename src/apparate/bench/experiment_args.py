@@ -8,6 +8,9 @@ import sys
 
 
 def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None = None) -> None:
+    from apparate.core.settings import Settings
+
+    defaults = Settings()
     if workload_default is None:
         p.add_argument("workload", help="zoo workload (`apparate prepare --list`)")
     else:
@@ -30,11 +33,15 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
     p.add_argument("--slo-x", type=float, default=4.0, help="SLO as a multiple of batch-1 latency (default 4)")
     p.add_argument("--batching", default="clockwork", choices=["clockwork", "tfserving"])
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--accuracy-constraint", type=float, default=0.01, help="max loss vs the original (default 0.01)")
-    p.add_argument("--ramp-budget", type=float, default=0.02, help="max share ramps may add to a non-exiting input's latency, at the batch size served (default 0.02)")
+    p.add_argument("--accuracy-constraint", type=float, default=defaults.accuracy_constraint,
+                   help="max loss vs the original (default %(default)s)")
+    p.add_argument("--ramp-budget", type=float, default=defaults.ramp_budget,
+                   help="max share ramps may add to a non-exiting input's latency, at the batch size served "
+                        "(default %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
                    help="override a controller setting (any field of apparate.core.settings.Settings, "
-                        "see docs/core.md), e.g. --set agreement=raw; repeatable")
+                        "see docs/core.md; the others are the workload kind's, as `apparate serve` uses), "
+                        "e.g. --set agreement=raw; repeatable")
     p.add_argument("--bootstrap", type=int, help="bootstrap inputs when preparing a bundle")
     p.add_argument("--stream-bootstrap", type=float, default=0.0, metavar="SHARE",
                    help="place Apparate's ramps on this first share of the stream (the paper's bootstrap, e.g. 0.1), "
@@ -44,19 +51,21 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
 
 
 def spec_from_args(args: argparse.Namespace, policies=None):
-    from apparate.core.settings import Settings
+    from apparate.core.settings import KIND_DEFAULTS, Settings
     from apparate.bench.experiment import ExperimentSpec
 
-    settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget)
-    overrides = parse_overrides(getattr(args, "overrides", []))
-    if overrides:
-        settings = settings.replace(**overrides)
+    # The changes the flags make to the settings; the run applies them to its workload's kind
+    # (`Settings.for_kind`, as `apparate serve` does) once the bundle says which. Checked here.
+    changes = {"accuracy_constraint": args.accuracy_constraint, "ramp_budget": args.ramp_budget,
+               **parse_overrides(getattr(args, "overrides", []))}
+    for kind in KIND_DEFAULTS:
+        Settings.for_kind(kind, **changes)
     return ExperimentSpec(
         workload=args.workload, data_dir=args.data_dir, bundle=args.bundle, deebert_bundle=args.deebert_bundle,
         stream=args.stream, n=args.n, seed=args.seed, trace="fixed" if args.fps else args.trace,
         rate=args.fps or args.rate, fps=args.fps, cv=args.cv,
         slo_ms=args.slo_ms, slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
-        settings=settings, policies=policies, bootstrap=args.bootstrap, stream_bootstrap=args.stream_bootstrap,
+        settings=changes, policies=policies, bootstrap=args.bootstrap, stream_bootstrap=args.stream_bootstrap,
         threads=args.threads,
         progress=not args.no_progress)
 

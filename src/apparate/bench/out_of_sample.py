@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     stream = spec.stream or ("camera-day" if bundle.workload.kind == "image" else "drift")
     rec = load_or_record(bundle, stream, spec.n, spec.seed, spec, log)
     length = None if rec.lengths is None else float(np.mean(rec.lengths))
-    place = initial_placement(bundle.recording.conf, bundle.recording.agree, bundle.profile, spec.settings, (1.0, length))
+    base = spec.settings_for(bundle.kind)
+    place = initial_placement(bundle.recording.conf, bundle.recording.agree, bundle.profile, base, (1.0, length))
     sites = list(place.sites)
     if not sites:
         print("the bootstrap placement chose no ramp at this budget: nothing to tune (raise --ramp-budget)")
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the stream has {conf.shape[0]} inputs: fewer than --window + --ahead")
     rows = []
     for variant in args.variants.split(","):
-        settings = spec.settings.replace(**parse_overrides([x for x in variant.split(";") if x]))
+        settings = base.replace(**parse_overrides([x for x in variant.split(";") if x]))
         ins, ahead, wins = [], [], []
         for s0 in starts:
             w, nxt = slice(s0, s0 + W), slice(s0 + W, s0 + W + H)
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                      f"{np.percentile(ahead, 90):.2%}", f"{np.mean(ahead) / max(np.mean(ins), 1e-9):.1f}x",
                      f"{np.mean(wins):.3f}"))
     print(f"# Calibration: {spec.workload}, stream {stream}, ramps {sites}, windows of {W} slid by {args.step} "
-          f"({len(starts)}), {H} inputs ahead, constraint {spec.settings.accuracy_constraint:.1%}\n")
+          f"({len(starts)}), {H} inputs ahead, constraint {base.accuracy_constraint:.1%}\n")
     print(markdown_table(["setting", "loss in sample", f"loss on the next {H}", "(90th pct)", "ahead / in sample",
                           "win ahead"], rows))
     print(f"\nreproduce: {command_line()}")

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(comparison_table(result.metrics))
     path = write_report(args.out, result.metrics, result.runs, result.info, command_line(),
-                        spec.settings.accuracy_constraint, result.phases)
+                        result.settings.accuracy_constraint, result.phases)
     print(f"\n{', '.join(f'{k}={v}' for k, v in result.info.items())}")
     print(f"report, plots and metrics: {path.parent}/  ({time.time() - t0:.0f} s)")
     return 0

@@ -11,6 +11,9 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from apparate.core.settings import Settings
+
+    defaults = Settings()
     p = sub.add_parser("replay", help="replay one policy on a recorded stream with an arrival trace",
                        description=__doc__)
     p.add_argument("bundle", help="bundle directory the recording was made with")
@@ -23,8 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-x", type=float, default=4.0)
     p.add_argument("--batching", default="clockwork", choices=["clockwork", "tfserving"])
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--accuracy-constraint", type=float, default=0.01)
-    p.add_argument("--ramp-budget", type=float, default=0.02)
+    p.add_argument("--accuracy-constraint", type=float, default=defaults.accuracy_constraint,
+                   help="max share of released answers that may differ from the original model's (default %(default)s)")
+    p.add_argument("--ramp-budget", type=float, default=defaults.ramp_budget,
+                   help="max latency the active ramps may add, as a share of the model's (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir")
     p.add_argument("--out", help="directory for report.md, metrics.json and plots")
@@ -33,10 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from apparate.core.recording import Recording
-    from apparate.core.settings import Settings
     from apparate.model.bundle import load_bundle
     from apparate.policies.catalog import RampFamily
-    from apparate.bench.experiment import ExperimentSpec, run_experiment
+    from apparate.bench.experiment import run_experiment
     from apparate.bench.record import check_recording_matches
     from apparate.bench.report import comparison_table, write_report
 
@@ -45,12 +49,9 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, load_model=False)
     rec = Recording.load(args.recording)
     check_recording_matches(rec, args.bundle)
-    settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget)
-    spec = ExperimentSpec(workload=bundle.manifest.get("workload", "?"), data_dir=args.data_dir,
-                          seed=args.seed, trace=args.trace, rate=args.rate, cv=args.cv, slo_ms=args.slo_ms,
-                          slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
-                          settings=settings, policies=(args.policy,), progress=False)
+    spec = spec_from_args(args, bundle)
     result = run_experiment(spec, families={"light": RampFamily(bundle.recording, rec, bundle.profile)})
+    settings = result.settings
     print(comparison_table(result.metrics))
     if args.out:
         path = write_report(args.out, result.metrics, result.runs, result.info, command_line(),
@@ -59,3 +60,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(result.metrics[0].to_dict(), indent=1))
     return 0
+
+
+def spec_from_args(args: argparse.Namespace, bundle):
+    """The experiment the flags ask for on `bundle`: its workload's kind of settings
+    (`Settings.for_kind`, as `apparate serve` uses) with the flags' changes."""
+    from apparate.bench.experiment import ExperimentSpec
+
+    return ExperimentSpec(workload=bundle.manifest.get("workload", "?"), data_dir=args.data_dir, kind=bundle.kind,
+                          seed=args.seed, trace=args.trace, rate=args.rate, cv=args.cv, slo_ms=args.slo_ms,
+                          slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
+                          settings={"accuracy_constraint": args.accuracy_constraint, "ramp_budget": args.ramp_budget},
+                          policies=(args.policy,), progress=False)

@@ -8,6 +8,9 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from apparate.core.settings import Settings
+
+    defaults = Settings()
     p = sub.add_parser("serve", help="serve a bundle over HTTP with early exits (Open Inference Protocol v2)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="bundle directory made by `apparate prepare`")
@@ -26,10 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=1024, help="inputs waiting before new requests get 503")
     p.add_argument("--no-shed", action="store_true",
                    help="serve requests late instead of answering 503 when they can no longer meet the SLO")
-    p.add_argument("--accuracy-constraint", type=float, default=0.01,
-                   help="max share of answers that may differ from the original model's (default 0.01)")
-    p.add_argument("--ramp-budget", type=float, default=0.02,
-                   help="max latency the active ramps may add, as a share of the model's (default 0.02)")
+    p.add_argument("--accuracy-constraint", type=float, default=defaults.accuracy_constraint,
+                   help="max share of answers that may differ from the original model's (default %(default)s)")
+    p.add_argument("--ramp-budget", type=float, default=defaults.ramp_budget,
+                   help="max latency the active ramps may add, as a share of the model's (default %(default)s)")
     p.add_argument("--state-dir", help="checkpoint the controller state here (and restore it on start)")
     p.add_argument("--checkpoint-every", type=float, default=30.0, help="seconds between checkpoints")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores but one, left to HTTP)")
@@ -65,14 +68,20 @@ def run(args: argparse.Namespace) -> int:
         if not getattr(args, flag) > 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
     from apparate.policies import check_servable
-    from apparate.serve.server import ServeOptions, run as serve
+    from apparate.serve.server import run as serve
 
     try:
         check_servable(args.policy)
     except ValueError as e:
         raise UserError(f"--policy: {e}") from None
+    return serve(options_from_args(args))
 
-    opts = ServeOptions(
+
+def options_from_args(args: argparse.Namespace):
+    """The `ServeOptions` the flags ask for."""
+    from apparate.serve.server import ServeOptions
+
+    return ServeOptions(
         bundle=args.bundle, host=args.host, port=args.port, model_name=args.model_name, policy=args.policy,
         slo_ms=args.slo_ms, batching=args.batching, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
         max_queue=args.max_queue, shed=not args.no_shed, accuracy_constraint=args.accuracy_constraint,
@@ -82,4 +91,3 @@ def run(args: argparse.Namespace) -> int:
         access_log=args.access_log, log_level=args.log_level, port_file=args.port_file,
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout)
-    return serve(opts)

@@ -78,7 +78,8 @@ class Settings:
 
     # --- ramp adjustment --------------------------------------------------------------------
     adjust_every_batches: int = 30
-    """Ramp adjustment period (artifact: 30 batches for CV, 100 for NLP)."""
+    """Ramp adjustment period (artifact: 30 batches for CV, 100 for NLP; text workloads take 100,
+    `for_kind`)."""
     min_adjust_inputs: int = 256
     """...and at least this many inputs since the last adjustment: at batch size 1, 30 batches
     are too little evidence and ramps churn."""
@@ -91,11 +92,12 @@ class Settings:
     empty history as negative)."""
     tune_gap: float = 0.02
     """If re-tuning alone wins this much more latency (fraction of vanilla), adjust nothing
-    (artifact: 2 pp for CV, 5 pp for NLP)."""
+    (artifact: 2 pp for CV, 5 pp for NLP; text workloads take 0.05, `for_kind`)."""
     exit_rate_guard: float = 0.9
     """No deeper ramp is added when the remaining ramps already release this share."""
     new_ramp_threshold: float = 0.0
-    """Threshold of a newly added ramp until it is tuned (artifact: 0 for CV, 0.01 for NLP)."""
+    """Threshold of a newly added ramp until it is tuned (artifact: 0 for CV, 0.01 for NLP; text
+    workloads take 0.01, `for_kind`)."""
     move_removes: str = "lowest"
     """When probing earlier with no room: remove the 'lowest'-utility ramp (notes A7) or the
     'highest' (the artifact's behaviour, for fidelity runs)."""
@@ -164,8 +166,21 @@ class Settings:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     @classmethod
-    def for_nlp(cls, **changes: Any) -> "Settings":
-        """The artifact's NLP variants of the defaults (notes §5.5); its NLP emergency action,
-        'shrink', stays an option: the regime re-tune serves both kinds of input."""
-        base = dict(adjust_every_batches=100, tune_gap=0.05, new_ramp_threshold=0.01)
-        return cls(**{**base, **changes})
+    def for_kind(cls, kind: str, **changes: Any) -> "Settings":
+        """The settings of a kind of workload, 'image' or 'text', with `changes` over them. The one
+        constructor every entry point uses (server, control loop, replay, bench, api), so that a
+        workload is decided alike live and in replay. Text takes the artifact's NLP variants of
+        the defaults (notes §5.5, `KIND_DEFAULTS`); its NLP emergency action, 'shrink', stays an
+        option: the regime re-tune serves both kinds of input."""
+        try:
+            base = KIND_DEFAULTS[kind]
+        except KeyError:
+            raise ValueError(f"unknown kind of workload {kind!r}: choose from {', '.join(KIND_DEFAULTS)}") from None
+        return cls.from_dict({**base, **changes})
+
+
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "image": {},
+    "text": dict(adjust_every_batches=100, tune_gap=0.05, new_ramp_threshold=0.01),
+}
+"""What each kind of workload changes in the defaults (`Settings.for_kind`)."""

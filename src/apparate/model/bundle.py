@@ -26,7 +26,7 @@ from torch import nn
 from apparate.core.profile import LatencyProfile
 from apparate.core.recording import Recording
 from apparate.model.early_exit import EarlyExitModel
-from apparate.model.ramps import RampSpec, build_ramps
+from apparate.model.ramps import NLP_KINDS, RampSpec, build_ramps
 from apparate.model.sites import Site
 
 FORMAT = "apparate.bundle/1"
@@ -55,6 +55,14 @@ class Bundle:
     @property
     def num_sites(self) -> int:
         return len(self.sites)
+
+    @property
+    def kind(self) -> str:
+        """The kind of workload, 'image' or 'text' (`Settings.for_kind`): its zoo workload's when
+        loaded, else what its ramps read (text ramps read [tokens, hidden] site outputs)."""
+        if self.workload is not None:
+            return str(self.workload.kind)
+        return "text" if self.specs and self.specs[0].kind in NLP_KINDS else "image"
 
     @property
     def label_map(self) -> list[int] | None:

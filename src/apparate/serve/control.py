@@ -52,7 +52,7 @@ GATE_S = 0.005  # longest wait for a batch to be inside the model before handlin
 @dataclass(frozen=True)
 class ControlOptions:
     policy: str = "apparate"
-    settings: Settings | None = None  # None: Settings() for images, Settings.for_nlp() for text
+    settings: Settings | None = None  # None: Settings.for_kind(the served model's kind)
     initial: Config | None = None  # override the initial placement (experiments, tests)
     state_dir: str | Path | None = None
     checkpoint_every_s: float = 30.0
@@ -87,7 +87,7 @@ class ControlLoop:
         self.metrics = metrics
         self.max_batch, self.max_tokens = max_batch, max_tokens
         self.gate = gate  # set while a batch is inside the model (the executor's): see _run
-        self.settings = options.settings or (Settings.for_nlp() if served.kind == "text" else Settings())
+        self.settings = options.settings or Settings.for_kind(served.kind)
         self.initial_profile: LatencyProfile = profile if profile is not None else served.profile
         self.profile: LatencyProfile = self.initial_profile
         if options.policy == "apparate-all":

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from apparate.core.settings import Settings
+
 log = logging.getLogger("apparate.serve")
+_DEFAULTS = Settings()
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,8 @@ class ServeOptions:
     batch_timeout_ms: float = 5.0
     max_queue: int = 1024
     shed: bool = True
-    accuracy_constraint: float = 0.01
-    ramp_budget: float = 0.02
+    accuracy_constraint: float = _DEFAULTS.accuracy_constraint
+    ramp_budget: float = _DEFAULTS.ramp_budget
     state_dir: str | None = None
     checkpoint_every_s: float = 30.0
     threads: int | None = None
@@ -54,6 +57,10 @@ class ServeOptions:
     idle_timeout_s: float = 5.0
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+
+    def settings(self, kind: str) -> Settings:
+        """The controller's settings for a workload of this kind ('image' or 'text')."""
+        return Settings.for_kind(kind, accuracy_constraint=self.accuracy_constraint, ramp_budget=self.ramp_budget)
 
     def limits(self) -> Any:
         from .connections import ConnectionLimits
@@ -90,13 +97,6 @@ def auto_slo_ms(profile: Any, max_batch: int, length: float | None = None, max_i
     return float(-(-ms // 10) * 10)
 
 
-def settings_for(kind: str, accuracy_constraint: float, ramp_budget: float) -> Any:
-    from apparate.core.settings import Settings
-
-    base = dict(accuracy_constraint=accuracy_constraint, ramp_budget=ramp_budget)
-    return Settings.for_nlp(**base) if kind == "text" else Settings(**base)
-
-
 def build_engine(opts: ServeOptions) -> Any:
     import numpy as np
     import torch
@@ -125,7 +125,7 @@ def build_engine(opts: ServeOptions) -> Any:
     eo = EngineOptions(
         batching=BatchingOptions(opts.batching, opts.max_batch, opts.shed, opts.batch_timeout_ms),
         slo_ms=slo, max_queue=opts.max_queue, threads=threads)
-    co = ControlOptions(policy=opts.policy, settings=settings_for(served.kind, opts.accuracy_constraint, opts.ramp_budget),
+    co = ControlOptions(policy=opts.policy, settings=opts.settings(served.kind),
                         state_dir=opts.state_dir, checkpoint_every_s=opts.checkpoint_every_s,
                         feedback_min_inputs=opts.max_batch)
     return Engine(served, eo, co)
