@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -74,6 +74,8 @@ class Controller(RampLoop):
         self._trial: dict[str, Any] | None = None  # the configuration before a probe, and its win
         self._clean = False  # the last violation check passed, with nothing wrong since
         self._seeded = 0  # bootstrap inputs the window started with (before any served one)
+        self._z = self.settings.margin_z  # the tuner's margin (adapted by released answers if adaptive)
+        self._z_at_tune = self._z
         self.events: deque[Event] = deque(maxlen=1000)
 
     # ------------------------------------------------------------------ construction
@@ -122,11 +124,13 @@ class Controller(RampLoop):
         """Take one batch's feedback; return the configuration for the next batch."""
         if fb.sites and max(fb.sites) >= self.profile.num_sites:
             raise ValueError(f"feedback site {max(fb.sites)} beyond the profile's {self.profile.num_sites} sites")
-        _, wrong = self.window.record(fb, self._batches, self._config)
+        wrong_served, wrong = self.window.record(fb, self._batches, self._config)
         self._batches += 1
         self._since_tune += fb.batch_size
 
         s = self.settings
+        if s.margin_rule == "adaptive":
+            self._adapt_margin(wrong_served, fb.batch_size)
         if self._tuned_sites != self._config.sites and self._tune("reconfigured"):
             pass
         elif self._fresh and self._fresh_ready() and self._tune("new ramp has data"):
@@ -142,6 +146,8 @@ class Controller(RampLoop):
                 self._regime_grew()
             elif self._since_tune >= s.retune_every_inputs:
                 self._tune("periodic")
+            elif abs(self._z - self._z_at_tune) >= s.margin_retune:
+                self._tune(f"margin z={self._z:.2f}")
         # Ramps are not judged while a new regime is young: its thresholds are still held down by
         # the margin of few inputs, so every ramp would look as if it did not pay.
         if (self._batches - self._batches_at_check >= s.adjust_every_batches
@@ -150,6 +156,27 @@ class Controller(RampLoop):
             self._batches_at_check, self._inputs_at_check = self._batches, self.window.written
             self._adjust()
         return self._config
+
+    def _adapt_margin(self, wrong: int, n: int) -> None:
+        """Adaptive conformal inference's update, on the margin: the long-run share of wrong
+        released answers is driven to `margin_aim` of the constraint, whatever the tuner's
+        selection bias and the drift make of a fixed margin."""
+        s = self.settings
+        z = self._z + s.margin_gain * (wrong - s.margin_aim * s.accuracy_constraint * n)
+        self._z = float(min(max(z, s.margin_z_min), s.margin_z_max))
+
+    @property
+    def margin_z(self) -> float:
+        """The margin (standard errors) the next tune will use."""
+        return self._z
+
+    def rescored(self, reason: str) -> None:
+        """The window's confidences were replaced by new scores (a learned exit rule refitted):
+        the counterfactual is recomputed and the thresholds re-tuned for the new scale."""
+        self.window.refresh(self._config)
+        self._clean = False
+        if not self._tune(reason):
+            self._tuned_sites = None  # tune as soon as there is data
 
     def _regime_inputs(self) -> int:
         return self.window.written - self._since
@@ -231,6 +258,9 @@ class Controller(RampLoop):
             return False
         fixed = {j: t for j, (site, t) in enumerate(zip(cfg.sites, cfg.thresholds)) if site not in ready}
         self._fresh -= set(ready)
+        if self._z != s.margin_z:
+            s = replace(s, margin_z=self._z)
+        self._z_at_tune = self._z
         res = tune(conf, agree, self.profile.table(bs, cfg.sites, length), s, fixed=fixed)
         # Ramps still gathering data join at the next periodic re-tune.
         self._since_tune = 0
@@ -313,7 +343,8 @@ class Controller(RampLoop):
                          "violations": self._violations, "checks": self._checks,
                          "batches_at_check": self._batches_at_check, "inputs_at_check": self._inputs_at_check,
                          "since": self._since, "regime_next": self._regime_next,
-                         "violation_at": self._violation_at, "clean": self._clean, "seeded": self._seeded},
+                         "violation_at": self._violation_at, "clean": self._clean, "seeded": self._seeded,
+                         "z": self._z, "z_at_tune": self._z_at_tune},
             "trial": self._trial,
             "fresh": sorted(self._fresh),
             "tabu": {str(k): v for k, v in self._tabu.items()},
@@ -337,6 +368,8 @@ class Controller(RampLoop):
             ctl._since, ctl._regime_next = int(c["since"]), int(c["regime_next"])
             ctl._violation_at, ctl._clean = int(c["violation_at"]), bool(c["clean"])
             ctl._seeded = int(c["seeded"])
+            ctl._z = float(c.get("z", ctl.settings.margin_z))
+            ctl._z_at_tune = float(c.get("z_at_tune", ctl._z))
             t = state["trial"]
             ctl._trial = None if t is None else {"sites": [int(x) for x in t["sites"]], "site": int(t["site"]),
                                                  "win": None if t["win"] is None else float(t["win"])}

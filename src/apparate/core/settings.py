@@ -22,6 +22,31 @@ class Settings:
     inputs, 0.19% on 256. Tuned thresholds lose 1.5-2x more on the next inputs than on the window
     they were tuned on (selection and drift, measured on the real recordings: docs/core.md), so z
     is large. The artifact's comments say A - 0.5%, its code effectively A - 0.01%."""
+    margin_rule: str = "fixed"
+    """'fixed': the margin is `margin_z` always. 'adaptive': the margin learns from the answers
+    actually released (every input's final answer says whether its released answer agreed), as
+    adaptive conformal inference updates its level: after each input z += margin_gain * (wrong -
+    margin_aim * A), kept within [margin_z_min, margin_z_max]. Wrong answers rarer than the aim
+    lower z (the tuner spends more of the constraint), a burst of them raises it at once."""
+    margin_gain: float = 0.2
+    """z's step per wrong answer (and -gain * aim * A per right one): 0 errors in 1,000 inputs
+    lower z by 1.6 at A = 1% and aim 0.8; five wrong answers in a row raise it by about 1."""
+    margin_aim: float = 0.8
+    """The adaptive margin aims for this share of the constraint over the long run."""
+    margin_z_min: float = 0.5
+    margin_z_max: float = 4.0
+    margin_retune: float = 0.5
+    """Re-tune when the adaptive z has moved this much since the last tune."""
+
+    # --- learned exit rule (policy `apparate-learned`, core/evidence.py) ---------------------
+    evidence_min_inputs: int = 256
+    """A site's learned score replaces its confidence once it has this many labelled inputs."""
+    evidence_train_inputs: int = 1024
+    """Each site's predictor is fitted on its latest this many inputs (bounded by the window)."""
+    evidence_refit_inputs: int = 256
+    """Refit every this many inputs (then the window is re-scored and the thresholds re-tuned)."""
+    evidence_l2: float = 1.0
+    """L2 penalty of the per-site logistic predictors (pseudo-observations' weight)."""
 
     # --- ramp budget ------------------------------------------------------------------------
     ramp_budget: float = 0.02
@@ -144,6 +169,14 @@ class Settings:
              f"emergency_action must be regime, zero or shrink, got {self.emergency_action!r}")
         need(self.move_removes in ("lowest", "highest"), f"move_removes must be lowest or highest, got {self.move_removes!r}")
         need(self.placement in ("greedy", "spaced"), f"placement must be greedy or spaced, got {self.placement!r}")
+        need(self.margin_rule in ("fixed", "adaptive"), f"margin_rule must be fixed or adaptive, got {self.margin_rule!r}")
+        need(self.margin_gain >= 0, "margin_gain must be >= 0")
+        need(0 < self.margin_aim <= 1, "margin_aim must be in (0, 1]")
+        need(0 <= self.margin_z_min <= self.margin_z_max, "need 0 <= margin_z_min <= margin_z_max")
+        need(self.margin_retune > 0, "margin_retune must be > 0")
+        for name in ("evidence_min_inputs", "evidence_train_inputs", "evidence_refit_inputs"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.evidence_l2 >= 0, "evidence_l2 must be >= 0")
 
     def tuning_target(self, n: int) -> float:
         """Accuracy loss the tuner aims for on a window of `n` inputs."""

@@ -54,3 +54,21 @@ def drift_curve(n: int, phases: list[tuple[float, float]]) -> np.ndarray:
         out[start:end] = d
         start = end
     return out
+
+
+def synthetic_camera(n: int, num_sites: int, seed: int = 0, mean_run: float = 150.0, classes: int = 2,
+                     informative: float | np.ndarray = 0.5) -> Recording:
+    """An ordered stream like a fixed camera's: the original's answer holds for runs (scenes) of
+    about `mean_run` inputs; each ramp answers right with probability `informative` (per site, or
+    one for all) and otherwise says class 0, as an early ramp biased toward an empty scene does,
+    with a confidence that tells nothing. Confidence alone cannot find the ramps' right answers;
+    their answer repeating the latest final answer can."""
+    rng = np.random.default_rng(seed)
+    runs = np.maximum(rng.geometric(1.0 / mean_run, size=n), 1)
+    scene = np.repeat(rng.integers(0, classes, runs.size), runs)[:n]
+    q = np.broadcast_to(np.asarray(informative, dtype=float), (num_sites,))
+    right = rng.uniform(size=(n, num_sites)) < q[None, :]
+    pred = np.where(right, scene[:, None], 0)
+    conf = rng.uniform(0.5, 1.0, (n, num_sites))
+    return Recording(conf.astype(np.float32), pred, scene, site_names=tuple(f"site{i}" for i in range(num_sites)),
+                     meta={"synthetic": "camera", "seed": seed})

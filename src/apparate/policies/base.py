@@ -46,14 +46,16 @@ class Policy:
         """A served batch's feedback; returns the configuration for the next batches."""
         return self.config
 
-    def plan(self, conf: np.ndarray, agree: np.ndarray) -> Plan:
-        """conf, agree: [n, S] over every candidate site for the batch about to run."""
+    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None) -> Plan:
+        """conf, agree: [n, S] over every candidate site for the batch about to run; pred [n, S],
+        each ramp's answer, for policies whose exit rule uses more than confidence."""
         raise NotImplementedError
 
     def observe(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None = None,
-                correct: np.ndarray | None = None) -> None:
+                correct: np.ndarray | None = None, final: np.ndarray | None = None) -> None:
         """Feedback after the batch ran (every input reached the final output); `correct`, if
-        given, says whether each released answer agreed with the original."""
+        given, says whether each released answer agreed with the original; `final` [n] is the
+        original model's answer on each input."""
 
     def cost_sites(self) -> tuple[int, ...]:
         """Ramps the next batch will pay for (for batch-time predictions)."""
@@ -77,7 +79,7 @@ class ThresholdPolicy(Policy):
     def config(self) -> Config:
         return self._config
 
-    def plan(self, conf: np.ndarray, agree: np.ndarray) -> Plan:
+    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None) -> Plan:
         pos = first_exit(1.0 - conf[:, self._cols], self._thr)
         return Plan(self._config.sites, pos, self._config.thresholds, self._config.version)
 
@@ -102,7 +104,7 @@ class AdaptivePolicy(Policy):
     def feedback(self, fb: Feedback) -> Config:
         return self.controller.observe(fb)
 
-    def plan(self, conf: np.ndarray, agree: np.ndarray) -> Plan:
+    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None) -> Plan:
         cfg = self.controller.config
         if self._planned is None or self._planned[0] is not cfg:  # a new configuration: index it once
             self._planned = (cfg, np.asarray(cfg.sites, dtype=np.int64), np.asarray(cfg.thresholds, dtype=np.float64))
@@ -111,7 +113,7 @@ class AdaptivePolicy(Policy):
         return Plan(cfg.sites, pos, cfg.thresholds, cfg.version)
 
     def observe(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None = None,
-                correct: np.ndarray | None = None) -> None:
+                correct: np.ndarray | None = None, final: np.ndarray | None = None) -> None:
         cols = list(plan.sites)
         # The plan came from this controller's config and the data from a validated recording;
         # the simulator already released the batch (exits and their agreement).
@@ -134,7 +136,7 @@ class OraclePolicy(Policy):
         self.sites = tuple(range(num_sites))
         self._pay = pay_ramps
 
-    def plan(self, conf: np.ndarray, agree: np.ndarray) -> Plan:
+    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None) -> Plan:
         n = agree.shape[0]
         hit = agree.any(axis=1)
         pos = np.where(hit, agree.argmax(axis=1), len(self.sites)) if n else np.zeros(0, dtype=np.int64)

@@ -37,6 +37,7 @@ from apparate.core.settings import Settings
 from apparate.core.tuning import greedy_thresholds, shared_threshold
 
 from .base import AdaptivePolicy, OraclePolicy, Policy, ThresholdPolicy
+from .evidence import LearnedPolicy
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,14 +109,16 @@ def all_ramps_budget(profile: LatencyProfile) -> float:
     return profile.overhead(range(profile.num_sites)) + 1e-9
 
 
-def _apparate(all_ramps: bool) -> Callable[[str, PolicyInputs], Policy]:
+def _apparate(all_ramps: bool, learned: bool = False) -> Callable[[str, PolicyInputs], Policy]:
     def build(name: str, inputs: PolicyInputs) -> Policy:
         fam = inputs.light
         settings = inputs.settings
         if all_ramps:
             settings = settings.replace(ramp_budget=all_ramps_budget(fam.profile))
-        return AdaptivePolicy(name, Controller.from_bootstrap(fam.profile, fam.bootstrap.conf, fam.bootstrap.agree,
-                                                              settings, inputs.serving))
+        ctl = Controller.from_bootstrap(fam.profile, fam.bootstrap.conf, fam.bootstrap.agree, settings, inputs.serving)
+        if learned:
+            return LearnedPolicy(name, ctl, fam.bootstrap, settings.seed_window)
+        return AdaptivePolicy(name, ctl)
     return build
 
 
@@ -124,6 +127,7 @@ POLICIES: dict[str, Callable[[str, PolicyInputs], Policy]] = {
     "static": _static,
     "apparate": _apparate(all_ramps=False),
     "apparate-all": _apparate(all_ramps=True),
+    "apparate-learned": _apparate(all_ramps=False, learned=True),
     "branchynet": _baseline("light", per_ramp=False, on_eval=False),
     "branchynet+": _baseline("light", per_ramp=True, on_eval=False),
     "branchynet-opt": _baseline("light", per_ramp=False, on_eval=True),

@@ -116,7 +116,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         ix = slice(m0, m0 + k) if int(members[-1]) - m0 + 1 == k else members
         conf_b = conf_all[ix].astype(np.float64)
         agree_b = agree_all[ix]
-        plan = policy.plan(conf_b, agree_b)
+        plan = policy.plan(conf_b, agree_b, pred=pred_all[ix])
         length = None if lengths is None else float(lengths[ix].max())
         tab = profile.table(k, plan.sites, length)
         if plan.pay_ramps:
@@ -143,7 +143,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         b_version.append(plan.version)
         b_active.append(len(plan.sites) if plan.pay_ramps else 0)
         b_sites.append(plan.sites if plan.pay_ramps else ())
-        policy.observe(plan, conf_b, agree_b, length, ok)
+        policy.observe(plan, conf_b, agree_b, length, ok, final=final_all[ix])
         return finish_time(now, run_ms)
 
     def exec_ms_for(queue: np.ndarray):

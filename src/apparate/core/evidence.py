@@ -1,0 +1,175 @@
+"""Learned evidence for every exit: P(this ramp's answer equals the final one), from the stream.
+
+A ramp's max-probability confidence is weak evidence where the win is (an early ramp of a video
+model is unsure on nearly every frame), yet every served input's final answer is a free label for
+what predicts agreement. Per candidate site a small logistic model is fitted on the latest inputs
+that ran the site, from evidence that is cheap there and known when a batch reaches the site:
+
+* `logit`: the logit of the ramp's confidence;
+* `repeat`: the ramp's answer equals the latest final answer known (the last input of the
+  previous batch: batches run one after another, so its final answer is in when the next forms);
+* `same`: the ramp's answer equals its own answer on the previous input (the row above in the
+  batch, or the previous batch's last input), and `still`: how little its confidence moved since
+  then (1 - |change|): a difference detector on the ramp's own output, as video analytics skips
+  frames that did not change.
+
+On an ordered stream (a fixed camera) the scene repeats, and these separate the inputs whose
+early answer will agree from the rest far better than confidence alone; on independent inputs
+their weights fit to about nothing and the score falls back to calibrated confidence.
+
+The model's output replaces the confidence everywhere downstream (the exit rule `1 - score < t`,
+the controller's window, the tuner), so a threshold keeps its meaning. After each refit the
+window is re-scored from the features kept beside it, so the tuner never mixes scores of two fits.
+Until a site has `min_inputs` labelled inputs its score is its confidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FEATURES = ("bias", "logit", "repeat", "same", "still", "repeat*logit", "repeat*still")
+F = len(FEATURES)
+_EPS = 1e-4
+
+
+@dataclass
+class StreamContext:
+    """What a batch's features need of the inputs before it: the latest final answer known, and
+    per site the previous input's answer and confidence (-1 / NaN where the site did not run)."""
+
+    last_final: int
+    prev_pred: np.ndarray  # [S] int
+    prev_conf: np.ndarray  # [S] float
+
+    @classmethod
+    def empty(cls, num_sites: int) -> "StreamContext":
+        return cls(-1, np.full(num_sites, -1, dtype=np.int64), np.full(num_sites, np.nan))
+
+    def advance(self, sites: np.ndarray, conf: np.ndarray, pred: np.ndarray, final: np.ndarray) -> None:
+        """After a batch: its last input becomes the previous one (at the sites that ran)."""
+        if final.size == 0:
+            return
+        self.last_final = int(final[-1])
+        self.prev_pred[:] = -1
+        self.prev_conf[:] = np.nan
+        self.prev_pred[sites] = pred[-1]
+        self.prev_conf[sites] = conf[-1]
+
+
+def features(conf: np.ndarray, pred: np.ndarray, sites: np.ndarray, ctx: StreamContext) -> np.ndarray:
+    """[n, R, F] evidence for n inputs (in arrival order) at R sites: conf, pred [n, R]."""
+    n, R = conf.shape
+    X = np.empty((n, R, F))
+    if n == 0:
+        return X
+    c = np.clip(conf, _EPS, 1 - _EPS)
+    logit = np.log(c / (1 - c))
+    repeat = (pred == ctx.last_final).astype(np.float64)
+    prev_pred = np.concatenate([ctx.prev_pred[sites][None, :], pred[:-1]], axis=0)
+    prev_conf = np.concatenate([ctx.prev_conf[sites][None, :], conf[:-1]], axis=0)
+    same = (pred == prev_pred).astype(np.float64)
+    still = 1.0 - np.abs(conf - np.nan_to_num(prev_conf, nan=1.0 + conf))  # unknown: "moved a lot"
+    still = np.clip(still, 0.0, 1.0)
+    X[..., 0] = 1.0
+    X[..., 1] = logit
+    X[..., 2] = repeat
+    X[..., 3] = same
+    X[..., 4] = still
+    X[..., 5] = repeat * logit
+    X[..., 6] = repeat * still
+    return X
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 12) -> np.ndarray:
+    """Weights [F] of an L2-regularised logistic regression (Newton's method; the bias is not
+    penalised). Deterministic; a separable or constant y gives finite weights through the L2."""
+    w = np.zeros(X.shape[1])
+    reg = np.full(X.shape[1], l2)
+    reg[0] = 1e-6
+    for _ in range(iters):
+        z = np.clip(X @ w, -30, 30)
+        p = 1.0 / (1.0 + np.exp(-z))
+        g = X.T @ (p - y) + reg * w
+        H = (X * (p * (1 - p))[:, None]).T @ X + np.diag(reg)
+        step = np.linalg.solve(H, g)
+        w -= step
+        if np.abs(step).max() < 1e-6:
+            break
+    return w
+
+
+class EvidenceModel:
+    """Per site: a ring of the latest inputs' features and agreement, the fitted weights, and the
+    score of new inputs. Bounded: `size` inputs of [S, F] features, whatever the stream's length."""
+
+    def __init__(self, num_sites: int, size: int, min_inputs: int = 256, train_inputs: int = 1024,
+                 refit_every: int = 256, l2: float = 1.0):
+        if size < 1 or min_inputs < 1 or train_inputs < 1 or refit_every < 1 or l2 < 0:
+            raise ValueError("need size, min_inputs, train_inputs, refit_every >= 1 and l2 >= 0")
+        S = num_sites
+        self.num_sites, self.size = S, size
+        self.min_inputs, self.train_inputs, self.refit_every, self.l2 = min_inputs, min(train_inputs, size), refit_every, l2
+        self.X = np.full((size, S, F), np.nan)
+        self.agree = np.zeros((size, S), dtype=bool)
+        self.written = 0
+        self.weights: np.ndarray = np.full((S, F), np.nan)  # NaN row: unfitted, the score is the confidence
+        self.version = 0
+        self._since_fit = 0
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, X: np.ndarray, sites: np.ndarray, conf: np.ndarray) -> np.ndarray:
+        """[n, R] P(agree) at the given sites; a site not fitted yet scores its confidence."""
+        W = self.weights[sites]  # [R, F]
+        z = np.einsum("nrf,rf->nr", X, np.nan_to_num(W))
+        out = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+        unfitted = np.isnan(W[:, 0])
+        if unfitted.any():
+            out[:, unfitted] = conf[:, unfitted]
+        return out
+
+    # ------------------------------------------------------------------ learning
+    def add(self, sites: np.ndarray, X: np.ndarray, agree: np.ndarray) -> np.ndarray:
+        """Keep a batch's features and agreement at the sites that ran; returns its ring rows."""
+        n = X.shape[0]
+        keep = min(n, self.size)
+        rows = (self.written + n - keep + np.arange(keep)) % self.size
+        self.X[rows] = np.nan
+        self.agree[rows] = False
+        self.X[rows[:, None], sites[None, :]] = X[n - keep:]
+        self.agree[rows[:, None], sites[None, :]] = agree[n - keep:]
+        self.written += n
+        self._since_fit += n
+        return rows
+
+    def due(self) -> bool:
+        return self._since_fit >= self.refit_every
+
+    def refit(self) -> bool:
+        """Refit every site with enough labelled inputs on its latest `train_inputs`; True if
+        any weights changed."""
+        self._since_fit = 0
+        m = min(self.written, self.size)
+        order = (np.arange(self.written - m, self.written)) % self.size  # oldest first
+        changed = False
+        for s in range(self.num_sites):
+            seen = order[~np.isnan(self.X[order, s, 0])]
+            if seen.size < self.min_inputs:
+                continue
+            use = seen[-self.train_inputs:]
+            w = fit_logistic(self.X[use, s], self.agree[use, s].astype(np.float64), self.l2)
+            if not np.array_equal(w, self.weights[s]):
+                self.weights[s] = w
+                changed = True
+        if changed:
+            self.version += 1
+        return changed
+
+    def rescored(self, rows: np.ndarray, conf: np.ndarray) -> np.ndarray:
+        """The current model's scores for ring rows [m] over every site (NaN where a site did not
+        run); `conf` [m, S] is what an unfitted site scores (its confidence)."""
+        X = self.X[rows]  # [m, S, F]
+        ran = ~np.isnan(X[..., 0])
+        out = self.score(np.nan_to_num(X), np.arange(self.num_sites), np.nan_to_num(conf))
+        return np.where(ran, out, np.nan)
