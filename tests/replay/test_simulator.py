@@ -208,6 +208,28 @@ def test_policy_catalog_errors_and_families():
     assert isinstance(make_policy("optimal", PolicyInputs(fam)), OraclePolicy)
 
 
+def test_served_policies_from_a_given_configuration_or_a_restored_controller():
+    from apparate.core.controller import Controller
+    from apparate.core.settings import Settings
+    from apparate.policies.base import AdaptivePolicy
+    from apparate.policies.catalog import configured_policy, restored_policy
+
+    fam = synthetic_family()
+    cfg = Config((1, 4), (0.2, 0.3))
+    for name in ("static", "branchynet+"):
+        p = configured_policy(name, cfg, fam.profile, Settings())
+        assert isinstance(p, ThresholdPolicy) and p.config == cfg
+    assert configured_policy("vanilla", cfg, fam.profile, Settings()).config == Config()
+    p = configured_policy("apparate", cfg, fam.profile, Settings(), fam.bootstrap)
+    assert isinstance(p, AdaptivePolicy) and (p.config.sites, p.config.thresholds) == (cfg.sites, cfg.thresholds)
+    ctl = Controller(fam.profile, Settings(), cfg)
+    assert restored_policy("apparate-all", ctl).controller is ctl
+    with pytest.raises(ValueError, match="no controller"):
+        restored_policy("static", ctl)
+    with pytest.raises(ValueError, match="cannot be served"):
+        configured_policy("optimal", cfg, fam.profile, Settings())
+
+
 def test_sliding_min_mean():
     x = np.array([1, 1, 0, 0, 1, 1], dtype=float)
     assert sliding_min_mean(x, 2) == 0.0

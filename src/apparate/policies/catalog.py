@@ -177,3 +177,27 @@ def make_policy(name: str, inputs: PolicyInputs) -> Policy:
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}") from None
     return build(name, inputs)
+
+
+def configured_policy(name: str, config: Config, profile: LatencyProfile, settings: Settings,
+                      bootstrap: Recording | None = None) -> Policy:
+    """A servable policy that starts from a given configuration instead of its own placement and
+    tuning (an override in experiments and tests, or a checkpoint's configuration whose settings
+    changed): an adaptive one gets a controller that starts there with an empty window, keeping
+    `bootstrap` to place ramps again should none be left; a fixed one keeps it; vanilla has no
+    ramps. `settings` are used as given (for `apparate-all`, the caller's budget)."""
+    check_servable(name)
+    if name == "vanilla":
+        return ThresholdPolicy(name, Config())
+    if name in ADAPTIVE:
+        boot = None if bootstrap is None else (bootstrap.conf, bootstrap.agree)
+        return AdaptivePolicy(name, Controller(profile, settings, config, boot))
+    return ThresholdPolicy(name, config)
+
+
+def restored_policy(name: str, controller: Controller) -> Policy:
+    """An adaptive policy that goes on from a restored controller (its window, events and
+    configuration, `Controller.from_state`)."""
+    if name not in ADAPTIVE:
+        raise ValueError(f"policy {name!r} has no controller to restore; adaptive: {', '.join(ADAPTIVE)}")
+    return AdaptivePolicy(name, controller)

@@ -14,11 +14,12 @@ slowing serving down). The control thread then
    changes only between batches and nothing calls back into the engine;
 4. checkpoints the state every `checkpoint_every_s` seconds (and once more at shutdown).
 
-Policies come from `apparate.policies` (`serving_policy`), the same ones replay runs: `apparate`
-and `apparate-all` (the controller adapts, at the user's budget or at one admitting every ramp),
-`static` (the initial placement, never changed), `branchynet` / `branchynet+` (every ramp, one
-shared or per-ramp thresholds tuned once on the bootstrap), `vanilla` (no ramps). All keep the
-profile current, so they batch on the same footing.
+Policies come from `apparate.policies.catalog`, the same ones replay runs (`serving_policy`; from a
+configuration given or checkpointed, `configured_policy`; around a restored controller,
+`restored_policy`): `apparate` and `apparate-all` (the controller adapts, at the user's budget or
+at one admitting every ramp), `static` (the initial placement, never changed), `branchynet` /
+`branchynet+` (every ramp, one shared or per-ramp thresholds tuned once on the bootstrap),
+`vanilla` (no ramps). All keep the profile current, so they batch on the same footing.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ import numpy as np
 from apparate.core.controller import Config, Controller, Feedback
 from apparate.core.profile import LatencyProfile
 from apparate.core.settings import Settings
-from apparate.policies import ADAPTIVE, AdaptivePolicy, Policy, ThresholdPolicy, check_servable, serving_policy
-from apparate.policies.catalog import all_ramps_budget
+from apparate.policies import ADAPTIVE, Policy, check_servable, serving_policy
+from apparate.policies.catalog import all_ramps_budget, configured_policy, restored_policy
 
 from .costs import BatchCosts
 from .executor import BatchReport
@@ -92,9 +93,9 @@ class ControlLoop:
         self.profile: LatencyProfile = self.initial_profile
         if options.policy == "apparate-all":
             self.settings = self.settings.replace(ramp_budget=all_ramps_budget(self.profile))
-        self.policy: Policy = ThresholdPolicy(options.policy, Config())  # replaced by _initial
         self.restored: dict[str, Any] = {"from": None}
-        self.config = self._initial()
+        self.policy: Policy = self._initial()
+        self.config = self.policy.config
         self.overhead_ms = 0.0
         self.handled = 0
         self._q: queue.Queue = queue.Queue(maxsize=options.max_pending)
@@ -117,31 +118,26 @@ class ControlLoop:
         return getattr(self.policy, "controller", None)
 
     # ------------------------------------------------------------------------------ start-up
-    def _initial(self) -> Config:
+    def _initial(self) -> Policy:
+        """The policy to start with, built by `apparate.policies` as replay builds it: restored
+        from the state directory, else from the configuration given, else placed and tuned on the
+        bootstrap recording."""
         opt, served, s = self.options, self.served, self.settings
         if opt.state_dir is not None:
-            cfg = self._try_restore()
-            if cfg is not None:
-                return cfg
-        if opt.policy == "vanilla":
-            return Config()
-        if opt.initial is not None:
-            if opt.policy in ADAPTIVE:
-                boot = None if served.recording is None else (served.recording.conf, served.recording.agree)
-                self.policy = AdaptivePolicy(opt.policy, Controller(self.profile, s, opt.initial, boot))
-            else:
-                self.policy = ThresholdPolicy(opt.policy, opt.initial)
-            return opt.initial
+            policy = self._try_restore()
+            if policy is not None:
+                return policy
+        if opt.policy == "vanilla" or opt.initial is not None:
+            return configured_policy(opt.policy, opt.initial or Config(), self.profile, s, served.recording)
         if served.recording is None:
             raise ValueError("no bootstrap recording to place the initial ramps: give an initial config")
         rec = served.recording
         # Placement and one-time tuning at batch 1 (the strictest for the budget, and what an idle
         # server serves); the controller re-judges at the batch size it serves.
         length = None if rec.lengths is None else float(np.mean(rec.lengths))
-        self.policy = serving_policy(opt.policy, rec, self.profile, s, (1.0, length))
-        return self.policy.config
+        return serving_policy(opt.policy, rec, self.profile, s, (1.0, length))
 
-    def _try_restore(self) -> Config | None:
+    def _try_restore(self) -> Policy | None:
         """Restore from the state directory. Whatever is unusable (not a state, wrong fields,
         another model's, sites this model lacks) is logged, moved aside and the start is fresh:
         a bad file must never stop the server from starting."""
@@ -160,11 +156,10 @@ class ControlLoop:
             log.warning("ignoring the saved state in %s: %s; %s; starting afresh", where, reason,
                         f"moved it to {moved.name}" if moved is not None else "it could not be moved aside")
             self.profile = self.initial_profile
-            self.policy = ThresholdPolicy(opt.policy, Config())
             self.restored = {"from": None, "ignored": reason, "moved_to": None if moved is None else str(moved)}
             return None
 
-    def _restore(self, state: SavedState) -> Config | None:
+    def _restore(self, state: SavedState) -> Policy | None:
         opt, served = self.options, self.served
         if state.fingerprint != served.fingerprint or state.num_sites != served.num_sites:
             raise StateError(f"it belongs to another model ({state.model_name or 'unnamed'}, "
@@ -176,11 +171,10 @@ class ControlLoop:
             log.info("saved state was for policy %s: restored the measured profile only", state.policy)
             return None
         if opt.policy == "vanilla":
-            return Config()
+            return configured_policy(opt.policy, Config(), self.profile, self.settings)
         if opt.policy not in ADAPTIVE:  # a fixed configuration
             self.restored["what"] = "profile, config"
-            self.policy = ThresholdPolicy(opt.policy, state.config)
-            return state.config
+            return configured_policy(opt.policy, state.config, self.profile, self.settings)
         try:
             boot = None if served.recording is None else (served.recording.conf, served.recording.agree)
             ctl = Controller.from_state(state.controller or {}, bootstrap=boot)
@@ -188,18 +182,18 @@ class ControlLoop:
             raise StateError(f"its controller state is unusable ({type(e).__name__}: {e})") from None
         if ctl.profile.num_sites != served.num_sites or (ctl.config.sites and max(ctl.config.sites) >= served.num_sites):
             raise StateError("its controller names sites this model lacks")
+        self.profile = ctl.profile
         if ctl.settings != self.settings:
             # Keep what was learnt about ramps and costs; the new settings apply from here on.
             log.info("settings changed since the checkpoint: keeping its ramps and profile, re-tuning")
-            ctl = Controller(ctl.profile, self.settings, ctl.config, boot)
+            policy = configured_policy(opt.policy, ctl.config, ctl.profile, self.settings, served.recording)
             self.restored["what"] = "profile, config (settings changed)"
         else:
+            policy = restored_policy(opt.policy, ctl)
             self.restored["what"] = "profile, config, controller window"
-        self.profile = ctl.profile
-        self.policy = AdaptivePolicy(opt.policy, ctl)
-        log.info("restored the serving state from %s: ramps %s, version %d", opt.state_dir, list(ctl.config.sites),
-                 ctl.config.version)
-        return ctl.config
+        log.info("restored the serving state from %s: ramps %s, version %d", opt.state_dir, list(policy.config.sites),
+                 policy.config.version)
+        return policy
 
     # ------------------------------------------------------------------------------ thread
     def start(self) -> None:
