@@ -17,6 +17,9 @@ raising a threshold touches only the band of inputs between the old and new valu
 halving rounds that would find nothing are folded into one evaluation. The plain version that
 re-simulates every candidate lives in the tests as the oracle this one must match move for move.
 
+The band bookkeeping has two engines that take the same decisions: `bands_list` (plain lists,
+small windows) and `bands_matrix` (numpy matrices, large ones); `greedy_thresholds` picks one.
+
 `grid_thresholds` (exhaustive over a grid) and `shared_threshold` (one threshold for all ramps)
 are the searches the baselines use.
 """
@@ -24,7 +27,6 @@ are the searches the baselines use.
 from __future__ import annotations
 
 import itertools
-from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -34,10 +36,10 @@ from .calibration import isotonic_agreement
 from .exits import ExitResult, check_thresholds, check_window, first_exit, simulate
 from .profile import LatencyTable
 from .settings import Settings
+from .bands_list import list_bands
+from .bands_matrix import matrix_bands
 
-# Loops longer than this switch from plain Python to numpy (a numpy call costs ~1-4 us).
-VECTOR_CUTOFF = 96
-# Windows larger than this (inputs x ramps) keep their bands in matrices (see `_matrix_bands`).
+# Windows larger than this (inputs x ramps) keep their bands in matrices (`bands_matrix`).
 MATRIX_CUTOFF = 1024
 
 
@@ -209,273 +211,18 @@ def greedy_thresholds(
 # dw, latency won dl); `take(r)` moves ramp r's band (the last probed: its dw is what the move
 # changes in wrong answers); `exits()` gives each input's exit. Both take ownership of the exit
 # and correctness arrays they are given (`e_a`, `cc_a`) and update them in place (the matrix
-# bookkeeping reads correctness only when it starts, so it updates the exits alone). Two implementations that take the same
-# decisions: plain lists with incremental sums for small windows (a numpy call costs ~1-4 us,
-# more than the work), and prefix-sum matrices for large ones (a move updates every ramp's view
-# of the moved inputs in one vectorised step).
+# bookkeeping reads correctness only when it starts, so it updates the exits alone). Two
+# implementations that take the same decisions: plain lists with incremental sums for small
+# windows (`bands_list.list_bands`: a numpy call costs ~1-4 us, more than the work), and matrices
+# of each input's change, summed per band in one call, for large ones
+# (`bands_matrix.matrix_bands`: a move updates every ramp's view of the moved inputs in one
+# vectorised step).
 
 Bands = tuple[Callable[[list[int], list[float]], tuple[list[int], list[int]]], Callable[[int], None],
               Callable[[], np.ndarray]]
 
 
-def _list_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: np.ndarray, cc_a: np.ndarray,
-                thr: list[float], order: np.ndarray) -> Bands:
-    R, n = u_t.shape
-    lat = lat_np.tolist()
-    ag = ag_np.tolist()
-    cl_a = lat_np[e_a]
-    e, cc, cl = e_a.tolist(), cc_a.tolist(), cl_a.tolist()  # exit, right?, latency per input
-    rows = np.arange(R)[:, None]
-    ords = order.tolist()
-    us = u_t[rows, order].tolist()
-    # Rank of each input in each ramp's order: built on first use (not every search moves).
-    pos_cache: list[np.ndarray] = []
-    pos_rows: list[list[int] | None] = [None] * R
-
-    def pos_all() -> np.ndarray:
-        if not pos_cache:
-            p = np.empty_like(order)
-            p[rows, order] = np.arange(n)
-            pos_cache.append(p)
-        return pos_cache[0]
-
-    def pos_of(r: int) -> list[int]:
-        row = pos_rows[r]
-        if row is None:
-            row = pos_rows[r] = pos_all()[r].tolist()
-        return row
-
-    lo = [bisect_left(us[r], thr[r]) for r in range(R)]  # inputs already below the threshold
-
-    # Per ramp, the sums over its band [lo, hi) of what moving those inputs to the ramp would
-    # change: wrong answers (bw) and latency won (bl). Kept current by deltas: moving a band
-    # edge adds or removes the segment between, and a move elsewhere adjusts by each moved
-    # input's change in contribution. The arrays e_a, cc_a, cl_a mirror e, cc, cl for the
-    # vectorised paths taken when a loop would be long.
-    hi_of = lo[:]
-    bw = [0] * R
-    bl = [0] * R
-
-    pending: list[tuple[list[int], int]] = []  # moves not yet mirrored into e_a, cc_a, cl_a
-
-    def sync() -> None:
-        for moved, r in pending:
-            M = np.asarray(moved)
-            e_a[M], cc_a[M], cl_a[M] = r, ag_np[r, M], lat[r]
-        pending.clear()
-
-    def set_hi(r: int, hi: int) -> None:
-        """Move ramp r's band edge to `hi`, adding or removing the segment in between."""
-        h0 = hi_of[r]
-        a_, b_, sign = (h0, hi, 1) if hi > h0 else (hi, h0, -1)
-        if b_ - a_ > VECTOR_CUTOFF:
-            sync()
-            o = order[r, a_:b_]
-            o = o[e_a[o] > r]
-            sw, sl = int((cc_a[o] - ag_np[r, o]).sum()), int((cl_a[o] - lat[r]).sum())
-        else:
-            a, L = ag[r], lat[r]
-            sw = sl = 0
-            for m in ords[r][a_:b_]:
-                if e[m] > r:
-                    sw += cc[m] - a[m]
-                    sl += cl[m] - L
-        bw[r] += sign * sw
-        bl[r] += sign * sl
-        hi_of[r] = hi
-
-    def shift_bands(moved: list[int], chosen: int) -> None:
-        """Adjust every other band for inputs that now exit at `chosen`."""
-        a, L = ag[chosen], lat[chosen]
-        if len(moved) * R > VECTOR_CUTOFF:
-            sync()
-            M = np.asarray(moved)
-            P = pos_all()[:, M]
-            inband = (P >= np.asarray(lo)[:, None]) & (P < np.asarray(hi_of)[:, None])
-            inband[chosen] = False
-            old = (e_a[M][None, :] > rows) & inband
-            new = (chosen > rows) & inband
-            agr = ag_np[:, M]
-            dsw = (new * (ag_np[chosen, M][None, :] - agr)).sum(1) - (old * (cc_a[M][None, :] - agr)).sum(1)
-            dsl = (new.sum(1) * L - old @ cl_a[M]) - (new.sum(1) - old.sum(1)) * lat_np[:R]
-            for r in range(R):
-                bw[r] += int(dsw[r])
-                bl[r] += int(dsl[r])
-            return
-        for r in range(R):
-            if r == chosen or hi_of[r] <= lo[r]:
-                continue
-            pr, lr, hr, ar, Lr = pos_of(r), lo[r], hi_of[r], ag[r], lat[r]
-            dsw = dsl = 0
-            for m in moved:
-                if lr <= pr[m] < hr:
-                    if e[m] > r:  # remove the old contribution
-                        dsw -= cc[m] - ar[m]
-                        dsl -= cl[m] - Lr
-                    if chosen > r:  # add the new one
-                        dsw += a[m] - ar[m]
-                        dsl += L - Lr
-            bw[r] += dsw
-            bl[r] += dsl
-
-    def probe(ramps: list[int], values: list[float]) -> tuple[list[int], list[int]]:
-        ws, ls = [], []
-        for r, v in zip(ramps, values):
-            h = bisect_left(us[r], v, lo[r])
-            if h != hi_of[r]:
-                set_hi(r, h)
-            ws.append(bw[r])
-            ls.append(bl[r])
-        return ws, ls
-
-    def take(chosen: int) -> None:
-        a, L = ag[chosen], lat[chosen]
-        moved = [m for m in ords[chosen][lo[chosen]:hi_of[chosen]] if e[m] > chosen]
-        lo[chosen] = hi_of[chosen]
-        bw[chosen] = bl[chosen] = 0
-        if moved:
-            shift_bands(moved, chosen)
-            for m in moved:
-                e[m], cc[m], cl[m] = chosen, a[m], L
-            pending.append((moved, chosen))
-
-    return probe, take, lambda: np.array(e, dtype=np.int64)
-
-
-_SHIFT = 22  # packed band sums: wrong-answer changes in the low bits, signed
-_HALF = 1 << (_SHIFT - 1)
-_MASK = (1 << _SHIFT) - 1
-
-
-def _matrix_bands(u_t: np.ndarray, ag_np: np.ndarray, lat_np: np.ndarray, e_a: np.ndarray, cc_a: np.ndarray,
-                  thr: list[float], order: np.ndarray) -> Bands:
-    R, n = u_t.shape
-    w = n + 1  # row width: each ramp's inputs in its order, then a zero (a band may end at n)
-    rows = np.arange(R)[:, None]
-    u_t = np.ascontiguousarray(u_t)
-    flat = order + rows * n  # flat index of (r, input at rank j of ramp r's order)
-    # Search keys r + i*u: numpy orders complex numbers by real part, then imaginary, so one
-    # searchsorted finds every ramp's band edge exactly (no rounding: both parts are kept).
-    keys = np.empty((R, n), dtype=np.complex128)
-    keys.real, keys.imag = rows, u_t.reshape(-1)[flat]  # (int + complex arithmetic is ~20x slower)
-    keys = keys.reshape(-1)
-    r_f = np.arange(R, dtype=np.float64)
-    e, cc = e_a, cc_a
-    lat = lat_np.tolist()
-    lat_r = lat_np[:R, None]
-    # WG[0, r * w + j] and WG[1, r * w + j]: what moving the j-th input in ramp r's order to ramp
-    # r would change in wrong answers and in latency (zero for inputs that already exit at r or
-    # earlier). A band's sums are one `add.reduceat` over its run of a row, for every probed
-    # ramp at once; a move rewrites only the moved inputs' entries (no prefix sums to redo: a
-    # move used to recompute all of them). Integer sums: exact in any order.
-    fresh = bool(n) and e.min() == R and cc.min() == cc.max()  # nothing exits yet (no fixed ramps):
-    # every input is movable everywhere, from the end and with the same correctness: no gathers
-    w_bound = n * int(max(ag_np.max(initial=0), -ag_np.min(initial=0), cc.max(initial=0), -cc.min(initial=0)))
-    l_bound = n * int(lat_np.max(initial=0) - lat_np.min(initial=0))  # |latency change| <= spread
-    # One reduceat instead of two where every band sum fits: an entry packs its latency change
-    # (high bits) and its wrong-answer change (low bits, signed); sums of packed entries are the
-    # packed sums, exactly (integers; the bounds above rule out overflow).
-    packed = w_bound < _HALF and l_bound < (1 << (62 - _SHIFT))
-    ag_o = ag_np.reshape(-1)[flat]  # agreement in each ramp's order
-    if packed:
-        PK = np.zeros((R, w), dtype=np.int64)
-        if fresh:
-            # one pass: (latency change << shift) + correctness, per ramp, minus each agreement
-            np.subtract(((lat_np[R] - lat_r) << _SHIFT) + cc[0], ag_o, out=PK[:, :n])
-        else:
-            e_o = e[order]
-            PK[:, :n] = np.where(e_o > rows, ((lat_np[e_o] - lat_r) << _SHIFT) + (cc[order] - ag_o), 0)
-        PK = PK.reshape(-1)
-        WG = W0 = W1 = None
-    else:
-        WG = np.zeros((2, R, w), dtype=np.int64)
-        if fresh:
-            np.subtract(cc[0], ag_o, out=WG[0, :, :n])
-            WG[1, :, :n] = lat_np[R] - lat_r
-        else:
-            e_o = e[order]
-            movable = e_o > rows
-            WG[0, :, :n] = np.where(movable, cc[order] - ag_o, 0)
-            WG[1, :, :n] = np.where(movable, lat_np[e_o] - lat_r, 0)
-        WG = WG.reshape(2, R * w)
-        W0, W1 = WG[0], WG[1]
-        PK = None
-    pos = np.empty_like(order)
-    pos.reshape(-1)[flat] = rows * w + np.arange(n)  # pos[r, m] = r * w + rank of m in r's order
-    r_w = np.arange(R) * w
-    r_n = np.arange(R) * n
-    wn = r_w - r_n  # from a flat key index (r * n + edge) to a flat WG index (r * w + edge)
-    # Band starts and ends as flat indices into WG's rows: [lo, hi) of ramp r is
-    # [lo_w[r], hi_w[r]) (inputs already below the threshold start the band).
-    lo_w = np.searchsorted(keys, r_f + 1j * np.asarray(thr)) + wn
-    hi_w = lo_w.copy()
-    order_w = np.zeros((R, w), dtype=np.int64)  # order in WG's layout (the last column unused)
-    order_w[:, :n] = order
-    order_w = order_w.reshape(-1)
-
-    # The probed ramps as an index array, kept while the same ramps are probed (they change only
-    # when a level halves fewer of them or a ramp reaches 1): one numpy call less per probe.
-    probed: list = [None, None, None, None]  # [ramps, as an array, their key base (r + 0j), wn]
-    key_base = r_f + 0j
-    # [c, r]: the packed latency change of moving an input from ramp c to ramp r (see `take`).
-    lat_shift = (lat_np[:R, None] - lat_np[None, :R]) << _SHIFT
-
-    def probe(ramps: list[int], values: list[float]) -> tuple[list[int], list[int]]:
-        if probed[0] != ramps:  # ascending: the runs [lo, hi) are in order along the flat rows
-            r_a = np.array(ramps)
-            probed[:] = [list(ramps), r_a, key_base[r_a], wn[r_a]]
-        r_a, key = probed[1], probed[2].copy()
-        key.imag = values
-        h = keys.searchsorted(key)
-        h += probed[3]  # band ends, flat
-        hi_w[r_a] = h
-        start = lo_w[r_a]
-        edges = np.empty(2 * r_a.size, dtype=np.int64)
-        edges[0::2], edges[1::2] = start, h
-        if packed:
-            # An empty band reads one entry: it is masked below, in Python (a dozen ramps cost
-            # less as Python ints than as three more numpy calls).
-            zs = np.add.reduceat(PK, edges)[0::2].tolist()
-            ws, ls = [], []
-            for z, a_, b_ in zip(zs, start.tolist(), h.tolist()):
-                if a_ == b_:
-                    ws.append(0)
-                    ls.append(0)
-                else:
-                    low = ((z + _HALF) & _MASK) - _HALF
-                    ws.append(low)
-                    ls.append((z - low) >> _SHIFT)
-            return ws, ls
-        sums = np.add.reduceat(WG, edges, axis=1)[:, 0::2]
-        sums *= h > start
-        return sums.tolist()  # type: ignore[return-value]  # [wrong changes, latency changes]
-
-    def take(chosen: int) -> None:
-        a_, b_ = int(lo_w[chosen]), int(hi_w[chosen])
-        lo_w[chosen] = b_
-        band = order_w[a_:b_]
-        moved = band[e[band] > chosen]
-        if not moved.size:
-            return
-        e[moved] = chosen
-        # Every ramp's view of the moved inputs: ramps before `chosen` could still take them
-        # (now from `chosen`, with its agreement), the others no longer can.
-        a = ag_np[chosen, moved]
-        P = pos[:, moved]
-        P0, P1 = P[:chosen], P[chosen:]
-        if packed:
-            PK[P0] = lat_shift[chosen, :chosen, None] - ag_np[:chosen, moved] + a
-            PK[P1] = 0
-        else:
-            W0[P0] = a - ag_np[:chosen, moved]
-            W1[P0] = lat[chosen] - lat_r[:chosen]
-            W0[P1] = 0
-            W1[P1] = 0
-
-    return probe, take, lambda: e
-
-
-_BANDS = {"lists": _list_bands, "matrix": _matrix_bands}
+_BANDS: dict[str, Callable[..., Bands]] = {"lists": list_bands, "matrix": matrix_bands}
 
 
 def tune(conf: np.ndarray, agree: np.ndarray, table: LatencyTable, settings: Settings,
