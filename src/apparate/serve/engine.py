@@ -12,18 +12,10 @@ Threads:
 
 Batch-time predictions come from the live profile for the active ramps plus the measured engine
 overhead, so the batcher's deadline checks use what batches really cost on this machine.
-
-Contention is kept out of the profile. With one torch thread a batch's compute runs on the
-engine thread, so that thread's CPU time is what the batch costs; the wall time on top of it is
-waiting: for the GIL while the event loop parses requests (between every two torch ops), or for
-a core another process holds. Under overload that doubled a ResNet-20 batch here. Each batch's
-measured stage times are therefore scaled by CPU / wall before they reach the profile (what
-the controller weighs ramps with, and what is checkpointed). How much longer batches take than
-that profile predicts is tracked separately, over the last 64 batches: the median
-(`slowdown`) multiplies what the batcher predicts, the 90th percentile (`margin`) what
-admission promises.
-Queueing for the interpreter then shows as what it is, a transient load, instead of inflating
-the model's costs.
+Contention is kept out of the profile (`batch_times`): measured stage times are scaled by CPU /
+wall before they reach it, and how much longer batches take than it predicts is tracked apart:
+the median (`slowdown`) multiplies what the batcher predicts, the 90th percentile (`margin`)
+what admission promises.
 
 `stop(drain=True)` closes the queue to new requests, serves everything already admitted, stops
 the control thread and writes a last checkpoint.
@@ -42,8 +34,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .batch_times import BatchTimes, on_cpu, scale_times
 from .control import ControlLoop, ControlOptions, Live
-from .executor import BatchReport, Executor
+from .executor import Executor
 from .metrics import ServeMetrics
 from .model_io import ServedModel
 from .queue import CLOSED, QUEUE_FULL, Refused, RequestQueue
@@ -129,11 +122,10 @@ class Engine:
         self._settled_cond = threading.Condition()
         # See the module doc: CPU time is a batch's cost only for a CPU model on one thread (a GPU
         # batch waits for the device, several threads' work is not on this thread's clock).
-        self._cpu_clock = options.threads == 1 and _on_cpu(served.ee)
+        self._cpu_clock = options.threads == 1 and on_cpu(served.ee)
         # Wall time of the latest batches over what the profile predicts for them: the median
         # scales what the batcher predicts, the 90th percentile what admission promises.
-        self._walls = np.zeros((64, 3))  # wall ms, batch size, padded length of the latest batches
-        self._n_ratios = 0
+        self._times = BatchTimes(options.admission_quantile)
         self.slowdown = 1.0
         self.margin = 1.0
         self._predicted_ms = 0.0  # of the running batch
@@ -387,22 +379,10 @@ class Engine:
 
     def _observe_wall(self, wall_ms: float, size: int, length: float | None) -> None:
         """Record a batch's wall time; `slowdown` and `margin` become the median and the 90th
-        percentile, over the latest 64 batches, of wall time / what the profile predicts now for
-        a batch of that shape. Against the current profile, not the one in force then: the
-        profile moves (toward the measured costs) and an old ratio would no longer fit it."""
-        k = self._n_ratios % self._walls.shape[0]
-        self._walls[k] = (wall_ms, size, 1.0 if length is None else length)
-        self._n_ratios += 1
-        # On the batch's critical path: recomputed every few batches once warm (these are
-        # quantiles over 64 batches; np.quantile alone cost 1% of a ResNet-56 batch of 8).
-        if self._n_ratios > 16 and self._n_ratios % 4:
-            return
-        w = self._walls[: min(self._n_ratios, self._walls.shape[0])]
-        c = self.live.costs  # the latest, which may be newer than the batch's
-        rows = np.clip(w[:, 2].astype(np.int64), 1, c.table.shape[0]) - 1
-        cols = np.clip(w[:, 1].astype(np.int64), 1, c.table.shape[1]) - 1
-        ratios = np.sort(w[:, 0] / np.maximum(c.table[rows, cols] + c.overhead_ms, 1e-6))
-        self.slowdown, self.margin = _quantile(ratios, 0.5), _quantile(ratios, self.options.admission_quantile)
+        percentile of wall time / what the profile predicts now (`BatchTimes`)."""
+        got = self._times.observe(wall_ms, size, length, lambda: self.live.costs)
+        if got is not None:
+            self.slowdown, self.margin = got
 
     def _serve(self, batch: list[Request], live: Live, t_start: float) -> None:
         self.running_batch = len(batch)
@@ -418,7 +398,7 @@ class Engine:
             if self._cpu_clock:  # the profile follows the CPU time: what the batch cost
                 cpu = time.thread_time() - c0
                 if cpu > 0 and wall > 0:
-                    _scale_times(report, min(cpu / wall, 1.0))
+                    scale_times(report, min(cpu / wall, 1.0))
             self._observe_wall(wall * 1e3, len(batch), report.length)
         self.batches += 1
         self.last_batch = {"start": t_start, "end": t_end, "size": len(batch)}
@@ -462,33 +442,3 @@ class Engine:
             "restored": self.control.restored,
             "last_checkpoint": self.control.last_checkpoint,
         }
-
-
-def _on_cpu(model: Any) -> bool:
-    try:
-        return all(p.device.type == "cpu" for p in model.parameters())
-    except (AttributeError, TypeError):
-        return False
-
-
-def _quantile(sorted_values: np.ndarray, q: float) -> float:
-    """np.quantile's default (linear) on values already sorted, without its overhead."""
-    pos = q * (sorted_values.size - 1)
-    lo = int(pos)
-    hi = min(lo + 1, sorted_values.size - 1)
-    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
-
-
-def _scale_times(report: BatchReport, share: float) -> None:
-    """A batch's measured stage times with the waiting taken out: each scaled by the share of
-    the batch's wall time that the engine thread was running (its CPU time / wall time).
-    Assumes the waiting spread evenly over the batch, as GIL hand-overs between ops do."""
-    if share >= 1.0:
-        return
-    report.site_ms = {k: v * share for k, v in report.site_ms.items()}
-    report.ramp_ms = {k: v * share for k, v in report.ramp_ms.items()}
-    if report.vanilla_ms is not None:
-        report.vanilla_ms *= share
-    report.total_ms *= share
-    report.overhead_ms *= share
-
