@@ -40,6 +40,11 @@ def test_features_use_the_latest_final_and_the_previous_input():
     assert X[:, :, 3].tolist() == [[1, 0], [1, 0]]  # same answer as the input before, at that site
     assert X[0, :, 4] == pytest.approx([0.9, 1.0])  # 1 - |conf change|
     assert X[1, :, 4] == pytest.approx([1.0, 0.7])
+    assert np.all(X[..., 5] == 0)  # no movement recorded: read as a 100% change, log(1) = 0
+    Xm = features(conf, pred, sites, ctx, move=np.array([[0.01, np.nan], [0.5, 0.0]]), last_final=np.array([0, 1]))
+    assert Xm[:, :, 2].tolist() == [[0, 0], [1, 0]]  # each input's own latest final answer
+    assert Xm[0, 0, 5] == pytest.approx(np.log(0.011)) and Xm[0, 1, 5] == pytest.approx(np.log(1.001))
+    assert Xm[1, 0, 8] == pytest.approx(np.log(0.501)) and Xm[0, 0, 8] == 0  # repeat * lmove
     ctx.advance(sites, conf, pred, np.array([0, 0]))
     assert ctx.last_final == 0 and ctx.prev_pred.tolist() == [1, 0, -1]
 
@@ -105,11 +110,8 @@ def test_the_predictor_is_updated_after_the_stream_changes():
     # the second phase's latest 400 inputs, scored by the first phase's fit and by the refitted one
     ctx2 = StreamContext.empty(S)
     tail = slice(second.num_inputs - 400, None)
-    X2 = features(second.conf[:, sites].astype(float), second.pred.astype(np.int64), sites, ctx2)
-    last = np.r_[-1, second.final[:-1]]
-    X2[..., 2] = second.pred == last[:, None]
-    X2[..., 5] = X2[..., 2] * X2[..., 1]
-    X2[..., 6] = X2[..., 2] * X2[..., 4]
+    X2 = features(second.conf[:, sites].astype(float), second.pred.astype(np.int64), sites, ctx2,
+                  last_final=np.r_[-1, second.final[:-1]])
     before = m.score(X2[tail], sites, second.conf[tail].astype(float))
     serve(second, "second")
     after = m.score(X2[tail], sites, second.conf[tail].astype(float))

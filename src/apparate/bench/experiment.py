@@ -120,7 +120,9 @@ def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec
     from .record import bundle_id, check_recording_matches, record_stream
 
     tag = footage_key(stream_name, spec.fps) if is_video_stream(stream_name) else stream_name
-    key = f"{bundle_id(bundle.path)}-{tag}-n{n or 'all'}-s{seed}.npz"
+    # image recordings carry each site's feature movement (core.evidence): "-m" keys them apart
+    moves = "-m" if getattr(bundle.workload, "kind", None) == "image" else ""
+    key = f"{bundle_id(bundle.path)}-{tag}-n{n or 'all'}-s{seed}{moves}.npz"
     path = cache_dir("recordings") / key
     if path.exists():
         try:

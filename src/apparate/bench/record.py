@@ -37,11 +37,16 @@ def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool
         torch.set_num_threads(threads)
     model = bundle.early_exit_model()
     sites = tuple(range(bundle.num_sites))
-    conf, pred, final, labels, costs = [], [], [], [], []
+    conf, pred, final, labels, costs, moves = [], [], [], [], [], []
     n = len(stream)
+    tracker = _MoveTracker(model) if bundle.workload.kind == "image" else None
     with tqdm(total=n, desc=f"record {stream.name}", unit="input", disable=not progress) as bar:
         for batch in bundle.workload.batches(stream, batch_size):
+            if tracker is not None:
+                tracker.start()
             out = model(batch.inputs, active=sites)
+            if tracker is not None:
+                moves.append(tracker.finish())
             conf.append(out.conf_matrix(sites).astype(np.float32))
             pred.append(out.pred_matrix(sites))
             final.append(out.final_pred.numpy())
@@ -60,8 +65,53 @@ def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool
     for key, value in stream.meta.items():  # per-input extras such as a drifting stream's phase
         if isinstance(value, np.ndarray) and value.shape[:1] == (n,) and value.dtype.kind in "iuf":
             meta[f"per_input_{key}"] = value.tolist()
+    if tracker is not None:
+        tracker.close()
     return Recording(np.clip(np.concatenate(conf), 0.0, 1.0), np.concatenate(pred), np.concatenate(final),
-                     np.concatenate(labels), lengths, tuple(s.name for s in bundle.sites), meta)
+                     np.concatenate(labels), lengths, tuple(s.name for s in bundle.sites), meta,
+                     np.concatenate(moves) if moves else None)
+
+
+class _MoveTracker:
+    """Per site, how far the site's pooled features moved from the previous input of the stream
+    (|f_i - f_(i-1)| / |f_(i-1)|, f the spatial mean of the site's output): the difference detector
+    of `core.evidence`, measured once at record time. Its own hooks beside the ramps' (the pooling is
+    parameter-free and costs a fraction of a ramp)."""
+
+    def __init__(self, model: Any) -> None:
+        self.S = model.num_sites
+        self.prev: list[Any] = [None] * self.S
+        self.cur: list[Any] = [None] * self.S
+        self.handles = [m.register_forward_hook(self._hook(s)) for s, m in enumerate(model.site_modules)]
+
+    def _hook(self, s: int):
+        from apparate.model.sites import primary_output
+
+        def hook(_m: Any, _i: Any, output: Any) -> None:
+            h = output if not isinstance(output, (tuple, list, dict)) else primary_output(output)
+            self.cur[s] = (h.mean(dim=(2, 3)) if h.dim() == 4 else h.flatten(1)).detach().float().numpy()
+        return hook
+
+    def start(self) -> None:
+        self.cur = [None] * self.S
+
+    def finish(self) -> np.ndarray:
+        cols = []
+        for s in range(self.S):
+            f = self.cur[s]
+            if f is None:
+                raise RuntimeError(f"site {s} did not run while recording")
+            before = np.concatenate([f[:1] if self.prev[s] is None else self.prev[s], f[:-1]])
+            move = np.linalg.norm(f - before, axis=1) / np.maximum(np.linalg.norm(before, axis=1), 1e-8)
+            if self.prev[s] is None:
+                move[0] = np.nan
+            self.prev[s] = f[-1:]
+            cols.append(move)
+        return np.stack(cols, axis=1).astype(np.float32)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def check_recording_matches(recording: Recording, bundle_path: str | Path) -> None:

@@ -10,8 +10,10 @@ that ran the site, from evidence that is cheap there and known when a batch reac
   previous batch: batches run one after another, so its final answer is in when the next forms);
 * `same`: the ramp's answer equals its own answer on the previous input (the row above in the
   batch, or the previous batch's last input), and `still`: how little its confidence moved since
-  then (1 - |change|): a difference detector on the ramp's own output, as video analytics skips
-  frames that did not change.
+  then (1 - |change|);
+* `lmove`: the log of how far the site's pooled features moved since the previous input
+  (relative L2 change; recorded for image streams): a difference detector, as video analytics
+  skips frames that did not change. Where unknown it reads as a 100% change.
 
 On an ordered stream (a fixed camera) the scene repeats, and these separate the inputs whose
 early answer will agree from the rest far better than confidence alone; on independent inputs
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FEATURES = ("bias", "logit", "repeat", "same", "still", "repeat*logit", "repeat*still")
+FEATURES = ("bias", "logit", "repeat", "same", "still", "lmove", "repeat*logit", "repeat*still", "repeat*lmove")
 F = len(FEATURES)
 _EPS = 1e-4
 
@@ -58,27 +60,34 @@ class StreamContext:
         self.prev_conf[sites] = conf[-1]
 
 
-def features(conf: np.ndarray, pred: np.ndarray, sites: np.ndarray, ctx: StreamContext) -> np.ndarray:
-    """[n, R, F] evidence for n inputs (in arrival order) at R sites: conf, pred [n, R]."""
+def features(conf: np.ndarray, pred: np.ndarray, sites: np.ndarray, ctx: StreamContext,
+             move: np.ndarray | None = None, last_final: np.ndarray | None = None) -> np.ndarray:
+    """[n, R, F] evidence for n inputs (in arrival order) at R sites: conf, pred [n, R]; `move`
+    [n, R] the sites' feature movement (None or NaN: unknown); `last_final` [n], if given, the
+    latest final answer each input could know (default: the context's, for a whole batch)."""
     n, R = conf.shape
     X = np.empty((n, R, F))
     if n == 0:
         return X
     c = np.clip(conf, _EPS, 1 - _EPS)
     logit = np.log(c / (1 - c))
-    repeat = (pred == ctx.last_final).astype(np.float64)
+    last = ctx.last_final if last_final is None else np.asarray(last_final)[:, None]
+    repeat = (pred == last).astype(np.float64)
     prev_pred = np.concatenate([ctx.prev_pred[sites][None, :], pred[:-1]], axis=0)
     prev_conf = np.concatenate([ctx.prev_conf[sites][None, :], conf[:-1]], axis=0)
     same = (pred == prev_pred).astype(np.float64)
     still = 1.0 - np.abs(conf - np.nan_to_num(prev_conf, nan=1.0 + conf))  # unknown: "moved a lot"
     still = np.clip(still, 0.0, 1.0)
+    lmove = np.zeros((n, R)) if move is None else np.log(np.nan_to_num(np.asarray(move, dtype=np.float64), nan=1.0) + 1e-3)
     X[..., 0] = 1.0
     X[..., 1] = logit
     X[..., 2] = repeat
     X[..., 3] = same
     X[..., 4] = still
-    X[..., 5] = repeat * logit
-    X[..., 6] = repeat * still
+    X[..., 5] = lmove
+    X[..., 6] = repeat * logit
+    X[..., 7] = repeat * still
+    X[..., 8] = repeat * lmove
     return X
 
 

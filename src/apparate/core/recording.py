@@ -26,6 +26,8 @@ class Recording:
     lengths: np.ndarray | None = None  # [N] cost key (e.g. tokens); None for fixed-size inputs
     site_names: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    move: np.ndarray | None = None  # [N, S] how far each site's pooled features moved since the
+    # previous input of the stream (relative L2 change; NaN where unknown); None: not recorded
 
     def __post_init__(self) -> None:
         conf = np.asarray(self.conf, dtype=np.float32)
@@ -43,11 +45,14 @@ class Recording:
         for name, arr in (("labels", labels), ("lengths", lengths)):
             if arr is not None and arr.shape != (n,):
                 raise ValueError(f"{name} has {arr.size} entries for {n} inputs")
+        move = None if self.move is None else np.asarray(self.move, dtype=np.float32)
+        if move is not None and move.shape != conf.shape:
+            raise ValueError(f"move must be [inputs, sites] like conf, got {move.shape}")
         names = tuple(self.site_names)
         if names and len(names) != conf.shape[1]:
             raise ValueError(f"{len(names)} site names for {conf.shape[1]} sites")
         for attr, value in (("conf", conf), ("pred", pred), ("final", final), ("labels", labels),
-                            ("lengths", lengths), ("site_names", names), ("meta", dict(self.meta))):
+                            ("lengths", lengths), ("site_names", names), ("meta", dict(self.meta)), ("move", move)):
             object.__setattr__(self, attr, value)
 
     @property
@@ -70,7 +75,7 @@ class Recording:
         """A recording of a subset of the inputs (a slice, mask or index array)."""
         pick = lambda a: None if a is None else a[index]  # noqa: E731
         return Recording(self.conf[index], self.pred[index], self.final[index], pick(self.labels),
-                         pick(self.lengths), self.site_names, self.meta)
+                         pick(self.lengths), self.site_names, self.meta, pick(self.move))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -81,6 +86,8 @@ class Recording:
             arrays["labels"] = self.labels
         if self.lengths is not None:
             arrays["lengths"] = self.lengths
+        if self.move is not None:
+            arrays["move"] = self.move
         meta = {"format": FORMAT, "site_names": list(self.site_names), "meta": self.meta}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,4 +114,4 @@ class Recording:
         if missing:
             raise ValueError(f"{path} lacks {sorted(missing)}")
         return cls(data["conf"], data["pred"], data["final"], data.get("labels"), data.get("lengths"),
-                   tuple(meta.get("site_names", ())), meta.get("meta", {}))
+                   tuple(meta.get("site_names", ())), meta.get("meta", {}), data.get("move"))

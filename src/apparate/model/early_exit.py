@@ -183,6 +183,11 @@ class EarlyExitModel(nn.Module):
     def num_sites(self) -> int:
         return len(self.sites)
 
+    @property
+    def site_modules(self) -> tuple[nn.Module, ...]:
+        """The backbone's module at each site, for instruments that hook them (recording)."""
+        return tuple(self._modules_at)
+
     def set_ramp(self, index: int, ramp: nn.Module) -> None:
         """Replace the ramp at a site (a `Ramp`, or any module called as `ramp(h, mask)`)."""
         self.ramps[index] = ramp

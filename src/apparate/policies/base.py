@@ -46,9 +46,11 @@ class Policy:
         """A served batch's feedback; returns the configuration for the next batches."""
         return self.config
 
-    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None) -> Plan:
+    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None,
+             move: np.ndarray | None = None) -> Plan:
         """conf, agree: [n, S] over every candidate site for the batch about to run; pred [n, S],
-        each ramp's answer, for policies whose exit rule uses more than confidence."""
+        each ramp's answer, and move [n, S], how far each site's features moved since the previous
+        input (None where not recorded), for policies whose exit rule uses more than confidence."""
         raise NotImplementedError
 
     def observe(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None = None,
@@ -79,7 +81,8 @@ class ThresholdPolicy(Policy):
     def config(self) -> Config:
         return self._config
 
-    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None) -> Plan:
+    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None,
+             move: np.ndarray | None = None) -> Plan:
         pos = first_exit(1.0 - conf[:, self._cols], self._thr)
         return Plan(self._config.sites, pos, self._config.thresholds, self._config.version)
 
@@ -104,7 +107,8 @@ class AdaptivePolicy(Policy):
     def feedback(self, fb: Feedback) -> Config:
         return self.controller.observe(fb)
 
-    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None) -> Plan:
+    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None,
+             move: np.ndarray | None = None) -> Plan:
         cfg = self.controller.config
         if self._planned is None or self._planned[0] is not cfg:  # a new configuration: index it once
             self._planned = (cfg, np.asarray(cfg.sites, dtype=np.int64), np.asarray(cfg.thresholds, dtype=np.float64))
@@ -136,7 +140,8 @@ class OraclePolicy(Policy):
         self.sites = tuple(range(num_sites))
         self._pay = pay_ramps
 
-    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None) -> Plan:
+    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None,
+             move: np.ndarray | None = None) -> Plan:
         n = agree.shape[0]
         hit = agree.any(axis=1)
         pos = np.where(hit, agree.argmax(axis=1), len(self.sites)) if n else np.zeros(0, dtype=np.int64)

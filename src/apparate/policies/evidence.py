@@ -16,17 +16,11 @@ from .base import AdaptivePolicy, Plan
 
 def sequence_features(rec: Recording, sites: np.ndarray) -> np.ndarray:
     """Features of a recording's inputs served one at a time, in order: [n, len(sites), F]."""
-    n = rec.num_inputs
     ctx = StreamContext.empty(rec.num_sites)
     conf, pred = rec.conf[:, sites].astype(np.float64), rec.pred[:, sites].astype(np.int64)
-    X = features(conf, pred, sites, ctx)  # every input sees no final answer yet: fix `repeat` below
-    if n > 1:
-        last = np.concatenate([[-1], rec.final[:-1].astype(np.int64)])
-        repeat = (pred == last[:, None]).astype(np.float64)
-        X[..., 2] = repeat
-        X[..., 5] = repeat * X[..., 1]
-        X[..., 6] = repeat * X[..., 4]
-    return X
+    move = None if rec.move is None else rec.move[:, sites]
+    last = np.concatenate([[-1], rec.final[:-1].astype(np.int64)])  # each input knows the one before
+    return features(conf, pred, sites, ctx, move, last)
 
 
 class LearnedPolicy(AdaptivePolicy):
@@ -49,12 +43,14 @@ class LearnedPolicy(AdaptivePolicy):
         self._pending: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # features, scores, answers
         self._refit()
 
-    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None) -> Plan:
+    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None,
+             move: np.ndarray | None = None) -> Plan:
         if pred is None:
             raise ValueError(f"{self.name} needs each ramp's answer (pred) to plan a batch")
         cfg = self.controller.config
         cols = np.asarray(cfg.sites, dtype=np.int64)
-        X = features(conf[:, cols], pred[:, cols].astype(np.int64), cols, self.ctx)
+        X = features(conf[:, cols], pred[:, cols].astype(np.int64), cols, self.ctx,
+                     None if move is None else move[:, cols])
         score = self.model.score(X, cols, conf[:, cols])
         self._pending = (X, score, pred[:, cols].astype(np.int64))
         pos = first_exit(1.0 - score, np.asarray(cfg.thresholds, dtype=np.float64))

@@ -107,7 +107,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
             return lambda b: float(row[b - 1])
         return lambda b: float(grid[int(queue_lengths[b - 1]) - 1, b - 1])
 
-    final_all, pred_all = recording.final, recording.pred
+    final_all, pred_all, move_all = recording.final, recording.pred, recording.move
 
     def run_batch(members: np.ndarray, now: float) -> float:
         k = members.size
@@ -116,7 +116,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         ix = slice(m0, m0 + k) if int(members[-1]) - m0 + 1 == k else members
         conf_b = conf_all[ix].astype(np.float64)
         agree_b = agree_all[ix]
-        plan = policy.plan(conf_b, agree_b, pred=pred_all[ix])
+        plan = policy.plan(conf_b, agree_b, pred=pred_all[ix], move=None if move_all is None else move_all[ix])
         length = None if lengths is None else float(lengths[ix].max())
         tab = profile.table(k, plan.sites, length)
         if plan.pay_ramps:
