@@ -167,3 +167,20 @@ def test_window_and_buffer_stay_aligned_and_replay_repeats_its_decisions():
             assert np.array_equal(a, b, equal_nan=True)
         else:
             assert a == b
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 300), st.floats(0.0, 0.2))
+def test_release_share_keeps_the_loss_and_whole_tie_groups(seed, n, loss):
+    from apparate.bench.evidence import release_share
+
+    rng = np.random.default_rng(seed)
+    score = rng.integers(0, 8, n) / 8.0  # many ties
+    ok = rng.uniform(size=n) < 0.8
+    share = release_share(score, ok, loss)
+    k = int(round(share * n))
+    order = np.argsort(-score, kind="stable")
+    assert np.count_nonzero(~ok[order[:k]]) <= loss * n + 1e-9
+    if 0 < k < n:  # a threshold releases a whole group of tied scores or none of it
+        assert score[order[k - 1]] != score[order[k]]
+    assert release_share(score, ok, min(loss * 2, 1.0)) >= share

@@ -126,6 +126,7 @@ class EvidenceModel:
         self.weights: np.ndarray = np.full((S, F), np.nan)  # NaN row: unfitted, the score is the confidence
         self.version = 0
         self._since_fit = 0
+        self.seen = np.zeros(S, dtype=np.int64)  # labelled inputs per site, ever
 
     # ------------------------------------------------------------------ scoring
     def score(self, X: np.ndarray, sites: np.ndarray, conf: np.ndarray) -> np.ndarray:
@@ -150,10 +151,15 @@ class EvidenceModel:
         self.agree[rows[:, None], sites[None, :]] = agree[n - keep:]
         self.written += n
         self._since_fit += n
+        self.seen[sites] += n
         return rows
 
     def due(self) -> bool:
-        return self._since_fit >= self.refit_every
+        """Time to refit: every `refit_every` inputs, and as soon as a site not fitted yet has
+        its `min_inputs` (a ramp just added should not wait a whole period on its confidence)."""
+        if self._since_fit >= self.refit_every:
+            return True
+        return bool(np.any(np.isnan(self.weights[:, 0]) & (self.seen >= self.min_inputs)))
 
     def refit(self) -> bool:
         """Refit every site with enough labelled inputs on its latest `train_inputs`; True if

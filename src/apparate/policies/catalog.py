@@ -158,6 +158,7 @@ def check_servable(name: str) -> None:
         why = ("it is tuned on the stream it is evaluated on (hindsight)" if name.endswith("opt") else
                "it is an oracle that knows every answer in advance" if name.startswith("optimal") else
                "its pooler ramps are a separate preparation (replay only)" if name.startswith("deebert") else
+               "its learned exit rule runs in replay only so far" if name == "apparate-learned" else
                "it is not a policy")
         raise ValueError(f"policy {name!r} cannot be served: {why}; servable: {', '.join(SERVABLE)}")
 
