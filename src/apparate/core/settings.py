@@ -22,9 +22,8 @@ class Settings:
     inputs, 0.19% on 256. Tuned thresholds lose 1.5-2x more on the next inputs than on the window
     they were tuned on (selection and drift, measured on the real recordings: docs/core.md), so z
     is large. The artifact's comments say A - 0.5%, its code effectively A - 0.01%."""
-    margin_rule: str = "auto"
-    """'fixed': the margin is `margin_z` always. 'auto': fixed for the confidence rule, adaptive
-    for the learned exit rule (`apparate-learned`). 'adaptive': the margin learns from the answers
+    margin_rule: str = "fixed"
+    """'fixed': the margin is `margin_z` always. 'adaptive': the margin learns from the answers
     actually released (every input's final answer says whether its released answer agreed), as
     adaptive conformal inference updates its level: after each input z += margin_gain * (wrong -
     margin_aim * A), kept within [margin_z_min, margin_z_max]. Wrong answers rarer than the aim
@@ -171,8 +170,7 @@ class Settings:
              f"emergency_action must be regime, zero or shrink, got {self.emergency_action!r}")
         need(self.move_removes in ("lowest", "highest"), f"move_removes must be lowest or highest, got {self.move_removes!r}")
         need(self.placement in ("greedy", "spaced"), f"placement must be greedy or spaced, got {self.placement!r}")
-        need(self.margin_rule in ("auto", "fixed", "adaptive"),
-             f"margin_rule must be auto, fixed or adaptive, got {self.margin_rule!r}")
+        need(self.margin_rule in ("fixed", "adaptive"), f"margin_rule must be fixed or adaptive, got {self.margin_rule!r}")
         need(self.margin_gain >= 0, "margin_gain must be >= 0")
         need(0 < self.margin_aim <= 1, "margin_aim must be in (0, 1]")
         need(0 <= self.margin_z_min <= self.margin_z_max, "need 0 <= margin_z_min <= margin_z_max")

@@ -29,8 +29,6 @@ class LearnedPolicy(AdaptivePolicy):
     def __init__(self, name: str, controller: Controller, bootstrap: Recording, seed_window: bool = True):
         super().__init__(name, controller)
         s = controller.settings
-        if s.margin_rule == "auto":  # the learned rule's default: a margin that learns too
-            s = controller.settings = s.replace(margin_rule="adaptive")
         S = controller.profile.num_sites
         W = controller.window.size
         self.model = EvidenceModel(S, W, s.evidence_min_inputs, s.evidence_train_inputs, s.evidence_refit_inputs,
