@@ -34,10 +34,29 @@ def test_recording_has_every_site_and_the_bundles_identity(recorded, r20_bundle)
     check_recording_matches(recorded, r20_bundle.path)
 
 
+def test_recording_keeps_each_sites_feature_movement_across_batches(recorded, r20_bundle, r20):
+    move = recorded.move
+    assert move is not None and move.shape == recorded.conf.shape
+    assert np.isnan(move[0]).all()  # the first input has no previous one
+    assert np.all(np.isfinite(move[1:])) and np.all(move[1:] >= 0)
+    # the same stream in batches of another size: the same movement (carried across batches)
+    again = record_stream(dataclasses.replace(r20_bundle, workload=r20), r20.stream("test", n=40), batch_size=7,
+                          progress=False)
+    assert np.allclose(again.move[1:], move[1:40], rtol=1e-4, atol=1e-6)
+    # a repeated input does not move: [a, a] at every site
+    stream = r20.stream("test", n=1)
+    twice = dataclasses.replace(stream, inputs=np.concatenate([stream.inputs[:1]] * 2), labels=np.r_[stream.labels, stream.labels],
+                                costs=np.r_[stream.costs, stream.costs], meta={})
+    same = record_stream(dataclasses.replace(r20_bundle, workload=r20), twice, batch_size=2, progress=False)
+    assert np.allclose(same.move[1], 0.0, atol=1e-6)
+
+
 def test_recording_round_trip_and_mismatch_refused(recorded, r20_bundle, tmp_path):
     path = recorded.save(tmp_path / "rec.npz")
     back = Recording.load(path)
     assert np.array_equal(back.conf, recorded.conf) and back.meta == recorded.meta
+    assert np.array_equal(back.move, recorded.move, equal_nan=True)
+    assert np.array_equal(back.take(slice(3, 9)).move, recorded.move[3:9], equal_nan=True)
     other = Recording(back.conf, back.pred, back.final, back.labels, None, back.site_names,
                       {**back.meta, "bundle_id": "0123456789abcdef", "bundle": "/elsewhere"})
     with pytest.raises(ValueError, match="made by bundle /elsewhere"):
@@ -95,3 +114,16 @@ def test_replay_refuses_a_recording_from_another_bundle(r20_bundle, tmp_path, re
     out = run_cli("replay", str(r20_bundle.path), "--recording", str(path))
     assert out.returncode == 2
     assert "not by" in out.stderr and "record the stream again" in out.stderr
+
+
+def test_bench_evidence_prints_what_each_exit_rule_could_release(r20_bundle, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("APPARATE_CACHE", str(tmp_path / "cache"))
+    out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
+                  "--stream", "test", "--n", "200", "--train", "100", "--refit", "50", "--loss", "0.01", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("|") and "%" in line and "released" not in line]
+    assert len(rows) == r20_bundle.num_sites
+    assert "100 inputs scored out of sample" in out.stdout and "feature movement recorded" in out.stdout
+    out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
+                  "--stream", "test", "--n", "200", "--train", "400", "--no-progress")
+    assert out.returncode != 0 and "no more than --train 400" in out.stderr

@@ -57,16 +57,14 @@ def online_scores(X: np.ndarray, agree: np.ndarray, train: int, refit: int, l2: 
 
 
 def run(args: argparse.Namespace) -> int:
-    from apparate.bench.experiment import load_or_prepare, load_or_record
+    from apparate.bench.experiment import bundle_and_recording
     from apparate.bench.experiment_args import command_line, spec_from_args
     from apparate.bench.timing import markdown_table
     from apparate.core.evidence import StreamContext, features
 
     spec = spec_from_args(args)
     log = print if spec.progress else (lambda _s: None)
-    bundle = load_or_prepare(spec.workload, spec.data_dir, spec.bundle, None, spec, log)
-    stream = spec.stream or ("camera-day" if bundle.workload.kind == "image" else "drift")
-    rec = load_or_record(bundle, stream, spec.n, spec.seed, spec, log)
+    bundle, stream, rec = bundle_and_recording(spec, log)
     losses = [float(x) for x in args.loss.split(",")]
     settings = spec.settings_for(bundle.kind)
     if rec.num_inputs <= args.train:

@@ -138,6 +138,18 @@ def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec
     return rec
 
 
+def default_stream(kind: str) -> str:
+    """The stream a comparison replays when none is named: a camera day, or drifting text."""
+    return "camera-day" if kind == "image" else "drift"
+
+
+def bundle_and_recording(spec: ExperimentSpec, log: Log) -> tuple[Any, str, Recording]:
+    """The workload's light-ramp bundle and its recording of the spec's stream (both cached)."""
+    bundle = load_or_prepare(spec.workload, spec.data_dir, spec.bundle, None, spec, log)
+    stream = spec.stream or default_stream(bundle.workload.kind)
+    return bundle, stream, load_or_record(bundle, stream, spec.n, spec.seed, spec, log)
+
+
 def make_trace(spec: ExperimentSpec, n: int) -> np.ndarray:
     kind = {"gamma": "bursty", "azure": "azure-llm"}.get(spec.trace, spec.trace)
     tr = traces.generate(kind, rate=spec.rate, n=n, seed=spec.seed, cv=spec.cv, data_dir=spec.data_dir)
@@ -167,7 +179,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
         families = {}
         light = load_or_prepare(spec.workload, spec.data_dir, spec.bundle, None, spec, log)
         kind = spec.kind or light.kind
-        stream = spec.stream or ("camera-day" if kind == "image" else "drift")
+        stream = spec.stream or default_stream(kind)
         rec = load_or_record(light, stream, spec.n, spec.seed, spec, log)
         families["light"] = RampFamily(light.recording, rec, light.profile)
         info.update(stream=stream, bundle=str(light.path), ramp=light.specs[0].kind if light.specs else "?")

@@ -37,13 +37,11 @@ def run(args: argparse.Namespace) -> int:
     from apparate.core.exits import simulate
     from apparate.core.placement import initial_placement
     from apparate.core.tuning import tune
-    from apparate.bench.experiment import load_or_prepare, load_or_record
+    from apparate.bench.experiment import bundle_and_recording
 
     spec = spec_from_args(args)
     log = print if spec.progress else (lambda _s: None)
-    bundle = load_or_prepare(spec.workload, spec.data_dir, spec.bundle, None, spec, log)
-    stream = spec.stream or ("camera-day" if bundle.workload.kind == "image" else "drift")
-    rec = load_or_record(bundle, stream, spec.n, spec.seed, spec, log)
+    bundle, stream, rec = bundle_and_recording(spec, log)
     length = None if rec.lengths is None else float(np.mean(rec.lengths))
     base = spec.settings_for(bundle.kind)
     place = initial_placement(bundle.recording.conf, bundle.recording.agree, bundle.profile, base, (1.0, length))
