@@ -172,7 +172,7 @@ def test_window_and_buffer_stay_aligned_and_replay_repeats_its_decisions():
 @hsettings(max_examples=60, deadline=None)
 @given(st.integers(0, 10_000), st.integers(1, 300), st.floats(0.0, 0.2))
 def test_release_share_keeps_the_loss_and_whole_tie_groups(seed, n, loss):
-    from apparate.bench.evidence import release_share
+    from apparate.core.evidence import release_share
 
     rng = np.random.default_rng(seed)
     score = rng.integers(0, 8, n) / 8.0  # many ties

@@ -17,6 +17,8 @@ import argparse
 
 import numpy as np
 
+from apparate.core.evidence import release_share
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from apparate.bench.experiment_args import add_experiment_args
@@ -28,19 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", type=int, default=1024, help="inputs each fit uses (default 1024)")
     p.add_argument("--refit", type=int, default=256, help="inputs between fits (default 256)")
     p.set_defaults(func=run)
-
-
-def release_share(score: np.ndarray, ok: np.ndarray, loss: float) -> float:
-    """Largest share of inputs released by a threshold on `score` (whole tie groups, highest
-    first) with at most `loss` of all inputs released wrongly (`ok` False)."""
-    n = score.size
-    if n == 0:
-        return 0.0
-    order = np.argsort(-score, kind="stable")
-    s, wrong = score[order], np.cumsum(~ok[order])
-    ends = np.r_[np.flatnonzero(np.diff(s) != 0), n - 1]  # last position of each tie group
-    fine = ends[wrong[ends] <= loss * n + 1e-9]
-    return float(fine.max() + 1) / n if fine.size else 0.0
 
 
 def online_scores(X: np.ndarray, agree: np.ndarray, train: int, refit: int, l2: float) -> np.ndarray:

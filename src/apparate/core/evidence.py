@@ -109,17 +109,32 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 12)
     return w
 
 
+def release_share(score: np.ndarray, ok: np.ndarray, loss: float) -> float:
+    """Largest share of inputs released by a threshold on `score` (whole tie groups, highest
+    first) with at most `loss` of all inputs released wrongly (`ok` False)."""
+    n = score.size
+    if n == 0:
+        return 0.0
+    order = np.argsort(-score, kind="stable")
+    s, wrong = score[order], np.cumsum(~ok[order])
+    ends = np.r_[np.flatnonzero(np.diff(s) != 0), n - 1]  # last position of each tie group
+    fine = ends[wrong[ends] <= loss * n + 1e-9]
+    return float(fine.max() + 1) / n if fine.size else 0.0
+
+
 class EvidenceModel:
     """Per site: a ring of the latest inputs' features and agreement, the fitted weights, and the
     score of new inputs. Bounded: `size` inputs of [S, F] features, whatever the stream's length."""
 
     def __init__(self, num_sites: int, size: int, min_inputs: int = 256, train_inputs: int = 1024,
-                 refit_every: int = 256, l2: float = 1.0):
+                 refit_every: int = 256, l2: float = 1.0, guard_gain: float | None = None,
+                 guard_loss: float = 0.005):
         if size < 1 or min_inputs < 1 or train_inputs < 1 or refit_every < 1 or l2 < 0:
             raise ValueError("need size, min_inputs, train_inputs, refit_every >= 1 and l2 >= 0")
         S = num_sites
         self.num_sites, self.size = S, size
         self.min_inputs, self.train_inputs, self.refit_every, self.l2 = min_inputs, min(train_inputs, size), refit_every, l2
+        self.guard_gain, self.guard_loss = guard_gain, guard_loss
         self.X = np.full((size, S, F), np.nan)
         self.agree = np.zeros((size, S), dtype=bool)
         self.written = 0
@@ -173,13 +188,26 @@ class EvidenceModel:
             if seen.size < self.min_inputs:
                 continue
             use = seen[-self.train_inputs:]
-            w = fit_logistic(self.X[use, s], self.agree[use, s].astype(np.float64), self.l2)
-            if not np.array_equal(w, self.weights[s]):
+            X, y = self.X[use, s], self.agree[use, s]
+            w = fit_logistic(X, y.astype(np.float64), self.l2) if self._earns_its_place(X, y) else np.full(F, np.nan)
+            if not np.array_equal(w, self.weights[s], equal_nan=True):
                 self.weights[s] = w
                 changed = True
         if changed:
             self.version += 1
         return changed
+
+    def _earns_its_place(self, X: np.ndarray, y: np.ndarray) -> bool:
+        """The guard: fitted on the older three quarters of a site's inputs, does the learned score
+        release at least `guard_gain` more of the newest quarter than the ramp's confidence does,
+        within `guard_loss`? If not, the site keeps its confidence (no guard: always learned)."""
+        if self.guard_gain is None:
+            return True
+        k = max(y.size // 4, 1)
+        w = fit_logistic(X[:-k], y[:-k].astype(np.float64), self.l2)
+        learned = release_share(X[-k:] @ w, y[-k:], self.guard_loss)  # ranks: the logit is enough
+        plain = release_share(X[-k:, 1], y[-k:], self.guard_loss)  # feature 1: the confidence's logit
+        return learned >= plain + self.guard_gain
 
     def rescored(self, rows: np.ndarray, conf: np.ndarray) -> np.ndarray:
         """The current model's scores for ring rows [m] over every site (NaN where a site did not

@@ -48,6 +48,11 @@ class Settings:
     """Refit every this many inputs (then the window is re-scored and the thresholds re-tuned)."""
     evidence_l2: float = 1.0
     """L2 penalty of the per-site logistic predictors (pseudo-observations' weight)."""
+    evidence_guard: float | None = 0.02
+    """A site's learned score goes live only if, fitted on the older three quarters of its inputs,
+    it releases this share more of the newest quarter than its confidence does within
+    `evidence_guard_loss`; else the site keeps its confidence. None: always learned."""
+    evidence_guard_loss: float = 0.005
 
     # --- ramp budget ------------------------------------------------------------------------
     ramp_budget: float = 0.02
@@ -178,6 +183,7 @@ class Settings:
         for name in ("evidence_min_inputs", "evidence_train_inputs", "evidence_refit_inputs"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.evidence_l2 >= 0, "evidence_l2 must be >= 0")
+        need(0 <= self.evidence_guard_loss < 1, "evidence_guard_loss must be in [0, 1)")
 
     def tuning_target(self, n: int) -> float:
         """Accuracy loss the tuner aims for on a window of `n` inputs."""

@@ -32,7 +32,7 @@ class LearnedPolicy(AdaptivePolicy):
         S = controller.profile.num_sites
         W = controller.window.size
         self.model = EvidenceModel(S, W, s.evidence_min_inputs, s.evidence_train_inputs, s.evidence_refit_inputs,
-                                   s.evidence_l2)
+                                   s.evidence_l2, s.evidence_guard, s.evidence_guard_loss)
         self.ctx = StreamContext.empty(S)
         all_sites = np.arange(S)
         if seed_window and controller.window.written:
