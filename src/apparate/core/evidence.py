@@ -91,10 +91,12 @@ def features(conf: np.ndarray, pred: np.ndarray, sites: np.ndarray, ctx: StreamC
     return X
 
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 12) -> np.ndarray:
-    """Weights [F] of an L2-regularised logistic regression (Newton's method; the bias is not
-    penalised). Deterministic; a separable or constant y gives finite weights through the L2."""
-    w = np.zeros(X.shape[1])
+def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 12,
+                 start: np.ndarray | None = None) -> np.ndarray:
+    """Weights [F] of an L2-regularised logistic regression (Newton's method from `start`, else
+    zeros; the bias is not penalised). Deterministic; a separable or constant y gives finite
+    weights through the L2."""
+    w = np.zeros(X.shape[1]) if start is None or np.isnan(start).any() else np.array(start, dtype=np.float64)
     reg = np.full(X.shape[1], l2)
     reg[0] = 1e-6
     for _ in range(iters):
@@ -142,6 +144,7 @@ class EvidenceModel:
         self.version = 0
         self._since_fit = 0
         self.seen = np.zeros(S, dtype=np.int64)  # labelled inputs per site, ever
+        self._seen_at_fit = np.zeros(S, dtype=np.int64)  # ... when the site was last fitted
 
     # ------------------------------------------------------------------ scoring
     def score(self, X: np.ndarray, sites: np.ndarray, conf: np.ndarray) -> np.ndarray:
@@ -174,7 +177,7 @@ class EvidenceModel:
         its `min_inputs` (a ramp just added should not wait a whole period on its confidence)."""
         if self._since_fit >= self.refit_every:
             return True
-        return bool(np.any(np.isnan(self.weights[:, 0]) & (self.seen >= self.min_inputs)))
+        return bool(np.any((self.seen >= self.min_inputs) & (self._seen_at_fit < self.min_inputs)))
 
     def refit(self) -> bool:
         """Refit every site with enough labelled inputs on its latest `train_inputs`; True if
@@ -184,12 +187,16 @@ class EvidenceModel:
         order = (np.arange(self.written - m, self.written)) % self.size  # oldest first
         changed = False
         for s in range(self.num_sites):
+            if self.seen[s] == self._seen_at_fit[s]:
+                continue  # nothing new since its last fit (an inactive ramp): the same weights
+            self._seen_at_fit[s] = self.seen[s]
             seen = order[~np.isnan(self.X[order, s, 0])]
             if seen.size < self.min_inputs:
                 continue
             use = seen[-self.train_inputs:]
             X, y = self.X[use, s], self.agree[use, s]
-            w = fit_logistic(X, y.astype(np.float64), self.l2) if self._earns_its_place(X, y) else np.full(F, np.nan)
+            w = (fit_logistic(X, y.astype(np.float64), self.l2, start=self.weights[s])
+                 if self._earns_its_place(X, y, self.weights[s]) else np.full(F, np.nan))
             if not np.array_equal(w, self.weights[s], equal_nan=True):
                 self.weights[s] = w
                 changed = True
@@ -197,14 +204,14 @@ class EvidenceModel:
             self.version += 1
         return changed
 
-    def _earns_its_place(self, X: np.ndarray, y: np.ndarray) -> bool:
+    def _earns_its_place(self, X: np.ndarray, y: np.ndarray, start: np.ndarray) -> bool:
         """The guard: fitted on the older three quarters of a site's inputs, does the learned score
         release at least `guard_gain` more of the newest quarter than the ramp's confidence does,
         within `guard_loss`? If not, the site keeps its confidence (no guard: always learned)."""
         if self.guard_gain is None:
             return True
         k = max(y.size // 4, 1)
-        w = fit_logistic(X[:-k], y[:-k].astype(np.float64), self.l2)
+        w = fit_logistic(X[:-k], y[:-k].astype(np.float64), self.l2, start=start)
         learned = release_share(X[-k:] @ w, y[-k:], self.guard_loss)  # ranks: the logit is enough
         plain = release_share(X[-k:, 1], y[-k:], self.guard_loss)  # feature 1: the confidence's logit
         return learned >= plain + self.guard_gain
