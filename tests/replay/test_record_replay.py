@@ -96,6 +96,12 @@ def test_record_and_replay_commands(r20_bundle, data_dir, tmp_path):
                   "--data-dir", str(data_dir), "--no-progress")
     assert out.returncode == 0, out.stderr
     assert "recorded 64 inputs" in out.stdout and rec.exists()
+    assert "feature movement per site kept" in out.stdout and Recording.load(rec).move is not None
+    bare = tmp_path / "bare.npz"
+    out = run_cli("record", str(r20_bundle.path), "--stream", "test", "--n", "16", "--out", str(bare),
+                  "--data-dir", str(data_dir), "--no-progress", "--no-move")
+    assert out.returncode == 0, out.stderr
+    assert Recording.load(bare).move is None and "feature movement" not in out.stdout
     rep = tmp_path / "rep"
     out = run_cli("replay", str(r20_bundle.path), "--recording", str(rec), "--policy", "apparate",
                   "--rate", "50", "--out", str(rep))

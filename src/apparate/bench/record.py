@@ -26,8 +26,9 @@ def bundle_id(bundle_path: str | Path) -> str:
 
 
 def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool = True,
-                  threads: int | None = None) -> Recording:
-    """Run `bundle`'s model over `stream` with every candidate ramp active."""
+                  threads: int | None = None, move: bool = True) -> Recording:
+    """Run `bundle`'s model over `stream` with every candidate ramp active; `move`: also how far
+    each site's pooled features moved since the previous input (image streams)."""
     import torch
     from tqdm import tqdm
 
@@ -39,7 +40,7 @@ def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool
     sites = tuple(range(bundle.num_sites))
     conf, pred, final, labels, costs, moves = [], [], [], [], [], []
     n = len(stream)
-    tracker = _MoveTracker(model) if bundle.workload.kind == "image" else None
+    tracker = _MoveTracker(model) if move and bundle.workload.kind == "image" else None
     with tqdm(total=n, desc=f"record {stream.name}", unit="input", disable=not progress) as bar:
         for batch in bundle.workload.batches(stream, batch_size):
             if tracker is not None:
