@@ -1,0 +1,152 @@
+"""`apparate-learned` served live: the executor scores with the control thread's published fit and
+decides as the replay's `LearnedPolicy.plan` does; served batches' features reach the policy's
+buffer, aligned with the controller's window; refits publish a new scorer."""
+
+from __future__ import annotations
+
+import numpy as np
+import httpx
+
+from .conftest import image_request, served_cnn, serving, wait_for
+from .test_control import small_settings
+
+
+def _frames(seed: int, n: int) -> np.ndarray:
+    """An ordered stream of n 8x8 frames: a few scenes, each held for a while with a little noise
+    (so answers repeat and pooled features barely move inside a scene)."""
+    rng = np.random.default_rng(seed)
+    scenes = rng.integers(0, 256, (4, 8, 8, 3))
+    which = np.repeat(np.arange(n) // 7 % 4, 1)
+    noise = rng.integers(-6, 7, (n, 8, 8, 3))
+    return np.clip(scenes[which] + noise, 0, 255).astype(np.uint8)
+
+
+def test_the_executor_decides_as_the_replay_policy(tiny_cnn):
+    """Same inputs, same fit: the executor's features, scores and exit positions equal what
+    `LearnedPolicy.plan` computes from the ramps' confidences, answers and the recording
+    instrument's feature movement (`bench.record._MoveTracker`), batch after batch."""
+    import torch
+
+    from apparate.bench.record import _MoveTracker
+    from apparate.core.controller import Config, Controller
+    from apparate.core.evidence import F
+    from apparate.policies.evidence import LearnedPolicy
+    from apparate.serve.executor import Executor
+    from apparate.serve.requests import Request
+
+    served = served_cnn(tiny_cnn)
+    S = served.num_sites
+    settings = small_settings(evidence_min_inputs=10 ** 6, evidence_refit_inputs=10 ** 6)
+    cfg = Config((0, 1), (0.9, 0.98), 3)
+    pol = LearnedPolicy("apparate-learned", Controller(served.profile, settings, cfg), None, seed_window=False)
+    # fits that use every feature (scores 0.01..0.6 on these frames: thresholds that release some)
+    pol.model.weights[0] = np.random.default_rng(1).normal(0, 0.6, F)
+    pol.model.weights[1] = np.random.default_rng(2).normal(0, 0.6, F)
+    pol.model.version = 1
+    scorer = pol.scorer()
+    assert scorer.version == 1 and not scorer.weights.flags.writeable
+
+    released = []
+    ex = Executor(served, released.extend)
+    ref = served_cnn(tiny_cnn).ee  # a second copy of the model, instrumented as recording does
+    tracker = _MoveTracker(ref)
+    frames = _frames(0, 40)
+    exits, early = [], 0
+    a = 0
+    try:
+        for k in (1, 3, 5, 2, 8, 1, 4, 7, 6, 3):
+            imgs = frames[a:a + k]
+            a += k
+            reqs = [Request(img, 1, 0.0, 0.0) for img in imgs]
+            with torch.inference_mode():
+                rep = ex.run(reqs, cfg, ex.clock(), scorer)
+                tracker.start()
+                out = ref(served.codec.encode(list(imgs)), active=range(S))
+                move = tracker.finish()
+            conf, pred = out.conf_matrix(range(S)), out.pred_matrix(range(S))
+            final = out.final_pred.numpy()
+            agree = pred == final[:, None]
+            plan = pol.plan(conf, agree, pred=pred, move=move)
+            X, score, _ = pol._pending
+            assert rep.features.shape == (k, 2, F) and rep.scorer_version == 1
+            assert np.array_equal(rep.ramp_conf, conf) and np.array_equal(rep.agree, agree)
+            assert np.array_equal(rep.features, X)
+            assert np.array_equal(rep.conf, score)  # the controller sees these scores
+            assert np.array_equal(rep.exit_pos, plan.exit_pos)
+            exits.append(plan.exit_pos)
+            early += int(np.count_nonzero(plan.exit_pos < 2))
+            # the replay policy's stream context moves on as its observe would
+            pol._pending = None
+            pol.ctx.advance(np.arange(S), conf, pred, final)
+        assert len(released) == a
+        assert np.all(np.isfinite(X[1:, :, 5]))  # movement known inside a batch (and across batches)
+    finally:
+        tracker.close()
+        ex.close()
+    allpos = np.concatenate(exits)
+    assert 0 < early < a and {0, 1, 2} <= set(allpos.tolist()), allpos  # every way out was taken
+
+
+def test_without_a_scorer_nothing_learned_runs(tiny_cnn):
+    """The confidence rule's path: no pooled features, no features in the report."""
+    import torch
+
+    from apparate.core.controller import Config
+    from apparate.serve.executor import Executor
+    from apparate.serve.requests import Request
+
+    served = served_cnn(tiny_cnn)
+    ex = Executor(served, lambda pairs: None)
+    seen = []
+    ee_call = served.ee.forward
+
+    def spy(*a, **kw):
+        out = ee_call(*a, **kw)
+        seen.extend(r.pooled for r in out.ramps.values())
+        return out
+
+    served.ee.forward = spy
+    with torch.inference_mode():
+        rep = ex.run([Request(img, 1, 0.0, 0.0) for img in _frames(1, 4)], Config((0, 1), (0.3, 0.3)), ex.clock())
+    ex.close()
+    assert rep.features is None and rep.scorer_version is None and rep.ramp_conf is None
+    assert seen and all(p is None for p in seen)
+
+
+def test_serving_apparate_learned(tiny_cnn):
+    """A live server with `--policy apparate-learned` answers OIP v2 requests; after enough of
+    them the evidence model has refitted and the engine scores with the published fit; the
+    buffer and the controller's window stay level."""
+    from apparate.core.controller import Config
+    from apparate.policies.evidence import LearnedPolicy
+    from apparate.serve.control import ControlOptions
+
+    served = served_cnn(tiny_cnn)
+    settings = small_settings(evidence_min_inputs=24, evidence_refit_inputs=24, evidence_train_inputs=96)
+    control = ControlOptions(policy="apparate-learned", settings=settings, initial=Config((0, 1), (0.3, 0.3)))
+    frames = _frames(2, 160)
+    with serving(served, control_opts=control) as live, httpx.Client(base_url=live.url) as c:
+        ctl = live.engine.control
+        pol = ctl.policy
+        assert isinstance(pol, LearnedPolicy) and live.engine.live.scorer is pol.scorer()
+        assert pol.model.written == pol.controller.window.written == 0
+        v0 = pol.model.version
+        for i in range(0, len(frames), 4):
+            body = {"inputs": [{"name": "input", "shape": [4, 8, 8, 3], "datatype": "UINT8",
+                                "data": frames[i:i + 4].reshape(-1).tolist()}]}
+            r = c.post("/v2/models/tiny/infer", json=body)
+            assert r.status_code == 200, r.text
+            out = {o["name"]: o for o in r.json()["outputs"]}
+            assert len(out["label"]["data"]) == 4 and set(out["exit_site"]["data"]) <= {-1, 0, 1}
+        assert live.engine.flush()
+        assert pol.model.written == pol.controller.window.written == len(frames)  # aligned, every input
+        assert pol.model.version >= max(v0, 1)  # refitted on served inputs
+        assert wait_for(lambda: live.engine.live.scorer.version == pol.model.version)
+        assert live.engine.live.scorer is pol.scorer()  # the engine scores with the current fit
+        st = c.get("/v2/models/tiny/earlyexit").json()
+        assert st["policy"] == "apparate-learned" and st["scorer_version"] == pol.model.version
+        ev = st["control"]["evidence"]  # (statistics refresh at most every 0.2 s, on feedback)
+        assert set(ev) == {"version", "published", "buffered", "fitted_sites"} and 0 < ev["buffered"] <= len(frames)
+        # a single input is served too (the batch-of-one path)
+        r = c.post("/v2/models/tiny/infer", json=image_request(1, seed=5))
+        assert r.status_code == 200 and r.json()["outputs"][0]["data"]
