@@ -4,8 +4,9 @@ buffer, aligned with the controller's window; refits publish a new scorer."""
 
 from __future__ import annotations
 
-import numpy as np
 import httpx
+import numpy as np
+import pytest
 
 from .conftest import image_request, served_cnn, serving, wait_for
 from .test_control import small_settings
@@ -123,7 +124,9 @@ def test_serving_apparate_learned(tiny_cnn):
 
     served = served_cnn(tiny_cnn)
     settings = small_settings(evidence_min_inputs=24, evidence_refit_inputs=24, evidence_train_inputs=96)
-    control = ControlOptions(policy="apparate-learned", settings=settings, initial=Config((0, 1), (0.3, 0.3)))
+    # batches pooled into controller batches of at least 6 inputs: features concatenated alike
+    control = ControlOptions(policy="apparate-learned", settings=settings, initial=Config((0, 1), (0.3, 0.3)),
+                             feedback_min_inputs=6)
     frames = _frames(2, 160)
     with serving(served, control_opts=control) as live, httpx.Client(base_url=live.url) as c:
         ctl = live.engine.control
@@ -139,7 +142,8 @@ def test_serving_apparate_learned(tiny_cnn):
             out = {o["name"]: o for o in r.json()["outputs"]}
             assert len(out["label"]["data"]) == 4 and set(out["exit_site"]["data"]) <= {-1, 0, 1}
         assert live.engine.flush()
-        assert pol.model.written == pol.controller.window.written == len(frames)  # aligned, every input
+        # level: every pooled feedback went to both (a partial pool is dropped at a config change)
+        assert pol.model.written == pol.controller.window.written > len(frames) // 2
         assert pol.model.version >= max(v0, 1)  # refitted on served inputs
         assert wait_for(lambda: live.engine.live.scorer.version == pol.model.version)
         assert live.engine.live.scorer is pol.scorer()  # the engine scores with the current fit
@@ -150,3 +154,89 @@ def test_serving_apparate_learned(tiny_cnn):
         # a single input is served too (the batch-of-one path)
         r = c.post("/v2/models/tiny/infer", json=image_request(1, seed=5))
         assert r.status_code == 200 and r.json()["outputs"][0]["data"]
+
+
+def test_pooled_feedback_keeps_features_in_order_and_rescored_with_the_current_fit(tiny_cnn):
+    """`_merged` concatenates pooled batches' features, scores, exits and scorer versions in
+    arrival order; inputs a stale scorer served are re-scored with the current fit before they
+    reach the window; the buffer stays level with the window (also with no active ramp)."""
+    from apparate.core.controller import Config, Controller
+    from apparate.core.evidence import F, EvidenceFeedback
+    from apparate.policies.evidence import LearnedPolicy
+    from apparate.serve.control import _merged
+    from apparate.serve.executor import BatchReport
+
+    prof = tiny_cnn.bundle.profile
+    settings = small_settings(evidence_min_inputs=10 ** 6, evidence_refit_inputs=10 ** 6)
+    cfg = Config((0, 1), (0.2, 0.2))
+    pol = LearnedPolicy("apparate-learned", Controller(prof, settings, cfg), None, seed_window=False)
+    pol.model.weights[:] = np.random.default_rng(0).normal(0, 0.5, (2, F))
+    pol.model.version = 2
+    rng = np.random.default_rng(1)
+
+    def report(n, version):
+        X = rng.normal(size=(n, 2, F))
+        raw = rng.uniform(0.3, 1.0, (n, 2))
+        score = rng.uniform(0, 1, (n, 2))
+        agree = rng.uniform(size=(n, 2)) < 0.8
+        pos = rng.integers(0, 3, n)
+        ok = np.where(pos < 2, agree[np.arange(n), np.minimum(pos, 1)], True)
+        return BatchReport(cfg.sites, cfg.thresholds, cfg.version, score, agree, pos, ok, np.zeros(n), n, None,
+                           features=X, ramp_conf=raw, scorer_version=version)
+
+    reps = [report(3, 2), report(2, 1), report(4, 2)]  # the middle batch was served by the fit before
+    fb = _merged(reps)
+    assert isinstance(fb, EvidenceFeedback) and fb.batch_size == 9
+    assert np.array_equal(fb.features, np.concatenate([r.features for r in reps]))
+    assert fb.scorer_version.tolist() == [2] * 3 + [1] * 2 + [2] * 4
+    assert np.array_equal(fb.released()[0], np.concatenate([r.exit_pos for r in reps]))
+    pol.feedback(fb)
+    win = pol.controller.window
+    assert pol.model.written == win.written == 9
+    rows = win.last(9)
+    cols = np.arange(2)
+    want = np.concatenate([reps[0].conf, pol.model.score(reps[1].features, cols, reps[1].ramp_conf), reps[2].conf])
+    assert np.allclose(win.conf[rows], want)  # the stale batch re-scored, the others as served
+    assert np.array_equal(win.correct[rows], fb.released_agree)  # exits as served
+    # a batch with no active ramp still moves both rings on together
+    empty = BatchReport((), (), 5, np.zeros((2, 0)), np.zeros((2, 0), bool), np.zeros(2, np.int64), np.ones(2, bool),
+                        np.zeros(2), 2, None, features=np.zeros((2, 0, F)), ramp_conf=np.zeros((2, 0)), scorer_version=2)
+    pol.feedback(_merged([empty]))
+    assert pol.model.written == win.written == 11
+    with pytest.raises(ValueError, match="EvidenceFeedback"):
+        pol.feedback(_merged([BatchReport(cfg.sites, cfg.thresholds, 0, np.zeros((1, 2)), np.ones((1, 2), bool),
+                                          np.zeros(1, np.int64), np.ones(1, bool), np.zeros(1), 1, None)]))
+
+
+def test_a_restored_learned_server_starts_a_fresh_evidence_model(tiny_cnn, tmp_path, caplog):
+    """The evidence model is not checkpointed: a restart restores the controller (window, config)
+    and starts a fresh evidence model level with its window, and says so."""
+    import logging
+
+    from apparate.core.controller import Config
+    from apparate.policies.evidence import LearnedPolicy
+    from apparate.serve.control import ControlOptions
+
+    settings = small_settings(evidence_min_inputs=24, evidence_refit_inputs=24)
+    opts = ControlOptions(policy="apparate-learned", settings=settings, initial=Config((0, 1), (0.3, 0.3)),
+                          state_dir=str(tmp_path), checkpoint_every_s=3600)
+    frames = _frames(3, 48)
+    with serving(served_cnn(tiny_cnn), control_opts=opts) as a, httpx.Client(base_url=a.url) as c:
+        for i in range(0, 48, 8):
+            body = {"inputs": [{"name": "input", "shape": [8, 8, 8, 3], "datatype": "UINT8",
+                                "data": frames[i:i + 8].reshape(-1).tolist()}]}
+            assert c.post("/v2/models/tiny/infer", json=body).status_code == 200
+        assert a.engine.flush()
+        cfg_a = a.engine.live.config
+        written_a = a.engine.control.controller.window.written
+    with caplog.at_level(logging.INFO, logger="apparate.serve"):
+        with serving(served_cnn(tiny_cnn), control_opts=opts) as b, httpx.Client(base_url=b.url) as c:
+            pol = b.engine.control.policy
+            assert isinstance(pol, LearnedPolicy) and pol.config.sites == cfg_a.sites
+            assert b.engine.control.restored["what"] == "profile, config, controller window (evidence model fresh)"
+            assert pol.controller.window.written == written_a == pol.model.written  # level from the start
+            assert pol.model.version == 0 and b.engine.live.scorer.version == 0
+            assert c.post("/v2/models/tiny/infer", json=image_request(4, seed=1)).status_code == 200
+            assert b.engine.flush()
+            assert pol.model.written == pol.controller.window.written == written_a + 4
+    assert any("evidence model is not checkpointed" in r.getMessage() for r in caplog.records)
