@@ -240,3 +240,30 @@ def test_a_restored_learned_server_starts_a_fresh_evidence_model(tiny_cnn, tmp_p
             assert b.engine.flush()
             assert pol.model.written == pol.controller.window.written == written_a + 4
     assert any("evidence model is not checkpointed" in r.getMessage() for r in caplog.records)
+
+
+def test_serving_apparate_learned_on_text(tiny_text):
+    """A text model: no feature movement (recordings keep none for text), the rest as for images."""
+    from apparate.core.controller import Config
+    from apparate.serve.control import ControlOptions
+
+    from .conftest import WORDS, served_text, text_request
+
+    settings = small_settings(evidence_min_inputs=16, evidence_refit_inputs=16)
+    control = ControlOptions(policy="apparate-learned", settings=settings, initial=Config((0, 1), (0.3, 0.3)))
+    served = served_text(tiny_text)
+    reports = []
+    with serving(served, control_opts=control) as live, httpx.Client(base_url=live.url) as c:
+        submit = live.engine.control.submit
+        live.engine.control.submit = lambda rep: (reports.append(rep), submit(rep))
+        rng = np.random.default_rng(0)
+        for _ in range(12):
+            texts = [" ".join(rng.choice(WORDS, size=3)) for _ in range(4)]
+            r = c.post("/v2/models/words/infer", json=text_request(texts))
+            assert r.status_code == 200, r.text
+        assert live.engine.flush()
+        pol = live.engine.control.policy
+        assert pol.model.written == pol.controller.window.written == 48
+        assert pol.model.version >= 1 and live.engine.live.scorer is pol.scorer()
+    fed = [r for r in reports if r.feedback]
+    assert fed and all(r.features is not None and np.all(r.features[..., 5] == 0) for r in fed)  # lmove: none
