@@ -208,38 +208,77 @@ def test_pooled_feedback_keeps_features_in_order_and_rescored_with_the_current_f
                                           np.zeros(1, np.int64), np.ones(1, bool), np.zeros(1), 1, None)]))
 
 
-def test_a_restored_learned_server_starts_a_fresh_evidence_model(tiny_cnn, tmp_path, caplog):
-    """The evidence model is not checkpointed: a restart restores the controller (window, config)
-    and starts a fresh evidence model level with its window, and says so."""
+def test_a_restored_learned_server_goes_on_with_the_saved_fit(tiny_cnn, tmp_path, caplog):
+    """A checkpoint keeps the evidence model's fit (not its buffer of features): a restart
+    restores the controller (window, config) and scores with the saved fit, its buffer empty and
+    level with the restored window. A checkpoint without a usable fit: a fresh evidence model,
+    and the log says so."""
+    import json
     import logging
 
     from apparate.core.controller import Config
     from apparate.policies.evidence import LearnedPolicy
     from apparate.serve.control import ControlOptions
+    from apparate.serve.state import FILE
 
     settings = small_settings(evidence_min_inputs=24, evidence_refit_inputs=24)
     opts = ControlOptions(policy="apparate-learned", settings=settings, initial=Config((0, 1), (0.3, 0.3)),
                           state_dir=str(tmp_path), checkpoint_every_s=3600)
-    frames = _frames(3, 48)
+    frames = _frames(3, 64)
     with serving(served_cnn(tiny_cnn), control_opts=opts) as a, httpx.Client(base_url=a.url) as c:
-        for i in range(0, 48, 8):
+        for i in range(0, 64, 8):
             body = {"inputs": [{"name": "input", "shape": [8, 8, 8, 3], "datatype": "UINT8",
                                 "data": frames[i:i + 8].reshape(-1).tolist()}]}
             assert c.post("/v2/models/tiny/infer", json=body).status_code == 200
         assert a.engine.flush()
-        cfg_a = a.engine.live.config
-        written_a = a.engine.control.controller.window.written
-    with caplog.at_level(logging.INFO, logger="apparate.serve"):
+        pol_a = a.engine.control.policy
+    # (the last checkpoint is written at shutdown, after the pending feedback)
+    cfg_a, written_a = pol_a.config, pol_a.controller.window.written
+    version_a, weights_a = pol_a.model.version, pol_a.model.weights.copy()
+    assert version_a >= 1
+    saved = json.loads((tmp_path / FILE).read_text())
+    assert saved["evidence"]["version"] == version_a
+
+    def restart(what_suffix):
         with serving(served_cnn(tiny_cnn), control_opts=opts) as b, httpx.Client(base_url=b.url) as c:
             pol = b.engine.control.policy
-            assert isinstance(pol, LearnedPolicy) and pol.config.sites == cfg_a.sites
-            assert b.engine.control.restored["what"] == "profile, config, controller window (evidence model fresh)"
+            assert isinstance(pol, LearnedPolicy) and (pol.config.sites, pol.config.thresholds) == \
+                (cfg_a.sites, cfg_a.thresholds)
+            assert b.engine.control.restored["what"] == "profile, config, controller window" + what_suffix
             assert pol.controller.window.written == written_a == pol.model.written  # level from the start
-            assert pol.model.version == 0 and b.engine.live.scorer.version == 0
+            assert b.engine.live.scorer is pol.scorer()
             assert c.post("/v2/models/tiny/infer", json=image_request(4, seed=1)).status_code == 200
             assert b.engine.flush()
             assert pol.model.written == pol.controller.window.written == written_a + 4
-    assert any("evidence model is not checkpointed" in r.getMessage() for r in caplog.records)
+            return pol.model.version, pol.model.weights.copy()
+
+    v, w = restart(f" (evidence fit v{version_a}, buffer fresh)")
+    assert v == version_a and np.array_equal(w, weights_a, equal_nan=True)
+
+    saved.pop("evidence")
+    (tmp_path / FILE).write_text(json.dumps(saved))
+    with caplog.at_level(logging.INFO, logger="apparate.serve"):
+        v, w = restart(" (evidence model fresh)")
+    assert v == 0 and np.isnan(w).all()
+    assert any("no evidence model restored (the checkpoint has none)" in r.getMessage() for r in caplog.records)
+
+
+def test_restoring_an_evidence_fit_checks_it(tiny_cnn):
+    from apparate.core.controller import Config, Controller
+    from apparate.core.evidence import F
+    from apparate.policies.evidence import LearnedPolicy
+
+    pol = LearnedPolicy("apparate-learned", Controller(tiny_cnn.bundle.profile, small_settings(), Config()), None,
+                        seed_window=False)
+    good = {"version": 3, "weights": [[0.5] * F, [None] * F]}
+    pol.restore_evidence(good)
+    assert pol.model.version == 3 and np.isnan(pol.model.weights[1]).all() and pol.scorer().version == 3
+    for bad in ({"version": -1, "weights": good["weights"]}, {"version": 1, "weights": [[0.5] * F]},
+                {"version": 1, "weights": [[0.5] * F, [None] + [0.5] * (F - 1)]},
+                {"version": 1, "weights": "nope"}, {"version": 1, "weights": [[0.5] * F, ["x"] * F]}):
+        with pytest.raises(ValueError):
+            pol.restore_evidence(bad)
+    assert pol.model.version == 3  # a failed restore leaves the fit as it was
 
 
 def test_serving_apparate_learned_on_text(tiny_text):

@@ -201,9 +201,10 @@ def configured_policy(name: str, config: Config, profile: LatencyProfile, settin
 
 def restored_policy(name: str, controller: Controller) -> Policy:
     """An adaptive policy that goes on from a restored controller (its window, events and
-    configuration, `Controller.from_state`). `apparate-learned`'s evidence model is not part of a
-    checkpoint: it starts fresh around the controller (scores are confidences until it refits;
-    the window's restored rows keep their scores)."""
+    configuration, `Controller.from_state`). `apparate-learned` gets an empty evidence model level
+    with the restored window (a server then restores the checkpoint's fit into it,
+    `LearnedPolicy.restore_evidence`; without one, scores are confidences until it refits and the
+    window's restored rows keep their scores)."""
     if name not in ADAPTIVE:
         raise ValueError(f"policy {name!r} has no controller to restore; adaptive: {', '.join(ADAPTIVE)}")
     if name == "apparate-learned":

@@ -93,6 +93,31 @@ class LearnedPolicy(AdaptivePolicy):
             self._scorer = self.model.scorer()
         return self._scorer
 
+    def evidence_state(self) -> dict:
+        """The current fit, for a checkpoint (JSON: NaN weights, an unfitted site's, as null). The
+        buffer of features is not saved (window x sites x 9 floats)."""
+        w = [[None if np.isnan(v) else float(v) for v in row] for row in self.model.weights]
+        return {"version": int(self.model.version), "weights": w}
+
+    def restore_evidence(self, state: dict) -> None:
+        """Go on scoring with a checkpoint's fit (`evidence_state`); the buffer starts empty, level
+        with the window, and refits use the inputs served from here. ValueError if it does not fit."""
+        S = self.model.num_sites
+        version, weights = state.get("version"), state.get("weights")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ValueError(f"evidence version must be a non-negative integer, got {version!r}")
+        try:
+            w = np.array([[np.nan if v is None else float(v) for v in row] for row in weights], dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"evidence weights are not numbers: {e}") from None
+        if w.shape != self.model.weights.shape or np.isinf(w).any():
+            raise ValueError(f"evidence weights must be a {S} x {self.model.weights.shape[1]} table of finite numbers "
+                             f"or nulls, got shape {w.shape}")
+        if not np.array_equal(np.isnan(w), np.isnan(w[:, :1]) & np.ones_like(w, dtype=bool)):
+            raise ValueError("an evidence weight row must be all numbers (fitted) or all nulls")
+        self.model.weights = w
+        self.model.version = version
+
     def feedback(self, fb: Feedback) -> Config:
         """A served batch (or several served with one configuration, pooled), scored by the
         executor: into the controller's window and the buffer, in arrival order; refit when due.

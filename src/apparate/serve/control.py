@@ -200,12 +200,28 @@ class ControlLoop:
             policy = restored_policy(opt.policy, ctl)
             self.restored["what"] = "profile, config, controller window"
             if opt.policy == "apparate-learned":
-                log.info("apparate-learned: the evidence model is not checkpointed; a fresh one starts around the "
-                         "restored controller (scores are the ramps' confidences until its first refit)")
-                self.restored["what"] += " (evidence model fresh)"
+                self._restore_evidence(policy, state.raw.get("evidence"))
         log.info("restored the serving state from %s: ramps %s, version %d", opt.state_dir, list(policy.config.sites),
                  policy.config.version)
         return policy
+
+    def _restore_evidence(self, policy: Any, saved: Any) -> None:
+        """apparate-learned: go on with the checkpoint's fit (its buffer of features is not saved);
+        without a usable one, a fresh evidence model around the restored controller."""
+        why = "the checkpoint has none"
+        if isinstance(saved, dict):
+            try:
+                policy.restore_evidence(saved)
+            except ValueError as e:
+                why = f"the checkpoint's is unusable ({e})"
+            else:
+                log.info("apparate-learned: restored the evidence model's fit v%d; its buffer of features is not "
+                         "checkpointed, refits use the inputs served from now on", policy.model.version)
+                self.restored["what"] += f" (evidence fit v{policy.model.version}, buffer fresh)"
+                return
+        log.info("apparate-learned: no evidence model restored (%s); a fresh one starts around the restored "
+                 "controller (scores are the ramps' confidences until its first refit)", why)
+        self.restored["what"] += " (evidence model fresh)"
 
     # ------------------------------------------------------------------------------ thread
     def start(self) -> None:
@@ -403,6 +419,7 @@ class ControlLoop:
             "config": self.config.to_dict(),
             "profile": self.profile.to_dict(),
             "controller": self.controller.state() if self.controller is not None else None,
+            **({"evidence": self.policy.evidence_state()} if hasattr(self.policy, "evidence_state") else {}),
         }
 
     def checkpoint(self) -> Path | None:
