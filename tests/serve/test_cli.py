@@ -97,6 +97,32 @@ def test_serve_loadgen_and_restart(r20_bundle, tmp_path):
     assert "stopped" in out
 
 
+def test_serve_apparate_learned(r20_bundle, tmp_path):
+    """`apparate serve --policy apparate-learned` on a zoo ResNet-20: it starts, answers, says
+    which fit it scores with, checkpoints the fit, and shuts down gracefully."""
+    from apparate.serve.state import load_state
+
+    bundle, dd = r20_bundle
+    state = tmp_path / "state"
+    proc, url = _start(bundle, dd, tmp_path, "--policy", "apparate-learned", "--state-dir", str(state))
+    try:
+        rng = np.random.default_rng(0)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for _ in range(6):
+                img = rng.integers(0, 256, (2, 32, 32, 3)).reshape(-1).tolist()
+                r = c.post("/v2/models/cifar10-resnet20/infer",
+                           json={"inputs": [{"name": "input", "shape": [2, 32, 32, 3], "datatype": "UINT8",
+                                             "data": img}]})
+                assert r.status_code == 200, r.text
+            st = c.get("/v2/models/cifar10-resnet20/earlyexit").json()
+            assert st["policy"] == "apparate-learned" and st["scorer_version"] >= 0
+    finally:
+        out = _stop(proc)
+    assert "stopped" in out
+    saved = load_state(state)
+    assert saved["policy"] == "apparate-learned" and "evidence" in saved and saved["controller"] is not None
+
+
 def test_serve_refuses_a_missing_bundle(tmp_path):
     r = subprocess.run([sys.executable, "-m", "apparate", "serve", str(tmp_path / "nope"), "--port", "0"],
                        capture_output=True, text=True, timeout=120)

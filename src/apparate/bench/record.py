@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from apparate.core.evidence import movement
 from apparate.core.recording import Recording
 
 
@@ -77,7 +78,9 @@ class _MoveTracker:
     """Per site, how far the site's pooled features moved from the previous input of the stream
     (|f_i - f_(i-1)| / |f_(i-1)|, f the spatial mean of the site's output): the difference detector
     of `core.evidence`, measured once at record time. Its own hooks beside the ramps' (the pooling is
-    parameter-free and costs a fraction of a ramp)."""
+    parameter-free and costs a fraction of a ramp). A live server computes the same
+    (`core.evidence.movement` on the pooled features `EarlyExitModel` gives its ramps' results on
+    request)."""
 
     def __init__(self, model: Any) -> None:
         self.S = model.num_sites
@@ -86,11 +89,12 @@ class _MoveTracker:
         self.handles = [m.register_forward_hook(self._hook(s)) for s, m in enumerate(model.site_modules)]
 
     def _hook(self, s: int):
+        from apparate.model.early_exit import pooled_features
         from apparate.model.sites import primary_output
 
         def hook(_m: Any, _i: Any, output: Any) -> None:
             h = output if not isinstance(output, (tuple, list, dict)) else primary_output(output)
-            self.cur[s] = (h.mean(dim=(2, 3)) if h.dim() == 4 else h.flatten(1)).detach().float().numpy()
+            self.cur[s] = pooled_features(h)
         return hook
 
     def start(self) -> None:
@@ -102,12 +106,8 @@ class _MoveTracker:
             f = self.cur[s]
             if f is None:
                 raise RuntimeError(f"site {s} did not run while recording")
-            before = np.concatenate([f[:1] if self.prev[s] is None else self.prev[s], f[:-1]])
-            move = np.linalg.norm(f - before, axis=1) / np.maximum(np.linalg.norm(before, axis=1), 1e-8)
-            if self.prev[s] is None:
-                move[0] = np.nan
+            cols.append(movement(f, self.prev[s]))
             self.prev[s] = f[-1:]
-            cols.append(move)
         return np.stack(cols, axis=1).astype(np.float32)
 
     def close(self) -> None:

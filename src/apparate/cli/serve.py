@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="apparate: ramps and thresholds adapt within the budget; apparate-all: the same with a "
                         "budget admitting every ramp; static: the initial placement, never adapted; branchynet / "
                         "branchynet+: every ramp, one shared / per-ramp thresholds tuned once on the bootstrap; "
-                        "vanilla: no ramps (the policies replay runs, apparate.policies)")
+                        "vanilla: no ramps; apparate-learned: apparate on the learned exit rule's scores (the policies "
+                        "replay runs, apparate.policies)")
     p.add_argument("--slo-ms", type=float, help="latency objective per request (default: 3x a full batch, >= 50 ms)")
     p.add_argument("--batching", choices=("clockwork", "tfserving"), default="clockwork")
     p.add_argument("--max-batch", type=int, default=16)

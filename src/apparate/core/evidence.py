@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .types import Feedback
+
 FEATURES = ("bias", "logit", "repeat", "same", "still", "lmove", "repeat*logit", "repeat*still", "repeat*lmove")
 F = len(FEATURES)
 _EPS = 1e-4
@@ -91,6 +93,68 @@ def features(conf: np.ndarray, pred: np.ndarray, sites: np.ndarray, ctx: StreamC
     return X
 
 
+def movement(f: np.ndarray, prev: np.ndarray | None) -> np.ndarray:
+    """[n] how far each row of pooled features f [n, D] moved from the row before it (relative L2
+    change); the first row compares with `prev` [1, D], the previous input's (None: unknown, NaN).
+    One function for the recording (`bench.record`) and the live server (`serve.executor`)."""
+    before = np.concatenate([f[:1] if prev is None else prev, f[:-1]])
+    move = np.linalg.norm(f - before, axis=1) / np.maximum(np.linalg.norm(before, axis=1), 1e-8)
+    if prev is None and move.size:
+        move[0] = np.nan
+    return move
+
+
+def score_with(weights: np.ndarray, X: np.ndarray, sites: np.ndarray, conf: np.ndarray) -> np.ndarray:
+    """[n, R] P(agree) at the given sites under per-site weights [S, F] (a NaN row: not fitted
+    yet, the score is the confidence). The one scoring rule of `EvidenceModel` and `Scorer`."""
+    W = weights[sites]  # [R, F]
+    z = np.einsum("nrf,rf->nr", X, np.nan_to_num(W))
+    out = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+    unfitted = np.isnan(W[:, 0])
+    if unfitted.any():
+        out[:, unfitted] = conf[:, unfitted]
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Scorer:
+    """A fitted evidence model as an immutable value (its weights [S, F], read-only, and version):
+    what a live server's executor scores with, swapped whole by the control thread after a refit."""
+
+    version: int
+    weights: np.ndarray
+
+    def score(self, X: np.ndarray, sites: np.ndarray, conf: np.ndarray) -> np.ndarray:
+        return score_with(self.weights, X, sites, conf)
+
+
+@dataclass(frozen=True, eq=False)
+class EvidenceFeedback(Feedback):
+    """A served batch's feedback for the learned rule: `conf` [n, R] holds the scores it was
+    served with; beside them its features [n, R, F], the ramps' own confidences [n, R] (what an
+    unfitted site scores), the scorer version that scored each input [n], and where each input
+    was released and whether that answer agreed ([n] exit index, [n] bool)."""
+
+    features: np.ndarray | None = None
+    ramp_conf: np.ndarray | None = None
+    scorer_version: np.ndarray | None = None
+    exit_pos: np.ndarray | None = None
+    released_agree: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n, R = self.conf.shape
+        for name, shape in (("features", (n, R, F)), ("ramp_conf", (n, R)), ("scorer_version", (n,)),
+                            ("exit_pos", (n,)), ("released_agree", (n,))):
+            v = getattr(self, name)
+            if v is None or np.shape(v) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {None if v is None else np.shape(v)}")
+
+    def released(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where each input was released, as served (the scores may have been re-scored since)."""
+        return self.exit_pos, self.released_agree
+
+
 def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 12,
                  start: np.ndarray | None = None) -> np.ndarray:
     """Weights [F] of an L2-regularised logistic regression (Newton's method from `start`, else
@@ -149,13 +213,13 @@ class EvidenceModel:
     # ------------------------------------------------------------------ scoring
     def score(self, X: np.ndarray, sites: np.ndarray, conf: np.ndarray) -> np.ndarray:
         """[n, R] P(agree) at the given sites; a site not fitted yet scores its confidence."""
-        W = self.weights[sites]  # [R, F]
-        z = np.einsum("nrf,rf->nr", X, np.nan_to_num(W))
-        out = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
-        unfitted = np.isnan(W[:, 0])
-        if unfitted.any():
-            out[:, unfitted] = conf[:, unfitted]
-        return out
+        return score_with(self.weights, X, sites, conf)
+
+    def scorer(self) -> Scorer:
+        """The current fit as an immutable value (a copy: later refits do not touch it)."""
+        w = self.weights.copy()
+        w.flags.writeable = False
+        return Scorer(self.version, w)
 
     # ------------------------------------------------------------------ learning
     def add(self, sites: np.ndarray, X: np.ndarray, agree: np.ndarray) -> np.ndarray:

@@ -37,12 +37,13 @@ class RampResult:
     from the logits on first use (a ramp whose answers nobody asks for during the batch, one
     that cannot release anything, is scored after the batch with the others, in one step)."""
 
-    __slots__ = ("site", "name", "logits", "_scorer", "_conf", "_pred")
+    __slots__ = ("site", "name", "logits", "_scorer", "_conf", "_pred", "pooled")
 
     def __init__(self, site: int, name: str, logits: torch.Tensor, scorer: Scorer) -> None:
         self.site, self.name, self.logits, self._scorer = site, name, logits, scorer
         self._conf: np.ndarray | None = None
         self._pred: np.ndarray | None = None
+        self.pooled: np.ndarray | None = None  # [B, D] the site's pooled features, when the call asked
 
     @property
     def scored(self) -> bool:
@@ -61,6 +62,12 @@ class RampResult:
         if self._pred is None:
             self._conf, self._pred = self._scorer(self.logits)
         return self._pred  # type: ignore[return-value]
+
+
+def pooled_features(h: torch.Tensor) -> np.ndarray:
+    """[B, D] float32 on the host: the spatial mean of a site's output (flattened if it is not a
+    feature map). What the learned exit rule's difference detector compares between inputs."""
+    return (h.mean(dim=(2, 3)) if h.dim() == 4 else h.flatten(1)).detach().float().cpu().numpy()
 
 
 def score_all(results: Sequence[RampResult]) -> None:
@@ -97,16 +104,17 @@ class EarlyExitOutput:
 class _Call:
     """What the hooks need during one forward on one thread."""
 
-    __slots__ = ("active", "results", "callback", "mask", "weights", "stamps")
+    __slots__ = ("active", "results", "callback", "mask", "weights", "stamps", "pool")
 
     def __init__(self, active: frozenset[int], callback: Any, mask: torch.Tensor | None,
-                 weights: torch.Tensor | None, stamps: Any) -> None:
+                 weights: torch.Tensor | None, stamps: Any, pool: bool = False) -> None:
         self.active = active
         self.results: list[RampResult] = []
         self.callback = callback
         self.mask = mask
         self.weights = weights  # text token weights for mean ramps, once per batch
         self.stamps = stamps  # per site: the clock when its module ended, before its ramp
+        self.pool = pool  # give each ramp's result the site's pooled features
 
 
 def _fast_for(ramp: nn.Module) -> Callable[[torch.Tensor, _Call], torch.Tensor]:
@@ -205,19 +213,21 @@ class EarlyExitModel(nn.Module):
         return pred
 
     def forward(self, inputs: ModelInput, on_ramp: RampCallback | None = None,
-                active: Iterable[int] | None = None, stamps: Any = None) -> EarlyExitOutput:
+                active: Iterable[int] | None = None, stamps: Any = None, pool: bool = False) -> EarlyExitOutput:
         """Run one batch. `on_ramp` is called once per active ramp, as soon as it has run.
 
         `active` overrides the active set for this call only (e.g. all sites when recording).
         `stamps`, an array indexed by site, receives `time.perf_counter()` when each active site's
         module ends, before its ramp runs (what a server times its stages by, at no extra hook).
+        `pool`: each ramp's result also carries the site's pooled features (`pooled_features`, for
+        the learned exit rule's difference detector); off, the hooks do no extra work.
         """
         act = self._active if active is None else tuple(sorted({int(s) for s in active}))
         if act and (act[0] < 0 or act[-1] >= len(self.sites)):
             raise ValueError(f"site index out of range 0..{len(self.sites) - 1}: {list(act)}")
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
         weights = token_weights(mask) if mask is not None and self._token_sites.intersection(act) else None
-        call = self._local.call = _Call(frozenset(act), on_ramp, mask, weights, stamps)
+        call = self._local.call = _Call(frozenset(act), on_ramp, mask, weights, stamps, pool)
         self._attach(act)
         try:
             with torch.inference_mode():
@@ -257,6 +267,8 @@ class EarlyExitModel(nn.Module):
                 call.stamps[index] = clock()
             h = output if type(output) is torch.Tensor else primary_output(output)
             result = RampResult(index, name, fasts[index](h, call), score)
+            if call.pool:
+                result.pooled = pooled_features(h)
             call.results.append(result)
             if call.callback is not None:
                 call.callback(result)

@@ -148,8 +148,8 @@ def family_of(name: str) -> str:
 
 # What a live server can run: the rest need what a server does not have (the evaluation stream in
 # advance, every input's true answer, a second preparation of DeeBERT ramps).
-SERVABLE = ("vanilla", "static", "apparate", "apparate-all", "branchynet", "branchynet+")
-ADAPTIVE = ("apparate", "apparate-all")
+SERVABLE = ("vanilla", "static", "apparate", "apparate-all", "apparate-learned", "branchynet", "branchynet+")
+ADAPTIVE = ("apparate", "apparate-all", "apparate-learned")
 
 
 def check_servable(name: str) -> None:
@@ -158,7 +158,6 @@ def check_servable(name: str) -> None:
         why = ("it is tuned on the stream it is evaluated on (hindsight)" if name.endswith("opt") else
                "it is an oracle that knows every answer in advance" if name.startswith("optimal") else
                "its pooler ramps are a separate preparation (replay only)" if name.startswith("deebert") else
-               "its learned exit rule runs in replay only so far" if name == "apparate-learned" else
                "it is not a policy")
         raise ValueError(f"policy {name!r} cannot be served: {why}; servable: {', '.join(SERVABLE)}")
 
@@ -186,19 +185,28 @@ def configured_policy(name: str, config: Config, profile: LatencyProfile, settin
     tuning (an override in experiments and tests, or a checkpoint's configuration whose settings
     changed): an adaptive one gets a controller that starts there with an empty window, keeping
     `bootstrap` to place ramps again should none be left; a fixed one keeps it; vanilla has no
-    ramps. `settings` are used as given (for `apparate-all`, the caller's budget)."""
+    ramps. `settings` are used as given (for `apparate-all`, the caller's budget). `apparate-learned`
+    starts its evidence model empty (the window is empty too)."""
     check_servable(name)
     if name == "vanilla":
         return ThresholdPolicy(name, Config())
     if name in ADAPTIVE:
         boot = None if bootstrap is None else (bootstrap.conf, bootstrap.agree)
-        return AdaptivePolicy(name, Controller(profile, settings, config, boot))
+        ctl = Controller(profile, settings, config, boot)
+        if name == "apparate-learned":
+            return LearnedPolicy(name, ctl, bootstrap, seed_window=False)
+        return AdaptivePolicy(name, ctl)
     return ThresholdPolicy(name, config)
 
 
 def restored_policy(name: str, controller: Controller) -> Policy:
     """An adaptive policy that goes on from a restored controller (its window, events and
-    configuration, `Controller.from_state`)."""
+    configuration, `Controller.from_state`). `apparate-learned` gets an empty evidence model level
+    with the restored window (a server then restores the checkpoint's fit into it,
+    `LearnedPolicy.restore_evidence`; without one, scores are confidences until it refits and the
+    window's restored rows keep their scores)."""
     if name not in ADAPTIVE:
         raise ValueError(f"policy {name!r} has no controller to restore; adaptive: {', '.join(ADAPTIVE)}")
+    if name == "apparate-learned":
+        return LearnedPolicy(name, controller, None, seed_window=False)
     return AdaptivePolicy(name, controller)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from apparate.core.controller import Controller, Feedback
-from apparate.core.evidence import EvidenceModel, StreamContext, features
+from apparate.core.controller import Config, Controller, Feedback
+from apparate.core.evidence import EvidenceFeedback, EvidenceModel, Scorer, StreamContext, features
 from apparate.core.exits import first_exit
 from apparate.core.recording import Recording
 
@@ -24,9 +24,19 @@ def sequence_features(rec: Recording, sites: np.ndarray) -> np.ndarray:
 
 
 class LearnedPolicy(AdaptivePolicy):
-    """`apparate-learned`: thresholds act on a learned, calibrated probability of agreement."""
+    """`apparate-learned`: thresholds act on a learned, calibrated probability of agreement.
 
-    def __init__(self, name: str, controller: Controller, bootstrap: Recording, seed_window: bool = True):
+    Replay calls `plan` / `observe` (the policy computes each batch's features itself). A live
+    server calls `feedback` with `EvidenceFeedback`: its executor scored the batch with `scorer()`
+    (the snapshot the control thread published) and computed the same features on its own stream
+    context; the policy keeps them in its buffer and refits on the same schedule.
+
+    `seed_window`: the controller's window starts with the bootstrap's last inputs (as
+    `Controller.from_bootstrap` seeds it), whose features then fill the same buffer rows. Otherwise
+    the buffer starts empty, level with the window (a restored controller's window keeps rows
+    whose features were not saved: they are not refitted on, and keep their scores)."""
+
+    def __init__(self, name: str, controller: Controller, bootstrap: Recording | None, seed_window: bool = True):
         super().__init__(name, controller)
         s = controller.settings
         S = controller.profile.num_sites
@@ -35,11 +45,14 @@ class LearnedPolicy(AdaptivePolicy):
                                    s.evidence_l2, s.evidence_guard, s.evidence_guard_loss)
         self.ctx = StreamContext.empty(S)
         all_sites = np.arange(S)
-        if seed_window and controller.window.written:
+        if seed_window and controller.window.written and bootstrap is not None:
             # the window starts with the bootstrap's inputs: keep their features in the same rows
             n = controller.window.written
             self.model.add(all_sites, sequence_features(bootstrap.take(slice(-n, None)), all_sites),
                            bootstrap.agree[-n:])
+        else:  # level with the window: the buffer and the window share their ring positions
+            self.model.written = controller.window.written
+        self._scorer: Scorer | None = None
         self._pending: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # features, scores, answers
         self._refit()
 
@@ -70,6 +83,57 @@ class LearnedPolicy(AdaptivePolicy):
         self.ctx.advance(cols, conf[:, cols], pred, np.asarray(final))
         if self.model.due():
             self._refit()
+
+    # ------------------------------------------------------------------ live serving
+    def scorer(self) -> Scorer:
+        """The current fit as an immutable value, for a server's executor (a new one per refit)."""
+        if self._scorer is None or self._scorer.version != self.model.version:
+            self._scorer = self.model.scorer()
+        return self._scorer
+
+    def evidence_state(self) -> dict:
+        """The current fit, for a checkpoint (JSON: NaN weights, an unfitted site's, as null). The
+        buffer of features is not saved (window x sites x 9 floats)."""
+        w = [[None if np.isnan(v) else float(v) for v in row] for row in self.model.weights]
+        return {"version": int(self.model.version), "weights": w}
+
+    def restore_evidence(self, state: dict) -> None:
+        """Go on scoring with a checkpoint's fit (`evidence_state`); the buffer starts empty, level
+        with the window, and refits use the inputs served from here. ValueError if it does not fit."""
+        S = self.model.num_sites
+        version, weights = state.get("version"), state.get("weights")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ValueError(f"evidence version must be a non-negative integer, got {version!r}")
+        try:
+            w = np.array([[np.nan if v is None else float(v) for v in row] for row in weights], dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"evidence weights are not numbers: {e}") from None
+        if w.shape != self.model.weights.shape or np.isinf(w).any():
+            raise ValueError(f"evidence weights must be a {S} x {self.model.weights.shape[1]} table of finite numbers "
+                             f"or nulls, got shape {w.shape}")
+        if not np.array_equal(np.isnan(w), np.isnan(w[:, :1]) & np.ones_like(w, dtype=bool)):
+            raise ValueError("an evidence weight row must be all numbers (fitted) or all nulls")
+        self.model.weights = w
+        self.model.version = version
+
+    def feedback(self, fb: Feedback) -> Config:
+        """A served batch (or several served with one configuration, pooled), scored by the
+        executor: into the controller's window and the buffer, in arrival order; refit when due.
+        Inputs scored by an earlier fit (served before a refit reached the engine) are re-scored
+        with the current one, as the window's older rows were at the refit."""
+        if not isinstance(fb, EvidenceFeedback):
+            raise ValueError(f"{self.name} learns from served batches' features: give it EvidenceFeedback")
+        cols = np.asarray(fb.sites, dtype=np.int64)
+        score = fb.conf
+        stale = fb.scorer_version != self.model.version
+        if stale.any():
+            score = score.copy()
+            score[stale] = self.model.score(fb.features[stale], cols, fb.ramp_conf[stale])
+        self.controller.observe(Feedback.trusted(fb.sites, fb.thresholds, score, fb.agree, fb.length, fb.released()))
+        self.model.add(cols, fb.features, fb.agree)
+        if self.model.due():
+            self._refit()
+        return self.controller.config
 
     def _refit(self) -> None:
         if not self.model.refit():

@@ -19,7 +19,10 @@ configuration given or checkpointed, `configured_policy`; around a restored cont
 `restored_policy`): `apparate` and `apparate-all` (the controller adapts, at the user's budget or
 at one admitting every ramp), `static` (the initial placement, never changed), `branchynet` /
 `branchynet+` (every ramp, one shared or per-ramp thresholds tuned once on the bootstrap),
-`vanilla` (no ramps). All keep the profile current, so they batch on the same footing.
+`vanilla` (no ramps), and `apparate-learned` (the controller tunes thresholds on the learned
+exit rule's scores: `live` also carries the current `Scorer`, a new one after each refit, with
+which the executor scores every batch; the batch's features come back in its report and go to the
+policy's buffer in arrival order). All keep the profile current, so they batch on the same footing.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from apparate.core.controller import Config, Controller, Feedback
+from apparate.core.evidence import EvidenceFeedback, Scorer
 from apparate.core.profile import LatencyProfile
 from apparate.core.settings import Settings
 from apparate.policies import ADAPTIVE, Policy, check_servable, serving_policy
@@ -75,6 +79,7 @@ class Live:
 
     config: Config
     costs: BatchCosts
+    scorer: Scorer | None = None  # the learned exit rule's current fit (apparate-learned only)
 
 
 class ControlLoop:
@@ -191,9 +196,29 @@ class ControlLoop:
         else:
             policy = restored_policy(opt.policy, ctl)
             self.restored["what"] = "profile, config, controller window"
+            if opt.policy == "apparate-learned":
+                self._restore_evidence(policy, state.raw.get("evidence"))
         log.info("restored the serving state from %s: ramps %s, version %d", opt.state_dir, list(policy.config.sites),
                  policy.config.version)
         return policy
+
+    def _restore_evidence(self, policy: Any, saved: Any) -> None:
+        """apparate-learned: go on with the checkpoint's fit (its buffer of features is not saved);
+        without a usable one, a fresh evidence model around the restored controller."""
+        why = "the checkpoint has none"
+        if isinstance(saved, dict):
+            try:
+                policy.restore_evidence(saved)
+            except ValueError as e:
+                why = f"the checkpoint's is unusable ({e})"
+            else:
+                log.info("apparate-learned: restored the evidence model's fit v%d; its buffer of features is not "
+                         "checkpointed, refits use the inputs served from now on", policy.model.version)
+                self.restored["what"] += f" (evidence fit v{policy.model.version}, buffer fresh)"
+                return
+        log.info("apparate-learned: no evidence model restored (%s); a fresh one starts around the restored "
+                 "controller (scores are the ramps' confidences until its first refit)", why)
+        self.restored["what"] += " (evidence model fresh)"
 
     # ------------------------------------------------------------------------------ thread
     def start(self) -> None:
@@ -273,7 +298,7 @@ class ControlLoop:
                 self._log_events()
         self.handled += 1
         now = time.monotonic()
-        changed = cfg != self.config
+        changed = cfg != self.config or self._scorer_changed()
         if changed or (self._costs_stale and now - self._last_costs >= 0.1):
             self._publish(cfg)
         self._refresh_stats(force=changed)
@@ -329,10 +354,19 @@ class ControlLoop:
         self._times.clear()
         self._costs_stale = True
 
+    def _scorer(self) -> Scorer | None:
+        make = getattr(self.policy, "scorer", None)
+        return make() if make is not None else None
+
+    def _scorer_changed(self) -> bool:
+        scorer = self._scorer()
+        return scorer is not None and scorer is not self.live.scorer
+
     def _publish(self, cfg: Config) -> None:
         changed = cfg != self.config or not self._last_costs
         self.config = cfg
-        self.live = Live(cfg, BatchCosts.build(self.profile, cfg.sites, self.max_batch, self.max_tokens, self.overhead_ms))
+        self.live = Live(cfg, BatchCosts.build(self.profile, cfg.sites, self.max_batch, self.max_tokens, self.overhead_ms),
+                         self._scorer())
         self._last_costs = time.monotonic()
         self._costs_stale = False
         if changed:
@@ -364,6 +398,11 @@ class ControlLoop:
             stats["controller"] = {k: cs[k] for k in ("version", "window_inputs", "window_accuracy", "batches", "inputs")}
             stats["events"] = [{"batch": e.batch, "kind": e.kind, "detail": e.detail, "version": e.version}
                                for e in list(self.controller.events)[-10:]]
+        model = getattr(self.policy, "model", None)
+        if model is not None:  # the learned exit rule's evidence model
+            scorer = self.live.scorer
+            stats["evidence"] = {"version": model.version, "published": None if scorer is None else scorer.version,
+                                 "buffered": model.written, "fitted_sites": int(np.count_nonzero(~np.isnan(model.weights[:, 0])))}
         self._stats = stats
 
     def stats(self) -> dict[str, Any]:
@@ -377,6 +416,7 @@ class ControlLoop:
             "config": self.config.to_dict(),
             "profile": self.profile.to_dict(),
             "controller": self.controller.state() if self.controller is not None else None,
+            **({"evidence": self.policy.evidence_state()} if hasattr(self.policy, "evidence_state") else {}),
         }
 
     def checkpoint(self) -> Path | None:
@@ -388,11 +428,32 @@ class ControlLoop:
 
 
 def _merged(reports: list[BatchReport]) -> Feedback:
-    """One Feedback for batches served with the same configuration (text lengths averaged)."""
+    """One Feedback for batches served with the same configuration (text lengths averaged); for
+    the learned exit rule an `EvidenceFeedback` (features, scores and exits concatenated in
+    arrival order, each input with the version of the scorer that served it)."""
     last = reports[-1]
+    if last.features is not None:
+        return _merged_evidence(reports)
     if len(reports) == 1:
         return Feedback(last.sites, last.thresholds, last.conf, last.agree, last.length)
-    lengths = [(r.length, r.batch_size) for r in reports if r.length is not None]
-    length = sum(x * k for x, k in lengths) / sum(k for _, k in lengths) if lengths else None
     return Feedback(last.sites, last.thresholds, np.concatenate([r.conf for r in reports]),
-                    np.concatenate([r.agree for r in reports]), length)
+                    np.concatenate([r.agree for r in reports]), _length(reports))
+
+
+def _length(reports: list[BatchReport]) -> float | None:
+    lengths = [(r.length, r.batch_size) for r in reports if r.length is not None]
+    return sum(x * k for x, k in lengths) / sum(k for _, k in lengths) if lengths else None
+
+
+def _merged_evidence(reports: list[BatchReport]) -> EvidenceFeedback:
+    if any(r.features is None for r in reports):
+        raise ValueError("a batch served without the learned rule's features among batches served with them")
+    last = reports[-1]
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(r, name) for r in reports])
+
+    version = np.concatenate([np.full(r.batch_size, r.scorer_version, dtype=np.int64) for r in reports])
+    return EvidenceFeedback(last.sites, last.thresholds, cat("conf"), cat("agree"), _length(reports),
+                            features=cat("features"), ramp_conf=cat("ramp_conf"), scorer_version=version,
+                            exit_pos=cat("exit_pos"), released_agree=cat("released_agree"))

@@ -103,7 +103,7 @@ class Engine:
             t = time.perf_counter()
             grid = [int(b) for b in profile.batch_sizes]
             sizes = sorted({min(grid, key=lambda g: abs(g - want)) for want in (1, mb)})
-            profile = self.executor.calibrate(served.profile, sizes)
+            profile = self.executor.calibrate(served.profile, sizes, learned=control.policy == "apparate-learned")
             log.info("ramp costs calibrated in %.1f s at batch sizes %s: %.3f ms per ramp (profiled %.3f) at batch %d",
                      time.perf_counter() - t, sizes, float(profile.at(sizes[-1])[1].mean()),
                      float(served.profile.at(sizes[-1])[1].mean()), sizes[-1])
@@ -388,7 +388,7 @@ class Engine:
         self.running_batch = len(batch)
         c0 = time.thread_time() if self._cpu_clock else 0.0
         try:
-            report = self.executor.run(batch, live.config, t_start)
+            report = self.executor.run(batch, live.config, t_start, live.scorer)
         finally:
             self.running_batch = 0
             self._busy_until = 0.0
@@ -439,6 +439,7 @@ class Engine:
             "profile": {"vanilla_ms_batch_1": prof.vanilla(1), f"vanilla_ms_batch_{mb}": prof.vanilla(mb),
                         "predicted_batch_ms_max": live.costs.batch_ms(mb, getattr(self.served.codec, "max_tokens", 1))},
             "control": self.control.stats(),
+            **({"scorer_version": live.scorer.version} if live.scorer is not None else {}),
             "restored": self.control.restored,
             "last_checkpoint": self.control.last_checkpoint,
         }

@@ -11,6 +11,19 @@ ends, before its ramp: the cumulative backbone time to each active site (ramp an
 subtracted), each active ramp's own cost, the whole backbone, and the engine's own overhead. They go with the
 batch's feedback to the control thread, which moves the LatencyProfile toward them.
 
+With the learned exit rule (`apparate-learned`) the engine hands `run` the control thread's
+current `Scorer` (an immutable snapshot, swapped whole between batches). At each active ramp that
+can release, the executor then computes `core.evidence.features` for that ramp on the batch's
+inputs, from the ramp's confidence and answer, the stream context it holds (the latest final
+answer known: the previous batch's last input; per site the previous input's answer and
+confidence) and, for image models, how far the site's pooled features moved since the previous
+input (`core.evidence.movement` on the spatial mean the EarlyExitModel hands over on request; the
+batch's first input compares with the previous batch's last input at that site, NaN when the site
+did not run on it). It releases the inputs whose `1 - score < threshold`, the rule the replay's
+`LearnedPolicy.plan` applies. Ramps that cannot release are featured after the batch. The report
+carries the features and the scores (as `conf`) for the policy's buffer and the controller's
+window. Without a scorer none of this runs: the path is the confidence rule's, unchanged.
+
 A ramp (or release) that raises: the batch is run again with no ramps and answered from the
 final output, the error is counted and logged, and the batch gives no feedback. If the bare
 model fails too, the unreleased inputs get HTTP 500 and the engine carries on.
@@ -27,6 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from apparate.core.controller import Config
+from apparate.core.evidence import F, Scorer, StreamContext, features, movement
 from apparate.core.types import exit_sites_of
 from apparate.model.early_exit import score_all
 from apparate.model.sites import primary_output
@@ -46,7 +60,7 @@ class BatchReport:
     sites: tuple[int, ...]
     thresholds: tuple[float, ...]
     version: int
-    conf: np.ndarray  # [n, R] float64, R = len(sites)
+    conf: np.ndarray  # [n, R] float64, R = len(sites): the ramps' confidences (learned: the scores served with)
     agree: np.ndarray  # [n, R] bool: the ramp's answer equals the final one
     exit_pos: np.ndarray  # [n] index into sites of the releasing ramp; R = the final output
     released_agree: np.ndarray  # [n] bool: the answer each input got equals the final one
@@ -62,6 +76,11 @@ class BatchReport:
     arrivals: np.ndarray | None = None  # [n] perf_counter arrival times (set by the engine)
     t_start: float = 0.0  # batch taken from the queue (perf_counter s)
     t_end: float = 0.0  # every answer released
+    # the learned exit rule only (a scorer was given): [n, R, F] features, [n, R] the ramps' own
+    # confidences, and the version of the scorer the batch was served with
+    features: np.ndarray | None = None
+    ramp_conf: np.ndarray | None = None
+    scorer_version: int | None = None
 
     def account(self, metrics: Any) -> None:
         """Record the batch in the metrics (exits, agreement, latencies, batch size)."""
@@ -103,6 +122,15 @@ class Executor:
         self.model_failures = 0
         self.in_model = threading.Event()  # set while a batch is inside the model's forward
         self._active: tuple[int, ...] | None = None
+        # the learned rule's view of the stream (used only when a batch comes with a scorer)
+        self._pool = served.kind == "image"  # feature movement: image models, as recordings keep it
+        self.reset_stream()
+
+    def reset_stream(self) -> None:
+        """Forget the previous inputs (the learned rule's stream context and pooled features)."""
+        S = self.ee.num_sites
+        self.ctx = StreamContext.empty(S)
+        self.prev_pooled: list[np.ndarray | None] = [None] * S
 
     def _use_sites(self, sites: tuple[int, ...]) -> None:
         """On a configuration change: make `sites` the model's active set, so that their ramp hooks
@@ -124,15 +152,18 @@ class Executor:
             for _ in range(2):
                 self.ee(x, active=tuple(sites))
 
-    def calibrate(self, profile: Any, sizes: Sequence[int], repeats: int = 3) -> Any:
+    def calibrate(self, profile: Any, sizes: Sequence[int], repeats: int = 3, learned: bool = False) -> Any:
         """The profile with every ramp's cost as it is paid here: the ramp plus scoring, the hook
         and the release callback, timed inside the model at each size (and profiled length).
 
         Preparation times a ramp alone on a cached activation, which misses most of that (on
         ResNet-56, 0.03 ms profiled against 0.2-0.5 ms paid per ramp); placement and the ramp
         budget would then admit ramps that cost ten times their share. Backbone times are left
-        as profiled; online measurements refine everything while serving."""
+        as profiled; online measurements refine everything while serving. `learned`: as the
+        learned exit rule pays them (pooled features, features and scores)."""
         import torch
+
+        scorer = Scorer(-1, np.full((self.ee.num_sites, F), np.nan)) if learned else None
 
         S = self.ee.num_sites
         sites = tuple(range(S))
@@ -145,7 +176,7 @@ class Executor:
                 for _ in range(repeats + 1):
                     reqs = [Request(it, 1, 0.0, 0.0) for it in items]
                     with torch.inference_mode():
-                        rep = self.run(reqs, cfg, self.clock())
+                        rep = self.run(reqs, cfg, self.clock(), scorer)
                     if rep is not None:
                         costs.append(rep.ramp_ms)
                 costs = costs[1:]  # the first run warms up
@@ -154,10 +185,12 @@ class Executor:
                 ramp = {s: float(np.median([c[s] for c in costs if s in c])) for s in sites if all(s in c for c in costs)}
                 if ramp:
                     profile = profile.updated(b, {}, ramp, None, None if length is None else float(length), 1.0)
+        self.reset_stream()  # the examples are no part of the stream
         return profile
 
-    def run(self, batch: list[Request], cfg: Config, t_start: float) -> BatchReport | None:
-        """Serve one batch with `cfg`; every input is released exactly once (answer or error)."""
+    def run(self, batch: list[Request], cfg: Config, t_start: float, scorer: Scorer | None = None) -> BatchReport | None:
+        """Serve one batch with `cfg`; every input is released exactly once (answer or error).
+        With a `scorer` (the learned exit rule) inputs are released on its scores (module doc)."""
         n = len(batch)
         R = len(cfg.sites)
         pos = {s: j for j, s in enumerate(cfg.sites)}
@@ -195,6 +228,49 @@ class Executor:
                     rel_s[j] = clock() - now
             hook_end[j] = clock()
 
+        learned = scorer is not None
+        if learned:
+            cols = np.asarray(cfg.sites, dtype=np.int64)
+            X = np.zeros((n, R, F))
+            score = np.zeros((n, R))
+            featured = np.zeros(R, dtype=bool)
+            pooled: list[np.ndarray | None] = [None] * R
+            ctx, prev_pooled, pool = self.ctx, self.prev_pooled, self._pool
+
+            def featurize(j: int, r: Any) -> np.ndarray:
+                """Features and scores of ramp j (site r.site) for the batch's inputs: [n]."""
+                c = np.asarray(r.conf, dtype=np.float64).reshape(n, 1)
+                p = np.asarray(r.pred, dtype=np.int64).reshape(n, 1)
+                site = cols[j:j + 1]
+                mv = None
+                if pool:
+                    pooled[j] = r.pooled
+                    mv = movement(r.pooled, prev_pooled[r.site]).astype(np.float32).reshape(n, 1)
+                xj = features(c, p, site, ctx, mv)
+                sj = scorer.score(xj, site, c)
+                X[:, j] = xj[:, 0]
+                score[:, j] = sj[:, 0]
+                featured[j] = True
+                return score[:, j]
+
+            def on_ramp_learned(r: Any) -> None:
+                j = pos[r.site]
+                ran[j] = True
+                t = thr_of[j]
+                if t > 0:  # only a ramp that can release is scored now; the rest after the batch
+                    sc = featurize(j, r)
+                    idx = np.flatnonzero(pending & ((1.0 - sc) < t))
+                    if idx.size:
+                        pending[idx] = False
+                        exit_pos[idx] = j
+                        now = clock()
+                        release_t[idx] = now
+                        c, p = r.conf, r.pred
+                        self.release([(batch[i], self._answer(batch[i], int(p[i]), float(c[i]), r.site, True,
+                                                              t_start, now, n, cfg.version)) for i in idx])
+                        rel_s[j] = clock() - now
+                hook_end[j] = clock()
+
         try:
             x = self.served.codec.encode([r.item for r in batch])
             length = self.served.codec.length(x)
@@ -206,7 +282,10 @@ class Executor:
             t0 = clock()
             self.in_model.set()
             try:
-                out = self.ee(x, on_ramp=on_ramp, active=cfg.sites, stamps=site_end)
+                if learned:
+                    out = self.ee(x, on_ramp=on_ramp_learned, active=cfg.sites, stamps=site_end, pool=pool)
+                else:
+                    out = self.ee(x, on_ramp=on_ramp, active=cfg.sites, stamps=site_end)
             finally:
                 self.in_model.clear()
             t1 = clock()
@@ -246,10 +325,31 @@ class Executor:
         rel_agree = np.ones(n, dtype=bool)
         early = exit_pos < R
         rel_agree[early] = agree[np.flatnonzero(early), exit_pos[early]]
+        fed = feedback and bool(ran.all())
         report = BatchReport(cfg.sites, cfg.thresholds, cfg.version, conf, agree, exit_pos, rel_agree, release_t, n, length,
-                             feedback=feedback and bool(ran.all()))
+                             feedback=fed)
+        if learned:
+            if fed:
+                for r in results:  # the ramps that could not release: featured now
+                    if not featured[pos[r.site]]:
+                        featurize(pos[r.site], r)
+                report.features, report.ramp_conf, report.conf = X, conf, score
+                report.scorer_version = scorer.version
+                self._advance(cols, conf, pred, final_pred, pooled)
+            else:  # the ramps' answers are not this batch's: only its final answers are known
+                self._advance(np.zeros(0, dtype=np.int64), conf[:, :0], pred[:, :0], final_pred, [])
         self._timings(report, cfg, site_end, rel_s, hook_end, t0, t1, t_start, t_end)
         return report
+
+    def _advance(self, cols: np.ndarray, conf: np.ndarray, pred: np.ndarray, final: np.ndarray,
+                 pooled: list[np.ndarray | None]) -> None:
+        """After a batch: its last input becomes the previous one, at the sites that ran on it."""
+        self.ctx.advance(cols, conf, pred, final)
+        prev = self.prev_pooled
+        prev[:] = [None] * len(prev)
+        for s, f in zip(cols.tolist(), pooled):
+            if f is not None and len(f):
+                prev[s] = f[-1:]
 
     def _timings(self, rep: BatchReport, cfg: Config, site_end: np.ndarray, rel_s: np.ndarray,
                  hook_end: np.ndarray, t0: float, t1: float, t_start: float, t_end: float) -> None:
@@ -278,6 +378,7 @@ class Executor:
 
     def _fail(self, batch: list[Request], pending: np.ndarray, err: BaseException) -> None:
         self.model_failures += 1
+        self.reset_stream()  # whatever these inputs were, the next batch cannot compare with them
         log.error("the model failed on a batch of %d: %s: %s", len(batch), type(err).__name__, err)
         self.on_error("model")
         msg = f"model error: {type(err).__name__}: {err}"[:300]

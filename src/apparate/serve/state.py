@@ -7,8 +7,10 @@ One JSON file per state directory, `serve-state.json`:
      "controller": Controller.state() or null}
 
 `controller` is exactly `Controller.state()` (what `Controller.dumps()` writes) for the
-apparate policy; the profile and config are kept for every policy so that a restarted vanilla
-or static server also starts from this machine's measured costs. Writes go to a temporary file
+apparate policies; `apparate-learned` adds `evidence` (its evidence model's fit: version and
+per-site weights, null for an unfitted site; checked when restored,
+`LearnedPolicy.restore_evidence`). The profile and config are kept for every policy so that a
+restarted vanilla or static server also starts from this machine's measured costs. Writes go to a temporary file
 in the same directory, are flushed to disk, then renamed over the old file: a crash leaves the
 previous checkpoint or the new one, never half of one.
 
