@@ -164,7 +164,7 @@ def test_pooled_feedback_keeps_features_in_order_and_rescored_with_the_current_f
     from apparate.core.controller import Config, Controller
     from apparate.core.evidence import F, EvidenceFeedback
     from apparate.policies.evidence import LearnedPolicy
-    from apparate.serve.control import _merged
+    from apparate.serve.feedback import merged_feedback as _merged
     from apparate.serve.executor import BatchReport
 
     prof = tiny_cnn.bundle.profile

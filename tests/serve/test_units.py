@@ -189,7 +189,7 @@ def test_hf_text_codec_counts_and_encodes_with_separate_tokenizers():
 @given(st.lists(st.tuples(st.integers(1, 5), st.one_of(st.none(), st.integers(4, 64))), min_size=1, max_size=6),
        st.integers(0, 1000))
 def test_pooled_feedback_is_the_batches_stacked(batches, seed):
-    from apparate.serve.control import _merged
+    from apparate.serve.feedback import merged_feedback as _merged
     from apparate.serve.executor import BatchReport
 
     rng = np.random.default_rng(seed)

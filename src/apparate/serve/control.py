@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from apparate.core.controller import Config, Controller, Feedback
-from apparate.core.evidence import EvidenceFeedback, Scorer
+from apparate.core.evidence import Scorer
 from apparate.core.profile import LatencyProfile
 from apparate.core.settings import Settings
 from apparate.policies import ADAPTIVE, Policy, check_servable, serving_policy
@@ -46,6 +46,7 @@ from apparate.policies.catalog import all_ramps_budget, configured_policy, resto
 
 from .costs import BatchCosts
 from .executor import BatchReport
+from .feedback import merged_feedback
 from .state import SavedState, StateError, read_state, save_state, set_aside
 
 log = logging.getLogger("apparate.serve")
@@ -317,7 +318,7 @@ class ControlLoop:
         pend.append(rep)
         if sum(r.batch_size for r in pend) < self.options.feedback_min_inputs:
             return None
-        fb = _merged(pend)
+        fb = merged_feedback(pend)
         pend.clear()
         return fb
 
@@ -326,7 +327,7 @@ class ControlLoop:
             return
         pend, self._pending = self._pending, []
         self.controller.profile = self.profile  # type: ignore[union-attr]
-        self.config = self.policy.feedback(_merged(pend))
+        self.config = self.policy.feedback(merged_feedback(pend))
 
     def _pool_times(self, rep: BatchReport) -> None:
         """Pool measured times per batch shape; every `profile_every_s` move the profile toward
@@ -425,35 +426,3 @@ class ControlLoop:
         path = save_state(self.options.state_dir, self.payload())
         self.last_checkpoint = time.time()
         return path
-
-
-def _merged(reports: list[BatchReport]) -> Feedback:
-    """One Feedback for batches served with the same configuration (text lengths averaged); for
-    the learned exit rule an `EvidenceFeedback` (features, scores and exits concatenated in
-    arrival order, each input with the version of the scorer that served it)."""
-    last = reports[-1]
-    if last.features is not None:
-        return _merged_evidence(reports)
-    if len(reports) == 1:
-        return Feedback(last.sites, last.thresholds, last.conf, last.agree, last.length)
-    return Feedback(last.sites, last.thresholds, np.concatenate([r.conf for r in reports]),
-                    np.concatenate([r.agree for r in reports]), _length(reports))
-
-
-def _length(reports: list[BatchReport]) -> float | None:
-    lengths = [(r.length, r.batch_size) for r in reports if r.length is not None]
-    return sum(x * k for x, k in lengths) / sum(k for _, k in lengths) if lengths else None
-
-
-def _merged_evidence(reports: list[BatchReport]) -> EvidenceFeedback:
-    if any(r.features is None for r in reports):
-        raise ValueError("a batch served without the learned rule's features among batches served with them")
-    last = reports[-1]
-
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate([getattr(r, name) for r in reports])
-
-    version = np.concatenate([np.full(r.batch_size, r.scorer_version, dtype=np.int64) for r in reports])
-    return EvidenceFeedback(last.sites, last.thresholds, cat("conf"), cat("agree"), _length(reports),
-                            features=cat("features"), ramp_conf=cat("ramp_conf"), scorer_version=version,
-                            exit_pos=cat("exit_pos"), released_agree=cat("released_agree"))

@@ -1,0 +1,46 @@
+"""Pooled feedback: batches served with the same configuration, given to the policy as one.
+
+The control thread pools small batches (see `ControlLoop._pool_feedback`) so that the
+controller's periods count full batches' worth of inputs; this is how the pool becomes one
+`Feedback` (or, for the learned exit rule, one `EvidenceFeedback`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from apparate.core.controller import Feedback
+from apparate.core.evidence import EvidenceFeedback
+
+from .executor import BatchReport
+
+
+def merged_feedback(reports: list[BatchReport]) -> Feedback:
+    """One Feedback for batches served with the same configuration (text lengths averaged); for
+    the learned exit rule an `EvidenceFeedback` (features, scores and exits concatenated in
+    arrival order, each input with the version of the scorer that served it)."""
+    last = reports[-1]
+    if last.features is not None:
+        return _merged_evidence(reports)
+    if len(reports) == 1:
+        return Feedback(last.sites, last.thresholds, last.conf, last.agree, last.length)
+    return Feedback(last.sites, last.thresholds, np.concatenate([r.conf for r in reports]),
+                    np.concatenate([r.agree for r in reports]), _length(reports))
+
+
+def _length(reports: list[BatchReport]) -> float | None:
+    lengths = [(r.length, r.batch_size) for r in reports if r.length is not None]
+    return sum(x * k for x, k in lengths) / sum(k for _, k in lengths) if lengths else None
+
+
+def _merged_evidence(reports: list[BatchReport]) -> EvidenceFeedback:
+    if any(r.features is None for r in reports):
+        raise ValueError("a batch served without the learned rule's features among batches served with them")
+    last = reports[-1]
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(r, name) for r in reports])
+
+    version = np.concatenate([np.full(r.batch_size, r.scorer_version, dtype=np.int64) for r in reports])
+    return EvidenceFeedback(last.sites, last.thresholds, cat("conf"), cat("agree"), _length(reports),
+                            features=cat("features"), ramp_conf=cat("ramp_conf"), scorer_version=version,
+                            exit_pos=cat("exit_pos"), released_agree=cat("released_agree"))
