@@ -25,7 +25,7 @@ from apparate.replay.simulator import RunResult, replay
 
 Log = Callable[[str], None]
 
-DEFAULT_POLICIES = ("vanilla", "static", "apparate", "apparate-all", "branchynet", "branchynet+", "branchynet-opt",
+DEFAULT_POLICIES = ("vanilla", "static", "apparate", "apparate-all", "apparate-learned", "branchynet", "branchynet+", "branchynet-opt",
                     "branchynet+opt", "optimal", "optimal-cost")
 TEXT_POLICIES = ("deebert", "deebert+", "deebert-opt", "deebert+opt")
 
