@@ -307,3 +307,41 @@ def test_serving_apparate_learned_on_text(tiny_text):
         assert pol.model.version >= 1 and live.engine.live.scorer is pol.scorer()
     fed = [r for r in reports if r.feedback]
     assert fed and all(r.features is not None and np.all(r.features[..., 5] == 0) for r in fed)  # lmove: none
+
+
+def test_no_batch_sees_half_of_a_swap(tiny_cnn, monkeypatch):
+    """Every served batch ran with a (configuration, scorer) pair that the control thread published
+    together: a refit's new thresholds never meet the old fit's scores, or the reverse."""
+    from apparate.core.controller import Config
+    from apparate.serve.control import ControlLoop, ControlOptions
+
+    published: set[tuple[int, int]] = set()
+    served_with: list[tuple[int, int]] = []
+    publish, submit = ControlLoop._publish, ControlLoop.submit
+
+    def recording_publish(self, cfg):
+        publish(self, cfg)
+        published.add((self.live.config.version, self.live.scorer.version))
+
+    def recording_submit(self, report):
+        served_with.append((report.version, report.scorer_version))
+        submit(self, report)
+
+    monkeypatch.setattr(ControlLoop, "_publish", recording_publish)
+    monkeypatch.setattr(ControlLoop, "submit", recording_submit)
+    served = served_cnn(tiny_cnn)
+    settings = small_settings(evidence_min_inputs=16, evidence_refit_inputs=16, evidence_train_inputs=64,
+                              evidence_guard=None)
+    control = ControlOptions(policy="apparate-learned", settings=settings, initial=Config((0, 1), (0.3, 0.3)),
+                             feedback_min_inputs=4)
+    frames = _frames(3, 200)
+    with serving(served, control_opts=control) as live, httpx.Client(base_url=live.url) as c:
+        for i in range(0, len(frames), 2):
+            body = {"inputs": [{"name": "input", "shape": [2, 8, 8, 3], "datatype": "UINT8",
+                                "data": frames[i:i + 2].reshape(-1).tolist()}]}
+            assert c.post("/v2/models/tiny/infer", json=body).status_code == 200
+        assert live.engine.flush()
+        pol = live.engine.control.policy
+        assert pol.model.version >= 2  # several refits, so several swaps, happened while serving
+    assert served_with and set(served_with) <= published, sorted(set(served_with) - published)
+    assert len({s for _, s in served_with}) >= 2  # batches were served with more than one fit
