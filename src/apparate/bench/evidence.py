@@ -2,8 +2,9 @@
 release within a loss, ranked by its confidence against ranked by the learned exit rule's score.
 
 On the workload's recording (as `bench compare` prepares and records it), each site's learned
-predictor (`core.evidence`) is fitted the way the policy fits it, on the latest `--train` inputs,
-every `--refit` inputs, and scores only the inputs after its fit (out of sample). For each site
+predictor (`core.evidence.fit_logistic`, as the policy fits it but without its guard, and with
+every site seen on every input) is fitted on the latest `--train` inputs, every `--refit` inputs,
+and scores only the inputs after its fit (out of sample). For each site
 alone, the inputs are ranked by confidence, and by the learned score, and the largest share that a
 threshold on each (whole groups of tied scores) releases with at most `--loss` of all inputs
 answered wrongly is printed: what each kind of evidence could give that site with a threshold

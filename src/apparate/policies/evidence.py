@@ -62,10 +62,10 @@ class LearnedPolicy(AdaptivePolicy):
             raise ValueError(f"{self.name} needs each ramp's answer (pred) to plan a batch")
         cfg = self.controller.config
         cols = np.asarray(cfg.sites, dtype=np.int64)
-        X = features(conf[:, cols], pred[:, cols].astype(np.int64), cols, self.ctx,
-                     None if move is None else move[:, cols])
+        answers = pred[:, cols].astype(np.int64)
+        X = features(conf[:, cols], answers, cols, self.ctx, None if move is None else move[:, cols])
         score = self.model.score(X, cols, conf[:, cols])
-        self._pending = (X, score, pred[:, cols].astype(np.int64))
+        self._pending = (X, score, answers)
         pos = first_exit(1.0 - score, np.asarray(cfg.thresholds, dtype=np.float64))
         return Plan(cfg.sites, pos, cfg.thresholds, cfg.version)
 
@@ -140,7 +140,7 @@ class LearnedPolicy(AdaptivePolicy):
             return
         win = self.controller.window
         rows = win.last(win.size)
-        new = self.model.rescored(rows, win.conf[rows])
         old = win.conf[rows]
-        win.conf[rows] = np.where(np.isnan(old), old, np.where(np.isnan(new), old, new))
+        new = self.model.rescored(rows, old)  # NaN where the buffer has no features: keep the row's score
+        win.conf[rows] = np.where(np.isnan(new), old, new)
         self.controller.rescored(f"evidence v{self.model.version}")

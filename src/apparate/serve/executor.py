@@ -207,6 +207,17 @@ class Executor:
 
         thr_of = cfg.thresholds
 
+        def release_at(j: int, r: Any, idx: Sequence[int]) -> None:
+            """Answer inputs `idx` (none released yet) with ramp j's answers, now."""
+            pending[list(idx)] = False
+            exit_pos[list(idx)] = j
+            now = clock()
+            release_t[list(idx)] = now
+            c, p = r.conf, r.pred
+            self.release([(batch[i], self._answer(batch[i], int(p[i]), float(c[i]), r.site, True,
+                                                  t_start, now, n, cfg.version)) for i in idx])
+            rel_s[j] = clock() - now
+
         def on_ramp(r: Any) -> None:
             j = pos[r.site]
             ran[j] = True
@@ -218,14 +229,7 @@ class Executor:
                 else:
                     idx = np.flatnonzero(pending & ((1.0 - r.conf) < t))
                 if len(idx):
-                    pending[list(idx)] = False
-                    exit_pos[list(idx)] = j
-                    now = clock()
-                    release_t[list(idx)] = now
-                    c, p = r.conf, r.pred
-                    self.release([(batch[i], self._answer(batch[i], int(p[i]), float(c[i]), r.site, True,
-                                                          t_start, now, n, cfg.version)) for i in idx])
-                    rel_s[j] = clock() - now
+                    release_at(j, r, idx)
             hook_end[j] = clock()
 
         learned = scorer is not None
@@ -258,17 +262,9 @@ class Executor:
                 ran[j] = True
                 t = thr_of[j]
                 if t > 0:  # only a ramp that can release is scored now; the rest after the batch
-                    sc = featurize(j, r)
-                    idx = np.flatnonzero(pending & ((1.0 - sc) < t))
+                    idx = np.flatnonzero(pending & ((1.0 - featurize(j, r)) < t))
                     if idx.size:
-                        pending[idx] = False
-                        exit_pos[idx] = j
-                        now = clock()
-                        release_t[idx] = now
-                        c, p = r.conf, r.pred
-                        self.release([(batch[i], self._answer(batch[i], int(p[i]), float(c[i]), r.site, True,
-                                                              t_start, now, n, cfg.version)) for i in idx])
-                        rel_s[j] = clock() - now
+                        release_at(j, r, idx)
                 hook_end[j] = clock()
 
         try:
