@@ -133,3 +133,23 @@ def test_bench_evidence_prints_what_each_exit_rule_could_release(r20_bundle, dat
     out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
                   "--stream", "test", "--n", "200", "--train", "400", "--no-progress")
     assert out.returncode != 0 and "no more than --train 400" in out.stderr
+
+
+def test_recorded_features_and_heads_give_back_the_ramps_answers(r20_bundle, r20, tmp_path):
+    """Heads that keep learning retrain a ramp's linear head on what it reads: recorded features
+    x recorded heads must reproduce the ramps' own answers (real forward passes), and survive a
+    save/load and a slice."""
+    from apparate.core.heads import head_scores
+
+    rec = record_stream(dataclasses.replace(r20_bundle, workload=r20), r20.stream("test", n=48), batch_size=16,
+                        progress=False, features=True)
+    assert rec.features is not None and len(rec.features) == rec.num_sites
+    for s, (x, (w, b)) in enumerate(zip(rec.features, rec.heads)):
+        conf, pred = head_scores(x.astype(np.float32), w, b)
+        assert (pred == rec.pred[:, s]).mean() >= 0.95, s  # float16 features: a near tie may flip
+        assert np.allclose(conf, rec.conf[:, s], atol=2e-2), s
+    back = Recording.load(rec.save(tmp_path / "f.npz"))
+    assert all(np.array_equal(a, b) for a, b in zip(back.features, rec.features))
+    assert np.array_equal(back.take(slice(5, 9)).features[2], rec.features[2][5:9])
+    with pytest.raises(ValueError, match="come together"):
+        Recording(rec.conf, rec.pred, rec.final, features=rec.features)
