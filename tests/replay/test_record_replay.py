@@ -130,6 +130,15 @@ def test_bench_evidence_prints_what_each_exit_rule_could_release(r20_bundle, dat
     rows = [line for line in out.stdout.splitlines() if line.startswith("|") and "%" in line and "released" not in line]
     assert len(rows) == r20_bundle.num_sites
     assert "100 inputs scored out of sample" in out.stdout and "feature movement recorded" in out.stdout
+    # heads that keep learning: the ramps' features are recorded (cached apart) and relearned
+    out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
+                  "--stream", "test", "--n", "200", "--train", "100", "--refit", "50", "--loss", "0.01", "--heads",
+                  "--set", "head_every=50", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "heads agree" in out.stdout and "heads release <= 1.0%" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith("|") and "%" in line and "released" not in line]
+    assert len(rows) == r20_bundle.num_sites and all(line.count("%") == 5 for line in rows)
+    assert any(p.name.endswith("-mf.npz") for p in (tmp_path / "cache" / "recordings").iterdir())
     out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
                   "--stream", "test", "--n", "200", "--train", "400", "--no-progress")
     assert out.returncode != 0 and "no more than --train 400" in out.stderr
