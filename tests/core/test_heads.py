@@ -47,7 +47,8 @@ def test_answers_never_depend_on_answers_not_known_yet(cut, lag, seed):
     `cut + lag`: a head answering input i was trained and judged on answers known before it."""
     x, y, w, b = _stream(1200, 4, flip_at=500, seed=seed)
     how = HeadLearning(every=100, buffer=400, lag=lag, steps=30)
-    c1, p1, _ = relearn([x], [(w, b)], y, how)
+    c1, p1, log = relearn([x], [(w, b)], y, how)
+    assert log.trained[0] and max(log.trained[0]) <= how.buffer  # the buffer's bound holds
     y2 = y.copy()
     y2[cut:] = 1 - y2[cut:]
     c2, p2, _ = relearn([x], [(w, b)], y2, how)

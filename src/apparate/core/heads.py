@@ -95,6 +95,7 @@ class HeadsLog:
 
     live: list[list[tuple[int, np.ndarray, np.ndarray]]] = field(default_factory=list)
     judged: list[list[tuple[float, float]]] = field(default_factory=list)
+    trained: list[list[int]] = field(default_factory=list)  # inputs each candidate was trained on
 
     @property
     def swaps(self) -> list[list[int]]:
@@ -103,7 +104,8 @@ class HeadsLog:
     def shifted(self, by: int) -> "HeadsLog":
         """The same log for the stream without its first `by` inputs (swaps before them drop out
         of the timeline; their heads are the ones live at its start)."""
-        return HeadsLog([[(at - by, w, b) for at, w, b in site if at - by > 0] for site in self.live], self.judged)
+        return HeadsLog([[(at - by, w, b) for at, w, b in site if at - by > 0] for site in self.live], self.judged,
+                        self.trained)
 
 
 def relearn(features: list[np.ndarray], heads: list[tuple[np.ndarray, np.ndarray]], final: np.ndarray,
@@ -117,7 +119,7 @@ def relearn(features: list[np.ndarray], heads: list[tuple[np.ndarray, np.ndarray
     if len(heads) != S:
         raise ValueError(f"{len(heads)} heads for {S} sites")
     conf, pred = np.zeros((n, S), np.float32), np.zeros((n, S), np.int32)
-    log = HeadsLog([[] for _ in range(S)], [[] for _ in range(S)])
+    log = HeadsLog([[] for _ in range(S)], [[] for _ in range(S)], [[] for _ in range(S)])
     step = how.every
     for s in range(S):
         x = np.asarray(features[s], np.float32)
@@ -142,6 +144,7 @@ def relearn(features: list[np.ndarray], heads: list[tuple[np.ndarray, np.ndarray
             known = start - how.lag
             if known >= step:  # enough answers for a candidate to shadow the next span
                 lo = max(0, known - how.buffer)
+                log.trained[s].append(known - lo)
                 cand = fit_head(w, b, x[lo:known], final[lo:known], l2=how.l2, lr=how.lr, steps=how.steps)
             conf[span, s], pred[span, s] = head_scores(x[span], w, b)
     return conf, pred, log
