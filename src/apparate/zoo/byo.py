@@ -120,7 +120,7 @@ def hf_text_workload(model_dir: str | os.PathLike, texts: str | os.PathLike | No
                      label_column: str | None = "label", max_length: int = 128) -> Workload:
     """A workload from any HF sequence-classification model directory and a CSV/TSV of texts."""
     from apparate.zoo import minilm
-    from apparate.zoo.workloads import TextEncoder, text_workload
+    from apparate.zoo.text_workloads import TextEncoder, text_workload
 
     model_dir = Path(model_dir).resolve()
     hf = minilm.load_hf_classifier(model_dir)
