@@ -13,6 +13,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from .conftest import wait_for
 
@@ -79,12 +80,29 @@ def test_serve_loadgen_and_restart(r20_bundle, tmp_path):
                     "exits {"):
             assert row in report, report
         assert "60 requests" in report or "requests per run" in report
+        # your own inputs and your own arrival log: images from a folder, times from a file
+        shots = tmp_path / "shots" / "cat"
+        shots.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 24, 3), 40 * i, dtype=np.uint8)).save(shots / f"{i}.png")
+        arrivals = tmp_path / "arrivals.csv"
+        arrivals.write_text("arrival_s\n0\n0.1\n0.15\n0.4\n")
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = main(["loadgen", url, "--stream", "cifar10-resnet20", "--stream-name", f"images:{shots.parent}",
+                         "--trace", f"file:{arrivals}", "--duration", "1", "--warmup", "0", "--no-progress",
+                         "--data-dir", str(dd)])
+        report = buf.getvalue()
+        assert code == 0, report
+        # 4 arrivals over 0.4 s, one mean gap (0.133 s) between copies: 2 copies within 1 s, then cut
+        assert "its own rate 7.5/s, repeated 2 times (4 arrivals over 0.4 s) to cover 1 s" in report, report
+        assert "8 requests over" in report and "8/8 ok" in report, report
     finally:
         out = _stop(proc)
     assert "serving cifar10-resnet20 at http://127.0.0.1:" in out
     saved = load_state(state)
     served = saved["controller"]["window"]["written"] - saved["controller"]["counters"]["seeded"] if saved else 0
-    assert saved is not None and served >= 61
+    assert saved is not None and served >= 61 + 8
     # Restart on the same state directory: the controller comes back where it was.
     proc, url = _start(bundle, dd, tmp_path, "--state-dir", str(state))
     try:
