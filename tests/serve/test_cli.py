@@ -36,13 +36,18 @@ def r20_bundle(tmp_path_factory):
 
 
 def _start(bundle, dd, tmp, *extra):
+    proc, info = _start_info(bundle, dd, tmp, *extra)
+    return proc, info["url"]
+
+
+def _start_info(bundle, dd, tmp, *extra):
     port_file = tmp / f"port-{time.monotonic_ns()}.json"
     cmd = [sys.executable, "-m", "apparate", "serve", str(bundle), "--port", "0", "--port-file", str(port_file),
            "--data-dir", str(dd), "--threads", "1", "--max-batch", "4", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert wait_for(lambda: port_file.exists() or proc.poll() is not None, timeout=120), "server did not start"
     assert proc.poll() is None, proc.stdout.read()
-    return proc, json.loads(port_file.read_text())["url"]
+    return proc, json.loads(port_file.read_text())
 
 
 def _stop(proc, sig=signal.SIGINT) -> str:
@@ -103,16 +108,47 @@ def test_serve_loadgen_and_restart(r20_bundle, tmp_path):
     saved = load_state(state)
     served = saved["controller"]["window"]["written"] - saved["controller"]["counters"]["seeded"] if saved else 0
     assert saved is not None and served >= 61 + 8
-    # Restart on the same state directory: the controller comes back where it was.
-    proc, url = _start(bundle, dd, tmp_path, "--state-dir", str(state))
+    # Restart on the same state directory: the controller comes back where it was. With gRPC too.
+    proc, info = _start_info(bundle, dd, tmp_path, "--state-dir", str(state), "--grpc-port", "0")
+    url = info["url"]
     try:
         st = httpx.get(f"{url}/v2/models/cifar10-resnet20/earlyexit", timeout=30).json()
         assert st["restored"]["from"] == str(state)
         assert st["config"] == {**saved["config"], "site_names": st["config"]["site_names"]}
         assert st["control"]["controller"]["inputs"] == served
+        _grpc_and_repository_index(info, dd)
     finally:
         out = _stop(proc, signal.SIGTERM)  # SIGTERM shuts down as gracefully as SIGINT
     assert "stopped" in out
+
+
+def _grpc_and_repository_index(info, dd):
+    """NVIDIA's clients against `apparate serve --grpc-port 0`: gRPC infer on real CIFAR images
+    (raw contents); the repository index lists the model over HTTP and gRPC."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from apparate.zoo.workloads import get_workload
+
+    assert info["grpc"] == f"127.0.0.1:{info['grpc_port']}"
+    wl = get_workload("cifar10-resnet20", dd)
+    imgs = np.stack(wl.stream("test", n=4).inputs)
+    g = grpcclient.InferenceServerClient(info["grpc"])
+    h = httpclient.InferenceServerClient(info["url"].removeprefix("http://"))
+    try:
+        x = grpcclient.InferInput("input", list(imgs.shape), "UINT8")
+        x.set_data_from_numpy(imgs)
+        r = g.infer("cifar10-resnet20", [x])
+        assert r.as_numpy("label").shape == (4,) and r.get_response().model_name == "cifar10-resnet20"
+        assert {"exit_sites", "early_exits", "latency_ms"} <= set(r.get_response().parameters)
+        names = [c.decode() for c in r.as_numpy("class_name")]
+        assert names == [wl.class_names[i] for i in r.as_numpy("label")]
+        want = [{"name": "cifar10-resnet20", "version": "1", "state": "READY", "reason": ""}]
+        assert h.get_model_repository_index() == want
+        index = g.get_model_repository_index(as_json=True)["models"]
+        assert [(m["name"], m["version"], m["state"]) for m in index] == [("cifar10-resnet20", "1", "READY")]
+    finally:
+        g.close()
+        h.close()
 
 
 def test_serve_apparate_learned(r20_bundle, tmp_path):
