@@ -63,26 +63,24 @@ def free_port() -> int:
 def cluster(ray_session: None, tiny_cnn: Prepared, tmp_path: Path) -> Iterator[Any]:
     from functools import partial
 
-    from apparate.cluster.launch import ClusterOptions, deploy, shutdown
+    from apparate.cluster.launch import ClusterOptions, deploy
     from apparate.cluster.replica import ReplicaSpec
     from apparate.cluster.tuner_core import TunerSpec
     from apparate.core.controller import Config
     from apparate.serve.control import ControlOptions
 
     control = ControlOptions(settings=small_settings(), initial=Config(*WRONG), state_dir=str(tmp_path / "state"),
-                             checkpoint_every_s=0.5, feedback_min_inputs=8)
+                             checkpoint_every_s=60.0, feedback_min_inputs=8)
     tuner = TunerSpec.from_served(served_cnn(tiny_cnn), control, max_batch=16)
     replica = ReplicaSpec(partial(tiny_parts, tiny_cnn.model, str(tiny_cnn.bundle.path)))
     c = deploy(tuner, replica, ClusterOptions(replicas=2, replica_cpus=0.5, health_check_period_s=0.5,
-                                              heartbeat_s=0.2), port=free_port())
+                                              graceful_shutdown_wait_loop_s=0.1, heartbeat_s=0.2), port=free_port())
     c.state_dir = tmp_path / "state"
     try:
         yield c
     finally:
-        try:
-            shutdown(c)
-        finally:
-            serve.shutdown()
+        serve.shutdown()
+        ray.kill(c.tuner, no_restart=True)
 
 
 def tuner_state(c: Any) -> dict[str, Any]:
@@ -114,6 +112,15 @@ def replicas_seen(c: Any, want: int, cond: Any, tries: int = 200) -> dict[str, d
     return seen
 
 
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = [f.name for f in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names)), "a metric family appears twice"
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def tuned(c: Any) -> dict[str, Any]:
     """Drive until the tuner has changed its Config and every replica holds the new number."""
     st: dict[str, Any] = {}
@@ -129,7 +136,7 @@ def tuned(c: Any) -> dict[str, Any]:
     return st
 
 
-def test_two_replicas_answer_feed_one_tuner_and_apply_its_configs(cluster):
+def test_two_replicas_feed_one_tuner_apply_its_configs_and_a_killed_one_restarts_from_them(cluster):
     c = cluster
     with httpx.Client(timeout=30) as h:
         r = h.post(c.model_url("/infer"), json=image_request(3, seed=1))
@@ -151,14 +158,16 @@ def test_two_replicas_answer_feed_one_tuner_and_apply_its_configs(cluster):
         assert s["cluster"]["tuner_state"]["incarnation"] == st["incarnation"]
     with httpx.Client(timeout=30) as h:
         text = h.get(c.url + "/metrics").text
-    assert f"apparate_tuner_config_version {float(st['seq'])}" in text or "apparate_tuner_config_version" in text
+    samples = metric_samples(text)  # one valid exposition: each family once, whatever the replicas
+    assert samples[("apparate_tuner_config_version", ())] >= st["seq"]
     for rid in st["replicas"]:
-        assert f'replica="{rid}"' in text and f'apparate_tuner_feedback_lag_seconds{{replica="{rid}"}}' in text
+        assert samples[("apparate_tuner_feedback_lag_seconds", (("replica", rid),))] >= 0
+        assert samples[("apparate_tuner_feedback_inputs_total", (("replica", rid),))] > 0
+        assert samples[("apparate_config_version", (("replica", rid),))] >= st["seq"]
+        assert sum(v for (name, labels), v in samples.items()
+                   if name == "apparate_exits_total" and ("replica", rid) in labels) > 0
 
-
-def test_a_killed_replica_is_replaced_and_starts_from_the_tuners_config(cluster):
-    c = cluster
-    st = tuned(c)
+    # A replica killed under load: Serve replaces it; the new one starts from the tuner's Config.
     victim = sorted(st["replicas"])[0]
     codes: list[int] = []
     stop = threading.Event()
@@ -196,6 +205,7 @@ def test_a_killed_replica_is_replaced_and_starts_from_the_tuners_config(cluster)
     fresh = [rid for rid in now["replicas"] if rid not in st["replicas"]][0]
     # Only requests in flight on the victim may have failed; the rest, and all after, succeeded.
     failed = [x for x in codes if x != 200]
+    print(f"replica killed under load: {len(failed)} of {len(codes)} requests failed: {failed}")
     assert len(failed) <= 6, failed
     assert all(x == 200 for x in codes[-10:])
     # The new replica started from the tuner's Config (its number at registration), not from nothing.
@@ -210,8 +220,8 @@ def test_a_killed_tuner_is_restored_and_replicas_reregister_or_serve_on(cluster)
 
     c = cluster
     tuned(c)
-    assert ray.get(get_tuner().checkpoint.remote(), timeout=30)
-    saved = tuner_state(c)
+    saved = ray.get(get_tuner().checkpoint.remote(), timeout=30)  # the state as written
+    assert saved["path"] and Path(saved["path"]).parent == c.state_dir
     ray.kill(get_tuner(), no_restart=False)  # Ray restarts it; its __init__ restores the checkpoint
 
     def back() -> bool:
@@ -239,5 +249,5 @@ def test_a_killed_tuner_is_restored_and_replicas_reregister_or_serve_on(cluster)
         assert s["cluster"]["tuner"]["error"]
     assert all(code == 200 for code in drive(c, 8))
     with httpx.Client(timeout=30) as h:
-        text = h.get(c.url + "/metrics").text
-    assert "apparate_tuner_reachable{replica=" in text and "} 0.0" in text
+        samples = metric_samples(h.get(c.url + "/metrics").text)  # this replica's own series, labelled
+    assert [v for (name, _), v in samples.items() if name == "apparate_tuner_reachable"] == [0.0]

@@ -42,6 +42,7 @@ class ClusterOptions:
     namespace: str = NAMESPACE
     detached_tuner: bool = False
     health_check_period_s: float = 2.0
+    graceful_shutdown_wait_loop_s: float = 2.0  # how often a stopping replica checks for requests in flight
     heartbeat_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -57,7 +58,8 @@ class ClusterOptions:
     def deployment_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"name": "Replica", "ray_actor_options": {"num_cpus": self.replica_cpus},
                                 "max_ongoing_requests": self.max_ongoing_requests,
-                                "health_check_period_s": self.health_check_period_s}
+                                "health_check_period_s": self.health_check_period_s,
+                                "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s}
         if self.min_replicas is not None:
             opts["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                                           "initial_replicas": self.replicas,
@@ -84,8 +86,8 @@ def deploy(tuner_spec: TunerSpec, replica_spec: ReplicaSpec, options: ClusterOpt
     replica_spec = replace(replica_spec, tuner_name=options.tuner_name, namespace=options.namespace,
                            heartbeat_s=options.heartbeat_s)
     tuner = tuner_actor(tuner_spec, options.tuner_name, options.namespace, options.detached_tuner)
+    serve.start(http_options={"host": host, "port": port})  # while the tuner starts
     ray.get(tuner.state.remote(), timeout=timeout_s)  # placed and restored before any replica asks
-    serve.start(http_options={"host": host, "port": port})
     app = serve.deployment(Replica, **options.deployment_options()).bind(replica_spec)
     serve.run(app, name=options.app_name, route_prefix="/")
     return Cluster(f"http://{host}:{port}", tuner, options, tuner_spec.model.name)

@@ -80,8 +80,9 @@ class Tuner:
     async def metrics_text(self) -> bytes:
         return self.core.metrics.text()
 
-    async def checkpoint(self) -> str | None:
-        return self.core.checkpoint()
+    async def checkpoint(self) -> dict[str, Any]:
+        """Checkpoint now; the path written (None without a state directory) and the state saved."""
+        return {"path": self.core.checkpoint(), **self.core.state()}
 
 
 def tuner_actor(spec: TunerSpec, name: str = TUNER_NAME, namespace: str = NAMESPACE, detached: bool = False) -> Any:
