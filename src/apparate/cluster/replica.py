@@ -90,7 +90,7 @@ class Replica:
         front = create_app(self.engine, self.spec.max_body_bytes, manage_engine=True, limits=self.spec.limits)
         return ClusterFront(front, self)
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         if self.engine.ready and not self.engine.running:
             raise RuntimeError("the engine thread has stopped")
 
