@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from .options import ClusterOptions
+from .options import ClusterOptions, absolute_paths
 from .replica import Replica, ReplicaSpec
 from .tuner import tuner_actor
 from .tuner_core import TunerSpec
@@ -60,18 +60,6 @@ def shutdown(cluster: Cluster) -> None:
     except Exception:  # noqa: BLE001 - a tuner that is gone has nothing left to save
         pass
     ray.kill(cluster.tuner, no_restart=True)
-
-
-def absolute_paths(opts: Any) -> Any:
-    """Replicas and the tuner run in other processes (and, on a cluster, other machines, where
-    these paths must exist too): the bundle, data and state directories as absolute paths."""
-    from pathlib import Path
-
-    from apparate.paths import data_dir
-
-    found = data_dir(opts.data_dir, required=False)
-    return replace(opts, bundle=str(Path(opts.bundle).resolve()), data_dir=None if found is None else str(found),
-                   state_dir=None if opts.state_dir is None else str(Path(opts.state_dir).resolve()))
 
 
 def run(opts: Any, options: ClusterOptions) -> int:

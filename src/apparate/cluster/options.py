@@ -1,8 +1,9 @@
-"""How the cluster is deployed (`apparate serve --ray` flags): Serve's deployment options."""
+"""How the cluster is deployed (`apparate serve --ray` flags): Serve's deployment options, and the
+paths every process must resolve alike."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import NAMESPACE, TUNER_NAME
@@ -47,3 +48,15 @@ class ClusterOptions:
         else:
             opts["num_replicas"] = self.replicas
         return opts
+
+
+def absolute_paths(opts: Any) -> Any:
+    """Replicas and the tuner run in other processes (and, on a cluster, other machines, where
+    these paths must exist too): the bundle, data and state directories as absolute paths."""
+    from pathlib import Path
+
+    from apparate.paths import data_dir
+
+    found = data_dir(opts.data_dir, required=False)
+    return replace(opts, bundle=str(Path(opts.bundle).resolve()), data_dir=None if found is None else str(found),
+                   state_dir=None if opts.state_dir is None else str(Path(opts.state_dir).resolve()))
