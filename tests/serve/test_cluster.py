@@ -71,7 +71,7 @@ def cluster(ray_session: None, tiny_cnn: Prepared, tmp_path: Path) -> Iterator[A
 
     control = ControlOptions(settings=small_settings(), initial=Config(*WRONG), state_dir=str(tmp_path / "state"),
                              checkpoint_every_s=60.0, feedback_min_inputs=8)
-    tuner = TunerSpec.from_served(served_cnn(tiny_cnn), control, max_batch=16)
+    tuner = partial(TunerSpec.from_bundle, str(tiny_cnn.bundle.path), control, 16, "tiny")
     replica = ReplicaSpec(partial(tiny_parts, tiny_cnn.model, str(tiny_cnn.bundle.path)))
     c = deploy(tuner, replica, ClusterOptions(replicas=2, replica_cpus=0.5, health_check_period_s=0.5,
                                               graceful_shutdown_wait_loop_s=0.1, heartbeat_s=0.2), port=free_port())

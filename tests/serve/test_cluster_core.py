@@ -11,7 +11,7 @@ import sys
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from .conftest import REPO, served_cnn
+from .conftest import REPO
 from .test_control import small_settings
 
 SRC = REPO / "src" / "apparate"
@@ -72,7 +72,7 @@ def _spec(tiny_cnn, state_dir=None, initial=((0, 1), (0.0, 1.0))):
 
     co = ControlOptions(settings=small_settings(), initial=Config(*initial), state_dir=state_dir,
                         checkpoint_every_s=3600.0)
-    return TunerSpec.from_served(served_cnn(tiny_cnn), co, max_batch=16)
+    return TunerSpec.from_bundle(str(tiny_cnn.bundle.path), co, 16, "tiny")
 
 
 def _feedback(rec, idx, cfg, sent_at=0.0):

@@ -102,18 +102,16 @@ def serving(opts: Any, args: argparse.Namespace) -> dict[str, Any]:
     import socket
     from functools import partial
 
-    import ray
-    from ray import serve
-
-    from apparate.cluster.launch import ClusterOptions, deploy
+    from apparate.cluster.launch import ClusterOptions, deploy, remove, start_ray, stop_ray
     from apparate.cluster.replica import ReplicaSpec
     from apparate.cluster.tuner_core import TunerSpec
     from apparate.serve.loadgen import make_trace, measure, stream_payloads, summarize, wait_ready
     from apparate.serve.server import engine_parts
 
-    ray.init(include_dashboard=False, log_to_driver=False, namespace="apparate-bench")
-    tuner_spec = TunerSpec.from_options(opts)
-    payloads = stream_payloads(tuner_spec.model.name, args.stream_name, 2048, opts.data_dir, args.seed)
+    start_ray(namespace="apparate-bench", log_to_driver=False)
+    tuner_spec = partial(TunerSpec.from_options, opts)
+    model = TunerSpec.from_options(opts).model.name
+    payloads = stream_payloads(model, args.stream_name, 2048, opts.data_dir, args.seed)
     runs: dict[int, list] = {1: [], 2: []}
     try:
         for r in range(args.rounds):
@@ -130,10 +128,9 @@ def serving(opts: Any, args: argparse.Namespace) -> dict[str, Any]:
                                            progress=False))
                     print(f"round {r + 1}, {n} replica(s): done")
                 finally:
-                    serve.shutdown()
-                    ray.kill(c.tuner, no_restart=True)
+                    remove(c)
     finally:
-        ray.shutdown()
+        stop_ray()
     return {n: summarize(rs) for n, rs in runs.items()}
 
 

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray import serve
@@ -39,17 +39,19 @@ class Cluster:
         return f"{self.url}/v2/models/{self.model}{suffix}"
 
 
-def deploy(tuner_spec: TunerSpec, replica_spec: ReplicaSpec, options: ClusterOptions = ClusterOptions(),
-           host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600.0) -> Cluster:
-    """Start the tuner and the replicas (on a Ray that is already initialised); ready on return."""
+def deploy(tuner_spec: TunerSpec | Callable[[], TunerSpec], replica_spec: ReplicaSpec,
+           options: ClusterOptions = ClusterOptions(), host: str = "127.0.0.1", port: int = 8000,
+           timeout_s: float = 600.0) -> Cluster:
+    """Start the tuner and the replicas (on a Ray that is already initialised); ready on return.
+    `tuner_spec` is best a function that builds the spec (see `tuner.tuner_actor`)."""
     replica_spec = replace(replica_spec, tuner_name=options.tuner_name, namespace=options.namespace,
                            heartbeat_s=options.heartbeat_s)
     tuner = tuner_actor(tuner_spec, options.tuner_name, options.namespace, options.detached_tuner)
     serve.start(http_options={"host": host, "port": port})  # while the tuner starts
-    ray.get(tuner.state.remote(), timeout=timeout_s)  # placed and restored before any replica asks
+    state = ray.get(tuner.state.remote(), timeout=timeout_s)  # placed and restored before any replica asks
     app = serve.deployment(Replica, **options.deployment_options()).bind(replica_spec)
     serve.run(app, name=options.app_name, route_prefix="/")
-    return Cluster(f"http://{host}:{port}", tuner, options, tuner_spec.model.name)
+    return Cluster(f"http://{host}:{port}", tuner, options, state["model"])
 
 
 def shutdown(cluster: Cluster) -> None:
@@ -62,6 +64,22 @@ def shutdown(cluster: Cluster) -> None:
     ray.kill(cluster.tuner, no_restart=True)
 
 
+def start_ray(address: str | None = None, namespace: str = "apparate", **kw: Any) -> None:
+    """Start a local Ray (or join one at `address`) for this process."""
+    ray.init(address=address, include_dashboard=False, namespace=namespace, **kw)
+
+
+def stop_ray() -> None:
+    serve.shutdown()
+    ray.shutdown()
+
+
+def remove(cluster: Cluster) -> None:
+    """Stop Serve (every application) and the tuner at once, no checkpoint: between benchmark runs."""
+    serve.shutdown()
+    ray.kill(cluster.tuner, no_restart=True)
+
+
 def run(opts: Any, options: ClusterOptions) -> int:
     """`apparate serve BUNDLE --ray`: serve until interrupted. `opts` is the ServeOptions."""
     from apparate.serve.server import engine_parts
@@ -70,11 +88,11 @@ def run(opts: Any, options: ClusterOptions) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     opts = absolute_paths(opts)
-    ray.init(address=options.address, include_dashboard=False, namespace=options.namespace)
+    start_ray(options.address, options.namespace)
     threads = opts.threads or max(1, int(options.replica_cpus))
     spec = ReplicaSpec(partial(engine_parts, replace(opts, threads=threads, state_dir=None)), opts.max_body_bytes,
                        opts.limits())
-    cluster = deploy(TunerSpec.from_options(opts), spec, options, opts.host, opts.port)
+    cluster = deploy(partial(TunerSpec.from_options, opts), spec, options, opts.host, opts.port)
     log.info("serving %s at %s/v2/models/%s on Ray Serve: %s replicas (%g CPUs, %d torch threads each), one tuner "
              "(ready in %.1f s)", cluster.model, cluster.url, cluster.model,
              options.replicas if options.min_replicas is None else f"{options.min_replicas}..{options.max_replicas}",
@@ -96,6 +114,5 @@ def run(opts: Any, options: ClusterOptions) -> int:
             signal.signal(sig, handler)
         log.info("shutting down: replicas drain, the tuner checkpoints")
         shutdown(cluster)
-        serve.shutdown()
-        ray.shutdown()
+        stop_ray()
     return 0

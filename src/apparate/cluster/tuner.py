@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -27,9 +27,9 @@ log = logging.getLogger("apparate.cluster")
 
 
 class Tuner:
-    def __init__(self, spec: TunerSpec):
+    def __init__(self, spec: TunerSpec | Callable[[], TunerSpec]):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.core = TunerCore(spec)
+        self.core = TunerCore(spec if isinstance(spec, TunerSpec) else spec())
         self._changed: asyncio.Event | None = None
         self._ticker: asyncio.Task | None = None
         log.info("tuner %s up: Config %d, restored %s", self.core.incarnation, self.core.seq, self.core.loop.restored)
@@ -85,9 +85,13 @@ class Tuner:
         return {"path": self.core.checkpoint(), **self.core.state()}
 
 
-def tuner_actor(spec: TunerSpec, name: str = TUNER_NAME, namespace: str = NAMESPACE, detached: bool = False) -> Any:
+def tuner_actor(spec: TunerSpec | Callable[[], TunerSpec], name: str = TUNER_NAME, namespace: str = NAMESPACE,
+                detached: bool = False) -> Any:
     """Start the named tuner (or return the one running under that name). Not detached, it lives
-    as long as the driver that started it (`apparate serve --ray`); detached, until killed."""
+    as long as the driver that started it (`apparate serve --ray`); detached, until killed. Give
+    `spec` as a function that builds it (`partial(TunerSpec.from_bundle, ...)`): a small argument
+    travels inside the actor's creation task, where Ray finds it for every restart, whereas a spec
+    holding the recording would sit in the object store, where it may not outlive its owner."""
     cls = ray.remote(Tuner)
     return cls.options(name=name, namespace=namespace, lifetime="detached" if detached else None,
                        get_if_exists=True, max_restarts=-1, max_task_retries=0, num_cpus=0,

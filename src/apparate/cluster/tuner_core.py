@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from apparate.core.controller import Config, Feedback
 from apparate.core.profile import LatencyProfile
+from apparate.core.settings import Settings
 from apparate.serve.control import ControlLoop, ControlOptions
 from apparate.serve.state import StateError, read_state, save_state
 
@@ -57,22 +58,25 @@ class TunerSpec:
     max_batch: int = 16
 
     @classmethod
-    def from_served(cls, served: Any, control: ControlOptions, max_batch: int) -> "TunerSpec":
-        info = ModelInfo(served.name, served.kind, served.fingerprint, served.num_sites, served.recording)
-        return cls(info, served.profile, replace(control, remote=None), max_batch)
+    def from_bundle(cls, path: str, control: ControlOptions, max_batch: int = 16, name: str | None = None,
+                    data_dir: str | None = None, settings: Callable[[str], Settings] | None = None) -> "TunerSpec":
+        """From a bundle read without its model (profile, recording, manifest): what the tuner
+        actor builds for itself, so that Ray restarts it from a small, inlined argument."""
+        from apparate.zoo.bundles import load_bundle
+
+        b = load_bundle(path, data_dir=data_dir, load_model=False)
+        m = b.manifest
+        name = name or m.get("workload") or m.get("model", {}).get("workload") or b.path.name
+        info = ModelInfo(str(name), b.kind, str(m.get("model", {}).get("fingerprint", "")), b.num_sites, b.recording)
+        chosen = settings(b.kind) if settings is not None else control.settings or Settings.for_kind(b.kind)
+        return cls(info, b.profile, replace(control, settings=chosen, remote=None), max_batch)
 
     @classmethod
     def from_options(cls, opts: Any) -> "TunerSpec":
-        """From `ServeOptions`: the bundle read without its model (profile, recording, manifest)."""
-        from apparate.zoo.bundles import load_bundle
-
-        b = load_bundle(opts.bundle, data_dir=opts.data_dir, load_model=False)
-        m = b.manifest
-        name = opts.model_name or m.get("workload") or m.get("model", {}).get("workload") or b.path.name
-        info = ModelInfo(str(name), b.kind, str(m.get("model", {}).get("fingerprint", "")), b.num_sites, b.recording)
-        co = ControlOptions(policy=opts.policy, settings=opts.settings(b.kind), state_dir=opts.state_dir,
-                            checkpoint_every_s=opts.checkpoint_every_s, feedback_min_inputs=opts.max_batch)
-        return cls(info, b.profile, co, opts.max_batch)
+        """From `ServeOptions` (`apparate serve --ray`)."""
+        co = ControlOptions(policy=opts.policy, state_dir=opts.state_dir, checkpoint_every_s=opts.checkpoint_every_s,
+                            feedback_min_inputs=opts.max_batch)
+        return cls.from_bundle(opts.bundle, co, opts.max_batch, opts.model_name, opts.data_dir, opts.settings)
 
 
 @dataclass
@@ -197,7 +201,8 @@ class TunerCore:
     def state(self) -> dict[str, Any]:
         now = time.time()
         return {
-            "incarnation": self.incarnation, "seq": self.seq, "config": self.current()["config"],
+            "model": self.spec.model.name, "incarnation": self.incarnation, "seq": self.seq,
+            "config": self.current()["config"],
             "policy": self.loop.options.policy, "control": self.loop.stats(), "restored": self.loop.restored,
             "last_checkpoint": self.last_checkpoint,
             "replicas": {rid: {"registrations": r.registrations, "applied": r.applied, "inputs": r.inputs,
