@@ -4,6 +4,7 @@ Ray is an optional extra (`pip install 'apparate[cluster]'`); only this package 
 only its Ray-facing modules do (`tuner`, `link`, `replica`, `launch`), so the rest can be used
 and tested without Ray. Modules, one job each:
 
+    options     ClusterOptions: replicas, CPUs, autoscaling bounds -> Serve's deployment options
     remote      RemotePolicy: a replica's policy; feedback goes to the tuner, Configs come back
                 versioned, and an older one is never applied after a newer one
     tuner_core  TunerCore: the cluster's controller (the serving ControlLoop's, without its
