@@ -109,6 +109,12 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
         from apparate.cluster.launch import run
     except ImportError as e:
         raise UserError(f"--ray needs Ray Serve: pip install 'apparate[cluster]' ({e})") from None
+    if args.port == 0:  # Serve's proxy reports no bound port: pick a free one here
+        import socket
+
+        with socket.socket() as s:
+            s.bind((args.host, 0))
+            args.port = int(s.getsockname()[1])
     return run(options_from_args(args), options)
 
 
