@@ -149,3 +149,20 @@ def test_metrics_merge_every_replica_under_its_label(tiny_cnn):
     assert exits == {"a": 3.0, "b": 5.0}
     assert fams["apparate_tuner_config_version"].samples[0].value == 1.0
     assert fams["apparate_tuner_replicas"].samples[0].value == 2.0
+
+
+def test_cluster_options_become_serves_deployment_options():
+    import pytest
+
+    from apparate.cluster.options import ClusterOptions
+
+    fixed = ClusterOptions(replicas=3, replica_cpus=0.5).deployment_options()
+    assert fixed["num_replicas"] == 3 and fixed["ray_actor_options"] == {"num_cpus": 0.5}
+    assert "autoscaling_config" not in fixed
+    auto = ClusterOptions(replicas=2, min_replicas=3, max_replicas=6).deployment_options()
+    assert "num_replicas" not in auto
+    assert auto["autoscaling_config"]["initial_replicas"] == 3  # within the bounds
+    assert (auto["autoscaling_config"]["min_replicas"], auto["autoscaling_config"]["max_replicas"]) == (3, 6)
+    for bad in (dict(replicas=0), dict(replica_cpus=0), dict(min_replicas=2), dict(min_replicas=4, max_replicas=2)):
+        with pytest.raises(ValueError):
+            ClusterOptions(**bad)

@@ -68,8 +68,6 @@ class TunerMetrics:
                               ["replica"], registry=r)
         self.registrations = Counter("apparate_tuner_registrations", "Replica (re-)registrations", registry=r)
         self.errors = Counter("apparate_tuner_errors", "Errors, by kind", ["kind"], registry=r)
-        self.feedback_dropped = Counter("apparate_tuner_feedback_dropped", "Unused (the tuner drops nothing)",
-                                        registry=r)
         self.replica_families = ReplicaFamilies()
         r.register(self.replica_families)
         self._sites: set[str] = set()

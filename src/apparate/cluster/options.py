@@ -43,7 +43,8 @@ class ClusterOptions:
                                 "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s}
         if self.min_replicas is not None:
             opts["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                                          "initial_replicas": self.replicas,
+                                          "initial_replicas": min(max(self.replicas, self.min_replicas),
+                                                                  self.max_replicas),
                                           "target_ongoing_requests": self.target_ongoing_requests}
         else:
             opts["num_replicas"] = self.replicas
