@@ -166,3 +166,30 @@ def test_cluster_options_become_serves_deployment_options():
     for bad in (dict(replicas=0), dict(replica_cpus=0), dict(min_replicas=2), dict(min_replicas=4, max_replicas=2)):
         with pytest.raises(ValueError):
             ClusterOptions(**bad)
+
+
+def test_a_tuners_checkpoint_restores_a_single_server_and_back(tiny_cnn, tmp_path):
+    """The same --state-dir format both ways: `apparate serve --state-dir` goes on from a cluster
+    tuner's checkpoint, and a tuner from a single server's."""
+    from apparate.cluster.tuner_core import TunerCore
+    from apparate.serve.control import ControlLoop, ControlOptions
+    from apparate.serve.metrics import ServeMetrics
+
+    from .conftest import served_cnn
+
+    core = TunerCore(_spec(tiny_cnn, str(tmp_path)))
+    rec = tiny_cnn.bundle.recording
+    core.register("a")
+    for k in range(8):
+        core.feedback("a", {"applied": core.seq, "feedback": [_feedback(rec, np.arange(8 * k, 8 * k + 8) % len(rec.conf),
+                                                                        core.current()["config"])]})
+    core.checkpoint()
+    served = served_cnn(tiny_cnn)
+    single = ControlLoop(served, ControlOptions(settings=small_settings(), state_dir=str(tmp_path)),
+                         ServeMetrics(served.num_sites))
+    assert single.restored["what"] == "profile, config, controller window"
+    assert single.config.thresholds == tuple(core.current()["config"]["thresholds"])
+    single.checkpoint()  # written by the single server: no `cluster` field
+    again = TunerCore(_spec(tiny_cnn, str(tmp_path)))
+    assert again.loop.restored["from"] == str(tmp_path) and again.seq >= 1
+    assert again.current()["config"]["thresholds"] == core.current()["config"]["thresholds"]
