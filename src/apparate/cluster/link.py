@@ -123,8 +123,24 @@ class TunerLink:
             t.start()
             self._threads.append(t)
 
-    def stop(self) -> None:
+    def stop(self, flush_timeout_s: float = 2.0) -> None:
+        """Stop the threads; feedback still queued (a stopping replica's last batches) is sent
+        once more, within `flush_timeout_s`, if the tuner answers."""
         self._stop.set()
+        for t in self._threads:
+            t.join(flush_timeout_s)
+        items = []
+        while not self._q.empty():
+            items.append(self._q.get_nowait())
+        if items and self.reachable and self.incarnation is not None:
+            try:
+                self._call("feedback", self.replica, self._message(items), timeout=flush_timeout_s)
+                self.sent_inputs += sum(int(it["conf"].shape[0]) for it in items)
+                return
+            except Exception:  # noqa: BLE001 - counted below
+                pass
+        if items:
+            self._unsent(items)
 
     def send(self, fb: Feedback) -> None:
         """Queue pooled feedback for the tuner (the control thread: never blocks)."""
