@@ -52,6 +52,7 @@ from .state import SavedState, StateError, read_state, save_state, set_aside
 log = logging.getLogger("apparate.serve")
 
 _STOP = object()
+_NUDGE = object()  # the policy's configuration changed outside feedback (a cluster tuner's push)
 GATE_S = 0.005  # longest wait for a batch to be inside the model before handling a report
 
 
@@ -67,6 +68,7 @@ class ControlOptions:
     profile_every_s: float = 0.25  # measured times are pooled per batch shape and applied this often
     feedback_min_inputs: int = 1  # batches are pooled into controller batches of at least this many inputs
     max_pending: int = 256  # batch reports waiting for the controller before new ones are dropped
+    remote: Policy | None = None  # replaces the local policy: apparate.cluster's, fed by a tuner elsewhere
 
     def __post_init__(self) -> None:
         check_servable(self.policy)
@@ -129,6 +131,8 @@ class ControlLoop:
         from the state directory, else from the configuration given, else placed and tuned on the
         bootstrap recording."""
         opt, served, s = self.options, self.served, self.settings
+        if opt.remote is not None:
+            return opt.remote
         if opt.state_dir is not None:
             policy = self._try_restore()
             if policy is not None:
@@ -233,6 +237,20 @@ class ControlLoop:
             self.metrics.feedback_dropped.inc()
             report.account(self.metrics)
 
+    def nudge(self) -> None:
+        """Re-read the policy's configuration soon (it changed outside feedback); any thread."""
+        try:
+            self._q.put_nowait(_NUDGE)
+        except queue.Full:  # the next report is soon; its handling re-reads it too
+            pass
+
+    def adopt(self, cfg: Config) -> None:
+        """Serve `cfg` from the next batch (the control thread, or the cluster tuner, which runs no thread)."""
+        self._log_events()
+        if cfg != self.config:
+            self._publish(cfg)
+        self._refresh_stats(force=True)
+
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every submitted report has been handled (tests, benchmarks)."""
         end = time.monotonic() + timeout
@@ -284,6 +302,8 @@ class ControlLoop:
                 next_ckpt = time.monotonic() + every
 
     def _handle(self, rep: BatchReport) -> None:
+        if rep is _NUDGE:
+            return self.adopt(self.policy.config)
         t = time.perf_counter()
         rep.account(self.metrics)
         if self.options.update_profile and rep.vanilla_ms:
@@ -294,7 +314,8 @@ class ControlLoop:
         if self.policy.adaptive and rep.feedback:  # fixed policies learn nothing: no pooling for them
             fb = self._pool_feedback(rep)
             if fb is not None:
-                self.controller.profile = self.profile  # type: ignore[union-attr]
+                if self.controller is not None:  # a cluster replica's policy has none: its tuner does
+                    self.controller.profile = self.profile
                 cfg = self.policy.feedback(fb)
                 self._log_events()
         self.handled += 1
@@ -333,7 +354,8 @@ class ControlLoop:
         if not self.policy.adaptive or not self._pending:
             return
         pend, self._pending = self._pending, []
-        self.controller.profile = self.profile  # type: ignore[union-attr]
+        if self.controller is not None:
+            self.controller.profile = self.profile
         self.config = self.policy.feedback(merged_feedback(pend))
 
     def _pool_times(self, rep: BatchReport) -> None:
