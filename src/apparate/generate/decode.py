@@ -90,6 +90,7 @@ class Decoder:
         self.pending: list[_Row] = []
         self.prompt_len = 0
         self._t0: float | None = None
+        self.wall_s = 0.0
         m = lm.model.model
         self._embed, self._norm, self._rot = m.embed_tokens, m.norm, m.rotary_emb
         self._head = lm.model.lm_head
@@ -140,7 +141,7 @@ class Decoder:
         may_exit = len(self.pending) < self.max_deferred
         rows = self._run(self._embed(torch.tensor([[x]])), n, rec, may_exit, on_emit)
         self.tokens.append(rec)
-        return rec if rows is None else rec
+        return rec
 
     @torch.inference_mode()
     def flush(self) -> None:
@@ -151,7 +152,8 @@ class Decoder:
     def _run(self, h_new, n, rec, may_exit, on_emit):
         rows_h = h_new  # [1, k, H] rows in the current pass, positions pos0..
         pos0 = n
-        members: list[int] = [] if rec is None else [len(self.tokens)]  # token index per row
+        # the row at position p predicts token index p - prompt_len + 1 (tokens[0] came from the prompt)
+        members: list[int] = [] if rec is None else [len(self.tokens)]
         L = self.lm.num_layers
         for i in range(L):
             while self.pending and self.pending[-1].reached == i - 1:
@@ -159,7 +161,7 @@ class Decoder:
                 hrow = row.h.view(1, 1, -1)
                 rows_h = hrow if rows_h is None else torch.cat([hrow, rows_h], dim=1)
                 pos0 = row.pos
-                members.insert(0, row.pos - self.prompt_len)
+                members.insert(0, row.pos - self.prompt_len + 1)
             if rows_h is None:
                 continue
             rows_h = self._layer(i, rows_h, pos0)
@@ -176,7 +178,7 @@ class Decoder:
                     if on_emit:
                         on_emit(rec)
                     for r, t_idx in enumerate(members):
-                        self.pending.append(_Row(t_idx + self.prompt_len, rows_h[0, r], i))
+                        self.pending.append(_Row(t_idx + self.prompt_len - 1, rows_h[0, r], i))
                     return None
         if rows_h is None:
             return None
@@ -199,11 +201,13 @@ def generate(lm: LM, ids: Sequence[int], max_new_tokens: int, ramps: Ramps | Non
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     dec = Decoder(lm, ramps, max_deferred)
-    first = dec.prefill(ids)
+    t0 = time.perf_counter()
+    dec.prefill(ids)
     if on_emit:
         on_emit(dec.tokens[0])
     stop = lm.eos_ids if stop is None else stop
     while len(dec.tokens) < max_new_tokens and dec.tokens[-1].token not in stop:
         dec.step(on_emit)
     dec.flush()
+    dec.wall_s = time.perf_counter() - t0  # prefill, every step and the final flush
     return dec
