@@ -21,30 +21,16 @@ from apparate.core.settings import Settings  # noqa: E402
 from apparate.core.types import Config  # noqa: E402
 from apparate.generate.control import TokenTuner, step_profile  # noqa: E402
 from apparate.generate.decode import Ramps, generate  # noqa: E402
-from apparate.generate.lm import load_lm  # noqa: E402
 from apparate.generate.prompts import prompts  # noqa: E402
 from apparate.generate.ramps import TokenRamps, measure_costs  # noqa: E402
-from apparate.generate.train import CANDIDATE_LAYERS, agreement, collect  # noqa: E402
+from apparate.generate.train import agreement, collect  # noqa: E402
 
 COSTS = {"layer_ms": 1.0, "ramp_ms": 0.05, "head_ms": 8.0, "step_ms": 38.0}
 
 
 @pytest.fixture(scope="module")
-def lm():
-    return load_lm()
-
-
-@pytest.fixture(scope="module")
 def ids(lm, data_dir):
     return lm.chat_ids(prompts(data_dir, "eval", 1)[0])
-
-
-@pytest.fixture(scope="module")
-def lens(lm):
-    """Untrained ramps (the logit lens over a shortlist of the 4,096 first token ids)."""
-    torch.manual_seed(0)
-    return TokenRamps(lm.model.model.embed_tokens.weight, lm.model.model.norm, CANDIDATE_LAYERS,
-                      torch.arange(4096), rank=8)
 
 
 def test_ramps_off_is_transformers_greedy(lm, ids):
