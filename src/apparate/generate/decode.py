@@ -90,7 +90,7 @@ class Decoder:
         self.pending: list[_Row] = []
         self.prompt_len = 0
         self._t0: float | None = None
-        self.wall_s = 0.0
+        self.wall_s = self.cpu_s = 0.0
         m = lm.model.model
         self._embed, self._norm, self._rot = m.embed_tokens, m.norm, m.rotary_emb
         self._head = lm.model.lm_head
@@ -201,7 +201,7 @@ def generate(lm: LM, ids: Sequence[int], max_new_tokens: int, ramps: Ramps | Non
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     dec = Decoder(lm, ramps, max_deferred)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     dec.prefill(ids)
     if on_emit:
         on_emit(dec.tokens[0])
@@ -210,4 +210,5 @@ def generate(lm: LM, ids: Sequence[int], max_new_tokens: int, ramps: Ramps | Non
         dec.step(on_emit)
     dec.flush()
     dec.wall_s = time.perf_counter() - t0  # prefill, every step and the final flush
+    dec.cpu_s = time.process_time() - c0  # the same in this process's CPU time (others' load aside)
     return dec
