@@ -52,6 +52,7 @@ def _build(lm: LM, data_dir: str | os.PathLike | None, n_prompts: int, max_new_t
                 "collect_s": round(t1 - t0, 1), "fit_s": round(t2 - t1, 1),
                 "bootstrap_agreement": [round(float(a), 4) for a in ag["agree"].mean(0)]}
         ramps.save(tmp, info)
+        save_file(data, str(tmp / "data.safetensors"))  # kept so ramps can be refitted without generating again
         return info
     return make
 

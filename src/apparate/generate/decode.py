@@ -92,8 +92,7 @@ class Decoder:
         self._t0: float | None = None
         self.wall_s = self.cpu_s = 0.0
         m = lm.model.model
-        self._embed, self._norm, self._rot = m.embed_tokens, m.norm, m.rotary_emb
-        self._head = lm.model.lm_head
+        self._embed, self._rot = m.embed_tokens, m.rotary_emb
 
     # ------------------------------------------------------------------ layers
     def _layer(self, i: int, h: torch.Tensor, pos0: int) -> torch.Tensor:
@@ -110,7 +109,7 @@ class Decoder:
                                  position_embeddings=pe)
 
     def _deep(self, h: torch.Tensor) -> torch.Tensor:
-        return self._head(self._norm(h)).argmax(-1)
+        return self.lm.deep_tokens(h)
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> int:
@@ -124,7 +123,7 @@ class Decoder:
             h = self._layer(i, h, 0)
         self.prompt_len = len(ids)
         self._t0 = time.perf_counter()
-        tok = int(self._deep(h[:, -1])[0])
+        tok = int(self._deep(h[0, -1:])[0])
         R = len(self.ramps.layers)
         self.tokens.append(Token(tok, R, 0.0, np.full(R, np.nan), np.full(R, -1), tok))
         return tok

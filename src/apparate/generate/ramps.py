@@ -91,16 +91,17 @@ class TokenRamps(nn.Module):
 def _median_ms(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = time.process_time()  # CPU time: the machine's other load does not inflate it
         fn()
-        times.append((time.perf_counter() - t) * 1e3)
+        times.append((time.process_time() - t) * 1e3)
     return float(sorted(times)[len(times) // 2])
 
 
 @torch.inference_mode()
 def measure_costs(lm: Any, ramps: TokenRamps, reps: int = 200) -> dict[str, float]:
-    """Per-row times (ms, medians over `reps`) of one decoder layer, one ramp, the full
-    vocabulary head and a whole decode step at one row, at a cache of 64 positions."""
+    """Times (ms, this process's CPU time, medians over `reps`) of one decoder layer and of the
+    full vocabulary head at one row and at two (a deferred row riding along), of one ramp, and
+    of a whole decode step at one row, at a cache of 64 positions."""
     from .decode import KVCache
     H = lm.hidden
     h = torch.randn(1, 1, H)
@@ -111,16 +112,22 @@ def measure_costs(lm: Any, ramps: TokenRamps, reps: int = 200) -> dict[str, floa
     layer, pos = lm.layers[0], torch.tensor([[64]])
     pe = lm.model.model.rotary_emb(h, pos)
 
-    def one_layer():
-        layer(h, position_ids=pos, cache=cache, position_embeddings=pe)
-        cache.k[0], cache.v[0] = cache.k[0][:, :, :64], cache.v[0][:, :, :64]
+    h2, pos2 = torch.randn(1, 2, H), torch.tensor([[64, 65]])
+    pe2 = lm.model.model.rotary_emb(h2, pos2)
+    mask2 = torch.ones(2, 66, dtype=torch.bool).tril(diagonal=64)[None, None]
 
-    head = lm.model.lm_head
-    norm = lm.model.model.norm
+    def one_layer(x, p, e, m):
+        def run():
+            layer(x, attention_mask=m, position_ids=p, cache=cache, position_embeddings=e)
+            cache.k[0], cache.v[0] = cache.k[0][:, :, :64], cache.v[0][:, :, :64]
+        return run
+
     out = {
-        "layer_ms": _median_ms(one_layer, reps),
+        "layer_ms": _median_ms(one_layer(h, pos, pe, None), reps),
+        "layer_2rows_ms": _median_ms(one_layer(h2, pos2, pe2, mask2), reps),
         "ramp_ms": _median_ms(lambda: ramps.score(0, h[0]), reps),
-        "head_ms": _median_ms(lambda: head(norm(h)).argmax(-1), reps),
+        "head_ms": _median_ms(lambda: lm.deep_tokens(h[0]), reps),
+        "head_2rows_ms": _median_ms(lambda: lm.deep_tokens(h2[0]), reps),
     }
     out["step_ms"] = out["layer_ms"] * lm.num_layers + out["head_ms"]
     out["ramp_share"] = out["ramp_ms"] / out["step_ms"]
