@@ -111,6 +111,19 @@ def test_record_and_replay_commands(r20_bundle, data_dir, tmp_path):
     assert m["policy"] == "apparate" and m["requests"] == 64 and m["served"] == 64
     assert m["accuracy"] >= 1 - 2 / 64  # 64 inputs: at most two answers off the original's
     assert f"{m['accuracy']:.2%}" in out.stdout  # the printed table is the metrics file
+    # heads that keep learning need the ramps' features: refused without them, replayed with them
+    out = run_cli("replay", str(r20_bundle.path), "--recording", str(rec), "--policy", "apparate+heads", "--rate", "50")
+    assert out.returncode != 0 and "--features" in out.stderr
+    feat = tmp_path / "feat.npz"
+    out = run_cli("record", str(r20_bundle.path), "--stream", "test", "--n", "64", "--out", str(feat),
+                  "--data-dir", str(data_dir), "--no-progress", "--features")
+    assert out.returncode == 0, out.stderr
+    assert "ramp features kept" in out.stdout and Recording.load(feat).features is not None
+    out = run_cli("replay", str(r20_bundle.path), "--recording", str(feat), "--policy", "apparate+heads",
+                  "--rate", "50")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout[out.stdout.index("\n{\n") + 1:])  # the metrics, after the table
+    assert got["policy"] == "apparate+heads" and got["served"] == 64
 
 
 def test_replay_refuses_a_recording_from_another_bundle(r20_bundle, tmp_path, recorded):
