@@ -175,3 +175,24 @@ def test_recorded_features_and_heads_give_back_the_ramps_answers(r20_bundle, r20
     assert np.array_equal(back.take(slice(5, 9)).features[2], rec.features[2][5:9])
     with pytest.raises(ValueError, match="come together"):
         Recording(rec.conf, rec.pred, rec.final, features=rec.features)
+
+
+def test_bench_capacity_finds_each_policys_highest_rate_within_the_slo(r20_bundle, data_dir, tmp_path, monkeypatch):
+    """Real replays of a real recording at rising rates: vanilla's capacity is found between a
+    passing and a failing rate, apparate's is at most a little above it (it never saves compute),
+    and capacity.json holds what the table says."""
+    monkeypatch.setenv("APPARATE_CACHE", str(tmp_path / "cache"))
+    out_dir = tmp_path / "cap"
+    out = run_cli("bench", "capacity", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
+                  "--stream", "test", "--n", "160", "--trace", "poisson", "--rate", "20", "--steps", "3", "--refine", "2",
+                  "--out", str(out_dir), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    got = json.loads((out_dir / "capacity.json").read_text())
+    caps = {d["policy"]: d for d in got["capacity"]}
+    assert set(caps) == {"vanilla", "apparate"} and (out_dir / "goodput.png").stat().st_size > 0
+    van = caps["vanilla"]["capacity_rps"]
+    assert van is not None and van >= 20
+    rates = {r["offered"]: r for r in got["rates"]["vanilla"]}
+    assert any(r > van for r in rates)  # a failing rate above it was tried
+    assert caps["apparate"]["capacity_rps"] is None or 0.5 * van <= caps["apparate"]["capacity_rps"] <= 1.5 * van
+    assert f"{van:.2f}" in out.stdout
