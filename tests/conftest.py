@@ -64,7 +64,7 @@ def r20_bundle(r20, tmp_path_factory):
 def minilm_base():
     """The un-fine-tuned MiniLM-L6 encoder with a fresh (seeded) 2-class head: no training in tests."""
     from apparate.zoo import minilm
-    from apparate.zoo.workloads import TextEncoder, TextClassifier
+    from apparate.zoo.text_workloads import TextEncoder, TextClassifier
 
     torch.manual_seed(0)
     hf = minilm.load_hf_classifier(minilm.base_model_dir(), num_labels=2)

@@ -68,3 +68,39 @@ def test_core_needs_only_numpy_and_the_standard_library():
            for line, name in imports(p) if name.split(".")[0] not in allowed
            or (name.startswith("apparate") and not name.startswith("apparate.core"))]
     assert not bad, "\n".join(bad)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (anywhere in it, functions included)."""
+    mods = {".".join(("apparate",) + p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, path in mods.items():
+        deps = set()
+        for _, name in imports(path):
+            # `from apparate.zoo import traces` names a module; `from apparate.zoo.x import f` its module
+            while name and name not in mods:
+                name = name.rpartition(".")[0]
+            if name and name != mod and not mods[name].name == "__init__.py":
+                deps.add(name)
+        graph[mod] = deps
+    return graph
+
+
+def test_zoo_modules_import_no_circle():
+    """The zoo's registry only dispatches; no two zoo modules reach each other (issue 20 part 8:
+    `workloads` and `video_lite0` used to)."""
+    graph = {m: {d for d in deps if d.startswith("apparate.zoo.")} for m, deps in module_graph().items()
+             if m.startswith("apparate.zoo.")}
+    circles = []
+    for start in graph:  # depth-first from each module: a path back to it is a circle
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    circles.append(" -> ".join(path + (start,)))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + (nxt,)))
+    assert not circles, "\n".join(sorted(circles))

@@ -130,6 +130,35 @@ def test_bench_evidence_prints_what_each_exit_rule_could_release(r20_bundle, dat
     rows = [line for line in out.stdout.splitlines() if line.startswith("|") and "%" in line and "released" not in line]
     assert len(rows) == r20_bundle.num_sites
     assert "100 inputs scored out of sample" in out.stdout and "feature movement recorded" in out.stdout
+    # heads that keep learning: the ramps' features are recorded (cached apart) and relearned
+    out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
+                  "--stream", "test", "--n", "200", "--train", "100", "--refit", "50", "--loss", "0.01", "--heads",
+                  "--set", "head_every=50", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "heads agree" in out.stdout and "heads release <= 1.0%" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith("|") and "%" in line and "released" not in line]
+    assert len(rows) == r20_bundle.num_sites and all(line.count("%") == 5 for line in rows)
+    assert any(p.name.endswith("-mf.npz") for p in (tmp_path / "cache" / "recordings").iterdir())
     out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
                   "--stream", "test", "--n", "200", "--train", "400", "--no-progress")
     assert out.returncode != 0 and "no more than --train 400" in out.stderr
+
+
+def test_recorded_features_and_heads_give_back_the_ramps_answers(r20_bundle, r20, tmp_path):
+    """Heads that keep learning retrain a ramp's linear head on what it reads: recorded features
+    x recorded heads must reproduce the ramps' own answers (real forward passes), and survive a
+    save/load and a slice."""
+    from apparate.core.heads import head_scores
+
+    rec = record_stream(dataclasses.replace(r20_bundle, workload=r20), r20.stream("test", n=48), batch_size=16,
+                        progress=False, features=True)
+    assert rec.features is not None and len(rec.features) == rec.num_sites
+    for s, (x, (w, b)) in enumerate(zip(rec.features, rec.heads)):
+        conf, pred = head_scores(x.astype(np.float32), w, b)
+        assert (pred == rec.pred[:, s]).mean() >= 0.95, s  # float16 features: a near tie may flip
+        assert np.allclose(conf, rec.conf[:, s], atol=2e-2), s
+    back = Recording.load(rec.save(tmp_path / "f.npz"))
+    assert all(np.array_equal(a, b) for a, b in zip(back.features, rec.features))
+    assert np.array_equal(back.take(slice(5, 9)).features[2], rec.features[2][5:9])
+    with pytest.raises(ValueError, match="come together"):
+        Recording(rec.conf, rec.pred, rec.final, features=rec.features)

@@ -13,6 +13,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from .conftest import wait_for
 
@@ -35,13 +36,18 @@ def r20_bundle(tmp_path_factory):
 
 
 def _start(bundle, dd, tmp, *extra):
+    proc, info = _start_info(bundle, dd, tmp, *extra)
+    return proc, info["url"]
+
+
+def _start_info(bundle, dd, tmp, *extra):
     port_file = tmp / f"port-{time.monotonic_ns()}.json"
     cmd = [sys.executable, "-m", "apparate", "serve", str(bundle), "--port", "0", "--port-file", str(port_file),
            "--data-dir", str(dd), "--threads", "1", "--max-batch", "4", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert wait_for(lambda: port_file.exists() or proc.poll() is not None, timeout=120), "server did not start"
     assert proc.poll() is None, proc.stdout.read()
-    return proc, json.loads(port_file.read_text())["url"]
+    return proc, json.loads(port_file.read_text())
 
 
 def _stop(proc, sig=signal.SIGINT) -> str:
@@ -79,22 +85,70 @@ def test_serve_loadgen_and_restart(r20_bundle, tmp_path):
                     "exits {"):
             assert row in report, report
         assert "60 requests" in report or "requests per run" in report
+        # your own inputs and your own arrival log: images from a folder, times from a file
+        shots = tmp_path / "shots" / "cat"
+        shots.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 24, 3), 40 * i, dtype=np.uint8)).save(shots / f"{i}.png")
+        arrivals = tmp_path / "arrivals.csv"
+        arrivals.write_text("arrival_s\n0\n0.1\n0.15\n0.4\n")
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = main(["loadgen", url, "--stream", "cifar10-resnet20", "--stream-name", f"images:{shots.parent}",
+                         "--trace", f"file:{arrivals}", "--duration", "1", "--warmup", "0", "--no-progress",
+                         "--data-dir", str(dd)])
+        report = buf.getvalue()
+        assert code == 0, report
+        # 4 arrivals over 0.4 s, one mean gap (0.133 s) between copies: 2 copies within 1 s, then cut
+        assert "its own rate 7.5/s, repeated 2 times (4 arrivals over 0.4 s) to cover 1 s" in report, report
+        assert "8 requests over" in report and "8/8 ok" in report, report
     finally:
         out = _stop(proc)
     assert "serving cifar10-resnet20 at http://127.0.0.1:" in out
     saved = load_state(state)
     served = saved["controller"]["window"]["written"] - saved["controller"]["counters"]["seeded"] if saved else 0
-    assert saved is not None and served >= 61
-    # Restart on the same state directory: the controller comes back where it was.
-    proc, url = _start(bundle, dd, tmp_path, "--state-dir", str(state))
+    assert saved is not None and served >= 61 + 8
+    # Restart on the same state directory: the controller comes back where it was. With gRPC too.
+    proc, info = _start_info(bundle, dd, tmp_path, "--state-dir", str(state), "--grpc-port", "0")
+    url = info["url"]
     try:
         st = httpx.get(f"{url}/v2/models/cifar10-resnet20/earlyexit", timeout=30).json()
         assert st["restored"]["from"] == str(state)
         assert st["config"] == {**saved["config"], "site_names": st["config"]["site_names"]}
         assert st["control"]["controller"]["inputs"] == served
+        _grpc_and_repository_index(info, dd)
     finally:
         out = _stop(proc, signal.SIGTERM)  # SIGTERM shuts down as gracefully as SIGINT
     assert "stopped" in out
+
+
+def _grpc_and_repository_index(info, dd):
+    """NVIDIA's clients against `apparate serve --grpc-port 0`: gRPC infer on real CIFAR images
+    (raw contents); the repository index lists the model over HTTP and gRPC."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from apparate.zoo.workloads import get_workload
+
+    assert info["grpc"] == f"127.0.0.1:{info['grpc_port']}"
+    wl = get_workload("cifar10-resnet20", dd)
+    imgs = np.stack(wl.stream("test", n=4).inputs)
+    g = grpcclient.InferenceServerClient(info["grpc"])
+    h = httpclient.InferenceServerClient(info["url"].removeprefix("http://"))
+    try:
+        x = grpcclient.InferInput("input", list(imgs.shape), "UINT8")
+        x.set_data_from_numpy(imgs)
+        r = g.infer("cifar10-resnet20", [x])
+        assert r.as_numpy("label").shape == (4,) and r.get_response().model_name == "cifar10-resnet20"
+        assert {"exit_sites", "early_exits", "latency_ms"} <= set(r.get_response().parameters)
+        names = [c.decode() for c in r.as_numpy("class_name")]
+        assert names == [wl.class_names[i] for i in r.as_numpy("label")]
+        want = [{"name": "cifar10-resnet20", "version": "1", "state": "READY", "reason": ""}]
+        assert h.get_model_repository_index() == want
+        index = g.get_model_repository_index(as_json=True)["models"]
+        assert [(m["name"], m["version"], m["state"]) for m in index] == [("cifar10-resnet20", "1", "READY")]
+    finally:
+        g.close()
+        h.close()
 
 
 def test_serve_apparate_learned(r20_bundle, tmp_path):

@@ -173,7 +173,7 @@ def test_hf_text_codec_counts_and_encodes_with_separate_tokenizers():
     (counting) and the engine thread (encoding) must not share one."""
     from apparate.serve.model_io import hf_text_codec
     from apparate.zoo import minilm
-    from apparate.zoo.workloads import TextEncoder
+    from apparate.zoo.text_workloads import TextEncoder
 
     enc = TextEncoder(minilm.load_tokenizer(minilm.base_model_dir()))
     codec = hf_text_codec(enc, max_tokens=8, long_text="truncate")

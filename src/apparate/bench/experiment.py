@@ -18,7 +18,7 @@ from apparate.paths import cache_dir
 from apparate.core.adjust import BudgetPoint
 from apparate.policies.catalog import POLICIES, PolicyInputs, RampFamily, all_ramps_budget, family_of, make_policy
 
-from apparate.zoo import traces
+from apparate.zoo import trace_specs
 from apparate.core.batchers import ClockworkBatcher, TFServingBatcher
 from apparate.replay.summary import Metrics, summarize
 from apparate.replay.simulator import RunResult, replay
@@ -36,11 +36,11 @@ class ExperimentSpec:
     data_dir: str | None = None
     bundle: str | None = None  # an existing bundle directory; default: prepared into the cache
     deebert_bundle: str | None = None
-    stream: str | None = None  # default: camera-day (images), drift (text); or video:PATH (your footage)
+    stream: str | None = None  # default: camera-day (images), drift (text); or video:, images:, csv:PATH
     n: int | None = None  # inputs to replay (default: the stream's own size)
     seed: int = 0
-    trace: str = "fixed"  # fixed | poisson | bursty | azure-llm
-    rate: float = 30.0  # requests per second
+    trace: str = "fixed"  # fixed | poisson | gamma | azure | file:PATH | azure-functions:PATH[:FUNCTION]
+    rate: float | None = 30.0  # requests per second; None: a real trace's own rate (synthetic: 30)
     fps: float | None = None  # video:PATH: a fixed trace at this rate (default: the frames' own times)
     cv: float = 2.0  # for bursty
     slo_ms: float | None = None  # default: slo_x times the bare model's batch-1 latency
@@ -114,14 +114,16 @@ def load_or_prepare(workload: str, data_dir: str | None, bundle: str | None, ram
     return load_bundle(path, data_dir=data_dir)
 
 
-def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec: ExperimentSpec, log: Log) -> Recording:
-    from apparate.zoo.video import footage_key, is_video_stream, resolve_stream
+def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec: ExperimentSpec, log: Log,
+                   features: bool = False) -> Recording:
+    from apparate.zoo.own_streams import resolve_stream, stream_key
 
     from .record import bundle_id, check_recording_matches, record_stream
 
-    tag = footage_key(stream_name, spec.fps) if is_video_stream(stream_name) else stream_name
+    tag = stream_key(stream_name, spec.fps)
     # image recordings carry each site's feature movement (core.evidence): "-m" keys them apart
     moves = "-m" if getattr(bundle.workload, "kind", None) == "image" else ""
+    moves += "f" if features else ""  # and what the ramps' heads read (heads that keep learning)
     key = f"{bundle_id(bundle.path)}-{tag}-n{n or 'all'}-s{seed}{moves}.npz"
     path = cache_dir("recordings") / key
     if path.exists():
@@ -133,9 +135,23 @@ def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec
             log(f"cached recording {path} is unusable ({e}); recording again")
     stream = resolve_stream(bundle.workload, stream_name, seed=seed, n=n, fps=spec.fps)
     log(f"recording {len(stream)} inputs of stream {stream_name!r} with every ramp active (once; cached)")
-    rec = record_stream(bundle, stream, progress=spec.progress, threads=spec.threads)
+    rec = record_stream(bundle, stream, progress=spec.progress, threads=spec.threads, features=features)
     rec.save(path)
     return rec
+
+
+def relearned(rec: Recording, settings: Settings, log: Log) -> tuple[Recording, Any]:
+    """The recording's ramp answers as heads that keep learning would have given them (core.heads)."""
+    from apparate.core.heads import HeadLearning, relearn
+
+    if rec.features is None:
+        raise ValueError("heads that keep learning need a recording with features (record_stream(features=True))")
+    how = HeadLearning.from_settings(settings)
+    conf, pred, hlog = relearn(list(rec.features), list(rec.heads), rec.final, how)
+    swaps = {s: at for s, at in enumerate(hlog.swaps) if at}
+    log(f"heads that keep learning: new heads went live at {sum(map(len, swaps.values()))} judgements of "
+        f"{sum(map(len, hlog.judged))} (site: inputs) {swaps}")
+    return rec.with_answers(conf, pred, heads_swaps={str(s): at for s, at in swaps.items()}), hlog
 
 
 def default_stream(kind: str) -> str:
@@ -150,13 +166,10 @@ def bundle_and_recording(spec: ExperimentSpec, log: Log) -> tuple[Any, str, Reco
     return bundle, stream, load_or_record(bundle, stream, spec.n, spec.seed, spec, log)
 
 
-def make_trace(spec: ExperimentSpec, n: int) -> np.ndarray:
-    kind = {"gamma": "bursty", "azure": "azure-llm"}.get(spec.trace, spec.trace)
-    tr = traces.generate(kind, rate=spec.rate, n=n, seed=spec.seed, cv=spec.cv, data_dir=spec.data_dir)
-    times = np.asarray(tr, dtype=np.float64)
-    if times.size < n:
-        raise ValueError(f"trace {spec.trace!r} has only {times.size} arrivals for {n} inputs: lower --n")
-    return times[:n] - times[0]
+def make_trace(spec: ExperimentSpec, n: int) -> trace_specs.Fitted:
+    """The spec's arrivals for n inputs: synthetic at its rate, or a real trace (rescaled to the
+    rate when one is given) cut or repeated to n; `.note` says which."""
+    return trace_specs.make(spec.trace, n=n, rate=spec.rate, seed=spec.seed, cv=spec.cv, data_dir=spec.data_dir)
 
 
 def make_batcher(spec: ExperimentSpec):
@@ -171,11 +184,13 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
                    phases: np.ndarray | None = None) -> ExperimentResult:
     """Replay every policy on the same recording and trace. `families` skips bundles and
     recordings (tests and synthetic runs)."""
-    from apparate.zoo.video import check_stream, is_video_stream
+    from apparate.zoo.own_streams import check_stream
+    from apparate.zoo.video import is_video_stream
 
     info: dict[str, Any] = {"workload": spec.workload}
     if families is None:
-        check_stream(spec.stream)  # an unreadable video fails before any preparation
+        check_stream(spec.stream)  # an unreadable file or malformed row fails before any preparation
+        trace_specs.check(spec.trace, spec.data_dir)  # and so does a malformed trace
         families = {}
         light = load_or_prepare(spec.workload, spec.data_dir, spec.bundle, None, spec, log)
         kind = spec.kind or light.kind
@@ -191,6 +206,10 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
             drec = load_or_record(deb, stream, spec.n, spec.seed, spec, log)
             # one clock for both: the same backbone, timed once (the light bundle's measurement)
             families["deebert"] = RampFamily(deb.recording, drec, deb.profile.with_backbone_of(light.profile))
+        if any(family_of(p) == "heads" for p in wants):
+            frec = load_or_record(light, stream, spec.n, spec.seed, spec, log, features=True)
+            rec_h, hlog = relearned(frec, spec.settings_for(kind), log)
+            families["heads"] = RampFamily(light.recording, rec_h, light.profile, hlog)
     else:
         kind = spec.kind
         if kind is None and not isinstance(spec.settings, Settings):
@@ -209,17 +228,24 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
     if not 0 <= k < n:
         raise ValueError(f"stream_bootstrap must leave inputs to replay, got {spec.stream_bootstrap}")
     families = {name: RampFamily(f.evaluation.take(slice(0, k)) if k else f.bootstrap, f.evaluation.take(slice(k, n)),
-                                 f.profile) for name, f in families.items()}
+                                 f.profile, f.heads_log and f.heads_log.shifted(k)) for name, f in families.items()}
     if phases is not None:
         phases = phases[k:]
     n -= k
     light = families["light"]
-    arrivals = make_trace(spec, n)
+    fitted = make_trace(spec, n)
+    arrivals = fitted.times
+    if trace_specs.is_real(spec.trace):
+        log(f"trace {fitted.note}")
+    info["trace"] = fitted.note
     frame_times = light.evaluation.meta.get("per_input_timestamp")
     if is_video_stream(spec.stream) and not spec.fps and frame_times:
         # your footage arrives as it was filmed: every frame at its own time
         arrivals = np.asarray(frame_times[k:k + n], dtype=np.float64) - float(frame_times[k])
         info["trace"] = "frame times"
+        span = float(arrivals[-1]) if arrivals.size > 1 else 0.0
+        fitted = trace_specs.Fitted(arrivals, "frame times", "frame times",
+                                    (arrivals.size - 1) / span if span > 0 else fitted.rate)
     lengths = light.evaluation.lengths
     # text: 90th-percentile tokens, so that the SLO is attainable for nearly every input alone
     typical = None if lengths is None else float(np.percentile(lengths, 90))
@@ -228,8 +254,8 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
     vanilla_run = replay(light.evaluation, arrivals, light.profile, make_policy("vanilla", PolicyInputs(light)),
                          batcher, slo)
     serving = serving_point(vanilla_run, lengths)
-    inputs = PolicyInputs(light, settings, families.get("deebert"), seed=spec.seed, serving=serving)
-    info.update(inputs=n, bootstrap=f"first {k} of the stream" if k else "held out", trace=info.get("trace", spec.trace), rate=spec.rate, slo_ms=round(slo, 3), batching=spec.batching,
+    inputs = PolicyInputs(light, settings, families.get("deebert"), families.get("heads"), seed=spec.seed, serving=serving)
+    info.update(inputs=n, bootstrap=f"first {k} of the stream" if k else "held out", trace=info["trace"], rate=round(fitted.rate, 4), slo_ms=round(slo, 3), batching=spec.batching,
                 max_batch=spec.max_batch, accuracy_constraint=settings.accuracy_constraint,
                 ramp_budget=settings.ramp_budget, candidate_sites=light.profile.num_sites,
                 vanilla_ms_batch1=round(light.profile.vanilla(1), 3),
@@ -238,7 +264,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
         info["all_ramps_budget"] = round(all_ramps_budget(light.profile), 4)
     metrics, runs = [], []
     for name in wants:
-        fam = families["deebert"] if family_of(name) == "deebert" else light
+        fam = families.get(family_of(name), light)
         if name == "vanilla":
             run = vanilla_run
         else:

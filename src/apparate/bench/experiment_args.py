@@ -9,6 +9,7 @@ import sys
 
 def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None = None) -> None:
     from apparate.core.settings import Settings
+    from apparate.zoo import trace_specs
 
     defaults = Settings()
     if workload_default is None:
@@ -18,15 +19,17 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
     p.add_argument("--data-dir", help="data directory (default: $APPARATE_DATA, else ../shared/data)")
     p.add_argument("--bundle", help="use this prepared bundle (default: prepare once into the cache)")
     p.add_argument("--deebert-bundle", help="bundle with DeeBERT-style ramps for the deebert policies")
-    p.add_argument("--stream", help="stream to replay (default: camera-day for images, drift for text), or video:PATH "
-                                    "(your own footage: a video file, or a folder of them in name order)")
+    p.add_argument("--stream", help="stream to replay (default: camera-day for images, drift for text), or your own: "
+                                    "video:PATH (footage: a video file, or a folder of them in name order), "
+                                    "images:PATH (a folder of class subfolders, a flat folder, or a CSV manifest "
+                                    "path[,label]), csv:PATH (a CSV/TSV of texts, optionally labelled)")
     p.add_argument("--fps", type=float, help="a camera's fixed-rate trace at this many frames per second (sets --trace "
                                              "fixed --rate FPS); video:PATH streams default to their own frame times")
     p.add_argument("--n", type=int, help="inputs to replay (default: the whole stream)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trace", default="fixed", choices=["fixed", "poisson", "gamma", "azure"],
-                   help="arrival process (default fixed: a camera)")
-    p.add_argument("--rate", type=float, default=30.0, help="requests per second (default 30)")
+    p.add_argument("--trace", default="fixed", help=trace_specs.HELP + " (default fixed: a camera)")
+    p.add_argument("--rate", type=float, help="mean requests per second (default 30 for synthetic traces; a real "
+                                              "trace is rescaled to it when given)")
     p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for --trace gamma")
     p.add_argument("--slo-ms", type=float,
                    help="latency SLO (default: --slo-x times the batch-1 model latency, at the 90th-percentile text length)")
@@ -60,14 +63,27 @@ def spec_from_args(args: argparse.Namespace, policies=None):
                **parse_overrides(getattr(args, "overrides", []))}
     for kind in KIND_DEFAULTS:
         Settings.for_kind(kind, **changes)
+    rate = rate_from_args(args)
     return ExperimentSpec(
         workload=args.workload, data_dir=args.data_dir, bundle=args.bundle, deebert_bundle=args.deebert_bundle,
         stream=args.stream, n=args.n, seed=args.seed, trace="fixed" if args.fps else args.trace,
-        rate=args.fps or args.rate, fps=args.fps, cv=args.cv,
+        rate=rate, fps=args.fps, cv=args.cv,
         slo_ms=args.slo_ms, slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
         settings=changes, policies=policies, bootstrap=args.bootstrap, stream_bootstrap=args.stream_bootstrap,
         threads=args.threads,
         progress=not args.no_progress)
+
+
+def rate_from_args(args: argparse.Namespace) -> float | None:
+    """--fps, else --rate, else 30/s for a synthetic trace and the trace's own rate for a real one."""
+    from apparate.zoo import trace_specs
+
+    trace_specs.parse(args.trace)  # a malformed --trace fails before any work
+    if getattr(args, "fps", None):
+        return args.fps
+    if args.rate is not None:
+        return args.rate
+    return None if trace_specs.is_real(args.trace) else trace_specs.DEFAULT_RATE
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:

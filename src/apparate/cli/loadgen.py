@@ -15,6 +15,8 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from apparate.zoo import trace_specs
+
     p = sub.add_parser("loadgen", help="open-loop HTTP load generator (compare vanilla and apparate servers)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("urls", nargs="*", help="server URL(s): http://HOST:PORT (with --model) or .../v2/models/NAME")
@@ -22,13 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name (default: the --stream workload's name)")
     p.add_argument("--stream", required=True, metavar="WORKLOAD", help="zoo workload whose stream supplies the inputs")
     p.add_argument("--stream-name", help="stream of the workload (default: camera-day for images, sst2-dev for text), "
-                                         "or video:PATH: your own footage (a video file, or a folder of them in "
-                                         "name order), decoded at the workload's frame size")
-    p.add_argument("--trace", choices=("fixed", "poisson", "gamma", "azure"), default="poisson")
-    p.add_argument("--rate", type=float, help="mean requests per second (required unless --fps or a video:PATH stream)")
+                                         "or your own: video:PATH (footage, decoded at the workload's frame size), "
+                                         "images:PATH (an image folder or a CSV manifest), csv:PATH (texts)")
+    p.add_argument("--trace", default="poisson", help=trace_specs.HELP + " (default poisson)")
+    p.add_argument("--rate", type=float, help="mean requests per second (required for synthetic traces unless --fps "
+                                              "or a video:PATH stream; a real trace is rescaled to it when given)")
     p.add_argument("--fps", type=float, help="a camera: fixed-rate trace at this many frames per second "
                                              "(video:PATH default: the first clip's own frame rate)")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of measured load per run")
+    p.add_argument("--duration", type=float, help="seconds of measured load per run (default 30; a real trace: "
+                                                  "all of it, cut or repeated to --duration when given)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of unmeasured load first (fixed rate)")
     p.add_argument("--cv", type=float, default=2.0, help="gamma trace: coefficient of variation of the gaps")
     p.add_argument("--seed", type=int, default=0)
@@ -78,21 +82,29 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("at most two URLs")
     if args.rounds < 1:
         raise UserError("--rounds must be at least 1")
+    from apparate.zoo import trace_specs
+    from apparate.zoo.own_streams import check_stream
     from apparate.zoo.video import is_video_stream, probe_all
 
-    if is_video_stream(args.stream_name):  # an unreadable video fails before any server starts
+    check_stream(args.stream_name)  # an unreadable file or malformed row fails before any server starts
+    if is_video_stream(args.stream_name):
         infos = probe_all(args.stream_name[len("video:"):])
         if not args.fps and args.rate is None:
             args.fps = infos[0].fps
     if args.fps:
         args.trace, args.rate = "fixed", args.fps
-    if args.rate is None:
+    trace_specs.parse(args.trace)
+    real = trace_specs.is_real(args.trace)
+    if args.rate is None and not real:
         raise UserError("give --rate (requests per second) or --fps (a camera's frame rate)")
-    times = lg.make_trace(args.trace, args.rate, args.duration, args.seed, args.cv, args.data_dir)
+    fitted = lg.fitted_trace(args.trace, args.rate, args.duration, args.seed, args.cv, args.data_dir)
+    times = fitted.times
     if len(times) == 0:
         raise UserError("the trace is empty: raise --rate or --duration")
-    n_items = len(times) + int(args.warmup * args.rate)
-    print(f"trace {args.trace}: {len(times)} requests over {args.duration:g} s (mean {args.rate:g}/s, seed {args.seed}); "
+    rate = args.rate or fitted.rate  # the warm-up runs at the trace's mean rate
+    n_items = len(times) + int(args.warmup * rate)
+    print(f"trace {fitted.note if real else args.trace}: {len(times)} requests over {float(times[-1]):.4g} s "
+          f"(mean {fitted.rate:.4g}/s, seed {args.seed}); "
           f"inputs: {args.stream} stream {args.stream_name or '(default)'}", flush=True)
     payloads = lg.stream_payloads(args.stream, args.stream_name, n_items, args.data_dir, args.seed,
                                   binary=not args.json_tensors)
@@ -121,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         results: dict[str, list] = {n: [] for n, _ in targets}
         order = [(n, b) for _ in range(args.rounds) for n, b in targets]
         for k, (name, base) in enumerate(order):
-            res = lg.measure(name, base, model, times, payloads, args.warmup if k < len(targets) else 0.0, args.rate,
+            res = lg.measure(name, base, model, times, payloads, args.warmup if k < len(targets) else 0.0, rate,
                              not args.no_progress, args.timeout)
             results[name].append(res)
             s = lg.summarize([res])

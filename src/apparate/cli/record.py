@@ -10,8 +10,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)
     p.add_argument("bundle", help="bundle directory (from `apparate prepare`)")
     p.add_argument("--stream", required=True,
-                   help="stream name of the bundle's workload (e.g. camera-day, test, drift), or video:PATH "
-                        "(a video file, or a folder of them played in name order)")
+                   help="stream name of the bundle's workload (e.g. camera-day, test, drift), or your own: "
+                        "video:PATH (a video file, or a folder of them played in name order), images:PATH (a "
+                        "folder of class subfolders, a flat folder, or a CSV manifest with path[,label]), "
+                        "csv:PATH (a CSV/TSV of texts with a text column and optionally label)")
     p.add_argument("--fps", type=float, help="video:PATH: frame timestamps at this rate (default: the clip's own)")
     p.add_argument("--out", required=True, help="recording file to write (.npz)")
     p.add_argument("--n", type=int, help="inputs (default: the stream's own size)")
@@ -29,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from apparate.zoo.bundles import load_bundle
     from apparate.bench.record import record_stream
-    from apparate.zoo.video import check_stream, resolve_stream
+    from apparate.zoo.own_streams import check_stream, resolve_stream
 
-    check_stream(args.stream)  # an unreadable video fails before the model loads
+    check_stream(args.stream)  # an unreadable file or malformed row fails before the model loads
     bundle = load_bundle(args.bundle, data_dir=args.data_dir)
     if bundle.workload is None:
         raise ValueError(f"bundle {args.bundle} has no workload to draw streams from")

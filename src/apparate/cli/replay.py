@@ -1,7 +1,11 @@
 """`apparate replay BUNDLE --recording FILE --policy NAME`: one policy on a recorded stream.
 
 The bundle gives the latency profile and the bootstrap data; the recording (from `apparate
-record` with the same bundle) gives every ramp's outputs on the stream being replayed.
+record` with the same bundle) gives every ramp's outputs on the stream being replayed. Your own
+logs in two commands:
+
+    apparate record BUNDLE --stream csv:texts.csv --out texts.npz
+    apparate replay BUNDLE --recording texts.npz --trace file:arrivals.csv
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 
 def register(sub: argparse._SubParsersAction) -> None:
     from apparate.core.settings import Settings
+    from apparate.zoo import trace_specs
 
     defaults = Settings()
     p = sub.add_parser("replay", help="replay one policy on a recorded stream with an arrival trace",
@@ -19,9 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", help="bundle directory the recording was made with")
     p.add_argument("--recording", required=True, help="recording file from `apparate record`")
     p.add_argument("--policy", default="apparate", help="vanilla, static, apparate, branchynet, ... (default apparate)")
-    p.add_argument("--trace", default="fixed", choices=["fixed", "poisson", "gamma", "azure"])
-    p.add_argument("--rate", type=float, default=30.0)
-    p.add_argument("--cv", type=float, default=2.0)
+    p.add_argument("--trace", default="fixed", help=trace_specs.HELP + " (default fixed)")
+    p.add_argument("--rate", type=float, help="mean requests per second (default 30 for synthetic traces; a real "
+                                              "trace is rescaled to it when given)")
+    p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for --trace gamma")
     p.add_argument("--slo-ms", type=float)
     p.add_argument("--slo-x", type=float, default=4.0)
     p.add_argument("--batching", default="clockwork", choices=["clockwork", "tfserving"])
@@ -66,9 +72,10 @@ def spec_from_args(args: argparse.Namespace, bundle):
     """The experiment the flags ask for on `bundle`: its workload's kind of settings
     (`Settings.for_kind`, as `apparate serve` uses) with the flags' changes."""
     from apparate.bench.experiment import ExperimentSpec
+    from apparate.bench.experiment_args import rate_from_args
 
     return ExperimentSpec(workload=bundle.manifest.get("workload", "?"), data_dir=args.data_dir, kind=bundle.kind,
-                          seed=args.seed, trace=args.trace, rate=args.rate, cv=args.cv, slo_ms=args.slo_ms,
+                          seed=args.seed, trace=args.trace, rate=rate_from_args(args), cv=args.cv, slo_ms=args.slo_ms,
                           slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
                           settings={"accuracy_constraint": args.accuracy_constraint, "ramp_budget": args.ramp_budget},
                           policies=(args.policy,), progress=False)

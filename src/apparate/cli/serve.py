@@ -1,5 +1,6 @@
-"""`apparate serve BUNDLE`: serve a prepared model over HTTP (Open Inference Protocol v2) with
-early exits, batching, live tuning, Prometheus metrics and checkpointed state. See docs/serve.md.
+"""`apparate serve BUNDLE`: serve a prepared model over HTTP (Open Inference Protocol v2; over gRPC
+too with --grpc-port) with early exits, batching, live tuning, Prometheus metrics and checkpointed
+state. See docs/serve.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", help="bundle directory made by `apparate prepare`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed; default 8000)")
+    p.add_argument("--grpc-port", type=int,
+                   help="also serve OIP v2 over gRPC on this port (0: any free port, in the port file; "
+                        "needs the grpc extra); default: HTTP only")
     p.add_argument("--model-name", help="name in the URL /v2/models/NAME (default: the bundle's workload)")
     p.add_argument("--policy", default="apparate",
                    help="apparate: ramps and thresholds adapt within the budget; apparate-all: the same with a "
@@ -131,4 +135,4 @@ def options_from_args(args: argparse.Namespace):
         max_inputs=args.max_inputs, long_text=args.long_text, max_tokens=args.max_tokens,
         access_log=args.access_log, log_level=args.log_level, port_file=args.port_file,
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, header_timeout_s=args.header_timeout,
-        body_timeout_s=args.body_timeout)
+        body_timeout_s=args.body_timeout, grpc_port=args.grpc_port)

@@ -7,6 +7,7 @@
     GET  /v2/models/{name}[/versions/1]/ready   model readiness
     POST /v2/models/{name}[/versions/1]/infer   inference (see protocol.py)
     GET  /v2/models/{name}/earlyexit            live state: ramps, thresholds, accuracy, exit rates
+    POST /v2/repository/index                   Triton's repository index: the model and its state
     GET  /metrics                               Prometheus text format
 
 Errors are JSON `{"error": "..."}`: 400 malformed JSON or a bad input tensor, 404 unknown model
@@ -190,7 +191,7 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
     async def server_meta(request: Request) -> Response:
         from apparate import __version__
 
-        return _json({"name": "apparate", "version": __version__, "extensions": ["earlyexit", "binary_tensor_data"]})
+        return _json({"name": "apparate", "version": __version__, "extensions": ["earlyexit", "binary_tensor_data", "model_repository"]})
 
     def is_ready() -> bool:
         return bool(engine.ready and engine.running)
@@ -207,6 +208,19 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
     async def earlyexit(request: Request) -> Response:
         check_model(request)
         return _json(engine.describe())
+
+    async def repository_index(request: Request) -> Response:
+        from .repository import index
+
+        body = await request.body()
+        try:
+            args = json.loads(body) if body.strip() else {}
+        except ValueError as e:
+            return _error(f"malformed JSON: {e}", 400)
+        ready = args.get("ready", False) if isinstance(args, dict) else None
+        if not isinstance(ready, bool):
+            return _error("the body must be a JSON object, optionally with a boolean 'ready'", 400)
+        return _json(index(engine, ready_only=ready))
 
     async def prom(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -291,6 +305,7 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
         Route(m + "/ready", model_ready), Route(mv + "/ready", model_ready),
         Route(m + "/infer", infer, methods=["POST"]), Route(mv + "/infer", infer, methods=["POST"]),
         Route(m + "/earlyexit", earlyexit),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/metrics", prom),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,

@@ -35,13 +35,15 @@ HEALTH = frozenset({HEALTH_LIVE, HEALTH_READY})
 
 
 def route_of(path: str) -> str:
-    """A low-cardinality label for a path (metrics): infer, health, model, metrics, server, other."""
+    """A low-cardinality label for a path (metrics): infer, health, model, repository, metrics, server, other."""
     if path.startswith("/v2/models/"):
         return "infer" if path.endswith("/infer") else "model"
     if path.startswith("/v2/health/"):
         return "health"
     if path == "/metrics":
         return "metrics"
+    if path.startswith("/v2/repository/"):
+        return "repository"
     if path == "/v2":
         return "server"
     return "other"

@@ -157,10 +157,9 @@ class Engine:
         if self.options.threads is not None:
             torch.set_num_threads(self.options.threads)
         if self.options.switch_interval_ms is not None:
-            # The engine thread gives the GIL up around every torch op and needs it back right
-            # after; with Python's default 5 ms switch interval a busy event loop makes it wait that
-            # long each time (a ResNet-56 batch went from 64 to 161-233 ms next to a saturated
-            # Python thread; 96 ms at 0.1 ms, 128 ms at 0.2 ms). Process-wide, hence an option.
+            # The engine thread needs the GIL back right after every torch op: at Python's default
+            # 5 ms interval a busy event loop stalls it (a ResNet-56 batch: 64 -> 161-233 ms; 128 ms
+            # at 0.2 ms). Process-wide, hence an option.
             sys.setswitchinterval(self.options.switch_interval_ms * 1e-3)
         if self.options.warmup:
             with torch.inference_mode():
@@ -197,14 +196,21 @@ class Engine:
         return [Request(it, int(c), now, deadline, make_future(), loop) for it, c in zip(items, costs)]
 
     async def infer(self, items: Sequence[Any], costs: Sequence[int], arrival: float | None = None) -> list[Result]:
-        """Admit one HTTP request's inputs (all or none) and wait until each is released.
-        `arrival` (perf_counter s) is when the request reached the server; its deadline counts
-        from there, so reading and parsing it are part of its latency."""
+        """Admit one request's inputs (all or none) and wait until each is released. Its deadline
+        counts from `arrival` (perf_counter s, when it reached the server): reading and parsing count."""
+        reqs = self.admit(items, costs, arrival)
+        done = reqs[0].future.done()  # refused at admission: no need to wait
+        return [r.future.result() for r in reqs] if done else list(await asyncio.gather(*(r.future for r in reqs)))
+
+    def admit(self, items: Sequence[Any], costs: Sequence[int], arrival: float | None = None, finals: bool = False) -> list[Request]:
+        """Admit inputs (all or none) for a caller on this event loop: `future` gets the released
+        answer or a Rejected; with `finals`, an early exit's `final` gets the model's own answer."""
         loop = asyncio.get_running_loop()
         reqs = self._requests(items, costs, loop.create_future, loop, arrival)
-        if not self._admit(reqs):
-            return [r.future.result() for r in reqs]
-        return list(await asyncio.gather(*(r.future for r in reqs)))
+        for r in reqs if finals else ():
+            r.final = loop.create_future()
+        self._admit(reqs)
+        return reqs
 
     def submit(self, items: Sequence[Any], costs: Sequence[int] | None = None) -> list[concurrent.futures.Future]:
         """In-process callers: one concurrent future per input (Answer or Rejected)."""
@@ -214,8 +220,7 @@ class Engine:
         return [r.future for r in reqs]
 
     def idle_ms(self, costs: Sequence[int]) -> float:
-        """Predicted time to serve a request of these inputs on an idle server (the lower of the
-        start-up and the live prediction)."""
+        """Predicted time to serve these inputs on an idle server (the lower of start-up's and live)."""
         c = np.asarray(costs, dtype=np.int64) if self._text else None
         return min(self._idle_costs.drain_ms(len(costs), c), self.live.costs.drain_ms(len(costs), c))
 

@@ -46,7 +46,7 @@ from apparate.model.early_exit import score_all
 from apparate.model.sites import primary_output
 
 from .model_io import ServedModel
-from .requests import Answer, Rejected, Request, Result
+from .requests import Answer, FinalTarget, Rejected, Request, Result
 
 log = logging.getLogger("apparate.serve")
 
@@ -310,6 +310,12 @@ class Executor:
         if rest.size:
             self.release([(batch[i], self._answer(batch[i], int(final_pred[i]), float(fconf[i]), -1, False,
                                                   t_start, now, n, cfg.version)) for i in rest])
+        if exit_pos.min(initial=R) < R:  # early answers whose callers asked for the model's own too
+            finals = [(FinalTarget(batch[i].final, batch[i].loop),
+                       self._answer(batch[i], int(final_pred[i]), float(fconf[i]), -1, False, t_start, now, n,
+                                    cfg.version)) for i in np.flatnonzero(exit_pos < R) if batch[i].final is not None]
+            if finals:
+                self.release(finals)
         t_end = clock()
         results = [out.ramps[s] for s in cfg.sites if s in out.ramps]
         score_all(results)  # the ramps that could not release, in one step, after every answer is out
@@ -378,7 +384,9 @@ class Executor:
         log.error("the model failed on a batch of %d: %s: %s", len(batch), type(err).__name__, err)
         self.on_error("model")
         msg = f"model error: {type(err).__name__}: {err}"[:300]
-        self.release([(batch[i], Rejected(500, msg)) for i in np.flatnonzero(pending)])
+        self.release([(batch[i], Rejected(500, msg)) for i in np.flatnonzero(pending)]
+                     + [(FinalTarget(r.final, r.loop), Rejected(500, msg)) for i, r in enumerate(batch)
+                        if not pending[i] and r.final is not None])  # released early: no final answer comes
         return None
 
     def on_error(self, kind: str) -> None:

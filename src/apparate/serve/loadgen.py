@@ -26,8 +26,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-TRACES = {"fixed": "fixed", "poisson": "poisson", "gamma": "bursty", "azure": "azure-llm"}
-
 
 # ---------------------------------------------------------------------------------------------- inputs
 
@@ -70,12 +68,12 @@ JSON_HEADERS = {"content-type": "application/json"}
 def stream_payloads(workload: str, stream: str | None, n: int, data_dir: str | None = None, seed: int = 0,
                     binary: bool = True) -> Payloads:
     """Request bodies for the first n items of a zoo workload's stream (cycled if shorter)."""
-    from apparate.zoo.video import is_video_stream, resolve_stream
+    from apparate.zoo.own_streams import is_own_stream, resolve_stream
     from apparate.zoo.workloads import get_workload
 
     wl = get_workload(workload, data_dir, progress=False)
     name = stream or ("camera-day" if wl.kind == "image" else "sst2-dev")
-    s = resolve_stream(wl, name, seed=seed, n=n if is_video_stream(name) else None)
+    s = resolve_stream(wl, name, seed=seed, n=n if is_own_stream(name) else None)
     k = min(len(s), n)
     if wl.kind == "image":
         bodies = [image_body(np.asarray(s.inputs[i]), binary=binary) for i in range(k)]
@@ -84,13 +82,20 @@ def stream_payloads(workload: str, stream: str | None, n: int, data_dir: str | N
     return Payloads(bodies, np.asarray(s.labels[:k]), name, workload)
 
 
-def make_trace(kind: str, rate: float, duration: float, seed: int = 0, cv: float = 2.0,
+def make_trace(kind: str, rate: float | None, duration: float | None, seed: int = 0, cv: float = 2.0,
                data_dir: str | None = None) -> np.ndarray:
-    from apparate.zoo.traces import generate
+    """Arrival times (s) for `apparate loadgen`: any `--trace` value (`zoo.trace_specs`)."""
+    return fitted_trace(kind, rate, duration, seed, cv, data_dir).times
 
-    if kind not in TRACES:
-        raise ValueError(f"trace must be one of {', '.join(TRACES)}, got {kind!r}")
-    return np.asarray(generate(TRACES[kind], rate, duration=duration, seed=seed, cv=cv, data_dir=data_dir))
+
+def fitted_trace(kind: str, rate: float | None, duration: float | None, seed: int = 0, cv: float = 2.0,
+                 data_dir: str | None = None) -> Any:
+    """`trace_specs.make` for a run of `duration` seconds (None: a real trace whole; synthetic 30 s)."""
+    from apparate.zoo import trace_specs
+
+    if duration is None and not trace_specs.is_real(kind):
+        duration = 30.0
+    return trace_specs.make(kind, duration=duration, rate=rate, seed=seed, cv=cv, data_dir=data_dir)
 
 
 # ---------------------------------------------------------------------------------------------- running

@@ -240,7 +240,7 @@ class TextCodec:
 
 def hf_text_codec(encoder: Any, max_tokens: int | None = None, long_text: str = "truncate", max_inputs: int = 64) -> TextCodec:
     """A codec over the zoo's `TextEncoder` (a Hugging Face tokenizer)."""
-    from apparate.zoo.workloads import TextEncoder
+    from apparate.zoo.text_workloads import TextEncoder
 
     import copy
 

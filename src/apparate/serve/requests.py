@@ -53,3 +53,12 @@ class Request:
     future: Any = None
     loop: Any = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. a label, for tests
+    final: Any = None  # a future for the model's own answer after an early release (streaming), or None
+
+
+@dataclass(frozen=True, slots=True)
+class FinalTarget:
+    """Where an early-released input's final answer goes: looks like a Request to the release path."""
+
+    future: Any
+    loop: Any

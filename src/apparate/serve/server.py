@@ -57,6 +57,7 @@ class ServeOptions:
     idle_timeout_s: float = 5.0
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    grpc_port: int | None = None  # OIP v2 over gRPC on this port as well (0: a free one); None: HTTP only
 
     def settings(self, kind: str) -> Settings:
         """The controller's settings for a workload of this kind ('image' or 'text')."""
@@ -229,6 +230,7 @@ def run(opts: ServeOptions) -> int:
     watch_gc(engine.metrics)
     app = create_app(engine, opts.max_body_bytes, manage_engine=True, limits=opts.limits())
     server = uvicorn.Server(uvicorn_config(app, opts.host, opts.port, opts.access_log, "warning", opts.graceful_timeout_s))
+    grpc = grpc_thread(engine, opts)
 
     async def main() -> None:
         task = asyncio.create_task(server.serve())
@@ -237,13 +239,16 @@ def run(opts: ServeOptions) -> int:
         if server.started:
             port = bound_port(server)
             url = f"http://{opts.host}:{port}"
+            if grpc is not None:
+                grpc.start()
             d = engine.describe()
             log.info("serving %s at %s/v2/models/%s (policy %s, ramps %s, SLO %.0f ms, %d torch threads, ready in %.1f s)",
                      engine.served.name, url, engine.served.name, d["policy"], d["config"]["sites"],
                      engine.options.slo_ms, engine.options.threads, time.perf_counter() - t0)
             if opts.port_file:
                 tmp = Path(opts.port_file + ".tmp")
-                tmp.write_text(json.dumps({"url": url, "port": port, "model": engine.served.name, "pid": os.getpid()}))
+                tmp.write_text(json.dumps({"url": url, "port": port, "model": engine.served.name, "pid": os.getpid(),
+                                           **({"grpc": grpc.url, "grpc_port": grpc.port} if grpc else {})}))
                 os.replace(tmp, opts.port_file)
         await task
 
@@ -264,12 +269,23 @@ def run(opts: ServeOptions) -> int:
             signal.signal(sig, handler)
         if engine.running:  # the lifespan did not run (startup failed): still stop cleanly
             engine.stop(True)
+        if grpc is not None:  # the engine has answered every admitted call by now
+            grpc.stop(1.0)
     log.info("stopped")
     return 0
 
 
 class _Stopped(Exception):
     pass
+
+
+def grpc_thread(engine: Any, opts: ServeOptions) -> Any:
+    """The gRPC server `opts.grpc_port` asks for (not started), or None."""
+    if opts.grpc_port is None:
+        return None
+    from .grpc_server import GrpcThread
+
+    return GrpcThread(engine, opts.host, opts.grpc_port, max_message_bytes=opts.max_body_bytes)
 
 
 def serve_in_thread(opts: ServeOptions, timeout: float = 120.0) -> "ServerThread":
@@ -283,8 +299,12 @@ def serve_in_thread(opts: ServeOptions, timeout: float = 120.0) -> "ServerThread
     app = create_app(engine, opts.max_body_bytes, manage_engine=True, limits=opts.limits())
     server = ServerThread(app, opts.host, opts.port, opts.graceful_timeout_s)
     server.engine = engine
+    server.grpc = grpc_thread(engine, opts)
     try:
-        return server.start(timeout)
+        server.start(timeout)
+        if server.grpc is not None:
+            server.grpc.start(timeout)
+        return server
     except BaseException:
         if engine.running:
             engine.stop(False)
@@ -301,6 +321,7 @@ class ServerThread:
         self.host = host
         self.port: int | None = None
         self.engine: Any = None  # set by serve_in_thread
+        self.grpc: Any = None  # the GrpcThread serve_in_thread started, if any
         self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
     def start(self, timeout: float = 60.0) -> "ServerThread":
@@ -322,6 +343,8 @@ class ServerThread:
     def stop(self, timeout: float = 60.0) -> None:
         self.server.should_exit = True
         self._thread.join(timeout)
+        if self.grpc is not None:
+            self.grpc.stop(1.0)
 
     def __enter__(self) -> "ServerThread":
         return self.start()

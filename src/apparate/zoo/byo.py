@@ -1,15 +1,13 @@
 """Bring your own: an image folder or manifest, a CSV/TSV of texts, any torch image classifier,
 any Hugging Face sequence-classification model directory.
 
-- Image folder: `root/<class>/*.{jpg,png,...}` (classes sorted by name give the label indices)
-  or a flat folder (labels unknown). Manifest: a CSV with a `path` column (relative to the
-  manifest) and optionally `label`.
-- Texts: a CSV/TSV with a header, a text column and optionally an integer `label` column.
+- Image folder or manifest: `apparate.zoo.image_files`.
+- Texts: a CSV/TSV with a header, a text column and optionally an integer `label` column
+  (`apparate.zoo.text.read_table`).
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,62 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from apparate.zoo.image_files import image_stream
 from apparate.zoo.workload import Stream, Workload
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
-
-
-def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size is not None and im.size != (size[1], size[0]):
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
-
-
-def image_stream(source: str | os.PathLike, size: tuple[int, int] | None = None, name: str = "images",
-                 limit: int | None = None) -> tuple[Stream, tuple[str, ...]]:
-    """(stream, class names) from an image folder or a CSV manifest. Without `size`, every image
-    must have the first image's size."""
-    src = Path(source)
-    entries: list[tuple[Path, int]] = []
-    classes: tuple[str, ...] = ()
-    if src.is_file():
-        with src.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or "path" not in rows[0]:
-            raise ValueError(f"{src}: an image manifest needs a header with a `path` column")
-        for r in rows:
-            lab = r.get("label", "")
-            entries.append((src.parent / r["path"], int(lab) if str(lab).strip() else -1))
-    elif src.is_dir():
-        subdirs = sorted(d for d in src.iterdir() if d.is_dir())
-        if subdirs:
-            classes = tuple(d.name for d in subdirs)
-            for ci, d in enumerate(subdirs):
-                entries += [(p, ci) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_EXTS]
-        else:
-            entries = [(p, -1) for p in sorted(src.iterdir()) if p.suffix.lower() in IMAGE_EXTS]
-    else:
-        raise FileNotFoundError(f"no image folder or manifest at {src}")
-    if not entries:
-        raise ValueError(f"{src} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
-    if limit:
-        entries = entries[:limit]
-    images = []
-    for p, _ in entries:
-        if not p.exists():
-            raise FileNotFoundError(f"image {p} listed in {src} does not exist")
-        img = _decode(p, size)
-        if images and img.shape != images[0].shape:
-            raise ValueError(f"{p} is {img.shape[1]}x{img.shape[0]} but earlier images are "
-                             f"{images[0].shape[1]}x{images[0].shape[0]}: pass size=(H, W) to resize")
-        images.append(img)
-    stream = Stream(name, np.stack(images), np.array([lab for _, lab in entries]), np.ones(len(entries)),
-                    f"images from {src}", {"paths": [str(p) for p, _ in entries]})
-    return stream, classes
+__all__ = ["ImageEncoder", "hf_text_workload", "image_stream", "image_workload", "text_file_stream"]
 
 
 class ImageEncoder:
@@ -120,7 +66,7 @@ def hf_text_workload(model_dir: str | os.PathLike, texts: str | os.PathLike | No
                      label_column: str | None = "label", max_length: int = 128) -> Workload:
     """A workload from any HF sequence-classification model directory and a CSV/TSV of texts."""
     from apparate.zoo import minilm
-    from apparate.zoo.workloads import TextEncoder, text_workload
+    from apparate.zoo.text_workloads import TextEncoder, text_workload
 
     model_dir = Path(model_dir).resolve()
     hf = minilm.load_hf_classifier(model_dir)

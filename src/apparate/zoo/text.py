@@ -63,27 +63,35 @@ def read_table(path: str | os.PathLike, text_column: str | None = None,
     delim = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
-        fields = reader.fieldnames or []
-        if text_column is None:
-            text_column = next((c for c in ("text", "sentence", "content", "review") if c in fields), None)
-        if text_column is None or text_column not in fields:
-            raise ValueError(f"{path}: no text column (header is {fields}); name it with text_column")
-        has_label = label_column is not None and label_column in fields
-        out = []
-        for i, row in enumerate(reader):
-            text = (row.get(text_column) or "").strip()
-            if not text:
-                continue
-            label = -1
-            if has_label:
-                label = _parse_label(row[label_column], path, i)
-            out.append(TextExample(text, label))
+        try:
+            fields = reader.fieldnames or []
+            if text_column is None:
+                text_column = next((c for c in ("text", "sentence", "content", "review") if c in fields), None)
+            if text_column is None or text_column not in fields:
+                raise ValueError(f"{path}: no text column (header is {fields}); name it with text_column")
+            has_label = label_column is not None and label_column in fields
+            out = []
+            for row in reader:
+                where = f"{path}, line {reader.line_num}"
+                # DictReader files extra cells under None and fills missing ones with None
+                cells = len(fields) + len(row.get(None) or ()) - sum(v is None for v in row.values())
+                if cells != len(fields):
+                    raise ValueError(f"{where}: {cells} cells, the header has {len(fields)}")
+                text = (row.get(text_column) or "").strip()
+                if not text:
+                    continue
+                label = -1
+                if has_label:
+                    label = _parse_label(row[label_column], where)
+                out.append(TextExample(text, label))
+        except csv.Error as e:
+            raise ValueError(f"{path}, line {reader.line_num}: {e}") from None
     if not out:
         raise ValueError(f"{path} holds no texts")
     return out
 
 
-def _parse_label(value: str | None, path: Path, row: int) -> int:
+def _parse_label(value: str | None, where: str) -> int:
     v = (value or "").strip().lower()
     if v == "":
         return -1
@@ -93,7 +101,7 @@ def _parse_label(value: str | None, path: Path, row: int) -> int:
     try:
         return int(v)
     except ValueError:
-        raise ValueError(f"{path} row {row + 2}: label {value!r} is not an integer") from None
+        raise ValueError(f"{where}: label {value!r} is not an integer") from None
 
 
 def rotten_tomatoes_file(download: bool = True) -> Path:

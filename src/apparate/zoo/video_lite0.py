@@ -135,7 +135,7 @@ def lite0_classifier(num_classes: int = 2, seed: int = 0) -> Any:
     import torch
     from torch import nn
 
-    from apparate.zoo.workloads import load_effnet_lite0
+    from apparate.zoo.effnet import load_effnet_lite0
 
     model = load_effnet_lite0()
     g = torch.Generator().manual_seed(seed)
@@ -192,7 +192,7 @@ def fine_tune(out_dir: Path, clips: Sequence[CameraClip], recipe: FineTuneRecipe
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from apparate.zoo.workloads import Lite0Encoder
+    from apparate.zoo.effnet import Lite0Encoder
 
     torch.manual_seed(recipe.seed)
     model = lite0_classifier(2, recipe.seed)
@@ -300,7 +300,7 @@ def fine_tune_info(model_dir: Path) -> dict[str, Any]:
 
 def video_workload(data_dir: PathLike = None, progress: bool = True) -> Any:
     from apparate.zoo.workload import Workload
-    from apparate.zoo.workloads import Lite0Encoder
+    from apparate.zoo.effnet import Lite0Encoder
 
     model_dir = fine_tuned_dir(data_dir, progress=progress)
     model = load_camera_model(model_dir)
