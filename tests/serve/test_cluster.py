@@ -41,9 +41,11 @@ def tiny_parts(model: Any, bundle_dir: str) -> tuple[Any, Any, Any]:
                                                                          feedback_min_inputs=8)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
-    """One local Ray for the session. Its workers import this worktree's code and these tests."""
+    """One local Ray for the session's Ray tests, which all live in this module: shut down after
+    them, so that its daemons do not take CPU from the timing-sensitive tests that follow. Its
+    workers import this worktree's code and these tests."""
     src = str(REPO / "src")
     path = os.pathsep.join([src, str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="apparate",

@@ -79,6 +79,17 @@ class TunerSpec:
         return cls.from_bundle(opts.bundle, co, opts.max_batch, opts.model_name, opts.data_dir, opts.settings)
 
 
+class TunerLoop(ControlLoop):
+    """The serving control loop run without its thread: the tuner hands it each replica's
+    feedback itself and takes the Config the policy returns."""
+
+    def adopt(self, cfg: Config) -> None:
+        self._log_events()
+        if cfg != self.config:
+            self._publish(cfg)
+        self._refresh_stats(force=True)
+
+
 @dataclass
 class ReplicaState:
     registrations: int = 0
@@ -93,7 +104,7 @@ class TunerCore:
         self.spec = spec
         self.incarnation = incarnation or f"{time.time_ns():x}"
         self.metrics = TunerMetrics()
-        self.loop = ControlLoop(spec.model, replace(spec.control, remote=None), self.metrics, spec.profile,
+        self.loop = TunerLoop(spec.model, replace(spec.control, remote=None), self.metrics, spec.profile,
                                 spec.max_batch)
         self.seq = 1
         if self.loop.restored.get("from") is not None:

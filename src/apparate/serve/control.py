@@ -244,13 +244,6 @@ class ControlLoop:
         except queue.Full:  # the next report is soon; its handling re-reads it too
             pass
 
-    def adopt(self, cfg: Config) -> None:
-        """Serve `cfg` from the next batch (the control thread, or the cluster tuner, which runs no thread)."""
-        self._log_events()
-        if cfg != self.config:
-            self._publish(cfg)
-        self._refresh_stats(force=True)
-
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every submitted report has been handled (tests, benchmarks)."""
         end = time.monotonic() + timeout
@@ -302,8 +295,8 @@ class ControlLoop:
                 next_ckpt = time.monotonic() + every
 
     def _handle(self, rep: BatchReport) -> None:
-        if rep is _NUDGE:
-            return self.adopt(self.policy.config)
+        if rep is _NUDGE:  # a cluster replica's policy took a Config pushed by the tuner
+            return self._publish(self.policy.config)
         t = time.perf_counter()
         rep.account(self.metrics)
         if self.options.update_profile and rep.vanilla_ms:
