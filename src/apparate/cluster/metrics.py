@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+from apparate.serve.metrics import show_thresholds
+
 Families = list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]
 
 
@@ -75,15 +77,7 @@ class TunerMetrics:
     def show_config(self, sites: tuple[int, ...], thresholds: tuple[float, ...], version: int) -> None:
         self.controller_version.set(version)
         self.active_ramps.set(len(sites))
-        labels = {str(s) for s in sites}
-        for gone in self._sites - labels:
-            try:
-                self.threshold.remove(gone)
-            except KeyError:
-                pass
-        for s, t in zip(sites, thresholds):
-            self.threshold.labels(str(s)).set(t)
-        self._sites = labels
+        self._sites = show_thresholds(self.threshold, self._sites, sites, thresholds)
 
     def error(self, kind: str, n: int = 1) -> None:
         self.errors.labels(kind).inc(n)

@@ -78,15 +78,7 @@ class ServeMetrics:
     def show_config(self, sites: tuple[int, ...], thresholds: tuple[float, ...], version: int) -> None:
         self.active_ramps.set(len(sites))
         self.config_version.set(version)
-        labels = {str(s) for s in sites}
-        for gone in self._site_labels - labels:
-            try:
-                self.threshold.remove(gone)
-            except KeyError:
-                pass
-        for s, t in zip(sites, thresholds):
-            self.threshold.labels(str(s)).set(t)
-        self._site_labels = labels
+        self._site_labels = show_thresholds(self.threshold, self._site_labels, sites, thresholds)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped.labels(reason).inc(n)
@@ -173,3 +165,17 @@ class LiveStats:
                 "dropped": dict(self._counts["dropped"]),
                 "errors": dict(self._counts["errors"]),
             }
+
+
+def show_thresholds(gauge: Any, shown: set[str], sites: tuple[int, ...], thresholds: tuple[float, ...]) -> set[str]:
+    """Set a per-site threshold gauge to a configuration: the sites no longer active lose their
+    series (a stale threshold would read as active). Returns the sites now shown."""
+    labels = {str(s) for s in sites}
+    for gone in shown - labels:
+        try:
+            gauge.remove(gone)
+        except KeyError:
+            pass
+    for s, t in zip(sites, thresholds):
+        gauge.labels(str(s)).set(t)
+    return labels
