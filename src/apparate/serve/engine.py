@@ -91,6 +91,7 @@ class Engine:
         self.scheduler = Scheduler(options.batching)
         self._control_opts = control
         self.executor, self.control = self._build(served)
+        self.metrics.set_objectives(options.slo_ms * 1e-3, self.control.settings.accuracy_constraint)
         self._swap: Any = None  # a swap.ChangeOver the engine thread applies between two batches
         self._thread: threading.Thread | None = None
         self.ready = False
