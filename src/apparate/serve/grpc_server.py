@@ -265,7 +265,9 @@ class GrpcThread:
     def stop(self, grace: float = 5.0) -> None:
         """Stop taking calls; those in flight get `grace` seconds to finish."""
         self._grace = grace
-        if self._loop is not None and self._thread.is_alive():
+        if self._thread.ident is None:  # never started (the HTTP side failed first)
+            return
+        if self._loop is not None and self._stopping is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(grace + 10)
 
