@@ -111,6 +111,19 @@ def test_record_and_replay_commands(r20_bundle, data_dir, tmp_path):
     assert m["policy"] == "apparate" and m["requests"] == 64 and m["served"] == 64
     assert m["accuracy"] >= 1 - 2 / 64  # 64 inputs: at most two answers off the original's
     assert f"{m['accuracy']:.2%}" in out.stdout  # the printed table is the metrics file
+    # heads that keep learning need the ramps' features: refused without them, replayed with them
+    out = run_cli("replay", str(r20_bundle.path), "--recording", str(rec), "--policy", "apparate+heads", "--rate", "50")
+    assert out.returncode != 0 and "--features" in out.stderr
+    feat = tmp_path / "feat.npz"
+    out = run_cli("record", str(r20_bundle.path), "--stream", "test", "--n", "64", "--out", str(feat),
+                  "--data-dir", str(data_dir), "--no-progress", "--features")
+    assert out.returncode == 0, out.stderr
+    assert "ramp features kept" in out.stdout and Recording.load(feat).features is not None
+    out = run_cli("replay", str(r20_bundle.path), "--recording", str(feat), "--policy", "apparate+heads",
+                  "--rate", "50")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout[out.stdout.index("\n{\n") + 1:])  # the metrics, after the table
+    assert got["policy"] == "apparate+heads" and got["served"] == 64
 
 
 def test_replay_refuses_a_recording_from_another_bundle(r20_bundle, tmp_path, recorded):
@@ -130,6 +143,56 @@ def test_bench_evidence_prints_what_each_exit_rule_could_release(r20_bundle, dat
     rows = [line for line in out.stdout.splitlines() if line.startswith("|") and "%" in line and "released" not in line]
     assert len(rows) == r20_bundle.num_sites
     assert "100 inputs scored out of sample" in out.stdout and "feature movement recorded" in out.stdout
+    # heads that keep learning: the ramps' features are recorded (cached apart) and relearned
+    out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
+                  "--stream", "test", "--n", "200", "--train", "100", "--refit", "50", "--loss", "0.01", "--heads",
+                  "--set", "head_every=50", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "heads agree" in out.stdout and "heads release <= 1.0%" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith("|") and "%" in line and "released" not in line]
+    assert len(rows) == r20_bundle.num_sites and all(line.count("%") == 5 for line in rows)
+    assert any(p.name.endswith("-mf.npz") for p in (tmp_path / "cache" / "recordings").iterdir())
     out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
                   "--stream", "test", "--n", "200", "--train", "400", "--no-progress")
     assert out.returncode != 0 and "no more than --train 400" in out.stderr
+
+
+def test_recorded_features_and_heads_give_back_the_ramps_answers(r20_bundle, r20, tmp_path):
+    """Heads that keep learning retrain a ramp's linear head on what it reads: recorded features
+    x recorded heads must reproduce the ramps' own answers (real forward passes), and survive a
+    save/load and a slice."""
+    from apparate.core.heads import head_scores
+
+    rec = record_stream(dataclasses.replace(r20_bundle, workload=r20), r20.stream("test", n=48), batch_size=16,
+                        progress=False, features=True)
+    assert rec.features is not None and len(rec.features) == rec.num_sites
+    for s, (x, (w, b)) in enumerate(zip(rec.features, rec.heads)):
+        conf, pred = head_scores(x.astype(np.float32), w, b)
+        assert (pred == rec.pred[:, s]).mean() >= 0.95, s  # float16 features: a near tie may flip
+        assert np.allclose(conf, rec.conf[:, s], atol=2e-2), s
+    back = Recording.load(rec.save(tmp_path / "f.npz"))
+    assert all(np.array_equal(a, b) for a, b in zip(back.features, rec.features))
+    assert np.array_equal(back.take(slice(5, 9)).features[2], rec.features[2][5:9])
+    with pytest.raises(ValueError, match="come together"):
+        Recording(rec.conf, rec.pred, rec.final, features=rec.features)
+
+
+def test_bench_capacity_finds_each_policys_highest_rate_within_the_slo(r20_bundle, data_dir, tmp_path, monkeypatch):
+    """Real replays of a real recording at rising rates: vanilla's capacity is found between a
+    passing and a failing rate, apparate's is at most a little above it (it never saves compute),
+    and capacity.json holds what the table says."""
+    monkeypatch.setenv("APPARATE_CACHE", str(tmp_path / "cache"))
+    out_dir = tmp_path / "cap"
+    out = run_cli("bench", "capacity", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
+                  "--stream", "test", "--n", "160", "--trace", "poisson", "--rate", "20", "--steps", "3", "--refine", "2",
+                  "--out", str(out_dir), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    got = json.loads((out_dir / "capacity.json").read_text())
+    caps = {d["policy"]: d for d in got["capacity"]}
+    assert set(caps) == {"vanilla", "apparate"} and (out_dir / "goodput.png").stat().st_size > 0
+    van = caps["vanilla"]["capacity_rps"]
+    assert van is not None and van >= 20
+    rates = {r["offered"]: r for r in got["rates"]["vanilla"]}
+    assert any(r > van for r in rates)  # a failing rate above it was tried
+    assert caps["apparate"]["capacity_rps"] is None or 0.5 * van <= caps["apparate"]["capacity_rps"] <= 1.5 * van
+    assert f"{van:.2f}" in out.stdout

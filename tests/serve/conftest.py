@@ -43,8 +43,12 @@ class Sleep(nn.Module):
         super().__init__()
         self.delay = 0.0
         self.spin = 0.0
+        self.hold: Any = None  # a threading.Event the next forward waits for (once), then cleared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            hold.wait(60)
         if self.delay:
             time.sleep(self.delay)
         if self.spin:

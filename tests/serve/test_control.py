@@ -118,3 +118,38 @@ def test_the_server_runs_the_policies_replay_runs(tiny_cnn):
                       ("nope", "not a policy")):
         with pytest.raises(ValueError, match=why):
             ControlOptions(policy=name)
+
+
+def test_a_wrong_early_answer_reaches_the_controller_without_waiting_for_the_pool(tiny_cnn):
+    """Feedback is pooled into controller batches of `feedback_min_inputs`, except that a batch
+    with a wrong early release flushes the pool at once (with the batches before it, in order):
+    the violation and drift checks act on it while the same thresholds would keep releasing."""
+    import numpy as np
+
+    from apparate.core.controller import Config
+    from apparate.serve.control import ControlOptions
+    from apparate.serve.executor import BatchReport
+
+    served = served_cnn(tiny_cnn)
+    cfg = Config((0, 1), (0.3, 0.3))
+    opts = ControlOptions(policy="apparate", initial=cfg, feedback_min_inputs=8)
+    with serving(served, control_opts=opts) as live:
+        ctl = live.engine.control
+
+        def report(first_ok: bool) -> BatchReport:
+            # the first input leaves at site 0 (right or wrong), the second runs to the end
+            return BatchReport(cfg.sites, cfg.thresholds, cfg.version, np.array([[0.9, 0.9], [0.1, 0.1]]),
+                               np.array([[first_ok, True], [True, True]]), np.array([0, 2]), np.array([first_ok, True]),
+                               np.zeros(2), 2, None)
+
+        assert ctl._pool_feedback(report(True)) is None  # 2 of 8 inputs: pooled
+        assert ctl._pool_feedback(report(True)) is None
+        fb = ctl._pool_feedback(report(False))  # a wrong early answer: all 6 go now
+        assert fb is not None and fb.batch_size == 6
+        exit_idx, ok = fb.released()
+        assert ok.tolist() == [True, True, True, True, False, True]
+        assert ctl._pending == []
+        for _ in range(3):  # right answers pool again until 8
+            fb = ctl._pool_feedback(report(True))
+        assert fb is None
+        assert ctl._pool_feedback(report(True)).batch_size == 8

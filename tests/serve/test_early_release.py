@@ -67,6 +67,8 @@ def test_inputs_of_one_batch_are_released_at_their_own_exit(tiny_cnn):
                  ControlOptions(policy="static", initial=Config((0,), (0.5,)), update_profile=False)) as live:
         eng = live.engine
         served.ee.backbone.slow.delay = 0.3
+        go = threading.Event()
+        served.ee.backbone.slow.hold = go  # the first batch waits until "a" and "b" are queued
         results: dict[str, tuple[float, dict]] = {}
 
         def call(name: str, seed: int) -> None:
@@ -74,7 +76,7 @@ def test_inputs_of_one_batch_are_released_at_their_own_exit(tiny_cnn):
                 r = c.post("/v2/models/tiny/infer", json=image_request(1, seed=seed))
                 results[name] = (time.perf_counter(), r.json())
 
-        # A first request keeps the worker busy (300 ms asleep) while "a" then "b" queue up; they
+        # A first request keeps the worker busy (held, then 300 ms asleep) while "a" then "b" queue up; they
         # then run together, "a" at position 0 (confident), "b" at position 1 (not).
         first = threading.Thread(target=call, args=("first", 0))
         first.start()
@@ -84,6 +86,8 @@ def test_inputs_of_one_batch_are_released_at_their_own_exit(tiny_cnn):
         assert wait_for(lambda: len(eng.queue) == 1, timeout=5)
         tb = threading.Thread(target=call, args=("b", 2))
         tb.start()
+        assert wait_for(lambda: len(eng.queue) == 2, timeout=10)
+        go.set()
         for t in (first, ta, tb):
             t.join(10)
         served.ee.backbone.slow.delay = 0.0

@@ -10,6 +10,11 @@ threshold on each (whole groups of tied scores) releases with at most `--loss` o
 answered wrongly is printed: what each kind of evidence could give that site with a threshold
 chosen in hindsight. Inputs are served one at a time here (each knows the previous input's final
 answer); the first `--train` inputs only train.
+
+`--heads` adds, per site, what its ramp gives on heads that keep learning (`core.heads`, as
+`apparate+heads` replays them: retrained on the stream's final answers, behind their guard):
+its agreement and the share a hindsight threshold on its confidence releases. It needs the
+ramps' features recorded (once, cached).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", default="0.004,0.01", help="losses to report, comma-separated (default %(default)s)")
     p.add_argument("--train", type=int, default=1024, help="inputs each fit uses (default 1024)")
     p.add_argument("--refit", type=int, default=256, help="inputs between fits (default 256)")
+    p.add_argument("--heads", action="store_true", help="also heads that keep learning (records the ramps' features once)")
     p.set_defaults(func=run)
 
 
@@ -64,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     last = np.concatenate([[-1], rec.final[:-1].astype(np.int64)])
     X = features(rec.conf.astype(np.float64), rec.pred.astype(np.int64), sites, StreamContext.empty(S), rec.move, last)
     agree = rec.agree
+    heads = _relearned(bundle, stream, spec, settings, log) if args.heads else None
     rows = []
     for j in range(S):
         sc = online_scores(X[:, j], agree[:, j], args.train, args.refit, settings.evidence_l2)
@@ -72,11 +79,24 @@ def run(args: argparse.Namespace) -> int:
         learn_sh = [release_share(sc[m], agree[m, j], L) for L in losses]
         rows.append([str(j), rec.site_names[j] if rec.site_names else "", f"{agree[m, j].mean():.1%}"]
                     + [f"{c:.1%} / {lr:.1%}" for c, lr in zip(conf_sh, learn_sh)])
+        if heads is not None:
+            ok = heads.agree[m, j]
+            rows[-1] += [f"{ok.mean():.1%}"] + [f"{release_share(heads.conf[m, j].astype(np.float64), ok, L):.1%}"
+                                                for L in losses]
     n_eval = rec.num_inputs - args.train
     print(f"# Evidence: {spec.workload}, stream {stream}, {n_eval} inputs scored out of sample "
           f"(fits on the latest {args.train}, every {args.refit}); feature movement "
           f"{'recorded' if rec.move is not None else 'not recorded (text, or an old recording)'}\n")
-    print(markdown_table(["site", "module", "agrees"] + [f"released at <= {L:.1%} loss: confidence / learned"
-                                                        for L in losses], rows))
+    cols = ["site", "module", "agrees"] + [f"released at <= {L:.1%} loss: confidence / learned" for L in losses]
+    if heads is not None:
+        cols += ["heads agree"] + [f"heads release <= {L:.1%}" for L in losses]
+    print(markdown_table(cols, rows))
     print(f"\nreproduce: {command_line()}")
     return 0
+
+
+def _relearned(bundle, stream: str, spec, settings, log):
+    from apparate.bench.experiment import load_or_record, relearned
+
+    frec = load_or_record(bundle, stream, spec.n, spec.seed, spec, log, features=True)
+    return relearned(frec, settings, log)[0]

@@ -114,7 +114,8 @@ def load_or_prepare(workload: str, data_dir: str | None, bundle: str | None, ram
     return load_bundle(path, data_dir=data_dir)
 
 
-def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec: ExperimentSpec, log: Log) -> Recording:
+def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec: ExperimentSpec, log: Log,
+                   features: bool = False) -> Recording:
     from apparate.zoo.own_streams import resolve_stream, stream_key
 
     from .record import bundle_id, check_recording_matches, record_stream
@@ -122,6 +123,7 @@ def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec
     tag = stream_key(stream_name, spec.fps)
     # image recordings carry each site's feature movement (core.evidence): "-m" keys them apart
     moves = "-m" if getattr(bundle.workload, "kind", None) == "image" else ""
+    moves += "f" if features else ""  # and what the ramps' heads read (heads that keep learning)
     key = f"{bundle_id(bundle.path)}-{tag}-n{n or 'all'}-s{seed}{moves}.npz"
     path = cache_dir("recordings") / key
     if path.exists():
@@ -133,9 +135,23 @@ def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec
             log(f"cached recording {path} is unusable ({e}); recording again")
     stream = resolve_stream(bundle.workload, stream_name, seed=seed, n=n, fps=spec.fps)
     log(f"recording {len(stream)} inputs of stream {stream_name!r} with every ramp active (once; cached)")
-    rec = record_stream(bundle, stream, progress=spec.progress, threads=spec.threads)
+    rec = record_stream(bundle, stream, progress=spec.progress, threads=spec.threads, features=features)
     rec.save(path)
     return rec
+
+
+def relearned(rec: Recording, settings: Settings, log: Log) -> tuple[Recording, Any]:
+    """The recording's ramp answers as heads that keep learning would have given them (core.heads)."""
+    from apparate.core.heads import HeadLearning, relearn
+
+    if rec.features is None:
+        raise ValueError("heads that keep learning need a recording with features (record_stream(features=True))")
+    how = HeadLearning.from_settings(settings)
+    conf, pred, hlog = relearn(list(rec.features), list(rec.heads), rec.final, how)
+    swaps = {s: at for s, at in enumerate(hlog.swaps) if at}
+    log(f"heads that keep learning: new heads went live at {sum(map(len, swaps.values()))} judgements of "
+        f"{sum(map(len, hlog.judged))} (site: inputs) {swaps}")
+    return rec.with_answers(conf, pred, heads_swaps={str(s): at for s, at in swaps.items()}), hlog
 
 
 def default_stream(kind: str) -> str:
@@ -190,6 +206,10 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
             drec = load_or_record(deb, stream, spec.n, spec.seed, spec, log)
             # one clock for both: the same backbone, timed once (the light bundle's measurement)
             families["deebert"] = RampFamily(deb.recording, drec, deb.profile.with_backbone_of(light.profile))
+        if any(family_of(p) == "heads" for p in wants):
+            frec = load_or_record(light, stream, spec.n, spec.seed, spec, log, features=True)
+            rec_h, hlog = relearned(frec, spec.settings_for(kind), log)
+            families["heads"] = RampFamily(light.recording, rec_h, light.profile, hlog)
     else:
         kind = spec.kind
         if kind is None and not isinstance(spec.settings, Settings):
@@ -208,7 +228,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
     if not 0 <= k < n:
         raise ValueError(f"stream_bootstrap must leave inputs to replay, got {spec.stream_bootstrap}")
     families = {name: RampFamily(f.evaluation.take(slice(0, k)) if k else f.bootstrap, f.evaluation.take(slice(k, n)),
-                                 f.profile) for name, f in families.items()}
+                                 f.profile, f.heads_log and f.heads_log.shifted(k)) for name, f in families.items()}
     if phases is not None:
         phases = phases[k:]
     n -= k
@@ -234,7 +254,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
     vanilla_run = replay(light.evaluation, arrivals, light.profile, make_policy("vanilla", PolicyInputs(light)),
                          batcher, slo)
     serving = serving_point(vanilla_run, lengths)
-    inputs = PolicyInputs(light, settings, families.get("deebert"), seed=spec.seed, serving=serving)
+    inputs = PolicyInputs(light, settings, families.get("deebert"), families.get("heads"), seed=spec.seed, serving=serving)
     info.update(inputs=n, bootstrap=f"first {k} of the stream" if k else "held out", trace=info["trace"], rate=round(fitted.rate, 4), slo_ms=round(slo, 3), batching=spec.batching,
                 max_batch=spec.max_batch, accuracy_constraint=settings.accuracy_constraint,
                 ramp_budget=settings.ramp_budget, candidate_sites=light.profile.num_sites,
@@ -244,7 +264,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
         info["all_ramps_budget"] = round(all_ramps_budget(light.profile), 4)
     metrics, runs = [], []
     for name in wants:
-        fam = families["deebert"] if family_of(name) == "deebert" else light
+        fam = families.get(family_of(name), light)
         if name == "vanilla":
             run = vanilla_run
         else:

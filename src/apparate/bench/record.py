@@ -27,9 +27,10 @@ def bundle_id(bundle_path: str | Path) -> str:
 
 
 def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool = True,
-                  threads: int | None = None, move: bool = True) -> Recording:
+                  threads: int | None = None, move: bool = True, features: bool = False) -> Recording:
     """Run `bundle`'s model over `stream` with every candidate ramp active; `move`: also how far
-    each site's pooled features moved since the previous input (image streams)."""
+    each site's pooled features moved since the previous input (image streams); `features`: also
+    what each ramp's linear head reads, and the heads, for heads that keep learning (`core.heads`)."""
     import torch
     from tqdm import tqdm
 
@@ -42,6 +43,7 @@ def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool
     conf, pred, final, labels, costs, moves = [], [], [], [], [], []
     n = len(stream)
     tracker = _MoveTracker(model) if move and bundle.workload.kind == "image" else None
+    taps = _FeatureTaps(model) if features else None
     with tqdm(total=n, desc=f"record {stream.name}", unit="input", disable=not progress) as bar:
         for batch in bundle.workload.batches(stream, batch_size):
             if tracker is not None:
@@ -49,6 +51,8 @@ def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool
             out = model(batch.inputs, active=sites)
             if tracker is not None:
                 moves.append(tracker.finish())
+            if taps is not None:
+                taps.finish()
             conf.append(out.conf_matrix(sites).astype(np.float32))
             pred.append(out.pred_matrix(sites))
             final.append(out.final_pred.numpy())
@@ -69,9 +73,60 @@ def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool
             meta[f"per_input_{key}"] = value.tolist()
     if tracker is not None:
         tracker.close()
+    feats, heads = taps.close() if taps is not None else (None, None)
     return Recording(np.clip(np.concatenate(conf), 0.0, 1.0), np.concatenate(pred), np.concatenate(final),
                      np.concatenate(labels), lengths, tuple(s.name for s in bundle.sites), meta,
-                     np.concatenate(moves) if moves else None)
+                     np.concatenate(moves) if moves else None, feats, heads)
+
+
+class _FeatureTaps:
+    """Each ramp swapped for a module that keeps its reduction's output (what the linear head
+    reads) and answers as the ramp does; restored on `close`. Only linear heads (`pool`, `mean`,
+    `cls` ramps) can be retrained without the model, so other kinds are refused."""
+
+    def __init__(self, model: Any) -> None:
+        from torch import nn
+
+        from apparate.model.ramps import Ramp
+
+        self.model, self.ramps = model, list(model.ramps)
+        bad = [s for s, r in enumerate(self.ramps) if not (isinstance(r, Ramp) and isinstance(r.head, nn.Linear))]
+        if bad:
+            raise ValueError(f"recording features needs linear ramp heads (pool, mean, cls); sites {bad} have others")
+        self.rows: list[list[np.ndarray]] = [[] for _ in self.ramps]
+        self.cur: list[Any] = [None] * len(self.ramps)
+        for s, r in enumerate(self.ramps):
+            model.set_ramp(s, _tap(r, self.cur, s))
+
+    def finish(self) -> None:
+        for s, f in enumerate(self.cur):
+            if f is None:
+                raise RuntimeError(f"site {s} did not run while recording")
+            self.rows[s].append(f.astype(np.float16))
+        self.cur[:] = [None] * len(self.cur)
+
+    def close(self) -> tuple[tuple[np.ndarray, ...], tuple[tuple[np.ndarray, np.ndarray], ...]]:
+        for s, r in enumerate(self.ramps):
+            self.model.set_ramp(s, r)
+        heads = tuple((r.head.weight.detach().float().numpy().copy(), r.head.bias.detach().float().numpy().copy())
+                      for r in self.ramps)
+        return tuple(np.concatenate(rows) for rows in self.rows), heads
+
+
+def _tap(ramp: Any, store: list, site: int) -> Any:
+    from torch import nn
+
+    class Tap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = ramp
+
+        def forward(self, h: Any, mask: Any = None) -> Any:
+            z = self.inner.reduce(h, mask)
+            store[site] = z.detach().float().cpu().numpy()
+            return self.inner.head(z)
+
+    return Tap()
 
 
 class _MoveTracker:

@@ -20,6 +20,7 @@ COMMANDS = (
     "apparate.cli.demo",
     "apparate.cli.serve",
     "apparate.cli.loadgen",
+    "apparate.cli.generate",
 )
 
 

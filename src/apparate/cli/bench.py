@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 
-from apparate.bench import (compare, engine_overhead, evidence, out_of_sample, overload, ramp_cost, search_speed, simspeed,
-                            sweep)
+from apparate.bench import (capacity, cluster, compare, engine_overhead, evidence, generate, out_of_sample, overload, ramp_cost,
+                            search_speed, simspeed, sweep)
 
-BENCHES = (search_speed, compare, sweep, simspeed, engine_overhead, ramp_cost, out_of_sample, evidence, overload)
+BENCHES = (search_speed, compare, sweep, capacity, simspeed, engine_overhead, ramp_cost, out_of_sample, evidence, overload, cluster,
+           generate)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-move", action="store_true",
                    help="do not record how far each site's features moved since the previous input (image "
                         "streams; the learned exit rule's difference detector: 4 bytes per input and site)")
+    p.add_argument("--features", action="store_true",
+                   help="also record what each ramp's linear head reads, and the heads, for heads that keep "
+                        "learning (`--policy apparate+heads`; float16, each site's width x 2 bytes per input)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -39,12 +42,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"bundle {args.bundle} has no workload to draw streams from")
     stream = resolve_stream(bundle.workload, args.stream, seed=args.seed, n=args.n, fps=args.fps)
     rec = record_stream(bundle, stream, args.batch_size, progress=not args.no_progress, threads=args.threads,
-                        move=not args.no_move)
+                        move=not args.no_move, features=args.features)
     path = rec.save(args.out)
     agree = rec.agree.mean(axis=0)
     print(f"recorded {rec.num_inputs} inputs x {rec.num_sites} sites to {path} ({path.stat().st_size / 1e6:.2f} MB)")
     if rec.move is not None:
         print(f"feature movement per site kept: {rec.move.nbytes / 1e6:.2f} MB in memory, before compression "
               "(--no-move leaves it out)")
+    if rec.features is not None:
+        print(f"ramp features kept: {sum(f.nbytes for f in rec.features) / 1e6:.2f} MB in memory, before compression")
     print("per-site agreement with the original: " + " ".join(f"{a:.0%}" for a in agree))
     return 0

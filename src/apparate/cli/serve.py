@@ -61,6 +61,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--port-file", help="write {url, port, pid} as JSON here once listening")
+    r = p.add_argument_group("Ray Serve (needs the cluster extra: pip install 'apparate[cluster]'; see docs/cluster.md)")
+    r.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve: replicas behind Serve's HTTP proxy, one tuner for all of them")
+    r.add_argument("--replicas", type=int, default=2, help="replicas (the initial number when autoscaling; default 2)")
+    r.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="CPUs Ray reserves per replica; its torch threads default to this (default 1)")
+    r.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas")
+    r.add_argument("--max-replicas", type=int)
+    r.add_argument("--address", help="join this Ray cluster ('auto', or ray://HOST:10001); default: start one here")
     p.set_defaults(func=run)
 
 
@@ -77,13 +86,44 @@ def run(args: argparse.Namespace) -> int:
         if not getattr(args, flag) > 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
     from apparate.policies import check_servable
-    from apparate.serve.server import run as serve
 
     try:
         check_servable(args.policy)
     except ValueError as e:
         raise UserError(f"--policy: {e}") from None
+    if args.ray:
+        return _serve_on_ray(args)
+    if args.address or args.min_replicas or args.max_replicas:
+        raise UserError("--address, --min-replicas and --max-replicas need --ray")
+    from apparate.serve.server import run as serve
+
     return serve(options_from_args(args))
+
+
+def _serve_on_ray(args: argparse.Namespace) -> int:
+    from apparate.cli import UserError
+
+    if args.policy == "apparate-learned":
+        raise UserError("--ray: the learned exit rule is not served on a cluster yet (its evidence model would "
+                        "have to move to the tuner); use --policy apparate")
+    from apparate.cluster.options import ClusterOptions
+
+    try:
+        options = ClusterOptions(replicas=args.replicas, replica_cpus=args.replica_cpus, min_replicas=args.min_replicas,
+                                 max_replicas=args.max_replicas, address=args.address)
+    except ValueError as e:
+        raise UserError(f"--ray: {e}") from None
+    try:
+        from apparate.cluster.launch import run
+    except ImportError as e:
+        raise UserError(f"--ray needs Ray Serve: pip install 'apparate[cluster]' ({e})") from None
+    if args.port == 0:  # Serve's proxy reports no bound port: pick a free one here
+        import socket
+
+        with socket.socket() as s:
+            s.bind((args.host, 0))
+            args.port = int(s.getsockname()[1])
+    return run(options_from_args(args), options)
 
 
 def options_from_args(args: argparse.Namespace):

@@ -28,6 +28,9 @@ class Recording:
     meta: dict[str, Any] = field(default_factory=dict)
     move: np.ndarray | None = None  # [N, S] how far each site's pooled features moved since the
     # previous input of the stream (relative L2 change; NaN where unknown); None: not recorded
+    features: tuple[np.ndarray, ...] | None = None  # per site [N, D_s] float16: what its linear
+    # head reads (the ramp's reduction); with `heads`, what heads that keep learning need (core.heads)
+    heads: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None  # per site the recorded head (W [K, D_s], b [K])
 
     def __post_init__(self) -> None:
         conf = np.asarray(self.conf, dtype=np.float32)
@@ -48,12 +51,28 @@ class Recording:
         move = None if self.move is None else np.asarray(self.move, dtype=np.float32)
         if move is not None and move.shape != conf.shape:
             raise ValueError(f"move must be [inputs, sites] like conf, got {move.shape}")
+        feats, heads = self._features(n, conf.shape[1])
         names = tuple(self.site_names)
         if names and len(names) != conf.shape[1]:
             raise ValueError(f"{len(names)} site names for {conf.shape[1]} sites")
         for attr, value in (("conf", conf), ("pred", pred), ("final", final), ("labels", labels),
-                            ("lengths", lengths), ("site_names", names), ("meta", dict(self.meta)), ("move", move)):
+                            ("lengths", lengths), ("site_names", names), ("meta", dict(self.meta)), ("move", move),
+                            ("features", feats), ("heads", heads)):
             object.__setattr__(self, attr, value)
+
+    def _features(self, n: int, S: int) -> tuple[Any, Any]:
+        if (self.features is None) != (self.heads is None):
+            raise ValueError("features and heads come together (heads that keep learning need both)")
+        if self.features is None:
+            return None, None
+        feats = tuple(np.asarray(f, dtype=np.float16) for f in self.features)
+        heads = tuple((np.asarray(w, np.float32), np.asarray(b, np.float32)) for w, b in self.heads)
+        if len(feats) != S or len(heads) != S:
+            raise ValueError(f"features and heads must be given for all {S} sites")
+        for s, (f, (w, b)) in enumerate(zip(feats, heads)):
+            if f.ndim != 2 or f.shape[0] != n or w.ndim != 2 or w.shape[1] != f.shape[1] or b.shape != (w.shape[0],):
+                raise ValueError(f"site {s}: features {f.shape} do not fit head {w.shape}, {b.shape} for {n} inputs")
+        return feats, heads
 
     @property
     def num_inputs(self) -> int:
@@ -74,8 +93,14 @@ class Recording:
     def take(self, index: Any) -> "Recording":
         """A recording of a subset of the inputs (a slice, mask or index array)."""
         pick = lambda a: None if a is None else a[index]  # noqa: E731
+        feats = None if self.features is None else tuple(f[index] for f in self.features)
         return Recording(self.conf[index], self.pred[index], self.final[index], pick(self.labels),
-                         pick(self.lengths), self.site_names, self.meta, pick(self.move))
+                         pick(self.lengths), self.site_names, self.meta, pick(self.move), feats, self.heads)
+
+    def with_answers(self, conf: np.ndarray, pred: np.ndarray, **meta: Any) -> "Recording":
+        """The same stream with other ramp answers (e.g. from heads that keep learning)."""
+        return Recording(conf, pred, self.final, self.labels, self.lengths, self.site_names,
+                         {**self.meta, **meta}, self.move, self.features, self.heads)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -88,6 +113,8 @@ class Recording:
             arrays["lengths"] = self.lengths
         if self.move is not None:
             arrays["move"] = self.move
+        for s, f in enumerate(self.features or ()):
+            arrays[f"feat{s}"], arrays[f"headw{s}"], arrays[f"headb{s}"] = f, *self.heads[s]
         meta = {"format": FORMAT, "site_names": list(self.site_names), "meta": self.meta}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,5 +140,12 @@ class Recording:
         missing = {"conf", "pred", "final"} - set(data)
         if missing:
             raise ValueError(f"{path} lacks {sorted(missing)}")
+        S = data["conf"].shape[1] if data["conf"].ndim == 2 else 0
+        feats = heads = None
+        if "feat0" in data:
+            feats = tuple(data.get(f"feat{s}") for s in range(S))
+            heads = tuple((data.get(f"headw{s}"), data.get(f"headb{s}")) for s in range(S))
+            if any(f is None for f in feats) or any(w is None or b is None for w, b in heads):
+                raise ValueError(f"{path} has features or heads for only some sites")
         return cls(data["conf"], data["pred"], data["final"], data.get("labels"), data.get("lengths"),
-                   tuple(meta.get("site_names", ())), meta.get("meta", {}), data.get("move"))
+                   tuple(meta.get("site_names", ())), meta.get("meta", {}), data.get("move"), feats, heads)

@@ -54,6 +54,17 @@ class Settings:
     `evidence_guard_loss`; else the site keeps its confidence. None: always learned."""
     evidence_guard_loss: float = 0.005
 
+    # --- heads that keep learning (policies `*+heads`, replay only; core/heads.py) ------------
+    head_every: int = 256
+    """A candidate head per site is trained, and the previous one judged, every this many inputs."""
+    head_buffer: int = 1024
+    """Candidates are trained on at most this many of the latest inputs with known answers."""
+    head_lag: int = 32
+    """Inputs whose final answers are not known yet when a candidate is trained (in flight)."""
+    head_gain: float = 0.02
+    """A candidate goes live only if, on the inputs it shadowed (never trained on), a threshold on its
+    confidence releases this share more than the live head's within the accuracy constraint."""
+
     # --- ramp budget ------------------------------------------------------------------------
     ramp_budget: float = 0.02
     """B: active ramps may add at most this share to worst-case latency (notes A4; artifact 5%)."""
@@ -184,6 +195,8 @@ class Settings:
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.evidence_l2 >= 0, "evidence_l2 must be >= 0")
         need(0 <= self.evidence_guard_loss < 1, "evidence_guard_loss must be in [0, 1)")
+        need(self.head_every >= 1 and self.head_buffer >= 1 and self.head_lag >= 0,
+             "head_every and head_buffer must be >= 1, head_lag >= 0")
 
     def tuning_target(self, n: int) -> float:
         """Accuracy loss the tuner aims for on a window of `n` inputs."""

@@ -63,6 +63,10 @@ class Policy:
         """Ramps the next batch will pay for (for batch-time predictions)."""
         raise NotImplementedError
 
+    def stream_inputs(self, index: slice | np.ndarray) -> None:
+        """Replay only: the stream positions of the batch about to be planned. Most policies need
+        nothing but the batch's own data; one that keeps per-input state outside it does."""
+
     @property
     def pays_ramps(self) -> bool:
         return True

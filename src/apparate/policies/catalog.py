@@ -30,6 +30,7 @@ import numpy as np
 
 from apparate.core.adjust import BudgetPoint
 from apparate.core.controller import Config, Controller
+from apparate.core.heads import HeadsLog
 from apparate.core.placement import initial_placement
 from apparate.core.profile import LatencyProfile
 from apparate.core.recording import Recording
@@ -38,6 +39,7 @@ from apparate.core.tuning import greedy_thresholds, shared_threshold
 
 from .base import AdaptivePolicy, OraclePolicy, Policy, ThresholdPolicy
 from .evidence import LearnedPolicy
+from .heads import HeadsPolicy
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,6 +49,7 @@ class RampFamily:
     bootstrap: Recording  # held-out bootstrap inputs (placement, never the evaluation stream)
     evaluation: Recording  # the stream being replayed
     profile: LatencyProfile
+    heads_log: HeadsLog | None = None  # heads that keep learning: which head answered from when
 
     def __post_init__(self) -> None:
         S = self.profile.num_sites
@@ -61,6 +64,7 @@ class PolicyInputs:
     light: RampFamily  # the ramps Apparate and BranchyNet use
     settings: Settings = Settings()
     deebert: RampFamily | None = None  # pooler ramps, NLP only
+    heads: RampFamily | None = None  # the light ramps on heads that keep learning (core.heads)
     sample_share: float = 0.1  # uniform sample of the workload for one-time tuning
     seed: int = 0
     serving: BudgetPoint = (1.0, None)  # (batch size, text length) the replay will serve at
@@ -122,12 +126,26 @@ def _apparate(all_ramps: bool, learned: bool = False) -> Callable[[str, PolicyIn
     return build
 
 
+def _on_heads(build: Callable[[str, PolicyInputs], Policy]) -> Callable[[str, PolicyInputs], Policy]:
+    def on_heads(name: str, inputs: PolicyInputs) -> Policy:
+        fam = inputs.heads
+        if fam is None or fam.heads_log is None:
+            raise ValueError(f"{name} needs heads that keep learning: a recording with features, relearned")
+        inner = build(name, inputs)
+        assert isinstance(inner, AdaptivePolicy)
+        return HeadsPolicy(name, inner, fam.evaluation, fam.heads_log)
+    return on_heads
+
+
 POLICIES: dict[str, Callable[[str, PolicyInputs], Policy]] = {
     "vanilla": lambda name, inputs: ThresholdPolicy(name, Config()),
     "static": _static,
     "apparate": _apparate(all_ramps=False),
     "apparate-all": _apparate(all_ramps=True),
     "apparate-learned": _apparate(all_ramps=False, learned=True),
+    # on heads that keep learning (core.heads; replay only: the ramps' answers are re-computed
+    # from recorded features, so it needs a recording with features)
+    "apparate+heads": _on_heads(_apparate(all_ramps=False)),
     "branchynet": _baseline("light", per_ramp=False, on_eval=False),
     "branchynet+": _baseline("light", per_ramp=True, on_eval=False),
     "branchynet-opt": _baseline("light", per_ramp=False, on_eval=True),
@@ -142,8 +160,9 @@ POLICIES: dict[str, Callable[[str, PolicyInputs], Policy]] = {
 
 
 def family_of(name: str) -> str:
-    """Which ramp family a policy runs on: 'deebert' or 'light'."""
-    return "deebert" if name.startswith("deebert") else "light"
+    """Which ramp family a policy runs on: 'deebert', 'heads' (the light ramps, heads that keep
+    learning) or 'light'."""
+    return "deebert" if name.startswith("deebert") else "heads" if name.endswith("+heads") else "light"
 
 
 # What a live server can run: the rest need what a server does not have (the evaluation stream in
@@ -158,6 +177,7 @@ def check_servable(name: str) -> None:
         why = ("it is tuned on the stream it is evaluated on (hindsight)" if name.endswith("opt") else
                "it is an oracle that knows every answer in advance" if name.startswith("optimal") else
                "its pooler ramps are a separate preparation (replay only)" if name.startswith("deebert") else
+               "heads that keep learning are replay-only so far" if name.endswith("+heads") else
                "it is not a policy")
         raise ValueError(f"policy {name!r} cannot be served: {why}; servable: {', '.join(SERVABLE)}")
 

@@ -116,6 +116,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         ix = slice(m0, m0 + k) if int(members[-1]) - m0 + 1 == k else members
         conf_b = conf_all[ix].astype(np.float64)
         agree_b = agree_all[ix]
+        policy.stream_inputs(ix)
         plan = policy.plan(conf_b, agree_b, pred=pred_all[ix], move=None if move_all is None else move_all[ix])
         length = None if lengths is None else float(lengths[ix].max())
         tab = profile.table(k, plan.sites, length)

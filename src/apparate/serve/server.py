@@ -100,11 +100,19 @@ def auto_slo_ms(profile: Any, max_batch: int, length: float | None = None, max_i
 
 
 def build_engine(opts: ServeOptions) -> Any:
+    from .engine import Engine
+
+    return Engine(*engine_parts(opts))
+
+
+def engine_parts(opts: ServeOptions) -> tuple[Any, Any, Any]:
+    """What `Engine(...)` takes for these options: the served model (the bundle loaded), the
+    engine's options and the control loop's. Also what each cluster replica builds."""
     import numpy as np
     import torch
 
     from .control import ControlOptions
-    from .engine import Engine, EngineOptions
+    from .engine import EngineOptions
     from .scheduler import BatchingOptions
 
     threads = opts.threads or default_threads()
@@ -125,7 +133,7 @@ def build_engine(opts: ServeOptions) -> Any:
     co = ControlOptions(policy=opts.policy, settings=opts.settings(served.kind),
                         state_dir=opts.state_dir, checkpoint_every_s=opts.checkpoint_every_s,
                         feedback_min_inputs=opts.max_batch)
-    return Engine(served, eo, co)
+    return served, eo, co
 
 
 def served_model(opts: ServeOptions, bundle: str, name: str | None = None) -> Any:

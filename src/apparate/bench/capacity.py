@@ -1,0 +1,152 @@
+"""`apparate bench capacity WORKLOAD`: each policy's capacity in replay, the highest offered rate
+at which it still answers in time, side by side, with goodput against offered load.
+
+A rate passes for a policy when the 99th percentile of its served requests' latency is within the
+SLO and it sheds at most `--max-drop` of them. The rates tried: from `--rate` (or 10/s) doubled
+until vanilla fails, then `--steps` rates spaced geometrically up to that, then, per policy,
+`--refine` bisections between its last passing and first failing rate. Every rate replays all
+the policies on the same recording and arrival trace (the trace is rescaled; the SLO stays the
+experiment's). Writes `capacity.md`, `capacity.json` (a list of {policy, capacity_rps, accuracy,
+worst_window_accuracy} at each policy's capacity, and every rate tried) and `goodput.png`.
+
+Apparate as the paper builds it releases answers early but runs every input to the end, so its
+capacity is vanilla's less what its active ramps cost: this bench is where an early stop that
+saves compute when work waits would show.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+POLICIES = ("vanilla", "apparate")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from apparate.bench.experiment_args import add_experiment_args
+
+    p = sub.add_parser("capacity", help="each policy's capacity in replay (highest rate within the SLO), goodput curves",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_experiment_args(p)
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default %(default)s)")
+    p.add_argument("--steps", type=int, default=6, help="geometric rates up to vanilla's first failing one (default 6)")
+    p.add_argument("--refine", type=int, default=3, help="bisections per policy around its capacity (default 3)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="share of requests a passing rate may shed (default 0.01)")
+    p.add_argument("--out", help="directory for capacity.md, capacity.json and goodput.png "
+                                 "(default runs/capacity-WORKLOAD)")
+    p.set_defaults(func=run)
+
+
+def passes(m: Any, slo_ms: float, max_drop: float) -> bool:
+    """Within the SLO at this rate: p99 of the served within it, and few enough shed."""
+    return m.p99_ms <= slo_ms and m.dropped <= max_drop * m.requests
+
+
+def capacity_of(tried: dict[float, bool]) -> float | None:
+    """The highest rate that passed below the lowest that failed (None: none passed)."""
+    fails = [r for r, ok in tried.items() if not ok]
+    ceiling = min(fails) if fails else float("inf")
+    ok = [r for r, good in tried.items() if good and r < ceiling]
+    return max(ok) if ok else None
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    import numpy as np
+
+    from apparate.bench.experiment import by_policy, run_experiment
+    from apparate.bench.experiment_args import command_line, spec_from_args
+    from apparate.bench.timing import markdown_table
+
+    names = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    if "vanilla" not in names:
+        names = ("vanilla",) + names
+    base = spec_from_args(args, names)
+    quiet = replace(base, progress=False)
+    results: dict[float, dict[str, Any]] = {}
+    slo = None
+
+    def at(rate: float) -> dict[str, Any]:
+        nonlocal slo
+        rate = float(round(rate, 3))
+        if rate not in results:
+            res = run_experiment(replace(quiet, rate=rate))
+            slo = float(res.info["slo_ms"])
+            results[rate] = by_policy(res)
+            if base.progress:
+                m = results[rate]
+                print(f"  {rate:9.2f}/s  " + "  ".join(f"{n} p99 {m[n].p99_ms:.1f} ms ({'ok' if passes(m[n], slo, args.max_drop) else 'over'})"
+                                                      for n in names))
+        return results[rate]
+
+    def verdicts(name: str) -> dict[float, bool]:
+        return {r: passes(m[name], slo, args.max_drop) for r, m in results.items()}
+
+    lo = float(base.rate or 10.0)
+    while passes(at(lo)["vanilla"], slo, args.max_drop) and lo < 1e6:
+        lo *= 2
+    hi = lo
+    lo = min(results)
+    if not passes(results[lo]["vanilla"], slo, args.max_drop):
+        raise ValueError(f"vanilla misses the SLO of {slo:.1f} ms already at {lo:g} requests/s: start lower with --rate")
+    for r in np.geomspace(lo, hi, max(args.steps, 2)):
+        at(r)
+    for name in names:
+        for _ in range(args.refine):
+            v = verdicts(name)
+            cap = capacity_of(v)
+            above = [r for r in v if r > (cap or 0) and not v[r]]
+            if cap is None or not above:
+                break
+            at((cap + min(above)) / 2)
+
+    rows, dump = [], []
+    van_cap = capacity_of(verdicts("vanilla"))
+    for name in names:
+        cap = capacity_of(verdicts(name))
+        m = results[cap][name] if cap is not None else None
+        dump.append({"policy": name, "capacity_rps": cap, "accuracy": None if m is None else m.accuracy,
+                     "worst_window_accuracy": None if m is None else m.worst_window_accuracy})
+        rows.append((name, "-" if cap is None else f"{cap:.2f}",
+                     "-" if cap is None or not van_cap else f"{cap / van_cap:.3f}",
+                     "-" if m is None else f"{m.p99_ms:.1f}", "-" if m is None else f"{m.accuracy:.2%}",
+                     "-" if m is None else f"{m.worst_window_accuracy:.2%}", "-" if m is None else f"{m.mean_batch:.1f}"))
+    table = markdown_table(["policy", "capacity /s", "vs vanilla", "p99 ms at it", "accuracy", "worst window",
+                            "mean batch"], rows)
+    print(f"\n# Capacity in replay: {base.workload}, SLO {slo:.1f} ms, p99 within it and <= {args.max_drop:.0%} shed\n")
+    print(table)
+    out = Path(args.out or f"runs/capacity-{base.workload}")
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {name: [(r, results[r][name].goodput, results[r][name].p99_ms) for r in sorted(results)] for name in names}
+    (out / "capacity.json").write_text(json.dumps(
+        {"capacity": dump, "slo_ms": slo, "rates": {n: [{"offered": r, "goodput": g, "p99_ms": p} for r, g, p in c]
+                                                    for n, c in curves.items()}}, indent=1))
+    (out / "capacity.md").write_text(f"# Capacity in replay\n\n```\n{command_line()}\n```\n\n{table}\n")
+    _plot(out / "goodput.png", curves, {d["policy"]: d["capacity_rps"] for d in dump})
+    print(f"\nwritten to {out}/; reproduce: {command_line()}")
+    return 0
+
+
+def _plot(path: Any, curves: dict[str, list[tuple[float, float, float]]], caps: dict[str, float | None]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    top = max(r for c in curves.values() for r, _, _ in c)
+    ax.plot([0, top], [0, top], color="0.7", lw=1, ls="--", label="offered")
+    for name, c in curves.items():
+        line, = ax.plot([r for r, _, _ in c], [g for _, g, _ in c], marker="o", ms=3, label=name)
+        if caps.get(name):
+            ax.axvline(caps[name], color=line.get_color(), lw=1, alpha=0.5)
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("goodput (answered within the SLO, /s)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

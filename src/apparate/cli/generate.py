@@ -1,0 +1,76 @@
+"""`apparate generate PROMPT`: decode with SmolLM2-135M-Instruct and token ramps tuned online,
+printing each token as it is released; `--serve` instead serves `/v1/completions` (streaming)
+on 127.0.0.1. Ramps are built and cached on first use (minutes; see docs/generate.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="decode a prompt with per-token early exits, or serve /v1/completions",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="the user's message (omit with --serve)")
+    p.add_argument("--max-tokens", type=int, default=48, help="tokens to generate (default 48)")
+    p.add_argument("--serve", action="store_true", help="serve /v1/completions instead")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask (default 256)")
+    p.add_argument("--accuracy-constraint", type=float, default=0.01, help="token disagreement allowed (default 0.01)")
+    p.add_argument("--ramp-budget", type=float, default=0.02, help="ramp cost allowed, share of a step (default 0.02)")
+    p.add_argument("--train-prompts", type=int, default=128, help="prompts the ramps are trained on (default 128)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--data-dir", help="data directory (default $APPARATE_DATA, else ../shared/data)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from apparate import paths
+    from apparate.cli import UserError
+    from apparate.core.settings import Settings
+    from apparate.generate.assets import load_assets
+    from apparate.generate.control import TokenTuner
+    from apparate.generate.lm import load_lm, missing_extra
+    from apparate.generate.ramps import measure_costs
+
+    if args.serve == bool(args.prompt):
+        raise UserError("give a PROMPT, or --serve (not both)")
+    if args.max_tokens < 1:
+        raise UserError("--max-tokens must be at least 1")
+    why = missing_extra()
+    if why:
+        raise UserError(why)
+    lm = load_lm(threads=args.threads)
+    assets = load_assets(lm, paths.data_dir(args.data_dir), n_prompts=args.train_prompts)
+    settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget)
+    tuner = TokenTuner.from_bootstrap(lm, assets.ramps, measure_costs(lm, assets.ramps, reps=50),
+                                      assets.boot_conf, assets.boot_agree, settings)
+    print(tuner.mode(), file=sys.stderr)
+    if args.serve:
+        import uvicorn
+
+        from apparate.generate.server import create_app
+        app = create_app(tuner, max_tokens_limit=args.max_tokens_limit)
+        print(f"serving at http://{args.host}:{args.port}/v1/completions", file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return 0
+    emitted: list[int] = []
+    shown = [""]
+
+    def on_emit(t):
+        emitted.append(t.token)
+        text = lm.tokenizer.decode(emitted, skip_special_tokens=True)
+        sys.stdout.write(text[len(shown[0]):])
+        sys.stdout.flush()
+        shown[0] = text
+
+    dec = tuner.generate(lm.chat_ids(args.prompt), args.max_tokens, on_emit=on_emit)
+    n = len(dec.tokens)
+    ramp = sum(t.exit < len(t.conf) for t in dec.tokens)
+    agree = sum(t.token == t.deep for t in dec.tokens)
+    print(f"\n{n} tokens in {dec.wall_s:.2f} s; released at a ramp: {ramp}; agree with the deep model: {agree}",
+          file=sys.stderr)
+    return 0

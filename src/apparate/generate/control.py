@@ -1,0 +1,90 @@
+"""Tokens as the controller's inputs: the same `core` Controller, fed one sequence at a time.
+
+Each generated token (after the first, which comes out of the prompt's pass) is an input: its
+confidence at every active ramp, and whether that ramp's token equals the deep model's token for
+the same prefix (which the deferred layers always deliver), make a `core.Feedback`. Accuracy is
+therefore token agreement with the deep model, the accuracy constraint and the ramp budget mean
+what they mean for classification, and the latency profile is one decode step at batch 1: a
+site's time is its layers, a ramp's is its lens and shortlist head, vanilla is 30 layers and the
+full vocabulary head. Configs change between sequences (a sequence's tokens were all decoded
+under one set of ramps).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..core.controller import Controller
+from ..core.profile import LatencyProfile
+from ..core.settings import Settings
+from ..core.types import Config, Feedback
+from .decode import Decoder, Ramps, generate
+from .lm import LM
+from .ramps import TokenRamps
+
+
+def step_profile(layers: Sequence[int], costs: dict[str, float]) -> LatencyProfile:
+    """Batch-1 decode-step profile from `ramps.measure_costs`: candidate site j ends after layer
+    layers[j]; every ramp costs the measured `ramp_ms`."""
+    site = np.array([(l + 1) * costs["layer_ms"] for l in layers])[None, :]
+    ramp = np.full_like(site, costs["ramp_ms"])
+    names = tuple(f"layer{l + 1}" for l in layers)
+    return LatencyProfile(batch_sizes=np.array([1]), site_ms=site, ramp_ms=ramp,
+                          vanilla_ms=np.array([costs["step_ms"]]), site_names=names)
+
+
+def feedback(dec: Decoder, config: Config) -> Feedback | None:
+    """One sequence's tokens as a Feedback for the sites it was decoded with (None if empty)."""
+    rows = [t for t in dec.tokens[1:] if t.deep >= 0]
+    if not rows or not config.sites:
+        return None
+    conf = np.stack([t.conf for t in rows])
+    agree = np.stack([t.ramp_token == t.deep for t in rows])
+    return Feedback(config.sites, config.thresholds, np.nan_to_num(conf, nan=0.0), agree)
+
+
+class TokenTuner:
+    """A Controller over token ramps; `generate` decodes with the current Config and feeds back."""
+
+    def __init__(self, lm: LM, ramps: TokenRamps, controller: Controller, max_deferred: int = 8):
+        self.lm, self.ramps, self.controller, self.max_deferred = lm, ramps, controller, max_deferred
+
+    @classmethod
+    def from_bootstrap(cls, lm: LM, ramps: TokenRamps, costs: dict[str, float], conf: np.ndarray,
+                       agree: np.ndarray, settings: Settings | None = None, **kw: Any) -> "TokenTuner":
+        profile = step_profile(ramps.layers, costs)
+        return cls(lm, ramps, Controller.from_bootstrap(profile, conf, agree, settings or Settings()), **kw)
+
+    @property
+    def config(self) -> Config:
+        return self.controller.config
+
+    def decode_ramps(self, config: Config | None = None) -> Ramps:
+        cfg = config or self.config
+        return Ramps(tuple(self.ramps.layers[s] for s in cfg.sites), cfg.thresholds,
+                     lambda j, h, _s=cfg.sites: self.ramps.score(_s[j], h))
+
+    def mode(self) -> str:
+        """One line saying whether ramps are on, and why not when they are off."""
+        cfg = self.config
+        if not cfg.sites:
+            return ("ramps off: no ramp pays on this workload (no ramp saves more time than it costs "
+                    "within the accuracy constraint and the ramp budget); decoding is vanilla")
+        where = ", ".join(f"layer {self.ramps.layers[s] + 1} (t={t:.3f})" for s, t in zip(cfg.sites, cfg.thresholds))
+        return f"ramps on at {where}"
+
+    def generate(self, ids: Sequence[int], max_new_tokens: int, learn: bool = True, **kw: Any) -> Decoder:
+        """Decode one prompt under the current Config; its tokens then feed the controller."""
+        cfg = self.config
+        dec = generate(self.lm, ids, max_new_tokens, self.decode_ramps(cfg), self.max_deferred, **kw)
+        if learn:
+            fb = feedback(dec, cfg)
+            if fb is not None:
+                self.controller.observe(fb)
+            elif not cfg.sites:
+                # with no ramp there is no feedback; the controller re-places on its bootstrap
+                self.controller.observe(Feedback((), (), np.zeros((len(dec.tokens), 0)),
+                                                 np.zeros((len(dec.tokens), 0), dtype=bool)))
+        return dec

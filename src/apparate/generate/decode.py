@@ -1,0 +1,213 @@
+"""Greedy decoding with a KV cache and per-token exits, skipped layers deferred and kept exact.
+
+A token released at a ramp after layer i is emitted at once; its layers i+1.. are not dropped
+but deferred: the next token's step carries the deferred rows along from layer i+1 on (the
+rows of one layer run as one small matrix product, as FREE's synchronized parallel decoding
+does). So every layer's KV cache ends up exactly what the full model computes for the emitted
+sequence, and every token still gets the deep model's answer (its final-layer argmax), which is
+the controller's feedback. On a CPU at batch 1 the layers are bound by reading their weights,
+so a second or third row costs little: that is where the time goes down. A token that runs to
+the end, or `flush()` at the end of a sequence, completes all deferred rows; `max_deferred`
+bounds how many may wait (a token is kept from exiting while that many are deferred).
+
+Pending rows have non-increasing depth in position order (a row that joins a later token's pass
+is carried to where that token stops), so each layer's cache always holds a prefix of the
+sequence and the rows entering a layer are the positions right after it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .lm import LM
+
+
+class KVCache:
+    """Per-layer keys and values, appended in position order (the HF layers call `update`)."""
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.k[layer_idx] is not None:
+            k = torch.cat([self.k[layer_idx], k], dim=2)
+            v = torch.cat([self.v[layer_idx], v], dim=2)
+        self.k[layer_idx], self.v[layer_idx] = k, v
+        return k, v
+
+    def length(self, layer: int) -> int:
+        k = self.k[layer]
+        return 0 if k is None else int(k.shape[2])
+
+
+@dataclass
+class Token:
+    """One generated position: what was emitted, where, and what the deep model said."""
+
+    token: int  # the emitted token
+    exit: int  # index into the active sites it was released at; len(sites) = the final layer
+    released_s: float  # seconds since the sequence's first decode step began
+    conf: np.ndarray  # confidence of every active ramp (filled as the row passes each site)
+    ramp_token: np.ndarray  # each active ramp's token
+    deep: int = -1  # the final layer's token for the same prefix (-1 until the row completes)
+
+
+@dataclass
+class Ramps:
+    """What the decode loop needs of a set of ramps: layer index per active site, thresholds,
+    and a scorer (active index, hidden rows [k, H]) -> (confidence [k], token [k])."""
+
+    layers: tuple[int, ...] = ()
+    thresholds: tuple[float, ...] = ()
+    score: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@dataclass
+class _Row:
+    pos: int
+    h: torch.Tensor  # [H], output of layer `reached`
+    reached: int
+
+
+class Decoder:
+    """One sequence's decode state. `prefill` the prompt, then `step` token by token."""
+
+    def __init__(self, lm: LM, ramps: Ramps | None = None, max_deferred: int = 8):
+        self.lm = lm
+        self.ramps = ramps or Ramps()
+        if len(self.ramps.layers) != len(self.ramps.thresholds):
+            raise ValueError("one threshold per ramp")
+        self.at_layer = {l: j for j, l in enumerate(self.ramps.layers)}
+        self.max_deferred = max_deferred
+        self.cache = KVCache(lm.num_layers)
+        self.tokens: list[Token] = []  # generated positions, in order
+        self.pending: list[_Row] = []
+        self.prompt_len = 0
+        self._t0: float | None = None
+        self.wall_s = self.cpu_s = 0.0
+        m = lm.model.model
+        self._embed, self._rot = m.embed_tokens, m.rotary_emb
+
+    # ------------------------------------------------------------------ layers
+    def _layer(self, i: int, h: torch.Tensor, pos0: int) -> torch.Tensor:
+        """Layer i over rows h [1, k, H] at positions pos0.. (the cache holds positions < pos0)."""
+        k = h.shape[1]
+        if self.cache.length(i) != pos0:
+            raise RuntimeError(f"layer {i} cache holds {self.cache.length(i)} positions, rows start at {pos0}")
+        pos = torch.arange(pos0, pos0 + k).unsqueeze(0)
+        pe = self._rot(h, pos)
+        mask = None
+        if k > 1:  # row j sees the cache and rows 0..j
+            mask = torch.ones(k, pos0 + k, dtype=torch.bool).tril(diagonal=pos0)[None, None]
+        return self.lm.layers[i](h, attention_mask=mask, position_ids=pos, cache=self.cache,
+                                 position_embeddings=pe)
+
+    def _deep(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm.deep_tokens(h)
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int]) -> int:
+        """Run the prompt through every layer; return the first generated token (always deep)."""
+        if self.prompt_len:
+            raise RuntimeError("prefill once per sequence")
+        if not ids:
+            raise ValueError("empty prompt")
+        h = self._embed(torch.tensor([list(ids)]))
+        for i in range(self.lm.num_layers):
+            h = self._layer(i, h, 0)
+        self.prompt_len = len(ids)
+        self._t0 = time.perf_counter()
+        tok = int(self._deep(h[0, -1:])[0])
+        R = len(self.ramps.layers)
+        self.tokens.append(Token(tok, R, 0.0, np.full(R, np.nan), np.full(R, -1), tok))
+        return tok
+
+    @torch.inference_mode()
+    def step(self, on_emit: Callable[[Token], None] | None = None) -> Token:
+        """Feed the last emitted token; return the next one (emitted at a ramp or at the end)."""
+        if not self.prompt_len:
+            raise RuntimeError("prefill first")
+        x = self.tokens[-1].token
+        n = self.prompt_len + len(self.tokens) - 1  # position of the token fed in
+        R = len(self.ramps.layers)
+        rec = Token(-1, R, 0.0, np.full(R, np.nan), np.full(R, -1))
+        may_exit = len(self.pending) < self.max_deferred
+        rows = self._run(self._embed(torch.tensor([[x]])), n, rec, may_exit, on_emit)
+        self.tokens.append(rec)
+        return rec
+
+    @torch.inference_mode()
+    def flush(self) -> None:
+        """Complete every deferred row (end of sequence): the cache and deep answers fill in."""
+        if self.pending:
+            self._run(None, None, None, False, None)
+
+    def _run(self, h_new, n, rec, may_exit, on_emit):
+        rows_h = h_new  # [1, k, H] rows in the current pass, positions pos0..
+        pos0 = n
+        # the row at position p predicts token index p - prompt_len + 1 (tokens[0] came from the prompt)
+        members: list[int] = [] if rec is None else [len(self.tokens)]
+        L = self.lm.num_layers
+        for i in range(L):
+            while self.pending and self.pending[-1].reached == i - 1:
+                row = self.pending.pop()
+                hrow = row.h.view(1, 1, -1)
+                rows_h = hrow if rows_h is None else torch.cat([hrow, rows_h], dim=1)
+                pos0 = row.pos
+                members.insert(0, row.pos - self.prompt_len + 1)
+            if rows_h is None:
+                continue
+            rows_h = self._layer(i, rows_h, pos0)
+            j = self.at_layer.get(i)
+            if j is not None and self.ramps.score is not None:
+                conf, tok = self.ramps.score(j, rows_h[0])
+                conf, tok = conf.tolist(), tok.tolist()
+                for r, t_idx in enumerate(members):
+                    target = rec if (rec is not None and t_idx == len(self.tokens)) else self.tokens[t_idx]
+                    target.conf[j], target.ramp_token[j] = conf[r], tok[r]
+                if rec is not None and may_exit and 1.0 - conf[-1] < self.ramps.thresholds[j]:
+                    rec.token, rec.exit = int(tok[-1]), j
+                    rec.released_s = time.perf_counter() - self._t0
+                    if on_emit:
+                        on_emit(rec)
+                    for r, t_idx in enumerate(members):
+                        self.pending.append(_Row(t_idx + self.prompt_len - 1, rows_h[0, r], i))
+                    return None
+        if rows_h is None:
+            return None
+        deep = self._deep(rows_h[0]).tolist()
+        for r, t_idx in enumerate(members):
+            target = rec if (rec is not None and t_idx == len(self.tokens)) else self.tokens[t_idx]
+            target.deep = int(deep[r])
+        if rec is not None:
+            rec.token = rec.deep
+            rec.released_s = time.perf_counter() - self._t0
+            if on_emit:
+                on_emit(rec)
+        return rows_h
+
+
+def generate(lm: LM, ids: Sequence[int], max_new_tokens: int, ramps: Ramps | None = None,
+             max_deferred: int = 8, stop: set[int] | None = None,
+             on_emit: Callable[[Token], None] | None = None) -> Decoder:
+    """Greedy decoding of one prompt; returns the decoder (tokens, cache) after a final flush."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    dec = Decoder(lm, ramps, max_deferred)
+    t0, c0 = time.perf_counter(), time.process_time()
+    dec.prefill(ids)
+    if on_emit:
+        on_emit(dec.tokens[0])
+    stop = lm.eos_ids if stop is None else stop
+    while len(dec.tokens) < max_new_tokens and dec.tokens[-1].token not in stop:
+        dec.step(on_emit)
+    dec.flush()
+    dec.wall_s = time.perf_counter() - t0  # prefill, every step and the final flush
+    dec.cpu_s = time.process_time() - c0  # the same in this process's CPU time (others' load aside)
+    return dec

@@ -1,0 +1,138 @@
+"""An OpenAI-style `/v1/completions` endpoint over the token tuner, streaming released tokens.
+
+POST /v1/completions  {"prompt": str, "max_tokens": int (default 32), "stream": bool}
+    stream=false: one JSON answer; stream=true: server-sent events, one per token as soon as it is
+    released (at a ramp or the final layer), then `data: [DONE]`. Every completion also reports
+    where each token left (`apparate.exit_layers`, null for the final layer).
+GET  /v1/models, GET /v1/apparate/state (the controller's mode, config and window stats).
+Bad input (not JSON, empty prompt, max_tokens outside 1..limit, prompt longer than the limit)
+is a 400 with {"error": ...}.
+
+Sequences are decoded one at a time (a lock): batching several sequences into one decode step
+is not done yet. Each finished sequence feeds the controller (tokens are its inputs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from typing import Any
+
+from .control import TokenTuner
+from .decode import Token
+
+
+def create_app(tuner: TokenTuner, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024,
+               name: str = "smollm2-135m-instruct") -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    lock = threading.Lock()
+    tok = tuner.lm.tokenizer
+
+    def bad(msg: str) -> JSONResponse:
+        return JSONResponse({"error": msg}, status_code=400)
+
+    def layer_of(t: Token, sites: tuple[int, ...]) -> int | None:
+        return tuner.ramps.layers[sites[t.exit]] + 1 if t.exit < len(sites) else None
+
+    async def completions(request: Request) -> Any:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return bad("the body is not JSON")
+        if not isinstance(body, dict):
+            return bad("the body must be a JSON object")
+        prompt, max_tokens, stream = body.get("prompt"), body.get("max_tokens", 32), body.get("stream", False)
+        if not isinstance(prompt, str) or not prompt.strip():
+            return bad("prompt must be a non-empty string")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_tokens_limit:
+            return bad(f"max_tokens must be an integer from 1 to {max_tokens_limit}")
+        if not isinstance(stream, bool):
+            return bad("stream must be true or false")
+        ids = tuner.lm.chat_ids(prompt)
+        if len(ids) > max_prompt_tokens:
+            return bad(f"the prompt is {len(ids)} tokens; at most {max_prompt_tokens}")
+        cid = "cmpl-" + uuid.uuid4().hex[:16]
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        emitted: list[int] = []
+        text_so_far = [""]
+
+        def on_emit(t: Token) -> None:  # decode thread: the piece of text this token adds
+            emitted.append(t.token)
+            text = tok.decode(emitted, skip_special_tokens=True)
+            piece, text_so_far[0] = text[len(text_so_far[0]):], text
+            loop.call_soon_threadsafe(queue.put_nowait, ("token", piece, t))
+
+        def work() -> None:
+            try:
+                with lock:
+                    cfg = tuner.config
+                    dec = tuner.generate(ids, max_tokens, on_emit=on_emit)
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", dec, cfg))
+            except Exception as e:  # reported to the client, never lost in the thread
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", repr(e), None))
+
+        threading.Thread(target=work, name="apparate-generate", daemon=True).start()
+
+        def summary(dec: Any, cfg: Any) -> dict[str, Any]:
+            finish = "stop" if dec.tokens[-1].token in tuner.lm.eos_ids else "length"
+            exits = [layer_of(t, cfg.sites) for t in dec.tokens]
+            return {"finish_reason": finish,
+                    "usage": {"prompt_tokens": len(ids), "completion_tokens": len(dec.tokens),
+                              "total_tokens": len(ids) + len(dec.tokens)},
+                    "apparate": {"exit_layers": exits, "released_at_ramp": sum(e is not None for e in exits),
+                                 "agree_with_deep": sum(t.token == t.deep for t in dec.tokens),
+                                 "mode": tuner.mode()}}
+
+        if not stream:
+            while True:
+                kind, a, b = await queue.get()
+                if kind == "error":
+                    return JSONResponse({"error": a}, status_code=500)
+                if kind == "done":
+                    s = summary(a, b)
+                    return JSONResponse({"id": cid, "object": "text_completion", "created": int(time.time()),
+                                         "model": name, "choices": [{"index": 0, "text": text_so_far[0],
+                                                                     "finish_reason": s["finish_reason"]}],
+                                         "usage": s["usage"], "apparate": s["apparate"]})
+
+        async def events():
+            while True:
+                kind, a, b = await queue.get()
+                if kind == "token":
+                    chunk = {"id": cid, "object": "text_completion", "model": name,
+                             "choices": [{"index": 0, "text": a, "finish_reason": None}],
+                             "apparate": {"exit": "ramp" if b.exit < len(b.conf) else "final"}}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                elif kind == "error":
+                    yield f"data: {json.dumps({'error': a})}\n\n"
+                    break
+                else:
+                    s = summary(a, b)
+                    chunk = {"id": cid, "object": "text_completion", "model": name,
+                             "choices": [{"index": 0, "text": "", "finish_reason": s["finish_reason"]}],
+                             "usage": s["usage"], "apparate": s["apparate"]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def models(request: Request) -> Any:
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "apparate"}]})
+
+    async def state(request: Request) -> Any:
+        body = {"mode": tuner.mode(), "config": tuner.config.to_dict(), "layers": list(tuner.ramps.layers),
+                "stats": tuner.controller.stats()}
+        # the controller's stats hold numpy scalars
+        return JSONResponse(json.loads(json.dumps(body, default=lambda o: o.item() if hasattr(o, "item") else str(o))))
+
+    return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
+                             Route("/v1/models", models), Route("/v1/apparate/state", state)])

@@ -1,0 +1,123 @@
+"""The `/v1/completions` endpoint on a real uvicorn server on loopback, over the real model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from apparate.generate.lm import missing_extra
+
+why = missing_extra()
+if why:
+    pytest.skip(why, allow_module_level=True)
+
+import httpx  # noqa: E402
+
+from apparate.core.controller import Controller  # noqa: E402
+from apparate.core.settings import Settings  # noqa: E402
+from apparate.core.types import Config  # noqa: E402
+from apparate.generate.control import TokenTuner, step_profile  # noqa: E402
+from apparate.generate.server import create_app  # noqa: E402
+
+COSTS = {"layer_ms": 1.0, "ramp_ms": 0.05, "head_ms": 8.0, "step_ms": 38.0}
+
+
+class Gate:
+    """Holds the decode thread at its second token until the client has read the first event,
+    so the test fails (the gate times out) if the server buffered the answer."""
+
+    def __init__(self, tuner: TokenTuner):
+        self.first_read = threading.Event()
+        self.armed = False
+        self.held = False
+        self.timed_out = False
+        inner = tuner.generate
+
+        def generate(ids, n, learn=True, on_emit=None):
+            count = [0]
+
+            def emit(t):
+                count[0] += 1
+                if count[0] == 2 and self.armed and not self.held:
+                    self.held = True
+                    self.timed_out = not self.first_read.wait(120)
+                on_emit(t)
+            return inner(ids, n, learn, on_emit=emit)
+        tuner.generate = generate
+
+
+@pytest.fixture(scope="module")
+def server(lm, lens):
+    import uvicorn
+    ctl = Controller(step_profile(lens.layers, COSTS), Settings(), Config((6,), (0.2,)))
+    tuner = TokenTuner(lm, lens, ctl)
+    gate = Gate(tuner)
+    app = create_app(tuner, max_tokens_limit=16)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.monotonic() + 120
+    while not srv.started:
+        assert th.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", gate, tuner
+    srv.should_exit = True
+    th.join(30)
+
+
+def test_completion_streams_each_token_as_it_is_released(server):
+    url, gate, tuner = server
+    before = tuner.controller.window.written
+    gate.armed = True
+    events = []
+    with httpx.Client(timeout=120) as client:
+        with client.stream("POST", url + "/v1/completions",
+                           json={"prompt": "Name a famous film.", "max_tokens": 6, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                gate.first_read.set()  # the first event reached the client mid-decode
+    assert gate.held and not gate.timed_out
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] in ("stop", "length")
+    n = last["usage"]["completion_tokens"]
+    assert 1 <= n <= 6 and len(chunks) == n + 1  # one event per token, then the summary
+    assert len(last["apparate"]["exit_layers"]) == n
+    assert tuner.controller.window.written - before == n - 1  # the tokens fed the controller
+
+
+def test_completion_without_streaming(server):
+    url, _, _ = server
+    r = httpx.post(url + "/v1/completions", json={"prompt": "Say hello.", "max_tokens": 4}, timeout=120)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and isinstance(body["choices"][0]["text"], str)
+    assert body["usage"]["completion_tokens"] <= 4
+    state = httpx.get(url + "/v1/apparate/state", timeout=30).json()
+    assert state["mode"].startswith("ramps on") and state["config"]["sites"] == [6]
+
+
+@pytest.mark.parametrize("body, msg", [
+    ({"prompt": "", "max_tokens": 4}, "prompt must be a non-empty string"),
+    ({"prompt": "   "}, "prompt must be a non-empty string"),
+    ({"prompt": "hi", "max_tokens": 17}, "max_tokens must be an integer from 1 to 16"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens must be an integer from 1 to 16"),
+    ({"prompt": "hi", "max_tokens": 4, "stream": "yes"}, "stream must be true or false"),
+    ({"prompt": "hi", "max_tokens": 4.5}, "max_tokens must be an integer"),
+    ({"prompt": "hi " * 1100, "max_tokens": 4}, "at most 1024"),
+    ([1, 2], "JSON object"),
+])
+def test_bad_input_is_a_clear_400(server, body, msg):
+    url, _, _ = server
+    r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and msg in r.json()["error"]
+    r = httpx.post(url + "/v1/completions", content=b"{not json", timeout=30)
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
