@@ -64,10 +64,13 @@ class Comparison:
 
 
 def compare(bundle: Any, stream: str | None = None, *, policies: Sequence[str] | None = None, trace: str = "fixed",
-           rate: float = 30.0, n: int | None = None, data_dir: PathLike | None = None, settings: Any = None,
+           rate: float | None = None, n: int | None = None, data_dir: PathLike | None = None, settings: Any = None,
            progress: bool = False, **spec: Any) -> Comparison:
     """Replay policies (default: all that apply) on `bundle`'s model over a stream (default: the
-    workload's drifting one) and an arrival trace: the recording is made once and cached.
+    workload's drifting one, or your own: `csv:PATH`, `images:PATH`, `video:PATH`) and an arrival
+    trace (`fixed`, `poisson`, `gamma`, `azure`, `file:PATH`, `azure-functions:PATH[:FUNCTION]`) at
+    `rate` (synthetic default 30/s; a real trace keeps its own unless given): the recording is
+    made once and cached.
     `bundle` is a `Bundle` or its directory; `settings` changes to the settings of the workload's
     kind (a dict, e.g. `{"accuracy_constraint": 0.02}`, over `core.settings.Settings.for_kind`,
     as the server applies its flags) or a whole `Settings`, used as given; `spec` other

@@ -5,9 +5,7 @@ malformed row fails at once, naming its line."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +22,31 @@ SENTENCES = ["a gorgeous , witty , seductive movie .", "one long string of clich
              "an instant classic", "painfully unfunny"]
 
 
-def run_cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **({"APPARATE_CACHE": str(cache)} if cache else {})}
-    return subprocess.run([sys.executable, "-m", "apparate", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch, tmp_path):
+    """`apparate ...` in this process (the commands' own entry point; no interpreter start-up),
+    with its cache in a temporary folder."""
+    from apparate.cli import main
+
+    monkeypatch.setenv("APPARATE_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+
+    def run(*args: str) -> Ran:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        finally:
+            torch.set_num_threads(threads)  # --threads sets the process's
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +68,7 @@ def hf_bundle(tmp_path_factory) -> Path:
     return root / "bundle"
 
 
-def test_own_texts_and_arrival_log_replayed_in_two_commands(hf_bundle, tmp_path):
+def test_own_texts_and_arrival_log_replayed_in_two_commands(hf_bundle, tmp_path, run_cli):
     texts = tmp_path / "my_requests.csv"
     texts.write_text("text,label\n" + "".join(f'"{s}",{"positive" if i % 2 == 0 else 0}\n'
                                               for i, s in enumerate(SENTENCES)))
@@ -72,7 +91,7 @@ def test_own_texts_and_arrival_log_replayed_in_two_commands(hf_bundle, tmp_path)
     assert not np.isnan(m["metrics"][0]["label_accuracy"])
 
 
-def test_malformed_rows_fail_before_any_model_work_naming_the_line(hf_bundle, tmp_path):
+def test_malformed_rows_fail_before_any_model_work_naming_the_line(hf_bundle, tmp_path, run_cli):
     texts = tmp_path / "t.csv"
     texts.write_text('text,label\n"fine",1\n"too, many",1,2\n')
     out = run_cli("record", str(hf_bundle), "--stream", f"csv:{texts}", "--out", str(tmp_path / "r.npz"))
@@ -87,7 +106,7 @@ def test_malformed_rows_fail_before_any_model_work_naming_the_line(hf_bundle, tm
     assert out.returncode == 2 and "a.csv, line 3: 'soon' is not a time in seconds" in out.stderr
 
 
-def test_own_images_with_an_azure_functions_trace_in_bench_compare(r20_bundle, r20, data_dir, tmp_path):
+def test_own_images_with_an_azure_functions_trace_in_bench_compare(r20_bundle, r20, data_dir, tmp_path, run_cli):
     shots = tmp_path / "shots"
     stream = r20.stream("test", n=40)
     for i in range(len(stream)):
@@ -99,7 +118,7 @@ def test_own_images_with_an_azure_functions_trace_in_bench_compare(r20_bundle, r
     out = run_cli("bench", "compare", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir",
                   str(data_dir), "--stream", f"images:{shots}", "--trace", f"azure-functions:{inv}:f0",
                   "--rate", "5", "--slo-ms", "60000", "--policies", "vanilla,apparate,optimal", "--out", str(tmp_path / "rep"),
-                  "--no-progress", "--threads", "1", cache=tmp_path / "cache")
+                  "--no-progress", "--threads", "1")
     assert out.returncode == 0, out.stderr
     assert "rescaled from" in out.stdout and "cut to its first 40 of 1200 arrivals" in out.stdout
     data = json.loads((tmp_path / "rep" / "metrics.json").read_text())

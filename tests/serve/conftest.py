@@ -221,14 +221,18 @@ class Live:
 
 @contextlib.contextmanager
 def serving(served: Any, engine_opts: Any = None, control_opts: Any = None, max_body_bytes: int = 1 << 20,
-            graceful_timeout_s: float = 30.0) -> Iterator[Live]:
+            graceful_timeout_s: float = 30.0, load: Any = None) -> Iterator[Live]:
+    """`load`: a function bundle path -> ServedModel; given, Triton's load verb is on."""
     from apparate.serve.app import create_app
     from apparate.serve.control import ControlOptions
     from apparate.serve.engine import Engine, EngineOptions
     from apparate.serve.server import ServerThread
 
     engine = Engine(served, engine_opts or EngineOptions(slo_ms=2000, threads=1), control_opts or ControlOptions())
-    srv = ServerThread(create_app(engine, max_body_bytes), graceful_timeout_s=graceful_timeout_s).start()
+    from apparate.serve.repository import Repository
+
+    repo = None if load is None else Repository(engine, load)
+    srv = ServerThread(create_app(engine, max_body_bytes, repository=repo), graceful_timeout_s=graceful_timeout_s).start()
     try:
         yield Live(srv.url, engine, served)
     finally:

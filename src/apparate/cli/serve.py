@@ -20,6 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int,
                    help="also serve OIP v2 over gRPC on this port (0: any free port, in the port file; "
                         "needs the grpc extra); default: HTTP only")
+    p.add_argument("--allow-load", action="store_true",
+                   help="accept Triton's load verb (POST /v2/repository/models/NAME/load with parameters "
+                        "{\"bundle\": PATH}, or gRPC RepositoryModelLoad): swap in a re-prepared bundle of the "
+                        "same model without a restart")
     p.add_argument("--model-name", help="name in the URL /v2/models/NAME (default: the bundle's workload)")
     p.add_argument("--policy", default="apparate",
                    help="apparate: ramps and thresholds adapt within the budget; apparate-all: the same with a "
@@ -135,4 +139,5 @@ def options_from_args(args: argparse.Namespace):
         max_inputs=args.max_inputs, long_text=args.long_text, max_tokens=args.max_tokens,
         access_log=args.access_log, log_level=args.log_level, port_file=args.port_file,
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, header_timeout_s=args.header_timeout,
-        body_timeout_s=args.body_timeout, grpc_port=args.grpc_port)
+        body_timeout_s=args.body_timeout, grpc_port=args.grpc_port,
+        allow_load=args.allow_load)

@@ -8,6 +8,7 @@
     POST /v2/models/{name}[/versions/1]/infer   inference (see protocol.py)
     GET  /v2/models/{name}/earlyexit            live state: ramps, thresholds, accuracy, exit rates
     POST /v2/repository/index                   Triton's repository index: the model and its state
+    POST /v2/repository/models/{name}/load      swap in a re-prepared bundle (`--allow-load`; repository.py)
     GET  /metrics                               Prometheus text format
 
 Errors are JSON `{"error": "..."}`: 400 malformed JSON or a bad input tensor, 404 unknown model
@@ -168,12 +169,13 @@ class Front:
 
 
 def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bool = True,
-               limits: ConnectionLimits | None = None, offload_bytes: int = OFFLOAD_BYTES) -> Front:
+               limits: ConnectionLimits | None = None, offload_bytes: int = OFFLOAD_BYTES,
+               repository: Any = None) -> Front:
     """The ASGI app over an engine. With `manage_engine` the app's lifespan starts the engine
     (if it is not running) and stops it at shutdown, after uvicorn has finished the requests in
     flight, draining whatever is still queued. Request bodies of at least `offload_bytes` are
-    decoded and validated on a worker thread (0: every body)."""
-    served = engine.served
+    decoded and validated on a worker thread (0: every body). With a `repository.Repository`,
+    Triton's load verb swaps in re-prepared bundles."""
     metrics = engine.metrics
     policy = engine.control.options.policy
     limits = limits or ConnectionLimits()
@@ -182,6 +184,7 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="apparate-decode")
 
     def check_model(request: Request) -> None:
+        served = engine.served  # read per request: a load may swap in another bundle of the model
         name = request.path_params["name"]
         version = request.path_params.get("version")
         if name != served.name or (version is not None and version != "1"):
@@ -199,11 +202,11 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
     async def model_ready(request: Request) -> Response:
         check_model(request)
         ok = is_ready()
-        return _json({"name": served.name, "ready": ok}, 200 if ok else 503)
+        return _json({"name": engine.served.name, "ready": ok}, 200 if ok else 503)
 
     async def metadata(request: Request) -> Response:
         check_model(request)
-        return _json(model_metadata(served, policy))
+        return _json(model_metadata(engine.served, policy))
 
     async def earlyexit(request: Request) -> Response:
         check_model(request)
@@ -222,6 +225,21 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
             return _error("the body must be a JSON object, optionally with a boolean 'ready'", 400)
         return _json(index(engine, ready_only=ready))
 
+    async def load(request: Request) -> Response:
+        from .repository import load_parameters
+
+        if repository is None:
+            return _error("loading bundles is off: start the server with --allow-load", 403)
+        try:
+            args = json.loads(await request.body() or b"{}")
+            bundle = load_parameters(args.get("parameters", {}) if isinstance(args, dict) else None)
+            await asyncio.to_thread(repository.load, request.path_params["name"], bundle)
+        except LookupError as e:
+            return _error(str(e.args[0]), 404)
+        except (ValueError, FileNotFoundError) as e:
+            return _error(str(e), 400)
+        return _json({})
+
     async def prom(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -238,6 +256,7 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
         except (ValueError, UnicodeDecodeError) as e:
             raise InputError(f"malformed JSON: {e}") from None
         attach_binary(payload, raw)
+        served = engine.served
         return parse_infer(payload, served.codec, served.class_names)
 
     async def infer(request: Request) -> Response:
@@ -271,6 +290,7 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
         if bad:  # one input refused or failed: the request is (the answers of the others are dropped)
             worst = max(bad, key=lambda r: r.status)
             return _error(worst.reason, worst.status, RETRY if worst.status == 503 else None)
+        served = engine.served
         return _json(infer_response(served.name, req, results, served.class_names))  # type: ignore[arg-type]
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -306,6 +326,7 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
         Route(m + "/infer", infer, methods=["POST"]), Route(mv + "/infer", infer, methods=["POST"]),
         Route(m + "/earlyexit", earlyexit),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", load, methods=["POST"]),
         Route("/metrics", prom),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,

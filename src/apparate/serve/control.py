@@ -63,6 +63,7 @@ class ControlOptions:
     initial: Config | None = None  # override the initial placement (experiments, tests)
     state_dir: str | Path | None = None
     checkpoint_every_s: float = 30.0
+    restore: bool = True  # start from the state directory's checkpoint when it fits (not for a swapped-in bundle)
     profile_weight: float = 0.1  # smoothing weight of one batch's measured times
     update_profile: bool = True
     profile_every_s: float = 0.25  # measured times are pooled per batch shape and applied this often
@@ -133,7 +134,7 @@ class ControlLoop:
         opt, served, s = self.options, self.served, self.settings
         if opt.remote is not None:
             return opt.remote
-        if opt.state_dir is not None:
+        if opt.state_dir is not None and opt.restore:
             policy = self._try_restore()
             if policy is not None:
                 return policy

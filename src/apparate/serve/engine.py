@@ -89,25 +89,10 @@ class Engine:
         self.queue = RequestQueue(options.max_queue)
         self.metrics.watch_queue(lambda: len(self.queue))
         self.scheduler = Scheduler(options.batching)
-        self.executor = Executor(served, self._release)
-        self.executor.on_error = self.metrics.error  # type: ignore[method-assign]
-        max_tokens = getattr(served.codec, "max_tokens", None)
-        mb = options.batching.max_batch
-
-        profile = served.profile  # the bundle's; calibrated here, then owned by the control loop
-        if options.calibrate_ramps and served.num_sites:
-            import torch
-
-            if options.threads is not None:
-                torch.set_num_threads(options.threads)
-            t = time.perf_counter()
-            grid = [int(b) for b in profile.batch_sizes]
-            sizes = sorted({min(grid, key=lambda g: abs(g - want)) for want in (1, mb)})
-            profile = self.executor.calibrate(served.profile, sizes, learned=control.policy == "apparate-learned")
-            log.info("ramp costs calibrated in %.1f s at batch sizes %s: %.3f ms per ramp (profiled %.3f) at batch %d",
-                     time.perf_counter() - t, sizes, float(profile.at(sizes[-1])[1].mean()),
-                     float(served.profile.at(sizes[-1])[1].mean()), sizes[-1])
-        self.control = ControlLoop(served, control, self.metrics, profile, mb, max_tokens, gate=self.executor.in_model)
+        self._control_opts = control
+        self.executor, self.control = self._build(served)
+        self.metrics.set_objectives(options.slo_ms * 1e-3, self.control.settings.accuracy_constraint)
+        self._swap: Any = None  # a swap.ChangeOver the engine thread applies between two batches
         self._thread: threading.Thread | None = None
         self.ready = False
         self.started_at: float | None = None
@@ -132,11 +117,41 @@ class Engine:
         self.metrics.watch_slowdown(lambda: self.slowdown)
         self._busy_until = 0.0  # predicted end (perf_counter s) of the running batch; 0 when idle
         self._shed = options.batching.shed
-        self._text = max_tokens is not None
+        self._text = getattr(served.codec, "max_tokens", None) is not None
         # The costs as measured at start on this (idle) machine: the 413 check takes the lower
         # of this and the live prediction, so a request is never refused as too large only
         # because batches are slower while the server is loaded.
         self._idle_costs = self.live.costs
+
+
+    def _build(self, served: ServedModel) -> tuple[Executor, ControlLoop]:
+        """The executor and control loop for `served`: ramp costs calibrated on this machine, the
+        initial ramps placed (or restored). At start, and for a swapped-in bundle."""
+        options, control = self.options, self._control_opts
+        executor = Executor(served, self._release)
+        executor.on_error = self.metrics.error  # type: ignore[method-assign]
+        max_tokens = getattr(served.codec, "max_tokens", None)
+        mb = options.batching.max_batch
+        profile = served.profile  # the bundle's; calibrated here, then owned by the control loop
+        if options.calibrate_ramps and served.num_sites:
+            import torch
+
+            if options.threads is not None:
+                torch.set_num_threads(options.threads)
+            t = time.perf_counter()
+            grid = [int(b) for b in profile.batch_sizes]
+            sizes = sorted({min(grid, key=lambda g: abs(g - want)) for want in (1, mb)})
+            profile = executor.calibrate(served.profile, sizes, learned=control.policy == "apparate-learned")
+            log.info("ramp costs calibrated in %.1f s at batch sizes %s: %.3f ms per ramp (profiled %.3f) at batch %d",
+                     time.perf_counter() - t, sizes, float(profile.at(sizes[-1])[1].mean()),
+                     float(served.profile.at(sizes[-1])[1].mean()), sizes[-1])
+        return executor, ControlLoop(served, control, self.metrics, profile, mb, max_tokens, gate=executor.in_model)
+
+    def swap(self, served: ServedModel, timeout: float = 120.0) -> None:
+        """Serve `served`, a re-prepared bundle of the same model, from the next batch on (`swap`)."""
+        from .swap import change_over
+
+        change_over(self, served, timeout)
 
     # ------------------------------------------------------------------------------ lifecycle
     @property
@@ -350,6 +365,8 @@ class Engine:
     def _loop(self) -> None:
         q = self.queue
         while True:
+            if self._swap is not None:  # between two batches: the swapped-in bundle takes over
+                self._swap.apply(self)
             version = q.version
             items, arr, dl, cost = q.snapshot()
             if not items:
@@ -422,29 +439,6 @@ class Engine:
     # ------------------------------------------------------------------------------ views
     def describe(self) -> dict[str, Any]:
         """Live state for /earlyexit."""
-        live = self.live
-        cfg = live.config
-        names = [s.name for s in self.served.ee.sites]
-        stats = self.metrics.live.snapshot()
-        prof = self.control.profile
-        mb = self.options.batching.max_batch
-        return {
-            "model": self.served.name,
-            "policy": self.control.options.policy,
-            "config": {"version": cfg.version, "sites": list(cfg.sites), "site_names": [names[s] for s in cfg.sites],
-                       "thresholds": list(cfg.thresholds)},
-            "num_sites": self.served.num_sites,
-            **stats,
-            "queue_depth": len(self.queue),
-            "admission": {"shed": self._shed, "slowdown": round(self.slowdown, 3), "margin": round(self.margin, 3), "predicted_wait_ms": round(max(self._finish(time.perf_counter(), len(self.queue), None)
-                                                                             - time.perf_counter(), 0.0) * 1e3, 3)},
-            "batches": self.batches,
-            "slo_ms": self.options.slo_ms,
-            "batching": {"kind": self.options.batching.kind, "max_batch": mb, "shed": self.options.batching.shed},
-            "profile": {"vanilla_ms_batch_1": prof.vanilla(1), f"vanilla_ms_batch_{mb}": prof.vanilla(mb),
-                        "predicted_batch_ms_max": live.costs.batch_ms(mb, getattr(self.served.codec, "max_tokens", 1))},
-            "control": self.control.stats(),
-            **({"scorer_version": live.scorer.version} if live.scorer is not None else {}),
-            "restored": self.control.restored,
-            "last_checkpoint": self.control.last_checkpoint,
-        }
+        from .describe import describe
+
+        return describe(self)

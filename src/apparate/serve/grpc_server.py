@@ -46,6 +46,12 @@ def _status(code: int) -> Any:
         code, grpc.StatusCode.INTERNAL)
 
 
+def grpc_status(name: str) -> Any:
+    import grpc
+
+    return getattr(grpc.StatusCode, name)
+
+
 class Failed(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
@@ -179,13 +185,16 @@ def make_servicer(engine: Any, repository: Any = None) -> Any:
 
         async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
             if repository is None:
-                await context.abort(_status(400), "this server cannot load bundles (started without a repository)")
-            params = {k: v.string_param for k, v in request.parameters.items() if v.WhichOneof("parameter_choice")}
+                await context.abort(grpc_status("PERMISSION_DENIED"), "loading bundles is off: start the server "
+                                    "with --allow-load")
+            from .repository import load_parameters
+
+            params = {k: gt.parameter_value(v) for k, v in request.parameters.items()}
             try:
-                await asyncio.get_running_loop().run_in_executor(None, repository.load, request.model_name,
-                                                                 params.get("bundle"))
-            except Failed as e:
-                await abort(context, e)
+                bundle = load_parameters(params)
+                await asyncio.to_thread(repository.load, request.model_name, bundle)
+            except LookupError as e:
+                await abort(context, Failed(404, str(e.args[0])))
             except (ValueError, FileNotFoundError) as e:
                 await abort(context, Failed(400, str(e)))
             return m.RepositoryModelLoadResponse()
@@ -256,7 +265,9 @@ class GrpcThread:
     def stop(self, grace: float = 5.0) -> None:
         """Stop taking calls; those in flight get `grace` seconds to finish."""
         self._grace = grace
-        if self._loop is not None and self._thread.is_alive():
+        if self._thread.ident is None:  # never started (the HTTP side failed first)
+            return
+        if self._loop is not None and self._stopping is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(grace + 10)
 

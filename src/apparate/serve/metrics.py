@@ -66,6 +66,20 @@ class ServeMetrics:
                               registry=r)
         self.feedback_dropped = Counter("apparate_feedback_dropped_total",
                                         "Batch reports the controller could not keep up with", registry=r)
+        # the objectives, so that dashboards draw goodput and accuracy against them (deploy/grafana)
+        self.slo = Gauge("apparate_slo_seconds", "Latency objective of each request", registry=r)
+        self.accuracy_constraint = Gauge("apparate_accuracy_constraint",
+                                         "Largest share of released answers allowed to differ from the original "
+                                         "model's", registry=r)
+        self.within_slo = Counter("apparate_within_slo_total", "Answers released within the latency objective "
+                                  "(goodput)", registry=r)
+        self._slo_s = float("inf")
+        # The usual reasons and kinds start at 0, so that a dashboard's rate() has a series to draw
+        # before the first one happens (Prometheus's advice for labelled counters).
+        for reason in ("overloaded", "late", "queue full", "too large", "shutting down"):
+            self.dropped.labels(reason)
+        for kind in ("ramp", "model", "engine", "feedback", "http", "checkpoint"):
+            self.errors.labels(kind)
         self._site_labels: set[str] = set()
         self.live = LiveStats(num_sites, window)
 
@@ -79,6 +93,11 @@ class ServeMetrics:
         self.active_ramps.set(len(sites))
         self.config_version.set(version)
         self._site_labels = show_thresholds(self.threshold, self._site_labels, sites, thresholds)
+
+    def set_objectives(self, slo_s: float, accuracy_constraint: float) -> None:
+        self._slo_s = slo_s
+        self.slo.set(slo_s)
+        self.accuracy_constraint.set(accuracy_constraint)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped.labels(reason).inc(n)
@@ -95,6 +114,9 @@ class ServeMetrics:
         self.batch_time.observe(batch_s)
         for v in latencies_s:
             self.latency.observe(v)
+        good = sum(v <= self._slo_s for v in latencies_s)
+        if good:
+            self.within_slo.inc(good)
         for v in waits_s:
             self.queue_wait.observe(v)
         counts = np.bincount(exit_sites + 1)  # slot 0: the final output (-1)

@@ -74,6 +74,12 @@ class RequestQueue:
     def version(self) -> int:
         return self._version
 
+    def wake(self) -> None:
+        """Wake a waiting engine thread without putting anything (it has other work: a swap)."""
+        with self._cond:
+            self._version += 1
+            self._cond.notify_all()
+
     def wait_change(self, version: int, timeout: float | None) -> None:
         """Block until something was put or the queue closed since `version` was read, or
         `timeout` seconds pass. Reading the version before the snapshot means no put is missed."""

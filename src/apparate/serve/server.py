@@ -58,6 +58,7 @@ class ServeOptions:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     grpc_port: int | None = None  # OIP v2 over gRPC on this port as well (0: a free one); None: HTTP only
+    allow_load: bool = False  # Triton's load verb: swap in a re-prepared bundle of the model (repository.py)
 
     def settings(self, kind: str) -> Settings:
         """The controller's settings for a workload of this kind ('image' or 'text')."""
@@ -110,18 +111,13 @@ def engine_parts(opts: ServeOptions) -> tuple[Any, Any, Any]:
     import numpy as np
     import torch
 
-    from apparate.zoo.bundles import load_bundle
-
     from .control import ControlOptions
     from .engine import EngineOptions
-    from .model_io import ServedModel
     from .scheduler import BatchingOptions
 
     threads = opts.threads or default_threads()
     torch.set_num_threads(threads)
-    bundle = load_bundle(opts.bundle, data_dir=opts.data_dir)
-    served = ServedModel.from_bundle(bundle, name=opts.model_name, max_tokens=opts.max_tokens,
-                                     long_text=opts.long_text, max_inputs=opts.max_inputs)
+    served = served_model(opts, opts.bundle)
     rec = served.recording
     typical = float(np.median(rec.lengths)) if served.kind == "text" and rec is not None and rec.lengths is not None \
         and len(rec.lengths) else None
@@ -138,6 +134,26 @@ def engine_parts(opts: ServeOptions) -> tuple[Any, Any, Any]:
                         state_dir=opts.state_dir, checkpoint_every_s=opts.checkpoint_every_s,
                         feedback_min_inputs=opts.max_batch)
     return served, eo, co
+
+
+def served_model(opts: ServeOptions, bundle: str, name: str | None = None) -> Any:
+    """The ServedModel of a bundle as `opts` serve it (a swapped-in bundle keeps the served name)."""
+    from apparate.zoo.bundles import load_bundle
+
+    from .model_io import ServedModel
+
+    b = load_bundle(bundle, data_dir=opts.data_dir)
+    return ServedModel.from_bundle(b, name=name or opts.model_name, max_tokens=opts.max_tokens,
+                                   long_text=opts.long_text, max_inputs=opts.max_inputs)
+
+
+def repository_for(engine: Any, opts: ServeOptions) -> Any:
+    """The load verb's `Repository` when `opts.allow_load`, else None."""
+    if not opts.allow_load:
+        return None
+    from .repository import Repository
+
+    return Repository(engine, lambda path: served_model(opts, path, engine.served.name))
 
 
 def _raise_fd_limit() -> int:
@@ -228,9 +244,10 @@ def run(opts: ServeOptions) -> int:
     engine.start()
     freeze_heap()
     watch_gc(engine.metrics)
-    app = create_app(engine, opts.max_body_bytes, manage_engine=True, limits=opts.limits())
+    repo = repository_for(engine, opts)
+    app = create_app(engine, opts.max_body_bytes, manage_engine=True, limits=opts.limits(), repository=repo)
     server = uvicorn.Server(uvicorn_config(app, opts.host, opts.port, opts.access_log, "warning", opts.graceful_timeout_s))
-    grpc = grpc_thread(engine, opts)
+    grpc = grpc_thread(engine, opts, repo)
 
     async def main() -> None:
         task = asyncio.create_task(server.serve())
@@ -279,13 +296,13 @@ class _Stopped(Exception):
     pass
 
 
-def grpc_thread(engine: Any, opts: ServeOptions) -> Any:
+def grpc_thread(engine: Any, opts: ServeOptions, repository: Any = None) -> Any:
     """The gRPC server `opts.grpc_port` asks for (not started), or None."""
     if opts.grpc_port is None:
         return None
     from .grpc_server import GrpcThread
 
-    return GrpcThread(engine, opts.host, opts.grpc_port, max_message_bytes=opts.max_body_bytes)
+    return GrpcThread(engine, opts.host, opts.grpc_port, repository, max_message_bytes=opts.max_body_bytes)
 
 
 def serve_in_thread(opts: ServeOptions, timeout: float = 120.0) -> "ServerThread":
@@ -296,10 +313,11 @@ def serve_in_thread(opts: ServeOptions, timeout: float = 120.0) -> "ServerThread
     from .app import create_app
 
     engine = build_engine(opts)
-    app = create_app(engine, opts.max_body_bytes, manage_engine=True, limits=opts.limits())
+    repo = repository_for(engine, opts)
+    app = create_app(engine, opts.max_body_bytes, manage_engine=True, limits=opts.limits(), repository=repo)
     server = ServerThread(app, opts.host, opts.port, opts.graceful_timeout_s)
     server.engine = engine
-    server.grpc = grpc_thread(engine, opts)
+    server.grpc = grpc_thread(engine, opts, repo)
     try:
         server.start(timeout)
         if server.grpc is not None:

@@ -46,6 +46,7 @@ def cifar_workload(depth: int, data_dir: PathLike = None, vehicle: bool = False)
         # 20,000 training images: the early sites' ramps gain 2-4 points of agreement over 5,000
         # (docs/results.md), and caching pooled activations stays cheap (~2 minutes on 2 cores)
         bootstrap_size=20000, label_map=lm, source={"kind": "zoo", "workload": name},
+        frame_size=(32, 32),  # your own images and footage are decoded at this size, without loading a split
         description=(f"CIFAR-10 ResNet-{depth}" + (": is it a vehicle? (its 10-class answer mapped)" if vehicle else "")),
     )
 
