@@ -39,9 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     from apparate import paths
     from apparate.bench.timing import markdown_table
-    from apparate.core.settings import Settings
     from apparate.generate.assets import load_assets
-    from apparate.generate.control import TokenTuner
+    from apparate.generate.control import TokenTuner, token_settings
     from apparate.generate.decode import generate
     from apparate.generate.lm import load_lm
     from apparate.generate.prompts import prompts
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     lm = load_lm(threads=args.threads)
     assets = load_assets(lm, data, n_prompts=args.train_prompts)
     costs = measure_costs(lm, assets.ramps)
-    settings = Settings(accuracy_constraint=args.constraint, ramp_budget=args.budget)
+    settings = token_settings(args.constraint, args.budget)
     tuner = TokenTuner.from_bootstrap(lm, assets.ramps, costs, assets.boot_conf, assets.boot_agree, settings,
                                       max_deferred=args.max_deferred)
     print(f"torch threads {torch.get_num_threads()}; CPU ms at 1 row (2 rows): layer {costs['layer_ms']:.3f} "
@@ -117,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     print("exits per layer: " + (", ".join(f"{assets.ramps.layers[s] + 1}: {c / max(tokens_n, 1):.1%}"
                                             for s, c in enumerate(site_exits) if c) or "none"))
     print(f"continuations identical to vanilla: {same} of {args.prompts}")
-    print("end:", tuner.mode())
+    from collections import Counter
+    kinds = Counter(e.kind for e in tuner.controller.events)
+    print("end:", tuner.mode(), "| controller decisions: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
     print("reproduce: flock /tmp/apparate-bench.lock apparate bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []))
     return 0

@@ -30,9 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     from apparate import paths
     from apparate.cli import UserError
-    from apparate.core.settings import Settings
     from apparate.generate.assets import load_assets
-    from apparate.generate.control import TokenTuner
+    from apparate.generate.control import TokenTuner, token_settings
     from apparate.generate.lm import load_lm, missing_extra
     from apparate.generate.ramps import measure_costs
 
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(why)
     lm = load_lm(threads=args.threads)
     assets = load_assets(lm, paths.data_dir(args.data_dir), n_prompts=args.train_prompts)
-    settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget)
+    settings = token_settings(args.accuracy_constraint, args.ramp_budget)
     tuner = TokenTuner.from_bootstrap(lm, assets.ramps, measure_costs(lm, assets.ramps, reps=50),
                                       assets.boot_conf, assets.boot_agree, settings)
     print(tuner.mode(), file=sys.stderr)
