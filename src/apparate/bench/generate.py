@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--constraint", type=float, default=0.01, help="accuracy constraint (default 0.01)")
     p.add_argument("--budget", type=float, default=0.02, help="ramp budget (default 0.02)")
     p.add_argument("--max-deferred", type=int, default=8, help="deferred rows allowed at once (default 8)")
-    p.add_argument("--train-prompts", type=int, default=128, help="prompts the ramps were trained on (default 128)")
+    p.add_argument("--train-prompts", type=int, default=256, help="prompts the ramps were trained on (default 256)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--data-dir", help="data directory (SST-2; default APPARATE_DATA or ../shared/data)")
     p.set_defaults(func=run)

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask (default 256)")
     p.add_argument("--accuracy-constraint", type=float, default=0.01, help="token disagreement allowed (default 0.01)")
     p.add_argument("--ramp-budget", type=float, default=0.02, help="ramp cost allowed, share of a step (default 0.02)")
-    p.add_argument("--train-prompts", type=int, default=128, help="prompts the ramps are trained on (default 128)")
+    p.add_argument("--train-prompts", type=int, default=256, help="prompts the ramps are trained on (default 256)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--data-dir", help="data directory (default $APPARATE_DATA, else ../shared/data)")
     p.set_defaults(func=run)
