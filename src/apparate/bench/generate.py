@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     settings = token_settings(args.constraint, args.budget)
     tuner = TokenTuner.from_bootstrap(lm, assets.ramps, costs, assets.boot_conf, assets.boot_agree, settings,
                                       max_deferred=args.max_deferred)
-    print(f"torch threads {torch.get_num_threads()}; CPU ms at 1 row (2 rows): layer {costs['layer_ms']:.3f} "
+    print(f"torch threads {torch.get_num_threads()}; CPU ms at 1 row (2 rows): layer (a 30-layer pass / 30) {costs['layer_ms']:.3f} "
           f"({costs['layer_2rows_ms']:.3f}), vocabulary head {costs['head_ms']:.3f} ({costs['head_2rows_ms']:.3f}), "
           f"{costs['head_share']:.1%} of a step; one ramp {costs['ramp_ms']:.3f} ({costs['ramp_share']:.2%} of a step)")
     print(f"bootstrap agreement per candidate layer: "

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     lm = load_lm(threads=args.threads)
     assets = load_assets(lm, paths.data_dir(args.data_dir), n_prompts=args.train_prompts)
     settings = token_settings(args.accuracy_constraint, args.ramp_budget)
-    tuner = TokenTuner.from_bootstrap(lm, assets.ramps, measure_costs(lm, assets.ramps, reps=50),
+    tuner = TokenTuner.from_bootstrap(lm, assets.ramps, measure_costs(lm, assets.ramps, reps=10),
                                       assets.boot_conf, assets.boot_agree, settings)
     print(tuner.mode(), file=sys.stderr)
     if args.serve:
