@@ -39,7 +39,7 @@ def scripted(lm: LM, fires: list[bool]):
     return score
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(layers=st.sets(st.integers(0, 3), min_size=1, max_size=3),
        fires=st.lists(st.booleans(), min_size=1, max_size=12),
        max_deferred=st.integers(1, 4),

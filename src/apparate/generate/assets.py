@@ -57,7 +57,7 @@ def _build(lm: LM, data_dir: str | os.PathLike | None, n_prompts: int, max_new_t
     return make
 
 
-def load_assets(lm: LM, data_dir: str | os.PathLike | None = None, n_prompts: int = 128,
+def load_assets(lm: LM, data_dir: str | os.PathLike | None = None, n_prompts: int = 256,
                 max_new_tokens: int = 64, shortlist: int = 1024, rank: int = 64) -> Assets:
     """The ramps and bootstrap for these settings, built on first use (minutes) then cached."""
     from safetensors.torch import load_file

@@ -35,6 +35,14 @@ def step_profile(layers: Sequence[int], costs: dict[str, float]) -> LatencyProfi
                           vanilla_ms=np.array([costs["step_ms"]]), site_names=names)
 
 
+def token_settings(accuracy_constraint: float = 0.01, ramp_budget: float = 0.02, **kw: Any) -> Settings:
+    """Controller settings for tokens: one observed "batch" is a whole sequence (tens of tokens),
+    so ramps are reconsidered every 8 sequences (about the 256 inputs the slow loop wants)
+    rather than every 30 batches as for classification."""
+    return Settings(accuracy_constraint=accuracy_constraint, ramp_budget=ramp_budget,
+                    adjust_every_batches=kw.pop("adjust_every_batches", 8), **kw)
+
+
 def feedback(dec: Decoder, config: Config) -> Feedback | None:
     """One sequence's tokens as a Feedback for the sites it was decoded with (None if empty)."""
     rows = [t for t in dec.tokens[1:] if t.deep >= 0]
@@ -55,7 +63,7 @@ class TokenTuner:
     def from_bootstrap(cls, lm: LM, ramps: TokenRamps, costs: dict[str, float], conf: np.ndarray,
                        agree: np.ndarray, settings: Settings | None = None, **kw: Any) -> "TokenTuner":
         profile = step_profile(ramps.layers, costs)
-        return cls(lm, ramps, Controller.from_bootstrap(profile, conf, agree, settings or Settings()), **kw)
+        return cls(lm, ramps, Controller.from_bootstrap(profile, conf, agree, settings or token_settings()), **kw)
 
     @property
     def config(self) -> Config:
