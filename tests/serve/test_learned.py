@@ -129,7 +129,11 @@ def test_serving_apparate_learned(tiny_cnn):
     control = ControlOptions(policy="apparate-learned", settings=settings, initial=Config((0, 1), (0.3, 0.3)),
                              feedback_min_inputs=6)
     frames = _frames(2, 160)
-    with serving(served, control_opts=control) as live, httpx.Client(base_url=live.url) as c:
+    from apparate.serve.engine import EngineOptions
+
+    # a generous SLO: this test is about learning, and a loaded machine must not make a request "late"
+    with serving(served, EngineOptions(slo_ms=60_000, threads=1), control) as live, \
+            httpx.Client(base_url=live.url, timeout=120) as c:
         ctl = live.engine.control
         pol = ctl.policy
         assert isinstance(pol, LearnedPolicy) and live.engine.live.scorer is pol.scorer()
