@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", type=int, default=12, help="timed prompts (default 12)")
     p.add_argument("--warm", type=int, default=24, help="prompts that tune the controller before timing (default 24)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt (default 48)")
-    p.add_argument("--constraint", type=float, default=0.01, help="accuracy constraint (default 0.01)")
-    p.add_argument("--budget", type=float, default=0.02, help="ramp budget (default 0.02)")
+    p.add_argument("--accuracy-constraint", type=float, default=0.01, help="token disagreement allowed (default 0.01)")
+    p.add_argument("--ramp-budget", type=float, default=0.02, help="ramp cost allowed, share of a step (default 0.02)")
     p.add_argument("--max-deferred", type=int, default=8, help="deferred rows allowed at once (default 8)")
     p.add_argument("--train-prompts", type=int, default=256, help="prompts the ramps were trained on (default 256)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -39,22 +39,16 @@ def run(args: argparse.Namespace) -> int:
 
     from apparate import paths
     from apparate.bench.timing import markdown_table
-    from apparate.generate.assets import load_assets
-    from apparate.generate.control import TokenTuner, token_settings
+    from apparate.generate.control import build_tuner
     from apparate.generate.decode import generate
-    from apparate.generate.lm import load_lm
     from apparate.generate.prompts import prompts
-    from apparate.generate.ramps import measure_costs
 
     if args.prompts < 1 or args.warm < 0 or args.max_new_tokens < 2:
         raise ValueError("need --prompts >= 1, --warm >= 0 and --max-new-tokens >= 2")
     data = paths.data_dir(args.data_dir)
-    lm = load_lm(threads=args.threads)
-    assets = load_assets(lm, data, n_prompts=args.train_prompts)
-    costs = measure_costs(lm, assets.ramps)
-    settings = token_settings(args.constraint, args.budget)
-    tuner = TokenTuner.from_bootstrap(lm, assets.ramps, costs, assets.boot_conf, assets.boot_agree, settings,
-                                      max_deferred=args.max_deferred)
+    lm, assets, costs, tuner = build_tuner(data, threads=args.threads, train_prompts=args.train_prompts,
+                                           accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget,
+                                           max_deferred=args.max_deferred)
     print(f"torch threads {torch.get_num_threads()}; CPU ms at 1 row (2 rows): layer (a 30-layer pass / 30) {costs['layer_ms']:.3f} "
           f"({costs['layer_2rows_ms']:.3f}), vocabulary head {costs['head_ms']:.3f} ({costs['head_2rows_ms']:.3f}), "
           f"{costs['head_share']:.1%} of a step; one ramp {costs['ramp_ms']:.3f} ({costs['ramp_share']:.2%} of a step)")
@@ -112,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     print("(medians over prompts; speedups against vanilla, the same loop with no ramps; CPU time is this "
           "process's, which other processes' load does not inflate)")
     print(f"token agreement with the deep model: {agree_n / max(tokens_n, 1):.2%} of {tokens_n} tokens "
-          f"(constraint {args.constraint:.0%}); released at a ramp: {exits_n / max(tokens_n, 1):.1%}")
+          f"(constraint {args.accuracy_constraint:.0%}); released at a ramp: {exits_n / max(tokens_n, 1):.1%}")
     print("exits per layer: " + (", ".join(f"{assets.ramps.layers[s] + 1}: {c / max(tokens_n, 1):.1%}"
                                             for s, c in enumerate(site_exits) if c) or "none"))
     print(f"continuations identical to vanilla: {same} of {args.prompts}")

@@ -30,10 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     from apparate import paths
     from apparate.cli import UserError
-    from apparate.generate.assets import load_assets
-    from apparate.generate.control import TokenTuner, token_settings
-    from apparate.generate.lm import load_lm, missing_extra
-    from apparate.generate.ramps import measure_costs
+    from apparate.generate.control import build_tuner
+    from apparate.generate.lm import missing_extra
 
     if args.serve == bool(args.prompt):
         raise UserError("give a PROMPT, or --serve (not both)")
@@ -42,11 +40,9 @@ def run(args: argparse.Namespace) -> int:
     why = missing_extra()
     if why:
         raise UserError(why)
-    lm = load_lm(threads=args.threads)
-    assets = load_assets(lm, paths.data_dir(args.data_dir), n_prompts=args.train_prompts)
-    settings = token_settings(args.accuracy_constraint, args.ramp_budget)
-    tuner = TokenTuner.from_bootstrap(lm, assets.ramps, measure_costs(lm, assets.ramps, reps=10),
-                                      assets.boot_conf, assets.boot_agree, settings)
+    lm, _, _, tuner = build_tuner(paths.data_dir(args.data_dir), threads=args.threads, train_prompts=args.train_prompts,
+                                  accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget,
+                                  cost_reps=10)
     print(tuner.mode(), file=sys.stderr)
     if args.serve:
         import uvicorn

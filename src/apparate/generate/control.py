@@ -96,3 +96,20 @@ class TokenTuner:
                 self.controller.observe(Feedback((), (), np.zeros((len(dec.tokens), 0)),
                                                  np.zeros((len(dec.tokens), 0), dtype=bool)))
         return dec
+
+
+def build_tuner(data_dir: Any, *, threads: int = 1, train_prompts: int = 256, accuracy_constraint: float = 0.01,
+                ramp_budget: float = 0.02, max_deferred: int = 8, cost_reps: int = 30) -> tuple[Any, Any, dict, "TokenTuner"]:
+    """The model, its ramps (built and cached on first use), their measured costs and a tuner placed
+    on the ramps' bootstrap: what `apparate generate` and `apparate bench generate` both start from."""
+    from .assets import load_assets
+    from .lm import load_lm
+    from .ramps import measure_costs
+
+    lm = load_lm(threads=threads)
+    assets = load_assets(lm, data_dir, n_prompts=train_prompts)
+    costs = measure_costs(lm, assets.ramps, reps=cost_reps)
+    settings = token_settings(accuracy_constraint, ramp_budget)
+    tuner = TokenTuner.from_bootstrap(lm, assets.ramps, costs, assets.boot_conf, assets.boot_agree, settings,
+                                      max_deferred=max_deferred)
+    return lm, assets, costs, tuner
