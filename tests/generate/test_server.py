@@ -36,7 +36,7 @@ class Gate:
         self.timed_out = False
         inner = tuner.generate
 
-        def generate(ids, n, learn=True, on_emit=None):
+        def generate(ids, n, learn=True, on_emit=None, **kw):
             count = [0]
 
             def emit(t):
@@ -45,7 +45,7 @@ class Gate:
                     self.held = True
                     self.timed_out = not self.first_read.wait(120)
                 on_emit(t)
-            return inner(ids, n, learn, on_emit=emit)
+            return inner(ids, n, learn, on_emit=emit, **kw)
         tuner.generate = generate
 
 
@@ -105,6 +105,15 @@ def test_completion_without_streaming(server):
     assert state["mode"].startswith("ramps on") and state["config"]["sites"] == [6]
 
 
+def test_sampled_completions_repeat_with_their_seed(server):
+    url, _, _ = server
+    ask = lambda seed: httpx.post(url + "/v1/completions", timeout=120, json={  # noqa: E731
+        "prompt": "Name a colour.", "max_tokens": 6, "temperature": 1.0, "seed": seed}).json()
+    a, b = ask(3), ask(3)
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+    assert a["apparate"]["agree_with_deep"] <= a["usage"]["completion_tokens"]
+
+
 @pytest.mark.parametrize("body, msg", [
     ({"prompt": "", "max_tokens": 4}, "prompt must be a non-empty string"),
     ({"prompt": "   "}, "prompt must be a non-empty string"),
@@ -113,6 +122,9 @@ def test_completion_without_streaming(server):
     ({"prompt": "hi", "max_tokens": 4, "stream": "yes"}, "stream must be true or false"),
     ({"prompt": "hi", "max_tokens": 4.5}, "max_tokens must be an integer"),
     ({"prompt": "hi " * 1100, "max_tokens": 4}, "at most 1024"),
+    ({"prompt": "hi", "max_tokens": 4, "temperature": -1}, "temperature must be a number"),
+    ({"prompt": "hi", "max_tokens": 4, "temperature": "hot"}, "temperature must be a number"),
+    ({"prompt": "hi", "max_tokens": 4, "temperature": 0.7, "seed": -3}, "seed must be a non-negative integer"),
     ([1, 2], "JSON object"),
 ])
 def test_bad_input_is_a_clear_400(server, body, msg):

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt (default 48)")
     p.add_argument("--accuracy-constraint", type=float, default=0.01, help="token disagreement allowed (default 0.01)")
     p.add_argument("--ramp-budget", type=float, default=0.02, help="ramp cost allowed, share of a step (default 0.02)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampled decoding at this temperature (default 0: greedy); prompt k draws with seed k, "
+                        "the same for vanilla and early exit")
     p.add_argument("--max-deferred", type=int, default=8, help="deferred rows allowed at once (default 8)")
     p.add_argument("--train-prompts", type=int, default=256, help="prompts the ramps were trained on (default 256)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from apparate import paths
     from apparate.bench.timing import markdown_table
     from apparate.generate.control import build_tuner
-    from apparate.generate.decode import generate
+    from apparate.generate.decode import Sampling, generate
     from apparate.generate.prompts import prompts
 
     if args.prompts < 1 or args.warm < 0 or args.max_new_tokens < 2:
@@ -57,13 +60,15 @@ def run(args: argparse.Namespace) -> int:
     print("start:", tuner.mode())
     texts = prompts(data, "eval", args.warm + args.prompts)
     T = args.max_new_tokens
-    for text in texts[:args.warm]:
-        tuner.generate(lm.chat_ids(text), T)
+    draw = lambda k: Sampling(args.temperature, seed=k)  # noqa: E731
+    for k, text in enumerate(texts[:args.warm]):
+        tuner.generate(lm.chat_ids(text), T, sampling=draw(k))
     print(f"after {args.warm} warm-up prompts:", tuner.mode())
 
     def hf(ids):
         with torch.inference_mode():
-            out = lm.model.generate(torch.tensor([ids]), max_new_tokens=T, do_sample=False,
+            out = lm.model.generate(torch.tensor([ids]), max_new_tokens=T, do_sample=args.temperature > 0,
+                                    temperature=args.temperature or None,
                                     pad_token_id=lm.model.config.pad_token_id)
         return out.shape[1] - len(ids)
 
@@ -77,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
         order = ("vanilla", "early exit", "transformers") if i % 2 == 0 else ("transformers", "early exit", "vanilla")
         for name in order:
             if name == "vanilla":
-                van = generate(lm, ids, T)
+                van = generate(lm, ids, T, sampling=draw(args.warm + i))
                 per_tok[name].append(van.wall_s / len(van.tokens))
                 cpu_tok[name].append(van.cpu_s / len(van.tokens))
             elif name == "early exit":
                 cfg = tuner.config
-                ee = tuner.generate(ids, T)
+                ee = tuner.generate(ids, T, sampling=draw(args.warm + i))
                 per_tok[name].append(ee.wall_s / len(ee.tokens))
                 cpu_tok[name].append(ee.cpu_s / len(ee.tokens))
             else:

@@ -13,6 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the user's message (omit with --serve)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens to generate (default 48)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--serve", action="store_true", help="serve /v1/completions instead")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -62,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         shown[0] = text
 
-    dec = tuner.generate(lm.chat_ids(args.prompt), args.max_tokens, on_emit=on_emit)
+    from apparate.generate.decode import Sampling
+
+    dec = tuner.generate(lm.chat_ids(args.prompt), args.max_tokens, on_emit=on_emit,
+                         sampling=Sampling(args.temperature, args.seed))
     n = len(dec.tokens)
     ramp = sum(t.exit < len(t.conf) for t in dec.tokens)
     agree = sum(t.token == t.deep for t in dec.tokens)

@@ -72,7 +72,8 @@ class TokenTuner:
     def decode_ramps(self, config: Config | None = None) -> Ramps:
         cfg = config or self.config
         return Ramps(tuple(self.ramps.layers[s] for s in cfg.sites), cfg.thresholds,
-                     lambda j, h, _s=cfg.sites: self.ramps.score(_s[j], h))
+                     lambda j, h, _s=cfg.sites: self.ramps.score(_s[j], h),
+                     lambda j, h, g, t, _s=cfg.sites: self.ramps.sample(_s[j], h, g, t))
 
     def mode(self) -> str:
         """One line saying whether ramps are on, and why not when they are off."""

@@ -1,4 +1,5 @@
-"""Greedy decoding with a KV cache and per-token exits, skipped layers deferred and kept exact.
+"""Greedy or sampled decoding with a KV cache and per-token exits, skipped layers deferred and
+kept exact.
 
 A token released at a ramp after layer i is emitted at once; its layers i+1.. are not dropped
 but deferred: the next token's step carries the deferred rows along from layer i+1 on (the
@@ -10,6 +11,12 @@ weights, so a second row costs less than a step of its own (measured over the 30
 for a second row, +22% for a third): that difference is all the time exits can save here. A token that runs to
 the end, or `flush()` at the end of a sequence, completes all deferred rows; `max_deferred`
 bounds how many may wait (a token is kept from exiting while that many are deferred).
+
+Sampled decoding (`Sampling`) draws each token with the Gumbel-max trick, argmax(logits / T + g_t),
+the noise g_t drawn from a seed for token index t. A ramp samples with the same g_t over its
+shortlist, so "the ramp's token equals the deep one" keeps its meaning: the ramp agrees when its
+sample is the sample the deep model would have drawn for the same prefix, and that is the
+feedback and the accuracy, as under greedy decoding (temperature 0).
 
 Pending rows have non-increasing depth in position order (a row that joins a later token's pass
 is carried to where that token stops), so each layer's cache always holds a prefix of the
@@ -62,11 +69,31 @@ class Token:
 @dataclass
 class Ramps:
     """What the decode loop needs of a set of ramps: layer index per active site, thresholds,
-    and a scorer (active index, hidden rows [k, H]) -> (confidence [k], token [k])."""
+    a scorer (active index, hidden rows [k, H]) -> (confidence [k], token [k]), and for sampled
+    decoding a sampler (active index, rows [k, H], Gumbel noise [k, V], temperature) -> the same."""
 
     layers: tuple[int, ...] = ()
     thresholds: tuple[float, ...] = ()
     score: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    sample: Callable[[int, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding at `temperature` (0: greedy), reproducible from `seed`."""
+
+    temperature: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+    def noise(self, t: int, vocab: int) -> torch.Tensor:
+        """Gumbel noise [vocab] for generated token index t (the same for the ramps and the deep head)."""
+        g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(t))
+        u = torch.rand(vocab, generator=g).clamp_(1e-20, 1.0)
+        return -torch.log(-torch.log(u))
 
 
 @dataclass
@@ -79,11 +106,15 @@ class _Row:
 class Decoder:
     """One sequence's decode state. `prefill` the prompt, then `step` token by token."""
 
-    def __init__(self, lm: LM, ramps: Ramps | None = None, max_deferred: int = 8):
+    def __init__(self, lm: LM, ramps: Ramps | None = None, max_deferred: int = 8, sampling: Sampling | None = None):
         self.lm = lm
         self.ramps = ramps or Ramps()
         if len(self.ramps.layers) != len(self.ramps.thresholds):
             raise ValueError("one threshold per ramp")
+        self.sampling = sampling if sampling is not None and sampling.temperature > 0 else None
+        if self.sampling and self.ramps.layers and self.ramps.sample is None:
+            raise ValueError("sampled decoding needs ramps that can sample (Ramps.sample)")
+        self._noise: dict[int, torch.Tensor] = {}  # token index -> its Gumbel noise, until its deep token
         self.at_layer = {l: j for j, l in enumerate(self.ramps.layers)}
         self.max_deferred = max_deferred
         self.cache = KVCache(lm.num_layers)
@@ -109,8 +140,27 @@ class Decoder:
         return self.lm.layers[i](h, attention_mask=mask, position_ids=pos, cache=self.cache,
                                  position_embeddings=pe)
 
-    def _deep(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm.deep_tokens(h)
+    def _g(self, idx: list[int]) -> torch.Tensor:
+        """Gumbel noise rows [k, V] for generated token indices idx (kept until their deep token)."""
+        V = self.lm.vocab_size
+        for t in idx:
+            if t not in self._noise:
+                self._noise[t] = self.sampling.noise(t, V)
+        return torch.stack([self._noise[t] for t in idx])
+
+    def _deep(self, h: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        """The deep model's tokens for rows h [k, H] of generated token indices idx."""
+        if self.sampling is None:
+            return self.lm.deep_tokens(h)
+        g = self._g(idx)
+        for t in idx:
+            self._noise.pop(t, None)
+        return (self.lm.deep_logits(h).T / self.sampling.temperature + g).argmax(-1)
+
+    def _ramp(self, j: int, h: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sampling is None:
+            return self.ramps.score(j, h)
+        return self.ramps.sample(j, h, self._g(idx), self.sampling.temperature)
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> int:
@@ -124,7 +174,7 @@ class Decoder:
             h = self._layer(i, h, 0)
         self.prompt_len = len(ids)
         self._t0 = time.perf_counter()
-        tok = int(self._deep(h[0, -1:])[0])
+        tok = int(self._deep(h[0, -1:], [0])[0])
         R = len(self.ramps.layers)
         self.tokens.append(Token(tok, R, 0.0, np.full(R, np.nan), np.full(R, -1), tok))
         return tok
@@ -167,7 +217,7 @@ class Decoder:
             rows_h = self._layer(i, rows_h, pos0)
             j = self.at_layer.get(i)
             if j is not None and self.ramps.score is not None:
-                conf, tok = self.ramps.score(j, rows_h[0])
+                conf, tok = self._ramp(j, rows_h[0], members)
                 conf, tok = conf.tolist(), tok.tolist()
                 for r, t_idx in enumerate(members):
                     target = rec if (rec is not None and t_idx == len(self.tokens)) else self.tokens[t_idx]
@@ -182,7 +232,7 @@ class Decoder:
                     return None
         if rows_h is None:
             return None
-        deep = self._deep(rows_h[0]).tolist()
+        deep = self._deep(rows_h[0], members).tolist()
         for r, t_idx in enumerate(members):
             target = rec if (rec is not None and t_idx == len(self.tokens)) else self.tokens[t_idx]
             target.deep = int(deep[r])
@@ -196,11 +246,12 @@ class Decoder:
 
 def generate(lm: LM, ids: Sequence[int], max_new_tokens: int, ramps: Ramps | None = None,
              max_deferred: int = 8, stop: set[int] | None = None,
-             on_emit: Callable[[Token], None] | None = None) -> Decoder:
-    """Greedy decoding of one prompt; returns the decoder (tokens, cache) after a final flush."""
+             on_emit: Callable[[Token], None] | None = None, sampling: Sampling | None = None) -> Decoder:
+    """Greedy (or, with `sampling`, sampled) decoding of one prompt; returns the decoder (tokens,
+    cache) after a final flush."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    dec = Decoder(lm, ramps, max_deferred)
+    dec = Decoder(lm, ramps, max_deferred, sampling)
     t0, c0 = time.perf_counter(), time.process_time()
     dec.prefill(ids)
     if on_emit:

@@ -98,8 +98,16 @@ class LM:
         """The final norm and vocabulary head's argmax for hidden rows h [k, H] -> [k]. Written as
         W @ x.T: with 2 or 3 rows, x @ W.T took 2-3x one row's time on this CPU (the kernel then
         re-reads the 113 MB head per row), while W @ x.T stays near one row's cost."""
+        return self.deep_logits(h).argmax(0)
+
+    def deep_logits(self, h):
+        """[V, k] vocabulary logits of hidden rows h [k, H] (the final norm and head, as W @ x.T)."""
         m = self.model
-        return (m.lm_head.weight @ m.model.norm(h).T).argmax(0)
+        return m.lm_head.weight @ m.model.norm(h).T
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.lm_head.weight.shape[0])
 
     @property
     def eos_ids(self) -> set[int]:

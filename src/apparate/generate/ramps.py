@@ -59,6 +59,15 @@ class TokenRamps(nn.Module):
         conf, idx = p.max(-1)
         return conf, self.shortlist[idx]
 
+    def sample(self, j: int, h: torch.Tensor, g: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled decoding: ramp j's token is argmax over its shortlist of logits / T + the same
+        Gumbel noise g [k, V] the deep head draws with; its confidence, that token's probability
+        under the ramp's tempered distribution ("other" included)."""
+        lg = self.logits(j, h) / temperature
+        idx = (lg[:, :-1] + g[:, self.shortlist]).argmax(-1)
+        conf = lg.softmax(-1).gather(1, idx[:, None]).squeeze(1)
+        return conf, self.shortlist[idx]
+
     # ------------------------------------------------------------------ files
     def save(self, folder: str | Path, info: dict[str, Any] | None = None) -> Path:
         from safetensors.torch import save_file

@@ -1,6 +1,7 @@
 """An OpenAI-style `/v1/completions` endpoint over the token tuner, streaming released tokens.
 
-POST /v1/completions  {"prompt": str, "max_tokens": int (default 32), "stream": bool}
+POST /v1/completions  {"prompt": str, "max_tokens": int (default 32), "stream": bool,
+                       "temperature": float (default 0: greedy), "seed": int (sampling; default 0)}
     stream=false: one JSON answer; stream=true: server-sent events, one per token as soon as it is
     released (at a ramp or the final layer), then `data: [DONE]`. Every completion also reports
     where each token left (`apparate.exit_layers`, null for the final layer).
@@ -22,7 +23,7 @@ import uuid
 from typing import Any
 
 from .control import TokenTuner
-from .decode import Token
+from .decode import Sampling, Token
 
 
 def create_app(tuner: TokenTuner, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024,
@@ -55,6 +56,12 @@ def create_app(tuner: TokenTuner, max_tokens_limit: int = 256, max_prompt_tokens
             return bad(f"max_tokens must be an integer from 1 to {max_tokens_limit}")
         if not isinstance(stream, bool):
             return bad("stream must be true or false")
+        temperature, seed = body.get("temperature", 0), body.get("seed", 0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 10:
+            return bad("temperature must be a number from 0 (greedy) to 10")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            return bad("seed must be a non-negative integer")
+        sampling = Sampling(float(temperature), seed) if temperature > 0 else None
         ids = tuner.lm.chat_ids(prompt)
         if len(ids) > max_prompt_tokens:
             return bad(f"the prompt is {len(ids)} tokens; at most {max_prompt_tokens}")
@@ -74,7 +81,7 @@ def create_app(tuner: TokenTuner, max_tokens_limit: int = 256, max_prompt_tokens
             try:
                 with lock:
                     cfg = tuner.config
-                    dec = tuner.generate(ids, max_tokens, on_emit=on_emit)
+                    dec = tuner.generate(ids, max_tokens, on_emit=on_emit, sampling=sampling)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", dec, cfg))
             except Exception as e:  # reported to the client, never lost in the thread
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", repr(e), None))
