@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
@@ -51,22 +50,14 @@ class Gate:
 
 @pytest.fixture(scope="module")
 def server(lm, lens):
-    import uvicorn
+    from apparate.serve.server import ServerThread
+
     ctl = Controller(step_profile(lens.layers, COSTS), Settings(), Config((6,), (0.2,)))
     tuner = TokenTuner(lm, lens, ctl)
     gate = Gate(tuner)
-    app = create_app(tuner, max_tokens_limit=16)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.monotonic() + 120
-    while not srv.started:
-        assert th.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", gate, tuner
-    srv.should_exit = True
-    th.join(30)
+    srv = ServerThread(create_app(tuner, max_tokens_limit=16)).start(timeout=120)
+    yield srv.url, gate, tuner
+    srv.stop(30)
 
 
 def test_completion_streams_each_token_as_it_is_released(server):
