@@ -22,16 +22,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", type=int, default=12, help="timed prompts (default 12)")
     p.add_argument("--warm", type=int, default=24, help="prompts that tune the controller before timing (default 24)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt (default 48)")
-    p.add_argument("--accuracy-constraint", type=float, default=0.01, help="token disagreement allowed (default 0.01)")
-    p.add_argument("--ramp-budget", type=float, default=0.02, help="ramp cost allowed, share of a step (default 0.02)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampled decoding at this temperature (default 0: greedy); prompt k draws with seed k, "
                         "the same for vanilla and early exit")
     p.add_argument("--max-deferred", type=int, default=8, help="deferred rows allowed at once (default 8)")
-    p.add_argument("--train-prompts", type=int, default=256, help="prompts the ramps were trained on (default 256)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--data-dir", help="data directory (SST-2; default APPARATE_DATA or ../shared/data)")
+    add_tuner_args(p)
     p.set_defaults(func=run)
+
+
+def add_tuner_args(p: argparse.ArgumentParser) -> None:
+    """The flags `build_tuner` takes, shared by `apparate generate` and `apparate bench generate`."""
+    p.add_argument("--accuracy-constraint", type=float, default=0.01, help="token disagreement allowed (default 0.01)")
+    p.add_argument("--ramp-budget", type=float, default=0.02, help="ramp cost allowed, share of a step (default 0.02)")
+    p.add_argument("--train-prompts", type=int, default=256, help="prompts the ramps are trained on (default 256)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--data-dir", help="data directory (SST-2; default $APPARATE_DATA, else ../shared/data)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from apparate.bench.generate import add_tuner_args
+
     p = sub.add_parser("generate", help="decode a prompt with per-token early exits, or serve /v1/completions",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the user's message (omit with --serve)")
@@ -19,11 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask (default 256)")
-    p.add_argument("--accuracy-constraint", type=float, default=0.01, help="token disagreement allowed (default 0.01)")
-    p.add_argument("--ramp-budget", type=float, default=0.02, help="ramp cost allowed, share of a step (default 0.02)")
-    p.add_argument("--train-prompts", type=int, default=256, help="prompts the ramps are trained on (default 256)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--data-dir", help="data directory (default $APPARATE_DATA, else ../shared/data)")
+    add_tuner_args(p)
     p.set_defaults(func=run)
 
 
