@@ -253,15 +253,16 @@ class Controller(RampLoop):
         ready = [site for site, c in zip(cfg.sites, win.seen(cfg.sites, W, self._since)) if c >= need]
         if not ready:
             return False
-        conf, agree, bs, length = win.rows(cfg.sites, ready, W, self._since, s.placement_batch_size)
-        if conf.shape[0] < need:
+        conf, agree, bs, length, evidence = win.weighted_rows(cfg.sites, ready, W, self._since,
+                                                              s.placement_batch_size)
+        if evidence < need:
             return False
         fixed = {j: t for j, (site, t) in enumerate(zip(cfg.sites, cfg.thresholds)) if site not in ready}
         self._fresh -= set(ready)
         if self._z != s.margin_z:
             s = replace(s, margin_z=self._z)
         self._z_at_tune = self._z
-        res = tune(conf, agree, self.profile.table(bs, cfg.sites, length), s, fixed=fixed)
+        res = tune(conf, agree, self.profile.table(bs, cfg.sites, length), s, fixed=fixed, evidence=evidence)
         # Ramps still gathering data join at the next periodic re-tune.
         self._since_tune = 0
         self._tuned_sites = cfg.sites
@@ -322,7 +323,7 @@ class Controller(RampLoop):
             "sites": list(self._config.sites),
             "thresholds": list(self._config.thresholds),
             "window_inputs": int(idx.size),
-            "window_accuracy": float(win.correct[idx].mean()) if idx.size else 1.0,
+            "window_accuracy": float(np.average(win.correct[idx], weights=win.w[idx])) if idx.size else 1.0,
             "exit_rates": per_site,
             "batches": self._batches,
             "inputs": win.written - self._seeded,

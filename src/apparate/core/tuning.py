@@ -226,13 +226,15 @@ _BANDS: dict[str, Callable[..., Bands]] = {"lists": list_bands, "matrix": matrix
 
 
 def tune(conf: np.ndarray, agree: np.ndarray, table: LatencyTable, settings: Settings,
-         fixed: Mapping[int, float] | None = None) -> TuneResult:
-    """The greedy search as the control loops run it: target, steps and calibration from settings."""
+         fixed: Mapping[int, float] | None = None, evidence: float | None = None) -> TuneResult:
+    """The greedy search as the control loops run it: target, steps and calibration from settings.
+    `evidence`: how many independent inputs the rows are worth, for the margin (default their
+    number; less when rows are repeated by their sampling weights, `Window.weighted_rows`)."""
     conf, agree = _check_inputs(conf, agree, table)
     order = np.argsort(conf, axis=0)  # one sort serves the calibration and the search
     prob = (isotonic_agreement(conf, agree, settings.agreement_prior, order=order)
             if settings.agreement == "isotonic" else None)
-    return greedy_thresholds(conf, agree, table, settings.tuning_target(conf.shape[0]), fixed=fixed,
+    return greedy_thresholds(conf, agree, table, settings.tuning_target(conf.shape[0] if evidence is None else evidence), fixed=fixed,
                              init_step=settings.init_step, min_step=settings.min_step, agree_prob=prob,
                              conf_order=order)
 

@@ -85,6 +85,10 @@ class Feedback:
     conf: np.ndarray  # [n, len(sites)]
     agree: np.ndarray  # [n, len(sites)]
     length: float | None = None  # the batch's cost key (e.g. padded tokens), if any
+    # [n] inverse sampling probability of each input's feedback (None: all 1). With early stop an
+    # exited input reaches the final output only when sampled (probability p): its row stands for
+    # 1/p inputs, so every estimate over the window stays unbiased (Horvitz-Thompson).
+    weight: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         sites = _check_sites(self.sites, "feedback sites")
@@ -99,16 +103,24 @@ class Feedback:
         object.__setattr__(self, "thresholds", tuple(float(t) for t in thr))
         object.__setattr__(self, "conf", conf)
         object.__setattr__(self, "agree", agree)
+        if self.weight is not None:
+            w = np.asarray(self.weight, dtype=np.float64).reshape(-1)
+            if w.shape != (conf.shape[0],) or not np.all(np.isfinite(w)) or (w.size and w.min() < 1.0):
+                raise ValueError(f"weight must be [{conf.shape[0]}] finite values >= 1 (inverse sampling "
+                                 f"probabilities), got shape {w.shape}")
+            object.__setattr__(self, "weight", None if np.all(w == 1.0) else w)
 
     @classmethod
     def trusted(cls, sites: tuple[int, ...], thresholds: tuple[float, ...], conf: np.ndarray, agree: np.ndarray,
-                length: float | None = None, exits: tuple[np.ndarray, np.ndarray] | None = None) -> "Feedback":
+                length: float | None = None, exits: tuple[np.ndarray, np.ndarray] | None = None,
+                weight: np.ndarray | None = None) -> "Feedback":
         """Skip validation, for callers whose data is already checked (the replay simulator feeds
         a Recording that was validated when loaded). Same fields, same meaning; `exits`, if
         given, is what `released()` would compute (the caller released the batch already)."""
         fb = object.__new__(cls)
         # (the fields directly: frozen dataclasses set them one object.__setattr__ at a time)
-        fb.__dict__.update(sites=sites, thresholds=thresholds, conf=conf, agree=agree, length=length, _exits=exits)
+        fb.__dict__.update(sites=sites, thresholds=thresholds, conf=conf, agree=agree, length=length, weight=weight,
+                           _exits=exits)
         return fb
 
     @property

@@ -9,6 +9,13 @@ original's? Valid where every firing ramp of that configuration ran. That is wha
 controller's checks ask "would these thresholds break the constraint on the latest inputs?"
 rather than "did the answers we happened to release?".
 
+With early stop (`Feedback.weight`) a row can stand for several inputs: an exited input that
+reached the final output only because it was sampled (probability p) has weight 1/p. Every
+reading is weighted: `rows` repeats a row by its weight (so the tuner, the ramp utilities and
+the emergency checks see the Horvitz-Thompson sample, unbiased for any thresholds), the loss
+checks weight their sums, and the evidence is counted as Kish's effective sample size
+(sum w)^2 / sum w^2, so margins are not fooled by repeated rows.
+
 Rows are addressed by absolute input number (0 = the first input ever seen): `last(k, since)` is
 the ring rows of the latest k inputs, none older than input `since` (the start of the current
 regime, after a detected change in the inputs).
@@ -21,6 +28,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .types import Config, Feedback, exit_sites_of, released
+
+
+def effective_n(w: np.ndarray) -> float:
+    """Kish's effective sample size of weighted rows: (sum w)^2 / sum w^2."""
+    w = np.asarray(w, dtype=np.float64)
+    return float(w.sum() ** 2 / (w * w).sum()) if w.size else 0.0
 
 
 def _outer(rows: slice | np.ndarray) -> slice | np.ndarray:
@@ -43,6 +56,7 @@ class Window:
         self.batch = np.full(W, -1, dtype=np.int64)  # batch index of each input
         self.cf_ok = np.ones(W, dtype=bool)  # the current config's answer would agree
         self.cf_valid = np.zeros(W, dtype=bool)  # ... and every firing ramp of it ran
+        self.w = np.ones(W)  # inputs each row stands for (inverse sampling probability)
         self.written = 0
 
     # ------------------------------------------------------------------ writing
@@ -68,15 +82,23 @@ class Window:
         self.correct[rows] = ok_kept
         self.exit[rows] = exit_sites_of(fb.sites)[exit_idx[n - keep:]]
         self.batch[rows] = batch
+        self.w[rows] = 1.0 if fb.weight is None else fb.weight[n - keep:]
         self.written += n
-        wrong_served = n - int(np.count_nonzero(ok))
+        if fb.weight is not None:  # weighted counts: the inputs the sampled rows stand for
+            wrong_served = float(fb.weight[~ok].sum())
+            cf_wrong = float(self.w[rows][~ok_kept].sum()) if fb.sites == config.sites and \
+                fb.thresholds == config.thresholds else None
+        else:
+            wrong_served = n - int(np.count_nonzero(ok))
+            cf_wrong = None
         if fb.sites == config.sites and fb.thresholds == config.thresholds:
             self.cf_ok[rows] = ok_kept  # served with the current config: that is the answer
             self.cf_valid[rows] = True
-            return wrong_served, keep - int(np.count_nonzero(ok_kept))
+            return wrong_served, keep - int(np.count_nonzero(ok_kept)) if cf_wrong is None else cf_wrong
         idx = rows if isinstance(rows, np.ndarray) else np.arange(rows.start, rows.stop)
         self.refresh(config, idx)
-        return wrong_served, int(np.count_nonzero(self.cf_valid[idx] & ~self.cf_ok[idx]))
+        bad = self.cf_valid[idx] & ~self.cf_ok[idx]
+        return wrong_served, int(np.count_nonzero(bad)) if fb.weight is None else float(self.w[idx][bad].sum())
 
     def seed(self, conf: np.ndarray, agree: np.ndarray, batch_size: float, length: float | None, config: Config) -> None:
         """Start from inputs seen before serving (the bootstrap's held-out inputs, every site
@@ -118,7 +140,14 @@ class Window:
     def rows(self, sites: Sequence[int], need: Sequence[int], last: int, since: int = 0,
              default_bs: float = 1.0) -> tuple[np.ndarray, np.ndarray, float, float | None]:
         """Among the latest `last` inputs, those where every site in `need` ran: conf/agree for
-        `sites` (0 confidence where a site did not run), mean batch size and length."""
+        `sites` (0 confidence where a site did not run; a row repeated by its weight), mean batch
+        size and length."""
+        return self.weighted_rows(sites, need, last, since, default_bs)[:4]
+
+    def weighted_rows(self, sites: Sequence[int], need: Sequence[int], last: int, since: int = 0,
+                      default_bs: float = 1.0) -> tuple[np.ndarray, np.ndarray, float, float | None, float]:
+        """`rows`, and the evidence they carry: Kish's effective sample size of the rows read
+        (their number when no row is weighted)."""
         idx = self.last(last, since)
         cols = list(sites)
         read = cols + [c for c in dict.fromkeys(need) if c not in cols]  # the window is read once
@@ -128,8 +157,14 @@ class Window:
             idx, conf = idx[keep], conf[keep]
         conf = np.nan_to_num(conf[:, :len(cols)], nan=0.0)
         agree = self.agree[np.ix_(idx, cols)]
+        w = self.w[idx]
+        if idx.size and w.max() > 1.0:
+            reps = np.maximum(np.rint(w), 1).astype(np.int64)
+            bs = float(np.average(self.bs[idx], weights=reps))
+            return (np.repeat(conf, reps, axis=0), np.repeat(agree, reps, axis=0), bs, self.mean_length(idx),
+                    effective_n(w))
         bs = float(self.bs[idx].mean()) if idx.size else float(default_bs)
-        return conf, agree, bs, self.mean_length(idx)
+        return conf, agree, bs, self.mean_length(idx), float(idx.size)
 
     def seen(self, sites: Sequence[int], last: int, since: int = 0) -> np.ndarray:
         """How many of the latest `last` inputs each site ran on: [len(sites)]."""
@@ -140,12 +175,17 @@ class Window:
         lens = self.len[idx]
         return float(np.nanmean(lens)) if idx.size and not np.isnan(lens).all() else None
 
-    def counterfactual_loss(self, last: int, since: int = 0) -> tuple[float, int]:
-        """(share of the latest inputs the current config would answer wrongly, valid inputs)."""
+    def counterfactual_loss(self, last: int, since: int = 0) -> tuple[float, float]:
+        """(share of the latest inputs the current config would answer wrongly, the evidence:
+        valid inputs, or their effective number when rows are weighted)."""
         idx = self.last(last, since)
         valid = self.cf_valid[idx]
-        n = int(valid.sum())
-        return (1.0 - float(self.cf_ok[idx][valid].mean())) if n else 0.0, n
+        w = self.w[idx][valid]
+        if not w.size:
+            return 0.0, 0
+        if w.max() == 1.0:
+            return 1.0 - float(self.cf_ok[idx][valid].mean()), int(w.size)
+        return float(w[~self.cf_ok[idx][valid]].sum() / w.sum()), effective_n(w)
 
     def change_point(self, constraint: float, since: int = 0) -> tuple[int, float]:
         """Where the current config's errors began to exceed the constraint: (input number,
@@ -158,7 +198,8 @@ class Window:
         if not pos.size:
             return self.written, 0.0
         wrong = ~self.cf_ok[idx[pos]]
-        excess = np.cumsum(wrong[::-1] - constraint)  # over suffixes of growing length
+        w = self.w[idx[pos]]
+        excess = np.cumsum((w * (wrong - constraint))[::-1])  # over suffixes of growing length
         k = int(np.argmax(excess))
         first = pos[pos.size - 1 - k]  # the oldest input of the best suffix
         return self.written - (idx.size - first), float(excess[k])
@@ -173,6 +214,7 @@ class Window:
             "correct": self.correct.astype(int).tolist(),
             "exit": self.exit.tolist(),
             "batch": self.batch.tolist(),
+            "w": self.w.tolist(),
             "written": self.written,
         }
 
@@ -190,8 +232,9 @@ class Window:
         win.correct = np.asarray(w["correct"], dtype=bool)
         win.exit = np.asarray(w["exit"], dtype=np.int64)
         win.batch = np.asarray(w["batch"], dtype=np.int64)
+        win.w = np.asarray(w.get("w", np.ones(size)), dtype=np.float64)
         win.written = int(w["written"])
-        for name in ("agree", "bs", "len", "correct", "exit", "batch"):
+        for name in ("agree", "bs", "len", "correct", "exit", "batch", "w"):
             want = (size, num_sites) if name == "agree" else (size,)
             if getattr(win, name).shape != want:
                 raise ValueError(f"window field {name} has shape {getattr(win, name).shape}, not {want}")
