@@ -183,7 +183,8 @@ def test_recorded_features_and_heads_give_back_the_ramps_answers(r20_bundle, r20
 def test_bench_capacity_finds_each_policys_highest_rate_within_the_slo(r20_bundle, data_dir, tmp_path, monkeypatch):
     """Real replays of a real recording at rising rates: vanilla's capacity is found between a
     passing and a failing rate, apparate's is at most a little above it (it never saves compute),
-    and capacity.json holds what the table says."""
+    apparate-stop's is reported with the share of its inputs that ran to the end, and
+    capacity.json holds what the table says."""
     monkeypatch.setenv("APPARATE_CACHE", str(tmp_path / "cache"))
     out_dir = tmp_path / "cap"
     start = 0.2 * 1000 / r20_bundle.profile.vanilla(1)  # well within what the fixture bundle measured
@@ -193,10 +194,13 @@ def test_bench_capacity_finds_each_policys_highest_rate_within_the_slo(r20_bundl
     assert out.returncode == 0, out.stderr
     got = json.loads((out_dir / "capacity.json").read_text())
     caps = {d["policy"]: d for d in got["capacity"]}
-    assert set(caps) == {"vanilla", "apparate"} and (out_dir / "goodput.png").stat().st_size > 0
+    assert set(caps) == {"vanilla", "apparate", "apparate-stop"} and (out_dir / "goodput.png").stat().st_size > 0
     van = caps["vanilla"]["capacity_rps"]
     assert van is not None and van >= round(start, 1)
     rates = {r["offered"]: r for r in got["rates"]["vanilla"]}
     assert any(r > van for r in rates)  # a failing rate above it was tried
     assert caps["apparate"]["capacity_rps"] is None or 0.5 * van <= caps["apparate"]["capacity_rps"] <= 1.5 * van
     assert f"{van:.2f}" in out.stdout
+    assert caps["vanilla"]["completed"] == 1.0
+    stop = caps["apparate-stop"]
+    assert stop["capacity_rps"] is None or 0 < stop["completed"] <= 1.0

@@ -65,6 +65,17 @@ class Settings:
     """A candidate goes live only if, on the inputs it shadowed (never trained on), a threshold on its
     confidence releases this share more than the live head's within the accuracy constraint."""
 
+    # --- early stop (issue 19; `apparate-stop`, `serve --early-stop`) -------------------------
+    early_stop: bool = False
+    """When work is waiting, inputs released at a ramp leave the rest of their batch's forward
+    pass (a sampled share excepted), so the compute they would have spent serves the queue."""
+    stop_sample: float = 0.05
+    """Share of the inputs released while work waits that still run to the end, for feedback; their
+    rows weigh 1/share (Horvitz-Thompson). Rounded so that 1/share is a whole number."""
+    stop_alarm: int = 256
+    """After a sampled input's early answer proves wrong, this many inputs run to the end (full
+    feedback while the controller may be reacting to a change)."""
+
     # --- ramp budget ------------------------------------------------------------------------
     ramp_budget: float = 0.02
     """B: active ramps may add at most this share to worst-case latency (notes A4; artifact 5%)."""
@@ -195,8 +206,15 @@ class Settings:
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.evidence_l2 >= 0, "evidence_l2 must be >= 0")
         need(0 <= self.evidence_guard_loss < 1, "evidence_guard_loss must be in [0, 1)")
+        need(0 < self.stop_sample <= 1, f"stop_sample must be in (0, 1], got {self.stop_sample}")
+        need(self.stop_alarm >= 0, f"stop_alarm must be >= 0, got {self.stop_alarm}")
         need(self.head_every >= 1 and self.head_buffer >= 1 and self.head_lag >= 0,
              "head_every and head_buffer must be >= 1, head_lag >= 0")
+
+    @property
+    def stop_share(self) -> float:
+        """`stop_sample` as used: 1/k for the nearest whole k, so sampled rows have whole weights."""
+        return 1.0 / max(1, round(1.0 / self.stop_sample))
 
     def tuning_target(self, n: int) -> float:
         """Accuracy loss the tuner aims for on a window of `n` inputs."""

@@ -36,6 +36,7 @@ class Policy:
 
     name: str = "policy"
     adaptive: bool = False
+    early_stop: float | None = None  # replay: the sampled share, when exited inputs may leave the batch
 
     @property
     def config(self) -> Config:
@@ -58,6 +59,12 @@ class Policy:
         """Feedback after the batch ran (every input reached the final output); `correct`, if
         given, says whether each released answer agreed with the original; `final` [n] is the
         original model's answer on each input."""
+
+    def observe_stopped(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None,
+                        correct: np.ndarray, completed: np.ndarray, weight: np.ndarray) -> None:
+        """Feedback after a batch ran with early stop (`early_stop` set): only the `completed` [n]
+        inputs reached the final output, so only theirs is known; `weight` [n] is each one's
+        inverse sampling probability. Fixed policies learn nothing from it."""
 
     def cost_sites(self) -> tuple[int, ...]:
         """Ramps the next batch will pay for (for batch-time predictions)."""
@@ -99,14 +106,29 @@ class AdaptivePolicy(Policy):
 
     adaptive = True
 
-    def __init__(self, name: str, controller: Controller):
+    def __init__(self, name: str, controller: Controller, early_stop: float | None = None):
         self.name = name
         self.controller = controller
+        self._share = early_stop
+        self._alarm = 0  # inputs left that run to the end after a wrong sampled answer
         self._planned: tuple[Config, np.ndarray, np.ndarray] | None = None  # config, its columns, thresholds
 
     @property
     def config(self) -> Config:
         return self.controller.config
+
+    @property
+    def early_stop(self) -> float | None:  # type: ignore[override]
+        """The share of exited inputs that run on while work waits: the setting, or every one of
+        them for `stop_alarm` inputs after a sampled one was answered wrongly (the probability
+        is fixed before each input's coin, so the weights stay exact)."""
+        if self._share is None:
+            return None
+        return 1.0 if self._alarm > 0 else self._share
+
+    @early_stop.setter
+    def early_stop(self, share: float | None) -> None:
+        self._share = share
 
     def feedback(self, fb: Feedback) -> Config:
         return self.controller.observe(fb)
@@ -127,6 +149,19 @@ class AdaptivePolicy(Policy):
         # the simulator already released the batch (exits and their agreement).
         exits = None if correct is None else (plan.exit_pos, correct)
         self.feedback(Feedback.trusted(plan.sites, plan.thresholds, conf[:, cols], agree[:, cols], length, exits))
+
+    def observe_stopped(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None,
+                        correct: np.ndarray, completed: np.ndarray, weight: np.ndarray) -> None:
+        self._alarm = max(self._alarm - plan.exit_pos.size, 0)
+        at = np.flatnonzero(completed)
+        if not at.size:  # every input left the batch: nothing is known of its final answers
+            return
+        if not correct[at][weight[at] > 1.0].all():
+            self._alarm = self.controller.settings.stop_alarm
+        cols = list(plan.sites)
+        w = weight[at]
+        self.feedback(Feedback.trusted(plan.sites, plan.thresholds, conf[np.ix_(at, cols)], agree[np.ix_(at, cols)],
+                                       length, (plan.exit_pos[at], correct[at]), None if w.max() == 1.0 else w))
 
     def cost_sites(self) -> tuple[int, ...]:
         return self.controller.config.sites

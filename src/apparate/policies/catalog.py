@@ -7,6 +7,9 @@
 * `apparate-all`: the same with a ramp budget that admits every candidate ramp at once: the
   paper's comparison setting (§5.3: "support ramps at all layers"), the budget the baselines'
   all-ramps configurations get implicitly.
+* `apparate-stop`: `apparate` with early stop: while work waits, inputs released at a ramp leave
+  their batch's forward pass (a sampled share runs on, its feedback weighted), so exits also save
+  compute (issue 19).
 * `branchynet`: light ramps at every site, one shared threshold tuned once.
 * `deebert`: DeeBERT-style (pooler) ramps after every encoder layer, one shared threshold.
 * `X+`: the same ramps with per-ramp thresholds tuned once (the greedy search).
@@ -113,16 +116,18 @@ def all_ramps_budget(profile: LatencyProfile) -> float:
     return profile.overhead(range(profile.num_sites)) + 1e-9
 
 
-def _apparate(all_ramps: bool, learned: bool = False) -> Callable[[str, PolicyInputs], Policy]:
+def _apparate(all_ramps: bool, learned: bool = False, stop: bool = False) -> Callable[[str, PolicyInputs], Policy]:
     def build(name: str, inputs: PolicyInputs) -> Policy:
         fam = inputs.light
         settings = inputs.settings
+        if stop:
+            settings = settings.replace(early_stop=True)
         if all_ramps:
             settings = settings.replace(ramp_budget=all_ramps_budget(fam.profile))
         ctl = Controller.from_bootstrap(fam.profile, fam.bootstrap.conf, fam.bootstrap.agree, settings, inputs.serving)
         if learned:
             return LearnedPolicy(name, ctl, fam.bootstrap, settings.seed_window)
-        return AdaptivePolicy(name, ctl)
+        return AdaptivePolicy(name, ctl, settings.stop_share if settings.early_stop else None)
     return build
 
 
@@ -143,6 +148,8 @@ POLICIES: dict[str, Callable[[str, PolicyInputs], Policy]] = {
     "apparate": _apparate(all_ramps=False),
     "apparate-all": _apparate(all_ramps=True),
     "apparate-learned": _apparate(all_ramps=False, learned=True),
+    # with early stop: exited inputs leave their batch while work waits (a sampled share runs on)
+    "apparate-stop": _apparate(all_ramps=False, stop=True),
     # on heads that keep learning (core.heads; replay only: the ramps' answers are re-computed
     # from recorded features, so it needs a recording with features)
     "apparate+heads": _on_heads(_apparate(all_ramps=False)),

@@ -4,7 +4,9 @@ One worker serves batches back to back (the same `batchers.drive` loop as `run_q
 comes from the LatencyProfile with the policy's active ramps included, so ramps slow the queue
 exactly as they would a server (notes A13). Each input is released when its batch reaches its
 exit (its ramp has run); the batch runs to the end regardless, and the policy learns from it
-before the next batch forms.
+before the next batch forms. A policy with early stop (`Policy.early_stop`) instead lets inputs
+released while work waits leave the batch (`replay.early_stop`); it learns only from the inputs
+that completed, each weighted by the inverse of its probability of completing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from apparate.core.recording import Recording
 from apparate.policies.base import Policy
 
 from apparate.core.batchers import Batcher, drive, finish_time
+from apparate.replay.early_stop import run_stopped
 
 DROPPED = -2  # exit_site of a request that was never served
 FINAL = -1  # exit_site of a request released by the model's final output
@@ -45,6 +48,7 @@ class RunResult:
     batch_active: np.ndarray  # [B] number of active ramps
     labeled: np.ndarray | None = None  # [n] the input has a label (label accuracy counts only these)
     batch_sites: tuple[tuple[int, ...], ...] = ()  # [B] the active ramps themselves
+    completed: np.ndarray | None = None  # [n] reached the final output (None: every served input did)
 
     @property
     def served(self) -> np.ndarray:
@@ -108,6 +112,8 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         return lambda b: float(grid[int(queue_lengths[b - 1]) - 1, b - 1])
 
     final_all, pred_all, move_all = recording.final, recording.pred, recording.move
+    completed = np.zeros(n, dtype=bool) if policy.early_stop is not None else None
+    rng = np.random.default_rng(0)  # the sampling coins: a replay repeats its decisions
 
     def run_batch(members: np.ndarray, now: float) -> float:
         k = members.size
@@ -119,14 +125,27 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         policy.stream_inputs(ix)
         plan = policy.plan(conf_b, agree_b, pred=pred_all[ix], move=None if move_all is None else move_all[ix])
         length = None if lengths is None else float(lengths[ix].max())
-        tab = profile.table(k, plan.sites, length)
-        if plan.pay_ramps:
-            lat_ms, run_ms = tab.all_ms, tab.end_ms
-        else:
-            lat_ms, run_ms = np.append(tab.site_ms, tab.vanilla_ms), tab.vanilla_ms
         pos = plan.exit_pos
+        stopped = None
+        share = policy.early_stop  # it may change between batches
+        if share is not None:
+            last = int(members[-1])  # requests after it that have arrived are queued
+
+            def waiting(at: float) -> bool:
+                return int(np.searchsorted(t, at, side="right")) > last + 1
+
+            stopped = run_stopped(profile, plan.sites, length, pos, now, waiting, share, rng)
+            run_ms = stopped.end_ms
+            release[ix] = now + stopped.release_ms * 1e-3
+            completed[ix] = stopped.completed
+        else:
+            tab = profile.table(k, plan.sites, length)
+            if plan.pay_ramps:
+                lat_ms, run_ms = tab.all_ms, tab.end_ms
+            else:
+                lat_ms, run_ms = np.append(tab.site_ms, tab.vanilla_ms), tab.vanilla_ms
+            release[ix] = now + lat_ms[pos] * 1e-3
         start[ix] = now
-        release[ix] = now + lat_ms[pos] * 1e-3
         ex = plan.exit_sites()
         exit_site[ix] = ex
         at = np.flatnonzero(ex >= 0)
@@ -144,7 +163,10 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         b_version.append(plan.version)
         b_active.append(len(plan.sites) if plan.pay_ramps else 0)
         b_sites.append(plan.sites if plan.pay_ramps else ())
-        policy.observe(plan, conf_b, agree_b, length, ok, final=final_all[ix])
+        if stopped is None:
+            policy.observe(plan, conf_b, agree_b, length, ok, final=final_all[ix])
+        else:
+            policy.observe_stopped(plan, conf_b, agree_b, length, ok, stopped.completed, stopped.weight)
         return finish_time(now, run_ms)
 
     def exec_ms_for(queue: np.ndarray):
@@ -168,4 +190,5 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         drop_reason=reason.astype(str), batch_start=np.asarray(b_start), batch_size=np.asarray(b_size, dtype=np.int64),
         batch_exec_ms=np.asarray(b_exec), batch_version=np.asarray(b_version, dtype=np.int64),
         batch_active=np.asarray(b_active, dtype=np.int64), batch_sites=tuple(b_sites), labeled=labeled,
+        completed=completed,
     )

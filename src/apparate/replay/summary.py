@@ -32,6 +32,7 @@ class Metrics:
     active_share: float = 0.0  # mean share of candidate ramps active per batch
     mean_batch: float = 0.0
     window: int = 500
+    completed: float = 1.0  # share of served requests that ran to the final output (early stop: < 1)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -82,6 +83,7 @@ def summarize(run: RunResult, window: int = 500) -> Metrics:
         label_accuracy=label_acc,
         exit_rates={int(s): float(c / max(n_served, 1)) for s, c in zip(sites, counts)},
         final_rate=float((ex == -1).mean()) if n_served else 1.0,
+        completed=1.0 if run.completed is None or not n_served else float(run.completed[served].mean()),
         active_share=float(run.batch_active.mean() / max(run.num_sites, 1)) if run.batch_active.size else 0.0,
         mean_batch=float(run.batch_size.mean()) if run.batch_size.size else 0.0,
         window=window,

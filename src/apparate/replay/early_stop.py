@@ -1,0 +1,67 @@
+"""Early stop in replay: a batch whose released inputs leave the forward pass while work waits.
+
+The rule the live executor applies (`serve --early-stop`), on the recording's costs: at each
+active ramp, if a request is queued at the moment the ramp has run, the inputs it releases leave
+the batch, except a sampled share (probability `share`, a whole 1/share) that runs to the end so
+that their final answers keep the controller's feedback unbiased (each weighs 1/share). The rest
+of the batch then runs at its smaller batch size, segment by segment, from the LatencyProfile;
+a batch whose inputs have all left ends at that ramp. With nothing waiting every input runs to
+the end, exactly as without early stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from apparate.core.profile import LatencyProfile
+
+
+@dataclass(frozen=True, eq=False)
+class StoppedBatch:
+    release_ms: np.ndarray  # [k] from the batch's start to each input's answer
+    completed: np.ndarray  # [k] bool: the input reached the final output (its answer is known)
+    weight: np.ndarray  # [k] inverse probability of having completed (1 where it had to)
+    end_ms: float  # when the batch's last row finished (the worker is free)
+
+
+def run_stopped(profile: LatencyProfile, sites: tuple[int, ...], length: float | None, exit_pos: np.ndarray,
+                start: float, waiting: Callable[[float], bool], share: float | np.ndarray,
+                rng: np.random.Generator) -> StoppedBatch:
+    """One batch with early stop. `exit_pos` [k]: each input's releasing ramp (index into `sites`,
+    len(sites) = the final output); `waiting(t)`: is a request queued at time t (s, the trace's
+    clock); `start`: the batch's start (s); `share`: the sampled share, one for all or per input [k]."""
+    shares = np.broadcast_to(np.asarray(share, dtype=np.float64), exit_pos.shape)
+    k, R = exit_pos.size, len(sites)
+    alive = np.ones(k, dtype=bool)
+    weight = np.ones(k)
+    rel = np.empty(k)
+    b = k
+    tab = profile.table(b, sites, length)
+    elapsed = 0.0
+    reached = 0.0  # backbone time to the last site passed, in the current table
+    for j in range(R):
+        elapsed += (tab.site_ms[j] - reached) + tab.ramp_ms[j]
+        reached = tab.site_ms[j]
+        ex = np.flatnonzero(exit_pos == j)
+        if not ex.size:
+            continue
+        rel[ex] = elapsed
+        if not waiting(start + elapsed * 1e-3):
+            continue
+        p = shares[ex]
+        stay = rng.random(ex.size) < p
+        alive[ex[~stay]] = False
+        weight[ex[stay]] = 1.0 / p[stay]
+        left = int(alive.sum())
+        if left == 0:
+            return StoppedBatch(rel, alive, weight, elapsed)
+        if left != b:  # the rest of the pass runs on fewer rows
+            b = left
+            tab = profile.table(b, sites, length)
+            reached = tab.site_ms[j]
+    elapsed += tab.vanilla_ms - reached
+    rel[exit_pos == R] = elapsed
+    return StoppedBatch(rel, alive, weight, elapsed)
