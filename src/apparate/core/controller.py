@@ -126,7 +126,8 @@ class Controller(RampLoop):
             raise ValueError(f"feedback site {max(fb.sites)} beyond the profile's {self.profile.num_sites} sites")
         wrong_served, wrong = self.window.record(fb, self._batches, self._config)
         self._batches += 1
-        self._since_tune += fb.batch_size
+        # inputs, not rows: a sampled row stands for 1/share of them (early stop)
+        self._since_tune += fb.batch_size if fb.weight is None else float(fb.weight.sum())
 
         s = self.settings
         if s.margin_rule == "adaptive":

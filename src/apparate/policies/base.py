@@ -8,6 +8,7 @@ import numpy as np
 
 from apparate.core.controller import Config, Controller, Feedback
 from apparate.core.exits import first_exit
+from apparate.core.sampling import FeedbackSampler
 from apparate.core.types import exit_sites_of
 
 
@@ -109,8 +110,8 @@ class AdaptivePolicy(Policy):
     def __init__(self, name: str, controller: Controller, early_stop: float | None = None):
         self.name = name
         self.controller = controller
-        self._share = early_stop
-        self._alarm = 0  # inputs left that run to the end after a wrong sampled answer
+        s = controller.settings
+        self.sampler = None if early_stop is None else FeedbackSampler(early_stop, s.stop_alarm)
         self._planned: tuple[Config, np.ndarray, np.ndarray] | None = None  # config, its columns, thresholds
 
     @property
@@ -119,16 +120,12 @@ class AdaptivePolicy(Policy):
 
     @property
     def early_stop(self) -> float | None:  # type: ignore[override]
-        """The share of exited inputs that run on while work waits: the setting, or every one of
-        them for `stop_alarm` inputs after a sampled one was answered wrongly (the probability
-        is fixed before each input's coin, so the weights stay exact)."""
-        if self._share is None:
-            return None
-        return 1.0 if self._alarm > 0 else self._share
+        """The share of exited inputs that run on while work waits (`core.sampling`)."""
+        return None if self.sampler is None else self.sampler.share
 
     @early_stop.setter
     def early_stop(self, share: float | None) -> None:
-        self._share = share
+        self.sampler = None if share is None else FeedbackSampler(share, self.controller.settings.stop_alarm)
 
     def feedback(self, fb: Feedback) -> Config:
         return self.controller.observe(fb)
@@ -152,12 +149,11 @@ class AdaptivePolicy(Policy):
 
     def observe_stopped(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None,
                         correct: np.ndarray, completed: np.ndarray, weight: np.ndarray) -> None:
-        self._alarm = max(self._alarm - plan.exit_pos.size, 0)
         at = np.flatnonzero(completed)
+        if self.sampler is not None:
+            self.sampler.update(plan.exit_pos < len(plan.sites), not correct[at][weight[at] > 1.0].all())
         if not at.size:  # every input left the batch: nothing is known of its final answers
             return
-        if not correct[at][weight[at] > 1.0].all():
-            self._alarm = self.controller.settings.stop_alarm
         cols = list(plan.sites)
         w = weight[at]
         self.feedback(Feedback.trusted(plan.sites, plan.thresholds, conf[np.ix_(at, cols)], agree[np.ix_(at, cols)],

@@ -1,0 +1,64 @@
+"""Which exited inputs still run to the end when early stop saves their compute.
+
+With early stop an input released at a ramp while work waits leaves its batch, and its final
+answer, the controller's feedback, is never computed. A share of them runs on anyway; each such
+row then stands for 1/share inputs (`Feedback.weight`), which keeps every estimate of the
+controller unbiased (Horvitz-Thompson) as long as the share is fixed before the input's coin.
+
+A small share is cheap but sees little: at 5% a rise from 1% to 2% wrong among the exits shows up
+as one wrong sampled answer in some 1,000 exits. So the share rises to 1 (every exited input runs
+on, full feedback) for `alarm` inputs when there is reason to look:
+* a sampled early answer proved wrong;
+* the share of inputs released early moved away from its running level by more than `shift_z`
+  standard errors (the inputs changed: the thresholds' accuracy may have changed with them).
+Both decisions use only inputs already served, so the weights stay exact. The same object decides
+in replay (`policies.base.AdaptivePolicy`) and live (the executor's early stop).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class FeedbackSampler:
+    def __init__(self, floor: float, alarm: int = 256, shift_z: float = 4.0, fast: int = 64, slow: int = 1024):
+        if not 0 < floor <= 1:
+            raise ValueError(f"the sampled share must be in (0, 1], got {floor}")
+        if alarm < 0 or shift_z <= 0 or not 1 <= fast < slow:
+            raise ValueError("need alarm >= 0, shift_z > 0 and 1 <= fast < slow")
+        self.floor = 1.0 / max(1, round(1.0 / floor))  # a whole 1/share: whole weights
+        self.alarm, self.shift_z, self.fast_n, self.slow_n = int(alarm), float(shift_z), fast, slow
+        self.left = 0  # inputs that still run to the end after the last alarm
+        self.fast: float | None = None  # running shares of inputs released early
+        self.slow: float | None = None
+        self.alarms = {"wrong": 0, "shift": 0}
+
+    @property
+    def share(self) -> float:
+        """The probability that an input released early while work waits runs to the end."""
+        return 1.0 if self.left > 0 else self.floor
+
+    def update(self, early: np.ndarray, sampled_wrong: bool) -> None:
+        """After a batch: `early` [n] which inputs a ramp released; `sampled_wrong` whether an
+        early answer that ran to the end only because it was sampled disagreed with the final."""
+        n = int(early.size)
+        self.left = max(self.left - n, 0)
+        if sampled_wrong:
+            self._raise("wrong")
+        if not n:
+            return
+        x = float(np.count_nonzero(early)) / n
+        if self.slow is None:
+            self.fast = self.slow = x
+            return
+        self.fast += (1 - (1 - 1 / self.fast_n) ** n) * (x - self.fast)
+        self.slow += (1 - (1 - 1 / self.slow_n) ** n) * (x - self.slow)
+        se = np.sqrt(max(self.slow * (1 - self.slow), 0.01) / self.fast_n)
+        if abs(self.fast - self.slow) > self.shift_z * se:
+            self._raise("shift")
+            self.slow = self.fast  # the new level is the reference from now on
+
+    def _raise(self, why: str) -> None:
+        if self.alarm:
+            self.left = self.alarm
+            self.alarms[why] += 1
