@@ -29,7 +29,7 @@ sequence and the rows entering a layer are the positions right after it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
