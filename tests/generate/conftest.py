@@ -26,3 +26,20 @@ def lens(lm):
     torch.manual_seed(0)
     return TokenRamps(lm.model.model.embed_tokens.weight, lm.model.model.norm, CANDIDATE_LAYERS,
                       torch.arange(4096), rank=8)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny randomly initialised Llama (the same transformers classes as SmolLM2, 5 layers), so
+    that hypothesis can try many exit patterns and batches quickly."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from apparate.generate.lm import LM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    cfg._attn_implementation = "sdpa"
+    return LM(LlamaForCausalLM(cfg).eval(), tokenizer=None)

@@ -13,19 +13,7 @@ from hypothesis import given, settings, strategies as st
 from apparate.generate.decode import Decoder, Ramps, generate
 from apparate.generate.lm import LM
 
-transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def tiny() -> LM:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg).eval()
-    return LM(model, tokenizer=None)
+transformers = pytest.importorskip("transformers")  # the `tiny` fixture (conftest) builds on it
 
 
 def scripted(lm: LM, fires: list[bool]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -25,18 +26,19 @@ COSTS = {"layer_ms": 1.0, "ramp_ms": 0.05, "head_ms": 8.0, "step_ms": 38.0}
 
 
 class Gate:
-    """Holds the decode thread at its second token until the client has read the first event,
-    so the test fails (the gate times out) if the server buffered the answer."""
+    """Holds the decode thread at a request's second token until the client has read the first
+    event, so the test fails (the gate times out) if the server buffered the answer."""
 
-    def __init__(self, tuner: TokenTuner):
+    def __init__(self, scheduler):
         self.first_read = threading.Event()
         self.armed = False
         self.held = False
         self.timed_out = False
-        inner = tuner.generate
+        inner = scheduler.submit
 
-        def generate(ids, n, learn=True, on_emit=None, **kw):
+        def submit(req):
             count = [0]
+            on_emit = req.on_emit
 
             def emit(t):
                 count[0] += 1
@@ -44,8 +46,9 @@ class Gate:
                     self.held = True
                     self.timed_out = not self.first_read.wait(120)
                 on_emit(t)
-            return inner(ids, n, learn, on_emit=emit, **kw)
-        tuner.generate = generate
+            req.on_emit = emit
+            return inner(req)
+        scheduler.submit = submit
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +57,9 @@ def server(lm, lens):
 
     ctl = Controller(step_profile(lens.layers, COSTS), Settings(), Config((6,), (0.2,)))
     tuner = TokenTuner(lm, lens, ctl)
-    gate = Gate(tuner)
-    srv = ServerThread(create_app(tuner, max_tokens_limit=16)).start(timeout=120)
+    app = create_app(tuner, max_tokens_limit=16)
+    gate = Gate(app.state.scheduler)
+    srv = ServerThread(app).start(timeout=120)
     yield srv.url, gate, tuner
     srv.stop(30)
 
@@ -124,3 +128,53 @@ def test_bad_input_is_a_clear_400(server, body, msg):
     assert r.status_code == 400 and msg in r.json()["error"]
     r = httpx.post(url + "/v1/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
+
+
+PROMPTS = ["Name a famous film.", "Say hello.", "What colour is the sky? Answer in one short sentence.",
+           "Count to three."]
+
+
+def test_concurrent_streaming_clients_each_get_their_own_completion(lm, lens):
+    """Four streaming clients at once, decoded in one batch (the scheduler is held until all four
+    wait, so they certainly share steps); ramps off, so each completion must be exactly the
+    sequence's greedy decoding alone."""
+    from apparate.generate.decode import generate
+    from apparate.serve.server import ServerThread
+
+    ctl = Controller(step_profile(lens.layers, COSTS), Settings(), Config((), ()))
+    app = create_app(TokenTuner(lm, lens, ctl), max_tokens_limit=16, max_batch=4)
+    scheduler = app.state.scheduler
+    results: dict[int, list] = {}
+
+    def client(k: int) -> None:
+        events = []
+        with httpx.Client(timeout=120) as c:
+            with c.stream("POST", url + "/v1/completions",
+                          json={"prompt": PROMPTS[k], "max_tokens": 5 + k, "stream": True}) as r:
+                assert r.status_code == 200
+                events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        results[k] = events
+
+    with ServerThread(app).start(timeout=120) as srv:
+        url = srv.url
+        scheduler.pause()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while scheduler.waiting.qsize() < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the queue with a generous deadline, not timing anything
+        scheduler.resume()
+        for t in threads:
+            t.join(180)
+        state = httpx.get(url + "/v1/apparate/state", timeout=30).json()
+    assert state["batching"]["largest_batch"] == 4
+    for k in range(4):
+        events = results[k]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        alone = generate(lm, lm.chat_ids(PROMPTS[k]), 5 + k)
+        assert text == lm.tokenizer.decode([t.token for t in alone.tokens], skip_special_tokens=True)
+        assert chunks[-1]["usage"]["completion_tokens"] == len(alone.tokens)
+    assert ctl.window.written > 0  # finished sequences fed the controller

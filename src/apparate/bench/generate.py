@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sampled decoding at this temperature (default 0: greedy); prompt k draws with seed k, "
                         "the same for vanilla and early exit")
     p.add_argument("--max-deferred", type=int, default=8, help="deferred rows allowed at once (default 8)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="B > 1: time batch 1 against B sequences per decode step instead, vanilla and early exit, "
+                        "on groups of B timed prompts (see bench/generate_batch.py; default 1)")
     add_tuner_args(p)
     p.set_defaults(func=run)
 
@@ -53,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.prompts < 1 or args.warm < 0 or args.max_new_tokens < 2:
         raise ValueError("need --prompts >= 1, --warm >= 0 and --max-new-tokens >= 2")
+    if args.batch < 1 or args.prompts < args.batch:
+        raise ValueError("need --batch >= 1 and at least --batch timed --prompts")
     data = paths.data_dir(args.data_dir)
     lm, assets, costs, tuner = build_tuner(data, threads=args.threads, train_prompts=args.train_prompts,
                                            accuracy_constraint=args.accuracy_constraint, ramp_budget=args.ramp_budget,
@@ -69,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     for k, text in enumerate(texts[:args.warm]):
         tuner.generate(lm.chat_ids(text), T, sampling=draw(k))
     print(f"after {args.warm} warm-up prompts:", tuner.mode())
+    if args.batch > 1:
+        from apparate.bench.generate_batch import run_batched
+        return run_batched(args, lm, tuner, texts[args.warm:], draw)
 
     def hf(ids):
         with torch.inference_mode():

@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask (default 256)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="--serve: most sequences decoded together in one step (default 8; 1 decodes one at a time)")
     add_tuner_args(p)
     p.set_defaults(func=run)
 
@@ -37,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give a PROMPT, or --serve (not both)")
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be at least 1")
+    if args.max_batch < 1:
+        raise UserError("--max-batch must be at least 1")
     why = missing_extra()
     if why:
         raise UserError(why)
@@ -48,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from apparate.generate.server import create_app
-        app = create_app(tuner, max_tokens_limit=args.max_tokens_limit)
-        print(f"serving at http://{args.host}:{args.port}/v1/completions", file=sys.stderr)
+        app = create_app(tuner, max_tokens_limit=args.max_tokens_limit, max_batch=args.max_batch)
+        print(f"serving at http://{args.host}:{args.port}/v1/completions (up to {args.max_batch} sequences per step)",
+              file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         return 0
     emitted: list[int] = []

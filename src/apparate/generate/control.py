@@ -20,7 +20,7 @@ from ..core.controller import Controller
 from ..core.profile import LatencyProfile
 from ..core.settings import Settings
 from ..core.types import Config, Feedback
-from .decode import Decoder, Ramps, generate
+from .decode import Decoder, Ramps, Sampling, generate
 from .lm import LM
 from .ramps import TokenRamps
 
@@ -58,6 +58,7 @@ class TokenTuner:
 
     def __init__(self, lm: LM, ramps: TokenRamps, controller: Controller, max_deferred: int = 8):
         self.lm, self.ramps, self.controller, self.max_deferred = lm, ramps, controller, max_deferred
+        self._ramps_cache: tuple[Config, Ramps] | None = None
 
     @classmethod
     def from_bootstrap(cls, lm: LM, ramps: TokenRamps, costs: dict[str, float], conf: np.ndarray,
@@ -70,10 +71,32 @@ class TokenTuner:
         return self.controller.config
 
     def decode_ramps(self, config: Config | None = None) -> Ramps:
+        """The decode loop's Ramps for a Config; the same object for the same Config, so that the
+        sequences a batch decodes under one Config score their rows in one call per ramp."""
         cfg = config or self.config
-        return Ramps(tuple(self.ramps.layers[s] for s in cfg.sites), cfg.thresholds,
-                     lambda j, h, _s=cfg.sites: self.ramps.score(_s[j], h),
-                     lambda j, h, g, t, _s=cfg.sites: self.ramps.sample(_s[j], h, g, t))
+        cached = self._ramps_cache
+        if cached is not None and cached[0] == cfg:
+            return cached[1]
+        ramps = Ramps(tuple(self.ramps.layers[s] for s in cfg.sites), cfg.thresholds,
+                      lambda j, h, _s=cfg.sites: self.ramps.score(_s[j], h),
+                      lambda j, h, g, t, _s=cfg.sites: self.ramps.sample(_s[j], h, g, t))
+        self._ramps_cache = (cfg, ramps)
+        return ramps
+
+    def decoder(self, sampling: Sampling | None = None) -> tuple[Decoder, Config]:
+        """A fresh one-sequence decoder under the current Config (for a `BatchDecoder` slot)."""
+        cfg = self.config
+        return Decoder(self.lm, self.decode_ramps(cfg), self.max_deferred, sampling), cfg
+
+    def observe(self, dec: Decoder, config: Config) -> None:
+        """Feed a finished sequence, decoded under `config`, to the controller."""
+        fb = feedback(dec, config)
+        if fb is not None:
+            self.controller.observe(fb)
+        elif not config.sites:
+            # with no ramp there is no feedback; the controller re-places on its bootstrap
+            self.controller.observe(Feedback((), (), np.zeros((len(dec.tokens), 0)),
+                                             np.zeros((len(dec.tokens), 0), dtype=bool)))
 
     def mode(self) -> str:
         """One line saying whether ramps are on, and why not when they are off."""
@@ -89,14 +112,20 @@ class TokenTuner:
         cfg = self.config
         dec = generate(self.lm, ids, max_new_tokens, self.decode_ramps(cfg), self.max_deferred, **kw)
         if learn:
-            fb = feedback(dec, cfg)
-            if fb is not None:
-                self.controller.observe(fb)
-            elif not cfg.sites:
-                # with no ramp there is no feedback; the controller re-places on its bootstrap
-                self.controller.observe(Feedback((), (), np.zeros((len(dec.tokens), 0)),
-                                                 np.zeros((len(dec.tokens), 0), dtype=bool)))
+            self.observe(dec, cfg)
         return dec
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, learn: bool = True,
+                       **kw: Any) -> list[Decoder]:
+        """Decode several prompts together (`batch_decode.generate_batch`) under the current
+        Config; each finished sequence then feeds the controller, in prompt order."""
+        from .batch_decode import generate_batch
+        cfg = self.config
+        decs = generate_batch(self.lm, prompts, max_new_tokens, self.decode_ramps(cfg), self.max_deferred, **kw)
+        if learn:
+            for dec in decs:
+                self.observe(dec, cfg)
+        return decs
 
 
 def build_tuner(data_dir: Any, *, threads: int = 1, train_prompts: int = 256, accuracy_constraint: float = 0.01,

@@ -18,6 +18,9 @@ shortlist, so "the ramp's token equals the deep one" keeps its meaning: the ramp
 sample is the sample the deep model would have drawn for the same prefix, and that is the
 feedback and the accuracy, as under greedy decoding (temperature 0).
 
+The pass over the layers itself (`run_pass`) lives in `batch_decode.py`: a `Decoder` is one
+sequence's state, and the same pass decodes one sequence or several together.
+
 Pending rows have non-increasing depth in position order (a row that joins a later token's pass
 is carried to where that token stops), so each layer's cache always holds a prefix of the
 sequence and the rows entering a layer are the positions right after it.
@@ -26,7 +29,7 @@ sequence and the rows entering a layer are the positions right after it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -124,21 +127,7 @@ class Decoder:
         self._t0: float | None = None
         self.wall_s = self.cpu_s = 0.0
         m = lm.model.model
-        self._embed, self._rot = m.embed_tokens, m.rotary_emb
-
-    # ------------------------------------------------------------------ layers
-    def _layer(self, i: int, h: torch.Tensor, pos0: int) -> torch.Tensor:
-        """Layer i over rows h [1, k, H] at positions pos0.. (the cache holds positions < pos0)."""
-        k = h.shape[1]
-        if self.cache.length(i) != pos0:
-            raise RuntimeError(f"layer {i} cache holds {self.cache.length(i)} positions, rows start at {pos0}")
-        pos = torch.arange(pos0, pos0 + k).unsqueeze(0)
-        pe = self._rot(h, pos)
-        mask = None
-        if k > 1:  # row j sees the cache and rows 0..j
-            mask = torch.ones(k, pos0 + k, dtype=torch.bool).tril(diagonal=pos0)[None, None]
-        return self.lm.layers[i](h, attention_mask=mask, position_ids=pos, cache=self.cache,
-                                 position_embeddings=pe)
+        self._embed = m.embed_tokens
 
     def _g(self, idx: list[int]) -> torch.Tensor:
         """Gumbel noise rows [k, V] for generated token indices idx (kept until their deep token)."""
@@ -148,14 +137,15 @@ class Decoder:
                 self._noise[t] = self.sampling.noise(t, V)
         return torch.stack([self._noise[t] for t in idx])
 
-    def _deep(self, h: torch.Tensor, idx: list[int]) -> torch.Tensor:
-        """The deep model's tokens for rows h [k, H] of generated token indices idx."""
+    def _pick(self, logits: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        """The deep model's tokens from vocabulary logits [V, k] of generated token indices idx:
+        the argmax, or under sampling the Gumbel-max draw with each token's own noise."""
         if self.sampling is None:
-            return self.lm.deep_tokens(h)
+            return logits.argmax(0)
         g = self._g(idx)
         for t in idx:
             self._noise.pop(t, None)
-        return (self.lm.deep_logits(h).T / self.sampling.temperature + g).argmax(-1)
+        return (logits.T / self.sampling.temperature + g).argmax(-1)
 
     def _ramp(self, j: int, h: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.sampling is None:
@@ -165,23 +155,15 @@ class Decoder:
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> int:
         """Run the prompt through every layer; return the first generated token (always deep)."""
+        from .batch_decode import prefill_rows  # the same pass as batched decoding, for one sequence
         if self.prompt_len:
             raise RuntimeError("prefill once per sequence")
-        if not ids:
-            raise ValueError("empty prompt")
-        h = self._embed(torch.tensor([list(ids)]))
-        for i in range(self.lm.num_layers):
-            h = self._layer(i, h, 0)
-        self.prompt_len = len(ids)
-        self._t0 = time.perf_counter()
-        tok = int(self._deep(h[0, -1:], [0])[0])
-        R = len(self.ramps.layers)
-        self.tokens.append(Token(tok, R, 0.0, np.full(R, np.nan), np.full(R, -1), tok))
-        return tok
+        return prefill_rows(self.lm, [self], [ids])[0]
 
     @torch.inference_mode()
     def step(self, on_emit: Callable[[Token], None] | None = None) -> Token:
         """Feed the last emitted token; return the next one (emitted at a ramp or at the end)."""
+        from .batch_decode import _Share, run_pass
         if not self.prompt_len:
             raise RuntimeError("prefill first")
         x = self.tokens[-1].token
@@ -189,59 +171,16 @@ class Decoder:
         R = len(self.ramps.layers)
         rec = Token(-1, R, 0.0, np.full(R, np.nan), np.full(R, -1))
         may_exit = len(self.pending) < self.max_deferred
-        rows = self._run(self._embed(torch.tensor([[x]])), n, rec, may_exit, on_emit)
+        run_pass(self.lm, [_Share(self, rec, may_exit, on_emit, self._embed(torch.tensor([x])), n, [len(self.tokens)])])
         self.tokens.append(rec)
         return rec
 
     @torch.inference_mode()
     def flush(self) -> None:
         """Complete every deferred row (end of sequence): the cache and deep answers fill in."""
+        from .batch_decode import _Share, run_pass
         if self.pending:
-            self._run(None, None, None, False, None)
-
-    def _run(self, h_new, n, rec, may_exit, on_emit):
-        rows_h = h_new  # [1, k, H] rows in the current pass, positions pos0..
-        pos0 = n
-        # the row at position p predicts token index p - prompt_len + 1 (tokens[0] came from the prompt)
-        members: list[int] = [] if rec is None else [len(self.tokens)]
-        L = self.lm.num_layers
-        for i in range(L):
-            while self.pending and self.pending[-1].reached == i - 1:
-                row = self.pending.pop()
-                hrow = row.h.view(1, 1, -1)
-                rows_h = hrow if rows_h is None else torch.cat([hrow, rows_h], dim=1)
-                pos0 = row.pos
-                members.insert(0, row.pos - self.prompt_len + 1)
-            if rows_h is None:
-                continue
-            rows_h = self._layer(i, rows_h, pos0)
-            j = self.at_layer.get(i)
-            if j is not None and self.ramps.score is not None:
-                conf, tok = self._ramp(j, rows_h[0], members)
-                conf, tok = conf.tolist(), tok.tolist()
-                for r, t_idx in enumerate(members):
-                    target = rec if (rec is not None and t_idx == len(self.tokens)) else self.tokens[t_idx]
-                    target.conf[j], target.ramp_token[j] = conf[r], tok[r]
-                if rec is not None and may_exit and 1.0 - conf[-1] < self.ramps.thresholds[j]:
-                    rec.token, rec.exit = int(tok[-1]), j
-                    rec.released_s = time.perf_counter() - self._t0
-                    if on_emit:
-                        on_emit(rec)
-                    for r, t_idx in enumerate(members):
-                        self.pending.append(_Row(t_idx + self.prompt_len - 1, rows_h[0, r], i))
-                    return None
-        if rows_h is None:
-            return None
-        deep = self._deep(rows_h[0], members).tolist()
-        for r, t_idx in enumerate(members):
-            target = rec if (rec is not None and t_idx == len(self.tokens)) else self.tokens[t_idx]
-            target.deep = int(deep[r])
-        if rec is not None:
-            rec.token = rec.deep
-            rec.released_s = time.perf_counter() - self._t0
-            if on_emit:
-                on_emit(rec)
-        return rows_h
+            run_pass(self.lm, [_Share(self, None, False, None)])
 
 
 def generate(lm: LM, ids: Sequence[int], max_new_tokens: int, ramps: Ramps | None = None,

@@ -9,31 +9,34 @@ GET  /v1/models, GET /v1/apparate/state (the controller's mode, config and windo
 Bad input (not JSON, empty prompt, max_tokens outside 1..limit, prompt longer than the limit)
 is a 400 with {"error": ...}.
 
-Sequences are decoded one at a time (a lock): batching several sequences into one decode step
-is not done yet. Each finished sequence feeds the controller (tokens are its inputs).
+Concurrent requests are decoded together: one scheduler thread (`scheduler.Scheduler`) runs up
+to `max_batch` sequences per decode step, a waiting request joining as soon as a slot frees, and
+each sequence's tokens stream to its own client. Each finished sequence feeds the controller
+(tokens are its inputs). `app.state.scheduler` is the thread (its stats are in the state).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import threading
 import time
 import uuid
 from typing import Any
 
 from .control import TokenTuner
 from .decode import Sampling, Token
+from .scheduler import Request as Job, Scheduler  # (starlette has its own Request)
 
 
 def create_app(tuner: TokenTuner, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024,
-               name: str = "smollm2-135m-instruct") -> Any:
+               name: str = "smollm2-135m-instruct", max_batch: int = 8) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    lock = threading.Lock()
+    scheduler = Scheduler(tuner, max_batch)
     tok = tuner.lm.tokenizer
 
     def bad(msg: str) -> JSONResponse:
@@ -75,18 +78,15 @@ def create_app(tuner: TokenTuner, max_tokens_limit: int = 256, max_prompt_tokens
             emitted.append(t.token)
             text = tok.decode(emitted, skip_special_tokens=True)
             piece, text_so_far[0] = text[len(text_so_far[0]):], text
-            loop.call_soon_threadsafe(queue.put_nowait, ("token", piece, t))
+            put("token", piece, t)
 
-        def work() -> None:
-            try:
-                with lock:
-                    cfg = tuner.config
-                    dec = tuner.generate(ids, max_tokens, on_emit=on_emit, sampling=sampling)
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", dec, cfg))
-            except Exception as e:  # reported to the client, never lost in the thread
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", repr(e), None))
+        def put(*item: Any) -> None:  # decode thread -> this request's event loop
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the client is gone
+                loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        threading.Thread(target=work, name="apparate-generate", daemon=True).start()
+        scheduler.submit(Job(ids, max_tokens, sampling, on_emit,
+                             on_done=lambda dec, cfg: put("done", dec, cfg),
+                             on_error=lambda msg: put("error", msg, None)))
 
         def summary(dec: Any, cfg: Any) -> dict[str, Any]:
             finish = "stop" if dec.tokens[-1].token in tuner.lm.eos_ids else "length"
@@ -137,9 +137,19 @@ def create_app(tuner: TokenTuner, max_tokens_limit: int = 256, max_prompt_tokens
 
     async def state(request: Request) -> Any:
         body = {"mode": tuner.mode(), "config": tuner.config.to_dict(), "layers": list(tuner.ramps.layers),
-                "stats": tuner.controller.stats()}
+                "stats": tuner.controller.stats(), "batching": scheduler.stats()}
         # the controller's stats hold numpy scalars
         return JSONResponse(json.loads(json.dumps(body, default=lambda o: o.item() if hasattr(o, "item") else str(o))))
 
-    return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
-                             Route("/v1/models", models), Route("/v1/apparate/state", state)])
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
+                            Route("/v1/models", models), Route("/v1/apparate/state", state)], lifespan=lifespan)
+    app.state.scheduler = scheduler
+    return app
