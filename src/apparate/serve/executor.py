@@ -42,7 +42,9 @@ import numpy as np
 from apparate.core.controller import Config
 from apparate.core.evidence import F, Scorer, StreamContext, features, movement
 from apparate.core.types import exit_sites_of
+from apparate.devices import device_of
 from apparate.model.early_exit import score_all
+from apparate.model.host_copy import host_release_for
 from apparate.model.sites import primary_output
 
 from .model_io import ServedModel
@@ -99,7 +101,7 @@ def final_confidence(logits: Any, label_map: Any, num_classes: int) -> np.ndarra
     map or None."""
     import torch
 
-    z = logits.detach()
+    z = logits.detach().cpu()  # on a device: after the batch's last wait, so nothing left to wait for
     z = (z if z.dtype == torch.float32 else z.float()).numpy()
     z = z - z.max(axis=-1, keepdims=True)
     p = np.exp(z)
@@ -124,6 +126,9 @@ class Executor:
         self._active: tuple[int, ...] | None = None
         # the learned rule's view of the stream (used only when a batch comes with a scorer)
         self._pool = served.kind == "image"  # feature movement: image models, as recordings keep it
+        # On a CUDA device ramp answers reach the host on a waiter thread (model.host_copy); on
+        # the CPU (None) the hook releases directly.
+        self._host = host_release_for(device_of(self.ee))
         self.reset_stream()
 
     def reset_stream(self) -> None:
@@ -143,6 +148,8 @@ class Executor:
         """Detach the ramps (the backbone is then the bare model again)."""
         self.ee.set_active(())
         self._active = None
+        if self._host is not None:
+            self._host.close()
 
     # ------------------------------------------------------------------------------------------
     def warm_up(self, sizes: Sequence[int], sites: Sequence[int]) -> None:
@@ -277,11 +284,20 @@ class Executor:
         try:
             t0 = clock()
             self.in_model.set()
+            host = self._host
+            # on a device: the hook only launches copies, the waiter releases; host clock stamps
+            # would time kernel launches, not the stages, so none are taken (see _timings)
+            cb = on_ramp_learned if learned else on_ramp
+            cb, stamps = (cb, site_end) if host is None else (host.bind(cb), None)
             try:
-                if learned:
-                    out = self.ee(x, on_ramp=on_ramp_learned, active=cfg.sites, stamps=site_end, pool=pool)
-                else:
-                    out = self.ee(x, on_ramp=on_ramp, active=cfg.sites, stamps=site_end)
+                try:
+                    out = self.ee(x, on_ramp=cb, active=cfg.sites, stamps=stamps, **({"pool": pool} if learned else {}))
+                except BaseException:
+                    if host is not None:
+                        host.abandon()
+                    raise
+                if host is not None:
+                    host.finish()  # every ramp released or not, the device done (a callback's error raised here)
             finally:
                 self.in_model.clear()
             t1 = clock()
@@ -302,7 +318,7 @@ class Executor:
                       list(cfg.sites), type(e).__name__, e)
             self.on_error("ramp")
 
-        final_pred = out.final_pred.numpy()
+        final_pred = out.final_pred.cpu().numpy()
         fconf = final_confidence(primary_output(out.final), self._label_map, self.served.num_classes)
         now = clock()
         rest = np.flatnonzero(pending)
