@@ -285,23 +285,22 @@ class Executor:
             t0 = clock()
             self.in_model.set()
             host = self._host
-            # on a device: the hook only launches copies, the waiter releases; host clock stamps
-            # would time kernel launches, not the stages, so none are taken (see _timings)
-            cb = on_ramp_learned if learned else on_ramp
-            cb, stamps = (cb, site_end) if host is None else (host.bind(cb), None)
+            if host is not None:  # a CUDA model: the hook launches copies, a waiter releases (model.host_copy)
+                on_ramp = on_ramp_learned = host.bind(on_ramp_learned if learned else on_ramp)
             try:
-                try:
-                    out = self.ee(x, on_ramp=cb, active=cfg.sites, stamps=stamps, **({"pool": pool} if learned else {}))
-                except BaseException:
-                    if host is not None:
-                        host.abandon()
-                    raise
+                if learned:
+                    out = self.ee(x, on_ramp=on_ramp_learned, active=cfg.sites, stamps=site_end, pool=pool)
+                else:
+                    out = self.ee(x, on_ramp=on_ramp, active=cfg.sites, stamps=site_end)
                 if host is not None:
-                    host.finish()  # every ramp released or not, the device done (a callback's error raised here)
+                    host.finish()  # every ramp handled and the device done; a callback's error is raised here
+                    site_end[:] = np.nan  # host stamps of kernel launches, not of stage ends: no stage times
             finally:
                 self.in_model.clear()
             t1 = clock()
         except Exception as e:  # noqa: BLE001
+            if self._host is not None:
+                self._host.abandon()  # a forward that raised: wait out the ramps it had queued
             if not R:
                 return self._fail(batch, pending, e)
             site_end[:] = np.nan  # the failed run's times are not this batch's
