@@ -16,7 +16,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "apparate"
 RANK = {"core": 0, "model": 1, "zoo": 2, "replay": 3, "policies": 3,
         "bench": 4, "serve": 4, "cluster": 4, "generate": 4, "cli": 5, "api": 5}
-ANYWHERE = {"paths", "__init__", "__main__"}  # small shared utilities (and the package itself)
+ANYWHERE = {"paths", "devices", "__init__", "__main__"}  # small shared utilities (and the package itself)
 
 
 def imports(path: Path) -> list[tuple[int, str]]:

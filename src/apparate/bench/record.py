@@ -38,7 +38,10 @@ def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool
         raise ValueError("recording a stream needs the bundle's workload (a zoo or Hugging Face bundle)")
     if threads:
         torch.set_num_threads(threads)
-    model = bundle.early_exit_model()
+    from apparate.devices import device_of, to_device
+
+    model = bundle.early_exit_model()  # on the device the bundle was loaded onto (`load_bundle(device=)`)
+    device = device_of(model)
     sites = tuple(range(bundle.num_sites))
     conf, pred, final, labels, costs, moves = [], [], [], [], [], []
     n = len(stream)
@@ -48,14 +51,14 @@ def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool
         for batch in bundle.workload.batches(stream, batch_size):
             if tracker is not None:
                 tracker.start()
-            out = model(batch.inputs, active=sites)
+            out = model(to_device(batch.inputs, device), active=sites)
             if tracker is not None:
                 moves.append(tracker.finish())
             if taps is not None:
                 taps.finish()
             conf.append(out.conf_matrix(sites).astype(np.float32))
             pred.append(out.pred_matrix(sites))
-            final.append(out.final_pred.numpy())
+            final.append(out.final_pred.cpu().numpy())
             labels.append(np.asarray(batch.labels))
             costs.append(np.asarray(batch.costs if batch.costs is not None else np.ones(len(batch.labels))))
             bar.update(len(batch.labels))
@@ -108,7 +111,7 @@ class _FeatureTaps:
     def close(self) -> tuple[tuple[np.ndarray, ...], tuple[tuple[np.ndarray, np.ndarray], ...]]:
         for s, r in enumerate(self.ramps):
             self.model.set_ramp(s, r)
-        heads = tuple((r.head.weight.detach().float().numpy().copy(), r.head.bias.detach().float().numpy().copy())
+        heads = tuple((r.head.weight.detach().float().cpu().numpy().copy(), r.head.bias.detach().float().cpu().numpy().copy())
                       for r in self.ramps)
         return tuple(np.concatenate(rows) for rows in self.rows), heads
 

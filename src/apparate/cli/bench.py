@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 
-from apparate.bench import (capacity, cluster, compare, engine_overhead, evidence, generate, out_of_sample, overload, ramp_cost,
+from apparate.bench import (capacity, cluster, compare, engine_overhead, evidence, generate, gpu, out_of_sample, overload, ramp_cost,
                             search_speed, simspeed, sweep)
 
 BENCHES = (search_speed, compare, sweep, capacity, simspeed, engine_overhead, ramp_cost, out_of_sample, evidence, overload, cluster,
-           generate)
+           generate, gpu)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

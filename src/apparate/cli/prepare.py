@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from apparate.devices import add_device_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="prepare a model: ramp sites, trained ramps, latency profile -> bundle",
@@ -31,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sites", help="comma-separated module names to use as sites (skips discovery)")
     p.add_argument("--repeats", type=int, default=7, help="profiling repeats per shape (median taken)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device_arg(p)
     byo = p.add_argument_group("bring your own")
     byo.add_argument("--texts", help="CSV/TSV of texts for hf:DIR (columns: text|sentence|content, label)")
     byo.add_argument("--text-column")
@@ -90,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     import torch  # noqa: F401 - heavy import only now
 
+    from apparate.devices import resolve_device
+
+    device = resolve_device(args.device)  # no CUDA: a clear error before the workload loads
     from apparate.model.prepare import PrepareOptions, prepare_workload
 
     if args.threads is not None:
@@ -107,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
     opts = PrepareOptions(bootstrap=args.bootstrap, ramp=args.ramp, seed=args.seed, threads=args.threads,
                           max_batch=args.max_batch, epochs=args.epochs, lr=args.lr, holdout=args.holdout,
-                          confidence=args.confidence, sites=sites, repeats=args.repeats, progress=not args.no_progress)
+                          confidence=args.confidence, sites=sites, repeats=args.repeats, progress=not args.no_progress,
+                          device=str(device))
     if workload.kind == "text" and args.ramp in ("pool", "conv"):
         raise UserError(f"--ramp {args.ramp} is for images; text takes cls, mean or deebert")
     if workload.kind == "image" and args.ramp in ("cls", "mean", "deebert"):

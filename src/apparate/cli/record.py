@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from apparate.devices import add_device_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("record", help="run a bundle over a stream once, every ramp active, and save the outputs",
@@ -28,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also record what each ramp's linear head reads, and the heads, for heads that keep "
                         "learning (`--policy apparate+heads`; float16, each site's width x 2 bytes per input)")
     p.add_argument("--no-progress", action="store_true")
+    add_device_arg(p)
     p.set_defaults(func=run)
 
 
@@ -36,8 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from apparate.bench.record import record_stream
     from apparate.zoo.own_streams import check_stream, resolve_stream
 
+    from apparate.devices import resolve_device
+
+    device = resolve_device(args.device)  # no CUDA: a clear error before anything loads
     check_stream(args.stream)  # an unreadable file or malformed row fails before the model loads
-    bundle = load_bundle(args.bundle, data_dir=args.data_dir)
+    bundle = load_bundle(args.bundle, data_dir=args.data_dir, device=device)
     if bundle.workload is None:
         raise ValueError(f"bundle {args.bundle} has no workload to draw streams from")
     stream = resolve_stream(bundle.workload, args.stream, seed=args.seed, n=args.n, fps=args.fps)

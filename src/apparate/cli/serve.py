@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from apparate.devices import add_device_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from apparate.core.settings import Settings
@@ -61,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--port-file", help="write {url, port, pid} as JSON here once listening")
+    add_device_arg(p)
     r = p.add_argument_group("Ray Serve (needs the cluster extra: pip install 'apparate[cluster]'; see docs/cluster.md)")
     r.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve: replicas behind Serve's HTTP proxy, one tuner for all of them")
@@ -85,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("idle_timeout", "header_timeout", "body_timeout"):
         if not getattr(args, flag) > 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
+    from apparate.devices import resolve_device
     from apparate.policies import check_servable
+
+    resolve_device(args.device)  # no CUDA: a clear error before the bundle loads
 
     try:
         check_servable(args.policy)
@@ -140,4 +146,4 @@ def options_from_args(args: argparse.Namespace):
         access_log=args.access_log, log_level=args.log_level, port_file=args.port_file,
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout, grpc_port=args.grpc_port,
-        allow_load=args.allow_load)
+        allow_load=args.allow_load, device=args.device)

@@ -124,6 +124,7 @@ class LatencyProfile:
     vanilla_ms: np.ndarray
     lengths: np.ndarray = field(default_factory=lambda: np.array([1], dtype=np.int64))
     site_names: tuple[str, ...] = ()
+    device: str = "cpu"  # where it was measured ('cpu', 'cuda:0'): times from one device do not hold on another
 
     def __post_init__(self) -> None:
         bs = _as_grid(self.batch_sizes, "batch_sizes", integer=True)
@@ -313,7 +314,7 @@ class LatencyProfile:
                 ramp[l_idx, b_idx] *= 1 + a * (ramp_ratio - 1)
                 van[l_idx, b_idx] *= 1 + a * (van_ratio - 1)
         site = np.minimum(np.maximum.accumulate(site, axis=2), van[..., None])
-        return LatencyProfile(self.batch_sizes, site, ramp, van, self.lengths, self.site_names)
+        return LatencyProfile(self.batch_sizes, site, ramp, van, self.lengths, self.site_names, self.device)
 
     def with_backbone_of(self, other: "LatencyProfile") -> "LatencyProfile":
         """This profile's ramps on `other`'s backbone timings: for two preparations of the same
@@ -323,7 +324,8 @@ class LatencyProfile:
                 or not np.array_equal(other.lengths, self.lengths)):
             raise ValueError("the two profiles differ in sites, batch sizes or lengths: not the same backbone grid")
         ramp = self.ramp_ms * (other.vanilla_ms / self.vanilla_ms)[..., None]
-        return LatencyProfile(other.batch_sizes, other.site_ms, ramp, other.vanilla_ms, other.lengths, self.site_names)
+        return LatencyProfile(other.batch_sizes, other.site_ms, ramp, other.vanilla_ms, other.lengths, self.site_names,
+                              other.device)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -335,6 +337,7 @@ class LatencyProfile:
             "site_ms": self.site_ms.tolist(),
             "ramp_ms": self.ramp_ms.tolist(),
             "vanilla_ms": self.vanilla_ms.tolist(),
+            "device": self.device,
         }
 
     @classmethod
@@ -346,6 +349,7 @@ class LatencyProfile:
                 batch_sizes=data["batch_sizes"], site_ms=data["site_ms"], ramp_ms=data["ramp_ms"],
                 vanilla_ms=data["vanilla_ms"], lengths=data["lengths"],
                 site_names=tuple(data.get("site_names", ())),
+                device=str(data.get("device", "cpu")),  # bundles from before devices were named: the CPU
             )
         except KeyError as e:
             raise ValueError(f"latency profile is missing field {e}") from None

@@ -51,6 +51,7 @@ class Bundle:
     model: nn.Module | None = None
     workload: Any = None  # the zoo Workload when the model came from the zoo
     extra: dict[str, Any] = field(default_factory=dict)
+    device: Any = None  # torch.device the model and ramps were loaded onto (None: where they were made, the CPU)
 
     @property
     def num_sites(self) -> int:
@@ -77,13 +78,16 @@ class Bundle:
         return self.manifest.get("training", {})
 
     def early_exit_model(self, active: Iterable[int] = (), model: nn.Module | None = None,
-                         confidence: str | None = None) -> EarlyExitModel:
-        """An EarlyExitModel over the bundle's backbone (or `model`) with its trained ramps."""
+                         confidence: str | None = None, device: Any = None) -> EarlyExitModel:
+        """An EarlyExitModel over the bundle's backbone (or `model`) with its trained ramps, on
+        `device` (default: the bundle's, as loaded)."""
         backbone = model if model is not None else self.model
         if backbone is None:
             raise BundleError("this bundle's model is not loaded: pass model=... (the same model it was prepared for)")
-        return EarlyExitModel(backbone, self.sites, list(self.ramps), active=active,
-                              confidence=confidence or self.confidence, label_map=self.label_map)
+        ee = EarlyExitModel(backbone, self.sites, list(self.ramps), active=active,
+                            confidence=confidence or self.confidence, label_map=self.label_map)
+        dev = device if device is not None else self.device
+        return ee if dev is None else ee.to(dev)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -178,10 +182,13 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_bundle(path: str | os.PathLike, model: nn.Module | None = None, load_model: bool = True,
-                check_fingerprint: bool = True, workload: Any = None) -> Bundle:
+                check_fingerprint: bool = True, workload: Any = None, device: Any = None) -> Bundle:
     """Restore a bundle, with `model` (the one it was made for) or without any (`load_model`
     False: profile, recording and ramps only). `apparate.zoo.load_bundle` rebuilds zoo and Hugging
-    Face models from the bundle's manifest instead."""
+    Face models from the bundle's manifest instead.
+
+    `device` (a torch.device or a `--device` string): the ramps and the model are moved there
+    once checked. The bundle itself names no device: the same files serve on any."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -226,4 +233,12 @@ def load_bundle(path: str | os.PathLike, model: nn.Module | None = None, load_mo
         if model_fingerprint(model) != src["fingerprint"]:
             raise BundleError(f"the model given differs from the one bundle {path} was prepared for "
                               "(weights fingerprint mismatch): prepare the bundle again for this model")
-    return Bundle(path, manifest, sites, specs, ramps, profile, recording, model, workload)
+    dev = None
+    if device is not None:
+        from apparate.devices import resolve_device
+
+        dev = resolve_device(device)
+        ramps.to(dev)
+        if model is not None:
+            model.to(dev)  # after the fingerprint, which reads the weights as they were given
+    return Bundle(path, manifest, sites, specs, ramps, profile, recording, model, workload, device=dev)

@@ -155,7 +155,9 @@ class EarlyExitModel(nn.Module):
         self._score = scorer(self.confidence)
         self._fast = [_fast_for(r) for r in self.ramps]
         self._token_sites = self._needing_token_weights()
-        self.label_map = None if label_map is None else torch.as_tensor(list(label_map), dtype=torch.long)
+        # a buffer, so that `.to(device)` moves it with the model (not saved: bundles keep it in JSON)
+        self.register_buffer("label_map", None if label_map is None else torch.as_tensor(list(label_map), dtype=torch.long),
+                             persistent=False)
         self._active: tuple[int, ...] = ()
         self._local = threading.local()  # per-call state (`_Call`): a server may run forwards on threads
         modules = dict(backbone.named_modules())
@@ -186,6 +188,13 @@ class EarlyExitModel(nn.Module):
             self._count(idx, +1)
             self._count(self._active, -1)
             self._active = idx
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "EarlyExitModel":
+        """`.to(device)`, `.half()`...: the fast ramp functions hold their weights, so they are
+        rebuilt from the moved ones (else the ramps would run where the model was built)."""
+        out = super()._apply(fn, *args, **kwargs)
+        self._fast[:] = [_fast_for(r) for r in self.ramps]  # in place: the hooks hold this list
+        return out
 
     @property
     def num_sites(self) -> int:

@@ -40,6 +40,7 @@ class PrepareOptions:
     warmup: int = 2
     repeats: int = 7
     progress: bool = True
+    device: str = "cpu"  # where activations are collected and latency profiled (ramps train on the host)
 
 
 DEFAULT_BOOTSTRAP = {"image": 5000, "text": 2000}
@@ -97,6 +98,9 @@ def prepare_model(
     batch_maker = batch_maker or make_batches(bootstrap, encode, bool(profile_lengths))
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
+    from apparate.devices import resolve_device
+
+    device = resolve_device(options.device)
     with num_threads(options.threads):
         t = time.perf_counter()
         example = encode([bootstrap.item(i).input for i in range(2)])
@@ -107,8 +111,10 @@ def prepare_model(
         specs = [RampSpec(ramp, s.shape, num_classes) for s in sites]
         ramps = build_ramps(specs)
         t = time.perf_counter()
+        model.to(device)
         cache = collect_activations(model, sites, list(ramps), batches(bootstrap, 100), label_map,
-                                    progress=options.progress, total=len(bootstrap))
+                                    progress=options.progress, total=len(bootstrap), device=device)
+        model.to("cpu")  # ramps train on the host, on the cached activations
         timings["activations_s"] = time.perf_counter() - t
         cfg = TrainConfig(
             epochs=options.epochs or (10 if ramp == "conv" else 30),
@@ -125,8 +131,15 @@ def prepare_model(
         log(agreement_table(metrics))
 
         t = time.perf_counter()
-        profile = profile_latency(model, sites, list(ramps), batch_maker, powers_of_two(options.max_batch),
-                                  profile_lengths, options.warmup, options.repeats, progress=options.progress)
+        model.to(device)
+        ramps.to(device)
+        try:
+            profile = profile_latency(model, sites, list(ramps), batch_maker, powers_of_two(options.max_batch),
+                                      profile_lengths, options.warmup, options.repeats, progress=options.progress,
+                                      device=device)
+        finally:  # the bundle is written from the host, and the caller's model comes back as given
+            model.to("cpu")
+            ramps.to("cpu")
         timings["profile_s"] = time.perf_counter() - t
     over = profile.site_overheads()
     log(f"vanilla latency at batch 1: {profile.vanilla(1):.2f} ms, batch {int(profile.batch_sizes[-1])}: "

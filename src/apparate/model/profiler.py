@@ -13,6 +13,14 @@ splits (`apportion`). Every number is the median
 over `repeats` rounds after `warmup` rounds, each round visiting every shape once, with
 `torch.set_num_threads(threads)` in force.
 
+On a CUDA device (`device`) the same measurements are taken with events (`model.timers`): a
+forward returns once its kernels are queued, so the host clock would time launches. Each pass
+is timed between two events and read after a synchronisation, site ends are events recorded in
+the site hooks, and a ramp's in-hook time runs from an event recorded before its ramp (a hook
+placed ahead of the EarlyExitModel's) to one recorded in its release callback. The warm-up
+rounds also take CUDA's one-off costs (kernel selection, the caching allocator's first blocks).
+The profile records the device it was measured on.
+
 Medians of noisy runs can break physical order by a hair (a bigger batch looking faster, a
 later site looking earlier), and the control loops assume costs that grow with depth and batch
 size; so the profile is made monotone along both axes (running maximum), which changes only
@@ -30,7 +38,9 @@ import torch
 from torch import nn
 
 from apparate.core.profile import LatencyProfile
+from apparate.devices import to_device
 from apparate.model.early_exit import EarlyExitModel
+from apparate.model.timers import HostTimer, device_label, timer_for
 from apparate.model.sites import ModelInput, Site, call_model, primary_output
 
 MakeBatch = Callable[[int, int | None], ModelInput]  # (batch size, length or None) -> inputs
@@ -72,8 +82,11 @@ def profile_latency(
     repeats: int = 7,
     threads: int | None = None,
     progress: bool = True,
+    device: Any = None,
 ) -> LatencyProfile:
-    """Measure a `LatencyProfile` (ms) of `backbone` with `ramps` at `sites`."""
+    """Measure a `LatencyProfile` (ms) of `backbone` with `ramps` at `sites`, on `device` (default:
+    where the backbone's weights are; the backbone and ramps must be there already, the batches
+    `make_batch` gives are moved there)."""
     from tqdm.auto import tqdm
 
     if repeats < 1 or warmup < 0:
@@ -88,8 +101,13 @@ def profile_latency(
     van_ms = np.zeros((len(lens), len(bs)))
     modules = dict(backbone.named_modules())
     backbone.eval()
+    if device is None:
+        from apparate.devices import device_of
+
+        device = device_of(backbone)
+    clock = timer_for(device)
     shapes = [(li, bi, length, b) for li, length in enumerate(lens) for bi, b in enumerate(bs)]
-    inputs = {(li, bi): make_batch(b, length) for li, bi, length, b in shapes}
+    inputs = {(li, bi): to_device(make_batch(b, length), device) for li, bi, length, b in shapes}
     van_runs: dict[tuple[int, int], list[float]] = {k: [] for k in inputs}
     site_runs: dict[tuple[int, int], list[np.ndarray]] = {k: [] for k in inputs}
     inside_runs: dict[tuple[int, int], list[np.ndarray]] = {k: [] for k in inputs}
@@ -104,14 +122,14 @@ def profile_latency(
         for rnd in range(warmup + repeats):
             for li, bi, length, b in shapes:
                 x = inputs[(li, bi)]
-                van = _once_ms(lambda: call_model(backbone, x))
-                stamps = _site_times(backbone, modules, sites, x)
+                van = _once_ms(lambda: call_model(backbone, x), clock=clock)
+                stamps = _site_times(backbone, modules, sites, x, clock)
                 # the ramps' total is a small difference of two noisy passes: pair it more often
                 # where a pass is short (each pair: bare, then with every ramp)
-                pairs = [(van, served_ramp_ms(ee, x))] if ee is not None else []
+                pairs = [(van, served_ramp_ms(ee, x, clock))] if ee is not None else []
                 for _ in range(PAIRS_BELOW_BATCH // b if ee is not None else 0):
-                    bare = _once_ms(lambda: call_model(backbone, x))
-                    pairs.append((bare, served_ramp_ms(ee, x)))
+                    bare = _once_ms(lambda: call_model(backbone, x), clock=clock)
+                    pairs.append((bare, served_ramp_ms(ee, x, clock)))
                 if rnd >= warmup:
                     van_runs[(li, bi)].append(van)
                     site_runs[(li, bi)].append(stamps)
@@ -134,7 +152,8 @@ def profile_latency(
         ramp_ms = np.maximum.accumulate(ramp_ms, axis=axis)
     return LatencyProfile(
         batch_sizes=np.asarray(bs), site_ms=site_ms, ramp_ms=ramp_ms, vanilla_ms=van_ms,
-        lengths=np.asarray([1] if lens == [None] else lens), site_names=tuple(s.name for s in sites))
+        lengths=np.asarray([1] if lens == [None] else lens), site_names=tuple(s.name for s in sites),
+        device=device_label(device))
 
 
 # Extra (bare, served) pairs per round for batches below this size, whose passes are short.
@@ -143,11 +162,13 @@ PAIRS_BELOW_BATCH = 4
 PAID_SHARE = (0.1, 3.0)
 
 
-def served_ramp_ms(ee: EarlyExitModel, x: ModelInput) -> tuple[np.ndarray, float]:
+def served_ramp_ms(ee: EarlyExitModel, x: ModelInput, clock: Any = None) -> tuple[np.ndarray, float]:
     """One run with every ramp active, as a server runs it: hooks attached beforehand (as a server
     keeps them between batches) and a release callback that tests each ramp's answers against a
     threshold. Returns each site's in-hook time (its module's end to the end of the callback, ms)
     and the whole run's time (ms)."""
+    if clock is not None and not isinstance(clock, HostTimer):
+        return _served_ramp_ms_device(ee, x, clock)
     S = ee.num_sites
     start = np.zeros(S)
     end = np.zeros(S)
@@ -170,6 +191,35 @@ def served_ramp_ms(ee: EarlyExitModel, x: ModelInput) -> tuple[np.ndarray, float
     return np.maximum(end - start, 0.0) * 1e3, total
 
 
+def _served_ramp_ms_device(ee: EarlyExitModel, x: ModelInput, clock: Any) -> tuple[np.ndarray, float]:
+    """`served_ramp_ms` on a device: each ramp timed between events, one recorded by a hook that
+    runs ahead of the EarlyExitModel's (before the ramp) and one in the callback (after it; what
+    the server's callback does there, launching the copy of the answers, is not part of it)."""
+    S = ee.num_sites
+    start: list[Any] = [None] * S
+    end: list[Any] = [None] * S
+
+    def make_hook(i: int) -> Callable:
+        def hook(_m: nn.Module, _i: Any, _o: Any) -> None:
+            start[i] = clock.mark()
+        return hook
+
+    def on_ramp(r: Any) -> None:
+        end[r.site] = clock.mark()
+
+    handles = [m.register_forward_hook(make_hook(i), prepend=True) for i, m in enumerate(ee.site_modules)]
+    before = ee.active
+    ee.set_active(range(S))
+    try:
+        total = _once_ms(lambda: ee(x, on_ramp=on_ramp), clock=clock)
+    finally:
+        ee.set_active(before)
+        for h in handles:
+            h.remove()
+    inside = np.array([clock.ms(a, b) if a is not None and b is not None else 0.0 for a, b in zip(start, end)])
+    return np.maximum(inside, 0.0), total
+
+
 def apportion(inside: np.ndarray, paid: float) -> np.ndarray:
     """Each site's cost (ms) from its in-hook time and what the served run cost over the bare one.
 
@@ -190,34 +240,47 @@ def _batch_len(x: ModelInput) -> int:
     return int(t.shape[0])
 
 
-def _once_ms(fn: Callable[[], Any], inner: int = 1) -> float:
-    """Time of one call (the median of `inner` back-to-back calls, for very short ones)."""
+def _once_ms(fn: Callable[[], Any], inner: int = 1, clock: Any = None) -> float:
+    """Time of one call (the median of `inner` back-to-back calls, for very short ones); on a
+    device, from the device's idle (a sync before) to its work done (events, a sync after)."""
+    clock = clock or _HOST
     times = []
     for _ in range(inner):
-        t = time.perf_counter()
+        clock.sync()
+        t = clock.mark()
         fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
+        e = clock.mark()
+        clock.sync()
+        times.append(clock.ms(t, e))
+    return float(np.median(times))
+
+
+_HOST = HostTimer()
 
 
 def _site_times(backbone: nn.Module, modules: dict[str, nn.Module], sites: Sequence[Site],
-                x: ModelInput) -> np.ndarray:
+                x: ModelInput, clock: Any = None) -> np.ndarray:
     """How far through the forward each site ends: the share of the pass (clock hooks on the
     sites; the pass's own total as the reference, so that hook costs and noise between this pass
     and a separate bare one cannot squash the deepest sites against the bare total)."""
-    stamps = np.zeros(len(sites))
+    clock = clock or _HOST
+    stamps: list[Any] = [None] * len(sites)
 
     def make_hook(i: int) -> Callable:
         def hook(_m: nn.Module, _i: Any, _o: Any) -> None:
-            stamps[i] = time.perf_counter()
+            stamps[i] = clock.mark()
         return hook
 
     handles = [modules[s.name].register_forward_hook(make_hook(s.index)) for s in sites]
     try:
-        t0 = time.perf_counter()
+        clock.sync()
+        t0 = clock.mark()
         call_model(backbone, x)
-        t1 = time.perf_counter()
+        t1 = clock.mark()
+        clock.sync()
     finally:
         for h in handles:
             h.remove()
-    return np.clip((stamps - t0) / max(t1 - t0, 1e-12), 0.0, 1.0)
+    total = max(clock.ms(t0, t1), 1e-9)
+    at = np.array([clock.ms(t0, s) / total if s is not None else 0.0 for s in stamps])
+    return np.clip(at, 0.0, 1.0)

@@ -72,8 +72,13 @@ def collect_activations(
     label_map: Sequence[int] | None = None,
     progress: bool = True,
     total: int | None = None,
+    device: Any = None,
 ) -> ActivationCache:
-    """Run the frozen backbone once over the bootstrap inputs and cache each site's activation."""
+    """Run the frozen backbone once over the bootstrap inputs and cache each site's activation.
+    `device`: where the backbone is (its batches go there); the cache is kept on the host, where
+    the ramps train (they are small; the backbone's passes are what a GPU speeds up)."""
+    from apparate.devices import to_device
+
     from tqdm.auto import tqdm
 
     modules = dict(backbone.named_modules())
@@ -86,7 +91,7 @@ def collect_activations(
         def hook(_m: nn.Module, _i: Any, out: Any) -> None:
             z = ramps[i].reduce(primary_output(out), mask_box["mask"]).detach()
             # Full feature maps (conv ramps) are large: store them in half precision.
-            feats[i].append(z.half() if z.dim() > 2 else z.clone())
+            feats[i].append((z.half() if z.dim() > 2 else z.clone()).cpu())
         return hook
 
     handles = [modules[s.name].register_forward_hook(make_hook(s.index)) for s in sites]
@@ -94,9 +99,10 @@ def collect_activations(
     try:
         with torch.no_grad(), tqdm(total=total, desc="caching site activations", disable=None if progress else True, unit="input") as bar:
             for b in batches:
-                mask_box["mask"] = b.inputs.get("attention_mask") if isinstance(b.inputs, dict) else None
-                out = call_model(backbone, b.inputs)
-                pred = primary_output(out).argmax(dim=-1)
+                x = to_device(b.inputs, device)
+                mask_box["mask"] = x.get("attention_mask") if isinstance(x, dict) else None
+                out = call_model(backbone, x)
+                pred = primary_output(out).argmax(dim=-1).cpu()
                 finals.append(lmap[pred] if lmap is not None else pred)
                 labels.extend(int(x) for x in b.labels)
                 if b.costs is not None:

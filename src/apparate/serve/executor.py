@@ -42,7 +42,9 @@ import numpy as np
 from apparate.core.controller import Config
 from apparate.core.evidence import F, Scorer, StreamContext, features, movement
 from apparate.core.types import exit_sites_of
+from apparate.devices import device_of
 from apparate.model.early_exit import score_all
+from apparate.model.host_copy import host_release_for
 from apparate.model.sites import primary_output
 
 from .model_io import ServedModel
@@ -99,7 +101,7 @@ def final_confidence(logits: Any, label_map: Any, num_classes: int) -> np.ndarra
     map or None."""
     import torch
 
-    z = logits.detach()
+    z = logits.detach().cpu()  # on a device: after the batch's last wait, so nothing left to wait for
     z = (z if z.dtype == torch.float32 else z.float()).numpy()
     z = z - z.max(axis=-1, keepdims=True)
     p = np.exp(z)
@@ -124,6 +126,9 @@ class Executor:
         self._active: tuple[int, ...] | None = None
         # the learned rule's view of the stream (used only when a batch comes with a scorer)
         self._pool = served.kind == "image"  # feature movement: image models, as recordings keep it
+        # On a CUDA device ramp answers reach the host on a waiter thread (model.host_copy); on
+        # the CPU (None) the hook releases directly.
+        self._host = host_release_for(device_of(self.ee))
         self.reset_stream()
 
     def reset_stream(self) -> None:
@@ -143,6 +148,8 @@ class Executor:
         """Detach the ramps (the backbone is then the bare model again)."""
         self.ee.set_active(())
         self._active = None
+        if self._host is not None:
+            self._host.close()
 
     # ------------------------------------------------------------------------------------------
     def warm_up(self, sizes: Sequence[int], sites: Sequence[int]) -> None:
@@ -277,15 +284,23 @@ class Executor:
         try:
             t0 = clock()
             self.in_model.set()
+            host = self._host
+            if host is not None:  # a CUDA model: the hook launches copies, a waiter releases (model.host_copy)
+                on_ramp = on_ramp_learned = host.bind(on_ramp_learned if learned else on_ramp)
             try:
                 if learned:
                     out = self.ee(x, on_ramp=on_ramp_learned, active=cfg.sites, stamps=site_end, pool=pool)
                 else:
                     out = self.ee(x, on_ramp=on_ramp, active=cfg.sites, stamps=site_end)
+                if host is not None:
+                    host.finish()  # every ramp handled and the device done; a callback's error is raised here
+                    site_end[:] = np.nan  # host stamps of kernel launches, not of stage ends: no stage times
             finally:
                 self.in_model.clear()
             t1 = clock()
         except Exception as e:  # noqa: BLE001
+            if self._host is not None:
+                self._host.abandon()  # a forward that raised: wait out the ramps it had queued
             if not R:
                 return self._fail(batch, pending, e)
             site_end[:] = np.nan  # the failed run's times are not this batch's
@@ -302,7 +317,7 @@ class Executor:
                       list(cfg.sites), type(e).__name__, e)
             self.on_error("ramp")
 
-        final_pred = out.final_pred.numpy()
+        final_pred = out.final_pred.cpu().numpy()
         fconf = final_confidence(primary_output(out.final), self._label_map, self.served.num_classes)
         now = clock()
         rest = np.flatnonzero(pending)

@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from apparate.devices import to_device
+
 
 class InputError(ValueError):
     """A request's input is unusable: HTTP 400 with this message."""
@@ -77,6 +79,7 @@ class ImageCodec:
     max_inputs: int = 64
     kind: str = "image"
     input_name: str = "input"
+    device: Any = None  # torch.device the batch goes to (None: stays on the host); pinned toward CUDA
 
     def metadata_inputs(self) -> list[dict[str, Any]]:
         h, w, c = self.shape
@@ -127,6 +130,10 @@ class ImageCodec:
         return list(arr.reshape(shape)), [1] * n
 
     def encode(self, items: Sequence[Any]) -> Any:
+        """The batch as the model takes it, on the model's device (moved once, here)."""
+        return to_device(self._encode(items), self.device)
+
+    def _encode(self, items: Sequence[Any]) -> Any:
         import torch
 
         if any(isinstance(it, np.ndarray) for it in items):  # from parse: [H, W, C] arrays
@@ -169,6 +176,7 @@ class TextCodec:
     max_inputs: int = 64
     kind: str = "text"
     input_name: str = "text"
+    device: Any = None  # torch.device the token tensors go to (None: stay on the host)
 
     def __post_init__(self) -> None:
         if self.long_text not in ("truncate", "reject"):
@@ -225,7 +233,8 @@ class TextCodec:
         return texts, costs
 
     def encode(self, items: Sequence[Any]) -> Any:
-        return self.encode_fn(list(items))
+        # token ids are small: pinning them costs more than the copy it would overlap
+        return to_device(self.encode_fn(list(items)), self.device, pin=False)
 
     def length(self, model_input: Any) -> float | None:
         ids = model_input["input_ids"] if isinstance(model_input, dict) else model_input
@@ -295,11 +304,20 @@ class ServedModel:
     def num_sites(self) -> int:
         return int(self.profile.num_sites)
 
+    @property
+    def device(self) -> Any:
+        """The torch.device the model runs on (where its parameters are)."""
+        from apparate.devices import device_of
+
+        return device_of(self.ee)
+
     @classmethod
     def from_bundle(cls, bundle: Any, name: str | None = None, max_tokens: int | None = None,
                     long_text: str = "truncate", max_inputs: int = 64, input_shape: tuple[int, int, int] | None = None,
-                    encode: Callable | None = None) -> "ServedModel":
-        """From a loaded bundle; the zoo (or hf) workload provides the encoder and input shape."""
+                    encode: Callable | None = None, device: Any = None) -> "ServedModel":
+        """From a loaded bundle; the zoo (or hf) workload provides the encoder and input shape.
+        `device`: where the model runs (default: where the bundle was loaded, `load_bundle(device=)`);
+        the codec moves each batch there."""
         wl = bundle.workload
         if wl is None and encode is None:
             raise ValueError("this bundle has no workload (a custom model): build ServedModel(...) yourself")
@@ -313,12 +331,17 @@ class ServedModel:
                 x = np.asarray(stream.inputs[0])
                 input_shape = tuple(int(s) for s in x.shape)  # [H, W, C]
             codec = ImageCodec(enc, tuple(input_shape), max_inputs=max_inputs)
+        ee = bundle.early_exit_model(device=device)
+        from apparate.devices import device_of
+
+        dev = device_of(ee)
+        codec.device = None if dev.type == "cpu" else dev  # the CPU: encoders' tensors are where they go
         classes = tuple(bundle.manifest.get("class_names") or (wl.class_names if wl is not None else ()))
         num_classes = int(bundle.specs[0].num_classes) if bundle.specs else len(classes)
         return cls(
             name=name or (bundle.manifest.get("workload") or bundle.manifest.get("model", {}).get("workload")
                           or bundle.path.name),
-            ee=bundle.early_exit_model(), codec=codec, profile=bundle.profile, num_classes=num_classes,
+            ee=ee, codec=codec, profile=bundle.profile, num_classes=num_classes,
             class_names=classes, label_map=bundle.label_map, recording=bundle.recording,
             fingerprint=str(bundle.manifest.get("model", {}).get("fingerprint", "")),
             description=str(bundle.manifest.get("description", "")),

@@ -59,6 +59,7 @@ class ServeOptions:
     body_timeout_s: float = 30.0
     grpc_port: int | None = None  # OIP v2 over gRPC on this port as well (0: a free one); None: HTTP only
     allow_load: bool = False  # Triton's load verb: swap in a re-prepared bundle of the model (repository.py)
+    device: str = "cpu"  # where the model runs: cpu, cuda, cuda:N, auto (apparate.devices.resolve_device)
 
     def settings(self, kind: str) -> Settings:
         """The controller's settings for a workload of this kind ('image' or 'text')."""
@@ -142,7 +143,9 @@ def served_model(opts: ServeOptions, bundle: str, name: str | None = None) -> An
 
     from .model_io import ServedModel
 
-    b = load_bundle(bundle, data_dir=opts.data_dir)
+    from apparate.devices import resolve_device
+
+    b = load_bundle(bundle, data_dir=opts.data_dir, device=resolve_device(opts.device))
     return ServedModel.from_bundle(b, name=name or opts.model_name, max_tokens=opts.max_tokens,
                                    long_text=opts.long_text, max_inputs=opts.max_inputs)
 

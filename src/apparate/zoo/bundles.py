@@ -12,9 +12,11 @@ from apparate.model.bundle import Bundle, BundleError, load_bundle as load_with_
 
 
 def load_bundle(path: str | os.PathLike, model: nn.Module | None = None, data_dir: str | os.PathLike | None = None,
-                load_model: bool = True, check_fingerprint: bool = True) -> Bundle:
+                load_model: bool = True, check_fingerprint: bool = True, device: Any = None) -> Bundle:
     """Restore a bundle; its zoo or Hugging Face model is rebuilt (with its workload, which
-    supplies streams and encoding) unless `model` is given or `load_model` is False."""
+    supplies streams and encoding) unless `model` is given or `load_model` is False. `device`:
+    where the model and ramps go (`model.bundle.load_bundle`); the workload's encoder still
+    makes host tensors, which the serving codecs move once per batch."""
     workload: Any = None
     if load_model and model is None:
         src = read_manifest(path).get("model", {})
@@ -31,4 +33,4 @@ def load_bundle(path: str | os.PathLike, model: nn.Module | None = None, data_di
                               "pass it as load_bundle(path, model=...)")
         model = workload.model
     return load_with_model(path, model=model, load_model=load_model, check_fingerprint=check_fingerprint,
-                           workload=workload)
+                           workload=workload, device=device)
