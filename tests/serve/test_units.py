@@ -92,9 +92,12 @@ def test_scheduler_drops_exactly_the_late_and_batches_the_rest(reqs, kind, shed)
         assert dropped == set(range(arrivals.size - 1)) and step.start == 1
     elif shed:
         assert {int(i) for i in np.flatnonzero(late)} <= dropped
-        assert all(why in ("late", "queue full") for _, why in step.drops)
+        assert all(why in ("late", "predicted late", "queue full") for _, why in step.drops)
+        # `late` only for a request whose deadline has passed; earlier drops say they are predicted
+        assert all(deadlines[i] <= now for i, why in step.drops if why == "late")
+        assert all(deadlines[i] > now for i, why in step.drops if why == "predicted late")
     else:
-        assert all(why != "late" for _, why in step.drops)
+        assert all(why not in ("late", "predicted late") for _, why in step.drops)
     assert 0 <= step.start <= min(4, arrivals.size - len(dropped))
     if kind == "clockwork" and arrivals.size > len(dropped):
         assert step.start >= 1  # work-conserving

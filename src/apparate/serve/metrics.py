@@ -76,7 +76,7 @@ class ServeMetrics:
         self._slo_s = float("inf")
         # The usual reasons and kinds start at 0, so that a dashboard's rate() has a series to draw
         # before the first one happens (Prometheus's advice for labelled counters).
-        for reason in ("overloaded", "late", "queue full", "too large", "shutting down"):
+        for reason in ("overloaded", "late", "predicted late", "queue full", "too large", "shutting down"):
             self.dropped.labels(reason)
         for kind in ("ramp", "model", "engine", "feedback", "http", "checkpoint"):
             self.errors.labels(kind)

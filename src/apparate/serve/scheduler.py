@@ -22,6 +22,11 @@ and (b) dropping the oldest requests that cannot meet theirs in a full batch and
 it drops them only when that serves more requests in time. Each option's count serves the rest
 of the queue in full batches in arrival order, the way admission predicted it would.
 
+Reasons, as a client reads them: `late` means the request really waited past its deadline
+before it could start; `predicted late` means it was dropped earlier, at batch time, because the
+predicted batch times say it cannot finish by its deadline (Clockwork's drop, which keeps a
+backlog from making every request behind it late too).
+
 An idle worker never drops everything: when every queued request is predicted late, the newest
 is served anyway (late, if the prediction holds). Predictions come from recent batches; after a
 slow spell they would otherwise refuse every request for ever, since no batch would run to
@@ -38,6 +43,8 @@ import numpy as np
 from apparate.core.batchers import LATE, Batcher, ClockworkBatcher, Decision, TFServingBatcher, finish_time
 
 from .costs import BatchCosts
+
+PREDICTED_LATE = "predicted late"  # dropped at batch time before its deadline passed (see above)
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,7 @@ class Scheduler:
         """`scale` multiplies the predicted batch times: the engine's measured slowdown of batches
         under contention (see engine.py)."""
         n = deadlines.size
+        deadlines_all = deadlines
         exec_ms = batch_costs.exec_ms(costs, scale)
         keep = None
         drops: list[tuple[int, str]] = []
@@ -100,7 +108,8 @@ class Scheduler:
             d = _fuller(now, deadlines, exec_ms, d, self.options.max_batch)
         inner = [(int(i) if keep is None else int(keep[i]), d.reason or "dropped") for i in d.drop]
         # The batch is the `start` oldest requests left after every drop: what the queue takes.
-        return _probe(Step(start=d.start, drops=tuple(sorted(drops + inner)), wake_at=d.wake_at), n)
+        step = _probe(Step(start=d.start, drops=tuple(sorted(drops + inner)), wake_at=d.wake_at), n)
+        return _truthful(step, now, deadlines_all)
 
 
 def _probe(step: Step, n: int) -> Step:
@@ -110,6 +119,14 @@ def _probe(step: Step, n: int) -> Step:
     if step.start or not n or len(step.drops) < n or any(why != LATE for _, why in step.drops):
         return step
     return Step(start=1, drops=step.drops[:-1])
+
+
+def _truthful(step: Step, now: float, deadlines: np.ndarray) -> Step:
+    """A drop for lateness is `late` only if the deadline has passed; else `predicted late`."""
+    if not any(why == LATE for _, why in step.drops):
+        return step
+    drops = tuple((i, PREDICTED_LATE if why == LATE and deadlines[i] > now else why) for i, why in step.drops)
+    return Step(start=step.start, drops=drops, wake_at=step.wake_at)
 
 
 def _on_time(t: float, deadlines: np.ndarray, exec_ms: Callable[[int], float], mb: int) -> int:
