@@ -149,6 +149,26 @@ def test_a_batch_whose_inputs_all_left_stops_and_callers_of_finals_are_answered(
     assert rep.known_count == 0 and not rep.feedback
 
 
+def test_one_row_batches_and_one_row_left_leave_and_stop(parts):
+    """A batch of one, and a batch cut down to one row before a later ramp releases it (the
+    scorer answers one row with scalars): released, left, stopped, no ramp failure."""
+    served, ex, released = parts
+    failures = ex.ramp_failures
+    reqs = requests(1, seed=8)
+    released.clear()
+    rep = serve(ex, reqs, Config((0, 1), (1.0, 0.0), 1), EarlyStop(lambda: True, 1e-9))
+    assert rep.stopped and rep.left == 1 and answers(released, reqs)[0].exit_site == 0
+    reqs = requests(6, seed=9)
+    x = ex.served.codec.encode([r.item for r in reqs])
+    with torch.inference_mode():
+        c0 = np.asarray(ex.ee(x, active=(0,)).ramps[0].conf)
+    t0 = float(np.sort(1.0 - c0)[-1]) - 1e-12  # every row but the least confident leaves at ramp 0
+    released.clear()
+    rep = serve(ex, reqs, Config((0, 1), (t0, 1.0), 1), EarlyStop(lambda: True, 1e-9))
+    assert rep.stopped and rep.left == 6 and ex.ramp_failures == failures
+    assert [a.exit_site for a in answers(released, reqs)].count(1) == 1
+
+
 def test_the_learned_rule_and_a_model_that_cannot_drop_keep_every_input(parts, tiny_text):
     from apparate.core.evidence import F, Scorer
     from apparate.serve.executor import Executor

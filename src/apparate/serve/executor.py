@@ -217,7 +217,8 @@ class Executor:
                 if t > 0:
                     rows = r.rows  # the ramp's rows in the batch (None: all, in order)
                     here = pending if rows is None else pending[rows]
-                    at = np.flatnonzero(here & ((1.0 - r.conf) < t))
+                    # (a one-row result's confidence is a tuple: the scorer's fast path for batch 1)
+                    at = np.flatnonzero(here & ((1.0 - np.asarray(r.conf, dtype=np.float64)) < t))
                     idx = at if rows is None else rows[at]
                     if idx.size:
                         release_at(j, r, idx, at)
