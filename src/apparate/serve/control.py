@@ -335,8 +335,7 @@ class ControlLoop:
         if pend and (pend[0].sites, pend[0].thresholds) != (rep.sites, rep.thresholds):
             pend.clear()  # a configuration change discards a partial pool: it was for the old one
         pend.append(rep)
-        wrong = not bool(np.all(rep.known_rows(rep.released_agree)))
-        # with early stop only the inputs that reached the end count (the others gave no feedback)
+        wrong = not bool(np.all(rep.known_rows(rep.released_agree)))  # early stop: inputs that reached the end
         if not wrong and sum(r.known_count for r in pend) < self.options.feedback_min_inputs:
             return None
         fb = merged_feedback(pend) if any(r.known_count for r in pend) else None
@@ -344,10 +343,8 @@ class ControlLoop:
         return fb
 
     def _observe_pending(self) -> None:
-        if not self.policy.adaptive or not self._pending:
-            return
         pend, self._pending = self._pending, []
-        if not any(r.known_count for r in pend):
+        if not self.policy.adaptive or not any(r.known_count for r in pend):  # (early stop: none reached the end)
             return
         if self.controller is not None:
             self.controller.profile = self.profile
