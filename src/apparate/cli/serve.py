@@ -40,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=1024, help="inputs waiting before new requests get 503")
     p.add_argument("--no-shed", action="store_true",
                    help="serve requests late instead of answering 503 when they can no longer meet the SLO")
+    p.add_argument("--early-stop", action="store_true",
+                   help="while requests wait, inputs released at a ramp leave their batch's pass (a batch whose "
+                        "inputs all left stops); a sampled share still runs to the end for unbiased feedback")
+    p.add_argument("--stop-sample", type=float, default=0.05,
+                   help="with --early-stop: the share of released inputs that still run to the end, weighted by "
+                        "its inverse in the feedback (pick 1/k; default %(default)s)")
     p.add_argument("--accuracy-constraint", type=float, default=defaults.accuracy_constraint,
                    help="max share of answers that may differ from the original model's (default %(default)s)")
     p.add_argument("--ramp-budget", type=float, default=defaults.ramp_budget,
@@ -146,4 +152,5 @@ def options_from_args(args: argparse.Namespace):
         access_log=args.access_log, log_level=args.log_level, port_file=args.port_file,
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout, grpc_port=args.grpc_port,
-        allow_load=args.allow_load, device=args.device)
+        allow_load=args.allow_load, device=args.device, early_stop=args.early_stop,
+        stop_sample=args.stop_sample)

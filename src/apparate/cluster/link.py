@@ -145,7 +145,7 @@ class TunerLink:
     def send(self, fb: Feedback) -> None:
         """Queue pooled feedback for the tuner (the control thread: never blocks)."""
         item = {"sites": fb.sites, "thresholds": fb.thresholds, "conf": fb.conf, "agree": fb.agree,
-                "length": fb.length, "sent_at": time.time()}
+                "length": fb.length, "weight": fb.weight, "sent_at": time.time()}  # weight: early stop's
         try:
             self._q.put_nowait(item)
         except queue.Full:

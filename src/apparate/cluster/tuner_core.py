@@ -177,7 +177,8 @@ class TunerCore:
         if not self.adaptive:
             return
         try:
-            feedback = Feedback(tuple(fb["sites"]), tuple(fb["thresholds"]), fb["conf"], fb["agree"], fb.get("length"))
+            feedback = Feedback(tuple(fb["sites"]), tuple(fb["thresholds"]), fb["conf"], fb["agree"], fb.get("length"),
+                                weight=fb.get("weight"))  # a replica's early stop weights its sampled rows
         except (KeyError, TypeError, ValueError) as e:
             log.warning("replica %s sent unusable feedback: %s", replica, e)
             self.metrics.error("feedback")

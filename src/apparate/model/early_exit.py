@@ -5,8 +5,25 @@ only while some call has that site active (a module with no hooks takes PyTorch'
 path, so inactive sites cost nothing); the hook checks the calling thread's active set (the
 active set is an immutable tuple swapped atomically, so a controller thread can change it between
 batches), runs the ramp on the site's output, and calls the per-site callback right away: that is
-where a live server releases answers while the batch runs on. Hooks never return a value, so the
-backbone's own computation, and hence its final output, is bit-identical to the bare model's.
+where a live server releases answers while the batch runs on. While no callback asks to drop rows,
+hooks return nothing, so the backbone's own computation, and hence its final output, is
+bit-identical to the bare model's.
+
+Dropping rows (early stop): a callback may return a boolean numpy array over the batch's current
+rows, the rows to keep. The hook then returns the site's output cut to those rows (a forward
+hook's return value replaces the module's output), so every later layer runs on fewer rows; the
+kept rows' answers are those the full batch would have given (up to the float rounding of a
+kernel run at another batch size). Tensors the backbone computed for the whole batch before the
+drop and hands to later layers (a text encoder's attention mask, given to every encoder layer)
+are cut too: while a call has dropped rows, a forward pre-hook on every later site's module
+indexes each tensor argument whose first dimension is the original batch size with the kept
+rows. That covers the project's models (CNNs pass one tensor between blocks; Hugging Face
+encoders pass the mask to each layer, which are the sites); a model that uses a full-batch
+tensor elsewhere after a site (e.g. a masked mean in its own `forward`) fails or answers
+differently, which `drop_rows_work` checks before a server turns early stop on. Each
+`RampResult` and the `EarlyExitOutput` carry `rows`, the original batch indices of their rows
+(None: every row, in order). A batch whose rows have all left stops at once (the hook raises a
+private exception that `forward` catches): its output has `final=None` and no rows.
 
 The hook is the hot path of early exits: it runs once per active ramp per batch, and on a CPU at
 batch 1 a ramp's arithmetic takes microseconds, so everything around it counts. A ramp runs as
@@ -37,10 +54,12 @@ class RampResult:
     from the logits on first use (a ramp whose answers nobody asks for during the batch, one
     that cannot release anything, is scored after the batch with the others, in one step)."""
 
-    __slots__ = ("site", "name", "logits", "_scorer", "_conf", "_pred", "pooled")
+    __slots__ = ("site", "name", "logits", "_scorer", "_conf", "_pred", "pooled", "rows")
 
-    def __init__(self, site: int, name: str, logits: torch.Tensor, scorer: Scorer) -> None:
+    def __init__(self, site: int, name: str, logits: torch.Tensor, scorer: Scorer,
+                 rows: np.ndarray | None = None) -> None:
         self.site, self.name, self.logits, self._scorer = site, name, logits, scorer
+        self.rows = rows  # original batch indices of this ramp's rows; None: every row (none dropped yet)
         self._conf: np.ndarray | None = None
         self._pred: np.ndarray | None = None
         self.pooled: np.ndarray | None = None  # [B, D] the site's pooled features, when the call asked
@@ -78,33 +97,60 @@ def score_all(results: Sequence[RampResult]) -> None:
     if len(todo) == 1:
         todo[0].conf
         return
-    b = todo[0].logits.shape[0]
     conf, pred = todo[0]._scorer(torch.cat([r.logits for r in todo]))
-    for k, r in enumerate(todo):
-        r._conf, r._pred = conf[k * b:(k + 1) * b], pred[k * b:(k + 1) * b]
+    at = 0
+    for r in todo:  # ramps after a drop have fewer rows
+        b = r.logits.shape[0]
+        r._conf, r._pred = conf[at:at + b], pred[at:at + b]
+        at += b
 
 
 @dataclass(frozen=True)
 class EarlyExitOutput:
-    final: Any  # the backbone's output, exactly as the bare model returns it
-    final_pred: torch.Tensor  # [B] the original model's answer (mapped to the target labels)
+    final: Any  # the backbone's output, exactly as the bare model returns it (None: every row left early)
+    final_pred: torch.Tensor  # [B'] the original model's answer (mapped to the target labels) for `rows`
     ramps: dict[int, RampResult] = field(default_factory=dict)  # active sites, execution order
+    rows: np.ndarray | None = None  # original batch indices of final's rows; None: every row, in order
+
+    @property
+    def stopped(self) -> bool:
+        """Every row left at a ramp: the backbone stopped there and `final` is None."""
+        return self.final is None
+
+    def _results(self, sites: Sequence[int]) -> list[RampResult]:
+        results = [self.ramps[s] for s in sites]
+        if any(r.rows is not None for r in results):
+            raise ValueError("rows were dropped during this batch: its ramps cover different rows (see RampResult.rows)")
+        score_all(results)
+        return results
 
     def conf_matrix(self, sites: Sequence[int]) -> np.ndarray:
-        """[B, len(sites)] confidences of the given (active) sites."""
-        score_all([self.ramps[s] for s in sites])
-        return np.stack([self.ramps[s].conf for s in sites], axis=1)
+        """[B, len(sites)] confidences of the given (active) sites (a batch without drops)."""
+        return np.stack([r.conf for r in self._results(sites)], axis=1)
 
     def pred_matrix(self, sites: Sequence[int]) -> np.ndarray:
-        """[B, len(sites)] answers of the given (active) sites."""
-        score_all([self.ramps[s] for s in sites])
-        return np.stack([self.ramps[s].pred for s in sites], axis=1)
+        """[B, len(sites)] answers of the given (active) sites (a batch without drops)."""
+        return np.stack([r.pred for r in self._results(sites)], axis=1)
+
+
+class _AllLeft(Exception):
+    """Raised from a hook when every row of the batch has left: the forward stops there."""
+
+
+def _cut(x: Any, n: int, idx: torch.Tensor) -> Any:
+    """`x` with its rows cut to `idx` where it is a tensor (or a tuple/list of them) of `n` rows."""
+    if type(x) is torch.Tensor or torch.is_tensor(x):
+        return x.index_select(0, idx) if x.dim() and x.shape[0] == n else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cut(v, n, idx) for v in x)
+    return x
 
 
 class _Call:
     """What the hooks need during one forward on one thread."""
 
-    __slots__ = ("active", "results", "callback", "mask", "weights", "stamps", "pool")
+    __slots__ = ("active", "results", "callback", "mask", "weights", "stamps", "pool", "rows", "size", "idx",
+                 "cutters")
 
     def __init__(self, active: frozenset[int], callback: Any, mask: torch.Tensor | None,
                  weights: torch.Tensor | None, stamps: Any, pool: bool = False) -> None:
@@ -115,6 +161,47 @@ class _Call:
         self.weights = weights  # text token weights for mean ramps, once per batch
         self.stamps = stamps  # per site: the clock when its module ended, before its ramp
         self.pool = pool  # give each ramp's result the site's pooled features
+        # after a drop: the kept rows' original indices (numpy, and as a tensor for indexing), the
+        # original batch size, and the pre-hooks that cut full-batch arguments of later sites
+        self.rows: np.ndarray | None = None
+        self.size = 0
+        self.idx: torch.Tensor | None = None
+        self.cutters: list[Any] = []
+
+    def drop(self, keep: np.ndarray, output: Any, n: int, first_later: int, modules: Sequence[nn.Module],
+             local: threading.local) -> Any:
+        """Keep only the rows `keep` (bool over the `n` current rows) from here on: the site's
+        output cut to them (what the hook returns), the per-call mask and token weights cut alike,
+        and on the first drop pre-hooks put on every later site's module (removed by `forward`)."""
+        keep = np.asarray(keep, dtype=bool).reshape(-1)
+        if keep.size != n:
+            raise ValueError(f"a ramp callback returned a keep mask of {keep.size} rows for {n} rows")
+        if keep.all():
+            return None
+        if not keep.any():
+            raise _AllLeft()
+        here = torch.from_numpy(np.flatnonzero(keep))  # kept rows among the current ones
+        if self.rows is None:  # the first drop in this call
+            self.size = n
+            self.rows = np.flatnonzero(keep)
+            call = self
+
+            def cut_args(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+                # full-batch tensors computed before the drop (an encoder's attention mask); only
+                # this call's (the model may be running a batch on another thread too)
+                if getattr(local, "call", None) is not call:
+                    return None
+                return _cut(args, call.size, call.idx), {k: _cut(v, call.size, call.idx) for k, v in kwargs.items()}
+
+            self.cutters = [m.register_forward_pre_hook(cut_args, with_kwargs=True) for m in modules[first_later:]]
+        else:
+            self.rows = self.rows[keep]
+        self.idx = torch.from_numpy(self.rows)
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, here)
+        if self.weights is not None:
+            self.weights = self.weights.index_select(0, here)
+        return _cut(output, n, here)
 
 
 def _fast_for(ramp: nn.Module) -> Callable[[torch.Tensor, _Call], torch.Tensor]:
@@ -223,7 +310,9 @@ class EarlyExitModel(nn.Module):
 
     def forward(self, inputs: ModelInput, on_ramp: RampCallback | None = None,
                 active: Iterable[int] | None = None, stamps: Any = None, pool: bool = False) -> EarlyExitOutput:
-        """Run one batch. `on_ramp` is called once per active ramp, as soon as it has run.
+        """Run one batch. `on_ramp` is called once per active ramp, as soon as it has run; it may
+        return a boolean array over the ramp's rows, the rows to keep from there on (module doc),
+        or None to keep them all.
 
         `active` overrides the active set for this call only (e.g. all sites when recording).
         `stamps`, an array indexed by site, receives `time.perf_counter()` when each active site's
@@ -241,10 +330,15 @@ class EarlyExitModel(nn.Module):
         try:
             with torch.inference_mode():
                 out = call_model(self.backbone, inputs)
+        except _AllLeft:  # every row left at a ramp: nothing more to compute
+            return EarlyExitOutput(None, torch.zeros(0, dtype=torch.long), {r.site: r for r in call.results},
+                                   np.zeros(0, dtype=np.int64))
         finally:
             self._detach(act)
             self._local.call = None
-        return EarlyExitOutput(out, self.final_prediction(out), {r.site: r for r in call.results})
+            for h in call.cutters:
+                h.remove()
+        return EarlyExitOutput(out, self.final_prediction(out), {r.site: r for r in call.results}, call.rows)
 
     def _attach(self, sites: tuple[int, ...]) -> None:
         with self._hook_lock:
@@ -268,20 +362,24 @@ class EarlyExitModel(nn.Module):
         index, name, local = site.index, site.name, self._local
         fasts, score, clock = self._fast, self._score, time.perf_counter
 
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        modules = self._modules_at
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
             call = getattr(local, "call", None)
             if call is None or index not in call.active:
                 return None
             if call.stamps is not None:
                 call.stamps[index] = clock()
             h = output if type(output) is torch.Tensor else primary_output(output)
-            result = RampResult(index, name, fasts[index](h, call), score)
+            result = RampResult(index, name, fasts[index](h, call), score, call.rows)
             if call.pool:
                 result.pooled = pooled_features(h)
             call.results.append(result)
             if call.callback is not None:
-                call.callback(result)
-            return None  # never alter the backbone's computation
+                keep = call.callback(result)
+                if keep is not None:  # rows leave the batch here (early stop)
+                    return call.drop(keep, output, h.shape[0], index + 1, modules, local)
+            return None  # the backbone's computation unaltered
 
         return hook
 
@@ -293,3 +391,29 @@ class EarlyExitModel(nn.Module):
             self._handles = {}
             self._hook_users = [0] * len(self.sites)
             self._active = ()
+
+
+def drop_rows_work(ee: EarlyExitModel, inputs: ModelInput, atol: float = 1e-4) -> str | None:
+    """Whether dropping rows between sites gives the answers the full batch gives on `inputs` (a
+    batch of at least two, texts of different lengths for an encoder): the first row dropped at
+    the first site, the others' final outputs compared with the full batch's. None when they
+    agree, else why not (a model that uses a full-batch tensor after a site; see the module doc)."""
+    with torch.inference_mode():
+        full = ee(inputs, active=())
+        ref = primary_output(full.final).float()
+        if ref.shape[0] < 2:
+            return "the check needs a batch of at least two inputs"
+
+        def leave_first(r: RampResult) -> np.ndarray:
+            keep = np.ones(r.logits.shape[0], dtype=bool)
+            keep[0] = False
+            return keep
+
+        try:
+            cut = ee(inputs, on_ramp=leave_first, active=(0,))
+        except Exception as e:  # noqa: BLE001 - any failure means: not for this model
+            return f"the model fails with rows dropped: {type(e).__name__}: {e}"
+    got = primary_output(cut.final).float()
+    if got.shape[0] != ref.shape[0] - 1 or not torch.allclose(got, ref[1:], rtol=1e-3, atol=atol):
+        return "the kept rows' outputs differ from the full batch's"
+    return None

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .executor import BatchReport
+from .report import BatchReport
 
 
 class BatchTimes:

@@ -45,7 +45,7 @@ from apparate.policies import ADAPTIVE, Policy, check_servable, serving_policy
 from apparate.policies.catalog import all_ramps_budget, configured_policy, restored_policy
 
 from .costs import BatchCosts
-from .executor import BatchReport
+from .report import BatchReport
 from .feedback import merged_feedback
 from .state import SavedState, StateError, read_state, save_state, set_aside
 
@@ -335,17 +335,17 @@ class ControlLoop:
         if pend and (pend[0].sites, pend[0].thresholds) != (rep.sites, rep.thresholds):
             pend.clear()  # a configuration change discards a partial pool: it was for the old one
         pend.append(rep)
-        wrong = not bool(np.all(rep.released_agree))
-        if not wrong and sum(r.batch_size for r in pend) < self.options.feedback_min_inputs:
+        wrong = not bool(np.all(rep.known_rows(rep.released_agree)))  # early stop: inputs that reached the end
+        if not wrong and sum(r.known_count for r in pend) < self.options.feedback_min_inputs:
             return None
-        fb = merged_feedback(pend)
+        fb = merged_feedback(pend) if any(r.known_count for r in pend) else None
         pend.clear()
         return fb
 
     def _observe_pending(self) -> None:
-        if not self.policy.adaptive or not self._pending:
-            return
         pend, self._pending = self._pending, []
+        if not self.policy.adaptive or not any(r.known_count for r in pend):  # (early stop: none reached the end)
+            return
         if self.controller is not None:
             self.controller.profile = self.profile
         self.config = self.policy.feedback(merged_feedback(pend))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .early_stop import stop_state
+
 
 def describe(engine: Any) -> dict[str, Any]:
     """Ramps, thresholds, accuracy, exit rates, admission, profile and control state, now."""
@@ -20,11 +22,12 @@ def describe(engine: Any) -> dict[str, Any]:
         "config": {"version": cfg.version, "sites": list(cfg.sites), "site_names": [names[s] for s in cfg.sites],
                    "thresholds": list(cfg.thresholds)},
         "num_sites": engine.served.num_sites,
-        **stats,
+        **{k: v for k, v in stats.items() if k != "early_stop"},
         "queue_depth": len(engine.queue),
         "admission": {"shed": engine._shed, "slowdown": round(engine.slowdown, 3), "margin": round(engine.margin, 3), "predicted_wait_ms": round(max(engine._finish(time.perf_counter(), len(engine.queue), None)
                                                                          - time.perf_counter(), 0.0) * 1e3, 3)},
         "batches": engine.batches,
+        "early_stop": {**stop_state(engine), **stats.get("early_stop", {})},
         "slo_ms": engine.options.slo_ms,
         "batching": {"kind": engine.options.batching.kind, "max_batch": mb, "shed": engine.options.batching.shed},
         "profile": {"vanilla_ms_batch_1": prof.vanilla(1), f"vanilla_ms_batch_{mb}": prof.vanilla(mb),

@@ -36,12 +36,13 @@ import numpy as np
 
 from .batch_times import BatchTimes, on_cpu, scale_times
 from .control import ControlLoop, ControlOptions, Live
+from .early_stop import check_sample, engine_stop, stop_sample
 from .executor import Executor
 from .metrics import ServeMetrics
 from .model_io import ServedModel
 from .queue import CLOSED, QUEUE_FULL, Refused, RequestQueue
 from .scheduler import BatchingOptions, Scheduler
-from .requests import Rejected, Request, Result
+from .requests import Rejected, Request, Result, deliver
 
 log = logging.getLogger("apparate.serve")
 
@@ -64,20 +65,21 @@ class EngineOptions:
     # Admission promises a deadline with batch times scaled by this quantile of how much longer
     # the latest batches took than the profile predicts (the batcher uses the median).
     admission_quantile: float = 0.9
+    # Early stop (serve/early_stop.py): while the queue holds requests, released inputs leave their
+    # batch's pass but for a sampled share. None: the controller settings' (default off, 0.05).
+    early_stop: bool | None = None
+    stop_sample: float | None = None
+    stop_seed: int = 0  # the sampling coin's seed
 
     def __post_init__(self) -> None:
         if not self.slo_ms > 0:
             raise ValueError(f"slo_ms must be positive, got {self.slo_ms}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.stop_sample is not None:
+            check_sample(self.stop_sample)
         if not 0.5 <= self.admission_quantile < 1:
             raise ValueError(f"admission_quantile must be in [0.5, 1), got {self.admission_quantile}")
-
-
-def _resolve(pairs: list[tuple[asyncio.Future, Result]]) -> None:
-    for fut, res in pairs:
-        if not fut.done():
-            fut.set_result(res)
 
 
 class Engine:
@@ -90,6 +92,7 @@ class Engine:
         self.metrics.watch_queue(lambda: len(self.queue))
         self.scheduler = Scheduler(options.batching)
         self._control_opts = control
+        self._stop_sample = stop_sample(options.early_stop, options.stop_sample, control.settings, served.kind)
         self.executor, self.control = self._build(served)
         self.metrics.set_objectives(options.slo_ms * 1e-3, self.control.settings.accuracy_constraint)
         self._swap: Any = None  # a swap.ChangeOver the engine thread applies between two batches
@@ -122,7 +125,9 @@ class Engine:
         # of this and the live prediction, so a request is never refused as too large only
         # because batches are slower while the server is loaded.
         self._idle_costs = self.live.costs
-
+        # early stop: work is waiting when the queue holds requests as a ramp releases inputs
+        self.early_stop = engine_stop(self._stop_sample, lambda: len(self.queue) > 0, options.stop_seed,
+                                      int(getattr(control.settings, "stop_alarm", 256)))
 
     def _build(self, served: ServedModel) -> tuple[Executor, ControlLoop]:
         """The executor and control loop for `served`: ramp costs calibrated on this machine, the
@@ -130,6 +135,8 @@ class Engine:
         options, control = self.options, self._control_opts
         executor = Executor(served, self._release)
         executor.on_error = self.metrics.error  # type: ignore[method-assign]
+        if self._stop_sample is not None and executor.check_early_stop() is not None:
+            log.warning("early stop is off for %s: %s (every input runs to the end)", served.name, executor.drop_refused)
         max_tokens = getattr(served.codec, "max_tokens", None)
         mb = options.batching.max_batch
         profile = served.profile  # the bundle's; calibrated here, then owned by the control loop
@@ -329,21 +336,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------ delivery
     def _release(self, pairs: list[tuple[Request, Result]]) -> None:
-        by_loop: dict[Any, list] = {}
-        for req, res in pairs:
-            fut = req.future
-            if fut is None:
-                continue
-            if req.loop is None:
-                if not fut.done():
-                    fut.set_result(res)
-            else:
-                by_loop.setdefault(req.loop, []).append((fut, res))
-        for loop, lst in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_resolve, lst)
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is waiting
-                pass
+        deliver(pairs)
 
     def _refuse(self, reqs: list[Request], reason: str) -> None:
         self.metrics.drop(reason, len(reqs))
@@ -414,7 +407,9 @@ class Engine:
         self.running_batch = len(batch)
         c0 = time.thread_time() if self._cpu_clock else 0.0
         try:
-            report = self.executor.run(batch, live.config, t_start, live.scorer)
+            report = self.executor.run(batch, live.config, t_start, live.scorer, self.early_stop)
+            if self.early_stop is not None:
+                self.early_stop.after(report)
         finally:
             self.running_batch = 0
             self._busy_until = 0.0

@@ -34,83 +34,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from apparate.core.controller import Config
 from apparate.core.evidence import F, Scorer, StreamContext, features, movement
-from apparate.core.types import exit_sites_of
 from apparate.devices import device_of
 from apparate.model.early_exit import score_all
 from apparate.model.host_copy import host_release_for
 from apparate.model.sites import primary_output
 
 from .model_io import ServedModel
+from .early_stop import EarlyStop
+from .report import BatchReport, final_confidence
 from .requests import Answer, FinalTarget, Rejected, Request, Result
 
 log = logging.getLogger("apparate.serve")
 
 Release = Callable[[list[tuple[Request, Result]]], None]
-
-
-@dataclass(eq=False)
-class BatchReport:
-    """One served batch, for the control thread (times in ms)."""
-
-    sites: tuple[int, ...]
-    thresholds: tuple[float, ...]
-    version: int
-    conf: np.ndarray  # [n, R] float64, R = len(sites): the ramps' confidences (learned: the scores served with)
-    agree: np.ndarray  # [n, R] bool: the ramp's answer equals the final one
-    exit_pos: np.ndarray  # [n] index into sites of the releasing ramp; R = the final output
-    released_agree: np.ndarray  # [n] bool: the answer each input got equals the final one
-    release_t: np.ndarray  # [n] perf_counter time each input was released
-    batch_size: int
-    length: float | None
-    site_ms: dict[int, float] = field(default_factory=dict)  # cumulative backbone time, every site seen
-    ramp_ms: dict[int, float] = field(default_factory=dict)  # active ramps' own cost
-    vanilla_ms: float | None = None  # the whole backbone, ramps and releases excluded
-    total_ms: float = 0.0  # batch taken from the queue -> every answer released
-    overhead_ms: float = 0.0  # total minus backbone and ramps: encoding, releases, bookkeeping
-    feedback: bool = True  # False when a ramp failed: nothing to learn from this batch
-    arrivals: np.ndarray | None = None  # [n] perf_counter arrival times (set by the engine)
-    t_start: float = 0.0  # batch taken from the queue (perf_counter s)
-    t_end: float = 0.0  # every answer released
-    # the learned exit rule only (a scorer was given): [n, R, F] features, [n, R] the ramps' own
-    # confidences, and the version of the scorer the batch was served with
-    features: np.ndarray | None = None
-    ramp_conf: np.ndarray | None = None
-    scorer_version: int | None = None
-
-    def account(self, metrics: Any) -> None:
-        """Record the batch in the metrics (exits, agreement, latencies, batch size)."""
-        sites = exit_sites_of(tuple(self.sites))[self.exit_pos]
-        arr = self.arrivals if self.arrivals is not None else np.full(self.batch_size, self.t_start)
-        metrics.batch_done(sites, self.released_agree, (self.release_t - arr).tolist(), (self.t_start - arr).tolist(),
-                           self.t_end - self.t_start)
-
-
-def final_confidence(logits: Any, label_map: Any, num_classes: int) -> np.ndarray:
-    """Max softmax of the model's own output, in the target label space (mapped classes summed).
-
-    On the host, in numpy: on the engine thread every torch op gives the GIL up and may have to
-    wait for it. (What this costs after a forward is mostly cold caches, not the ops: 156 us of CPU
-    on the first call after a ResNet-56 forward, 15 us on a second.) `label_map`: [K] numpy class
-    map or None."""
-    import torch
-
-    z = logits.detach().cpu()  # on a device: after the batch's last wait, so nothing left to wait for
-    z = (z if z.dtype == torch.float32 else z.float()).numpy()
-    z = z - z.max(axis=-1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
-    if label_map is not None:
-        q = np.zeros((p.shape[0], num_classes), dtype=p.dtype)
-        np.add.at(q, (slice(None), label_map), p)
-        p = q
-    return p.max(axis=-1)
 
 
 class Executor:
@@ -123,6 +65,7 @@ class Executor:
         self.ramp_failures = 0
         self.model_failures = 0
         self.in_model = threading.Event()  # set while a batch is inside the model's forward
+        self.drop_refused: str | None = None  # why early stop cannot drop rows of this model (check_early_stop)
         self._active: tuple[int, ...] | None = None
         # the learned rule's view of the stream (used only when a batch comes with a scorer)
         self._pool = served.kind == "image"  # feature movement: image models, as recordings keep it
@@ -158,6 +101,24 @@ class Executor:
             x = self.served.codec.encode(self.served.codec.example(b))
             for _ in range(2):
                 self.ee(x, active=tuple(sites))
+
+    def check_early_stop(self, size: int = 4) -> str | None:
+        """Before serving with early stop: does dropping rows between sites give this model's own
+        answers for the rest (`drop_rows_work` on an example batch, texts of different lengths)?
+        If not, early stop is refused (`drop_refused` says why) and every input runs to the end."""
+        from apparate.model.early_exit import drop_rows_work
+
+        if not self.ee.num_sites:
+            self.drop_refused = "the model has no sites"
+            return self.drop_refused
+        codec = self.served.codec
+        if self.served.kind == "text":  # different lengths: the attention mask has padding to cut
+            cap = getattr(codec, "max_tokens", None) or 64
+            items = [codec.example(1, max(3, cap * (k + 1) // size))[0] for k in range(size)]
+        else:
+            items = codec.example(size)
+        self.drop_refused = drop_rows_work(self.ee, codec.encode(items))
+        return self.drop_refused
 
     def calibrate(self, profile: Any, sizes: Sequence[int], repeats: int = 3, learned: bool = False) -> Any:
         """The profile with every ramp's cost as it is paid here: the ramp plus scoring, the hook
@@ -195,9 +156,12 @@ class Executor:
         self.reset_stream()  # the examples are no part of the stream
         return profile
 
-    def run(self, batch: list[Request], cfg: Config, t_start: float, scorer: Scorer | None = None) -> BatchReport | None:
+    def run(self, batch: list[Request], cfg: Config, t_start: float, scorer: Scorer | None = None,
+            stop: EarlyStop | None = None) -> BatchReport | None:
         """Serve one batch with `cfg`; every input is released exactly once (answer or error).
-        With a `scorer` (the learned exit rule) inputs are released on its scores (module doc)."""
+        With a `scorer` (the learned exit rule) inputs are released on its scores (module doc).
+        With `stop` (the confidence rule only, and a model whose rows can be dropped), inputs
+        released while work is waiting leave the batch's pass (`serve/early_stop.py`)."""
         n = len(batch)
         R = len(cfg.sites)
         pos = {s: j for j, s in enumerate(cfg.sites)}
@@ -214,15 +178,17 @@ class Executor:
 
         thr_of = cfg.thresholds
 
-        def release_at(j: int, r: Any, idx: Sequence[int]) -> None:
-            """Answer inputs `idx` (none released yet) with ramp j's answers, now."""
+        def release_at(j: int, r: Any, idx: Sequence[int], at: Sequence[int] | None = None) -> None:
+            """Answer inputs `idx` (none released yet) with ramp j's answers, now; `at`: their rows
+            in the ramp's result when rows have left the batch (else the same as `idx`)."""
             pending[list(idx)] = False
             exit_pos[list(idx)] = j
             now = clock()
             release_t[list(idx)] = now
             c, p = r.conf, r.pred
-            self.release([(batch[i], self._answer(batch[i], int(p[i]), float(c[i]), r.site, True,
-                                                  t_start, now, n, cfg.version)) for i in idx])
+            self.release([(batch[i], self._answer(batch[i], int(p[k]), float(c[k]), r.site, True,
+                                                  t_start, now, n, cfg.version))
+                          for i, k in zip(idx, idx if at is None else at)])
             rel_s[j] = clock() - now
 
         def on_ramp(r: Any) -> None:
@@ -240,6 +206,41 @@ class Executor:
             hook_end[j] = clock()
 
         learned = scorer is not None
+        if stop is not None and (learned or n < 1 or self.drop_refused is not None):
+            stop = None  # the learned rule keeps every input to the end; so does a model that cannot drop
+        if stop is not None:
+            # Early stop: inputs released while work waits leave the pass, unless sampled (weight
+            # 1/sample) or their caller wants the model's own answer too (they never leave).
+            left = np.zeros(n, dtype=bool)
+            weight = np.ones(n)
+            stays = np.fromiter((r.final is not None for r in batch), dtype=bool, count=n)
+            first_drop = [-1]  # the site of the first drop: later stage times are not full-batch times
+
+            def on_ramp_stop(r: Any) -> np.ndarray | None:
+                j = pos[r.site]
+                ran[j] = True
+                t = thr_of[j]
+                keep = None
+                if t > 0:
+                    rows = r.rows  # the ramp's rows in the batch (None: all, in order)
+                    here = pending if rows is None else pending[rows]
+                    # (a one-row result's confidence is a tuple: the scorer's fast path for batch 1)
+                    at = np.flatnonzero(here & ((1.0 - np.asarray(r.conf, dtype=np.float64)) < t))
+                    idx = at if rows is None else rows[at]
+                    if idx.size:
+                        release_at(j, r, idx, at)
+                        if stop.waiting():
+                            go = stop.leaving(idx.size) & ~stays[idx]
+                            weight[idx[~go & ~stays[idx]]] = stop.weight  # sampled: they stand for 1/p inputs
+                            if go.any():
+                                left[idx[go]] = True
+                                keep = np.ones(r.logits.shape[0], dtype=bool)
+                                keep[at[go]] = False
+                                if first_drop[0] < 0:
+                                    first_drop[0] = r.site
+                hook_end[j] = clock()
+                return keep
+
         if learned:
             cols = np.asarray(cfg.sites, dtype=np.int64)
             X = np.zeros((n, R, F))
@@ -290,6 +291,8 @@ class Executor:
             try:
                 if learned:
                     out = self.ee(x, on_ramp=on_ramp_learned, active=cfg.sites, stamps=site_end, pool=pool)
+                elif stop is not None:
+                    out = self.ee(x, on_ramp=on_ramp_stop, active=cfg.sites, stamps=site_end)
                 else:
                     out = self.ee(x, on_ramp=on_ramp, active=cfg.sites, stamps=site_end)
                 if host is not None:
@@ -305,6 +308,10 @@ class Executor:
                 return self._fail(batch, pending, e)
             site_end[:] = np.nan  # the failed run's times are not this batch's
             hook_end[:] = np.nan
+            if stop is not None:  # the run below computes every row
+                left[:] = False
+                weight[:] = 1.0
+                first_drop[0] = -1
             try:  # without ramps: if this works, a ramp (or a release) was at fault
                 t0 = clock()
                 out = self.ee(x, active=())
@@ -317,8 +324,16 @@ class Executor:
                       list(cfg.sites), type(e).__name__, e)
             self.on_error("ramp")
 
-        final_pred = out.final_pred.cpu().numpy()
-        fconf = final_confidence(primary_output(out.final), self._label_map, self.served.num_classes)
+        rows = out.rows  # the final output's rows in the batch (None: every row, in order)
+        if rows is None:
+            final_pred = out.final_pred.cpu().numpy()
+            fconf = final_confidence(primary_output(out.final), self._label_map, self.served.num_classes)
+        else:  # rows left the pass: their final answers were never computed (-1)
+            final_pred = np.full(n, -1, dtype=np.int64)
+            fconf = np.zeros(n)
+            if rows.size:
+                final_pred[rows] = out.final_pred.cpu().numpy()
+                fconf[rows] = final_confidence(primary_output(out.final), self._label_map, self.served.num_classes)
         now = clock()
         rest = np.flatnonzero(pending)
         release_t[rest] = now
@@ -335,8 +350,9 @@ class Executor:
         results = [out.ramps[s] for s in cfg.sites if s in out.ramps]
         score_all(results)  # the ramps that could not release, in one step, after every answer is out
         for r in results:
-            conf[:, pos[r.site]] = r.conf
-            pred[:, pos[r.site]] = r.pred
+            at = slice(None) if r.rows is None else r.rows
+            conf[at, pos[r.site]] = r.conf
+            pred[at, pos[r.site]] = r.pred
 
         agree = pred == final_pred[:, None]
         rel_agree = np.ones(n, dtype=bool)
@@ -356,6 +372,14 @@ class Executor:
             else:  # the ramps' answers are not this batch's: only its final answers are known
                 self._advance(np.zeros(0, dtype=np.int64), conf[:, :0], pred[:, :0], final_pred, [])
         self._timings(report, cfg, site_end, rel_s, hook_end, t0, t1, t_start, t_end)
+        if stop is not None and left.any():
+            report.known, report.left, report.stopped = ~left, int(left.sum()), out.final is None
+            # after the first drop the stages ran on fewer rows: not this batch size's costs
+            report.site_ms = {k: v for k, v in report.site_ms.items() if k <= first_drop[0]}
+            report.ramp_ms = {k: v for k, v in report.ramp_ms.items() if k <= first_drop[0]}
+            report.vanilla_ms = None  # (the profile takes a batch's times only with its whole backbone's)
+        if stop is not None and (weight != 1.0).any():
+            report.weight = weight
         return report
 
     def _advance(self, cols: np.ndarray, conf: np.ndarray, pred: np.ndarray, final: np.ndarray,

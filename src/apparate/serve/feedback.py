@@ -11,20 +11,28 @@ import numpy as np
 from apparate.core.controller import Feedback
 from apparate.core.evidence import EvidenceFeedback
 
-from .executor import BatchReport
+from .report import BatchReport
 
 
 def merged_feedback(reports: list[BatchReport]) -> Feedback:
-    """One Feedback for batches served with the same configuration (text lengths averaged); for
+    """One Feedback for batches served with the same configuration (text lengths averaged; with
+    early stop, the inputs that reached the final output, weighted: `BatchReport.known`); for
     the learned exit rule an `EvidenceFeedback` (features, scores and exits concatenated in
     arrival order, each input with the version of the scorer that served it)."""
     last = reports[-1]
     if last.features is not None:
         return _merged_evidence(reports)
-    if len(reports) == 1:
-        return Feedback(last.sites, last.thresholds, last.conf, last.agree, last.length)
-    return Feedback(last.sites, last.thresholds, np.concatenate([r.conf for r in reports]),
-                    np.concatenate([r.agree for r in reports]), _length(reports))
+    if all(r.known is None and r.weight is None for r in reports):  # every input reached the end
+        if len(reports) == 1:
+            return Feedback(last.sites, last.thresholds, last.conf, last.agree, last.length)
+        return Feedback(last.sites, last.thresholds, np.concatenate([r.conf for r in reports]),
+                        np.concatenate([r.agree for r in reports]), _length(reports))
+    # early stop: only the inputs that reached the final output, each with its inverse sampling
+    # probability (1 for those that did not exit or were not sampled)
+    weight = np.concatenate([r.known_rows(r.weight if r.weight is not None else np.ones(r.batch_size))
+                             for r in reports])
+    return Feedback(last.sites, last.thresholds, np.concatenate([r.known_rows(r.conf) for r in reports]),
+                    np.concatenate([r.known_rows(r.agree) for r in reports]), _length(reports), weight=weight)
 
 
 def _length(reports: list[BatchReport]) -> float | None:

@@ -6,7 +6,11 @@ ends, which is also when each early answer's agreement with the final one become
 
 "Accuracy vs the original" here is measured on what was actually served: the share of released
 answers equal to the model's own final answer on the same input (every input still reaches the
-end of the model, so this is exact, not estimated). `window` is the last `window` inputs.
+end of the model, so this is exact, not estimated). `window` is the last `window` inputs. With
+early stop (`--early-stop`) the inputs that left their batch's pass have no final answer: the
+agreement counters and the window count only the inputs that reached the end, among which exited
+inputs are a sample (the controller weights them back; these plain counts do not), and
+`apparate_early_stop_rows_total` / `apparate_early_stop_batches_total` count what left.
 """
 
 from __future__ import annotations
@@ -64,6 +68,12 @@ class ServeMetrics:
                                registry=r)
         self.errors = Counter("apparate_errors_total", "Errors, by kind (ramp, model, feedback, http)", ["kind"],
                               registry=r)
+        self.stop_rows = Counter("apparate_early_stop_rows_total",
+                                 "Released inputs that left their batch's pass while work was waiting (early stop)",
+                                 registry=r)
+        self.stop_batches = Counter("apparate_early_stop_batches_total",
+                                    "Batches stopped before the model's end: every input had left (early stop)",
+                                    registry=r)
         self.feedback_dropped = Counter("apparate_feedback_dropped_total",
                                         "Batch reports the controller could not keep up with", registry=r)
         # the objectives, so that dashboards draw goodput and accuracy against them (deploy/grafana)
@@ -103,12 +113,22 @@ class ServeMetrics:
         self.dropped.labels(reason).inc(n)
         self.live.count("dropped", reason, n)
 
+    def early_stop(self, rows: int, stopped: bool) -> None:
+        """A batch from which `rows` released inputs left (early stop); `stopped`: all of them."""
+        self.stop_rows.inc(rows)
+        self.live.count("early_stop", "rows_left", rows)
+        if stopped:
+            self.stop_batches.inc()
+            self.live.count("early_stop", "batches_stopped")
+
     def error(self, kind: str, n: int = 1) -> None:
         self.errors.labels(kind).inc(n)
         self.live.count("errors", kind, n)
 
     def batch_done(self, exit_sites: np.ndarray, agree: np.ndarray, latencies_s: list[float], waits_s: list[float],
-                   batch_s: float) -> None:
+                   batch_s: float, known: np.ndarray | None = None) -> None:
+        """`known`: with early stop, the inputs that reached the final output; agreement (the
+        counters and the live window) is counted on those alone, exits on every input."""
         n = int(exit_sites.size)
         self.batch_size.observe(n)
         self.batch_time.observe(batch_s)
@@ -122,6 +142,9 @@ class ServeMetrics:
         counts = np.bincount(exit_sites + 1)  # slot 0: the final output (-1)
         for s in np.flatnonzero(counts).tolist():
             self.exits.labels("final" if s == 0 else str(s - 1)).inc(int(counts[s]))
+        if known is not None:
+            exit_sites, agree = exit_sites[known], agree[known]
+            n = int(exit_sites.size)
         good = int(agree.sum())
         if good:
             self.released.labels("true").inc(good)
@@ -141,7 +164,7 @@ class LiveStats:
         self._agree_total = 0
         self._agree_in_window = 0
         self._exits_total = np.zeros(num_sites + 1, dtype=np.int64)  # last entry: final output
-        self._counts: dict[str, dict[str, int]] = {"dropped": {}, "errors": {}}
+        self._counts: dict[str, dict[str, int]] = {"dropped": {}, "errors": {}, "early_stop": {}}
         self._batches = 0
         self._lock = threading.Lock()
 
@@ -186,6 +209,7 @@ class LiveStats:
                           "exits": totals, "batches": self._batches},
                 "dropped": dict(self._counts["dropped"]),
                 "errors": dict(self._counts["errors"]),
+                "early_stop": {"rows_left": 0, "batches_stopped": 0, **self._counts["early_stop"]},
             }
 
 

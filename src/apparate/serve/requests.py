@@ -62,3 +62,29 @@ class FinalTarget:
 
     future: Any
     loop: Any
+
+
+def _resolve(pairs: list[tuple[Any, Result]]) -> None:
+    for fut, res in pairs:
+        if not fut.done():
+            fut.set_result(res)
+
+
+def deliver(pairs: list[tuple[Any, Result]]) -> None:
+    """Hand results to their futures (`Request` or `FinalTarget`), from any thread: in-process
+    futures directly, asyncio ones through one `call_soon_threadsafe` per event loop."""
+    by_loop: dict[Any, list] = {}
+    for req, res in pairs:
+        fut = req.future
+        if fut is None:
+            continue
+        if req.loop is None:
+            if not fut.done():
+                fut.set_result(res)
+        else:
+            by_loop.setdefault(req.loop, []).append((fut, res))
+    for loop, lst in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, lst)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is waiting
+            pass

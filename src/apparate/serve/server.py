@@ -60,6 +60,8 @@ class ServeOptions:
     grpc_port: int | None = None  # OIP v2 over gRPC on this port as well (0: a free one); None: HTTP only
     allow_load: bool = False  # Triton's load verb: swap in a re-prepared bundle of the model (repository.py)
     device: str = "cpu"  # where the model runs: cpu, cuda, cuda:N, auto (apparate.devices.resolve_device)
+    early_stop: bool = False  # released inputs leave their batch's pass while requests wait (early_stop.py)
+    stop_sample: float = 0.05  # ... but for this sampled share, which runs to the end (weighted 1/p)
 
     def settings(self, kind: str) -> Settings:
         """The controller's settings for a workload of this kind ('image' or 'text')."""
@@ -130,7 +132,7 @@ def engine_parts(opts: ServeOptions) -> tuple[Any, Any, Any]:
                  f" of {max_len:.0f} tokens" if max_len else "")
     eo = EngineOptions(
         batching=BatchingOptions(opts.batching, opts.max_batch, opts.shed, opts.batch_timeout_ms),
-        slo_ms=slo, max_queue=opts.max_queue, threads=threads)
+        slo_ms=slo, max_queue=opts.max_queue, threads=threads, early_stop=opts.early_stop, stop_sample=opts.stop_sample)
     co = ControlOptions(policy=opts.policy, settings=opts.settings(served.kind),
                         state_dir=opts.state_dir, checkpoint_every_s=opts.checkpoint_every_s,
                         feedback_min_inputs=opts.max_batch)

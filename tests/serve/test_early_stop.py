@@ -1,0 +1,254 @@
+"""Early stop in the live server (serve/early_stop.py), with real model passes on the tiny CNN:
+released inputs leave their batch while work waits, the rest answer as in the full batch, a
+batch whose inputs all left stops, an idle server completes every input, the feedback holds the
+completed inputs weighted by their inverse sampling probability, and the engine serves every
+request exactly once under a queue."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from apparate.core.controller import Config
+from apparate.serve.early_stop import EarlyStop
+from apparate.serve.feedback import merged_feedback
+from apparate.serve.requests import Answer, FinalTarget, Request
+
+from .conftest import served_cnn, served_text
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_cnn):
+    from apparate.serve.executor import Executor
+
+    served = served_cnn(tiny_cnn)
+    released: list = []
+    ex = Executor(served, lambda pairs: released.extend(pairs))
+    assert ex.check_early_stop() is None  # the tiny CNN passes one tensor between blocks: rows can go
+    yield served, ex, released
+    ex.close()
+    served.ee.remove_hooks()
+
+
+def requests(n: int, seed: int = 0, finals: tuple[int, ...] = ()) -> list[Request]:
+    g = torch.Generator().manual_seed(seed)
+    reqs = [Request(torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=g), 1, time.perf_counter(), 1e18,
+                    concurrent.futures.Future()) for _ in range(n)]
+    for i in finals:
+        reqs[i].final = concurrent.futures.Future()
+    return reqs
+
+
+def serve(ex, reqs, cfg, stop=None):
+    with torch.inference_mode():
+        return ex.run(reqs, cfg, time.perf_counter(), None, stop)
+
+
+def answers(released, reqs) -> list[Answer]:
+    got = {id(r): a for r, a in released if not isinstance(r, FinalTarget)}
+    assert len(got) == len(reqs) == sum(not isinstance(r, FinalTarget) for r, _ in released)  # each exactly once
+    return [got[id(r)] for r in reqs]
+
+
+def half_exit_config(ex, reqs) -> Config:
+    """Both sites; ramp 0's threshold at the median of its 1 - confidence on `reqs`: about half exit there."""
+    x = ex.served.codec.encode([r.item for r in reqs])
+    with torch.inference_mode():
+        c = ex.ee(x, active=(0,)).ramps[0].conf
+    return Config((0, 1), (float(np.median(1.0 - c)) + 1e-9, 0.0), 1)
+
+
+def test_dropped_rows_leave_the_rest_with_the_full_batch_answers(parts):
+    served, ex, released = parts
+    reqs = requests(12, seed=1)
+    cfg = half_exit_config(ex, reqs)
+    released.clear()
+    full = serve(ex, reqs, cfg)
+    full_ans = answers(released, reqs)
+    released.clear()
+    stop = EarlyStop(lambda: True, 0.25, np.random.default_rng(3))
+    cut = serve(ex, reqs, cfg, stop)
+    cut_ans = answers(released, reqs)
+    early = np.array([a.early for a in full_ans])
+    assert 0 < early.sum() < 12
+    assert [a.early for a in cut_ans] == early.tolist()  # the same inputs exit at the same ramp
+    coin = np.random.default_rng(3).random(int(early.sum())) >= 0.25  # who leaves, drawn as the rule draws
+    assert cut.left == int(coin.sum()) > 0 and not cut.stopped
+    left = np.flatnonzero(early)[coin]
+    assert np.array_equal(np.flatnonzero(~cut.known), left)
+    for a, b in zip(full_ans, cut_ans):  # every answer (early ones, and the rest's final ones) as in the full batch
+        assert (a.label, a.exit_site) == (b.label, b.exit_site)
+        assert a.confidence == pytest.approx(b.confidence, abs=1e-5)
+    k = cut.known
+    assert np.array_equal(cut.agree[k], full.agree[k]) and np.allclose(cut.conf[k], full.conf[k], atol=1e-5)
+    kept_early = np.flatnonzero(early)[~coin]
+    assert np.array_equal(np.flatnonzero(cut.weight == 4.0), kept_early) and np.all(np.delete(cut.weight, kept_early) == 1)
+    fb = merged_feedback([cut])  # the rows that reached the end, each with its inverse sampling probability
+    assert fb.batch_size == 12 - cut.left
+    assert np.array_equal(fb.agree, full.agree[k]) and np.array_equal(fb.weight, cut.weight[k])
+    assert cut.vanilla_ms is None  # fewer rows after the drop: its times do not update the profile
+    assert all(s <= 0 for s in cut.site_ms) and all(s <= 0 for s in cut.ramp_ms)
+
+
+def test_nothing_waiting_every_input_completes_with_weight_one(parts):
+    served, ex, released = parts
+    reqs = requests(8, seed=2)
+    released.clear()
+    rep = serve(ex, reqs, Config((0, 1), (1.0, 0.0), 1), EarlyStop(lambda: False, 0.05))
+    assert all(a.early for a in answers(released, reqs))  # everything released at ramp 0 ...
+    assert rep.known is None and rep.weight is None and rep.left == 0 and rep.feedback  # ... and ran to the end
+    fb = merged_feedback([rep])
+    assert fb.batch_size == 8 and fb.weight is None  # full feedback, every weight 1
+
+
+def test_waiting_with_sample_one_in_k_weights_sampled_exits_by_k(parts):
+    served, ex, released = parts
+    k = 4
+    reps, expect_known, expect_w = [], [], []
+    rng_check = np.random.default_rng(11)
+    stop = EarlyStop(lambda: True, 1 / k, np.random.default_rng(11))
+    for seed in range(4):
+        reqs = requests(8, seed=10 + seed)
+        released.clear()
+        reps.append(serve(ex, reqs, Config((0, 1), (1.0, 0.0), 1), stop))
+        stays = rng_check.random(8) < 1 / k  # every input exits at ramp 0; the coin keeps these
+        expect_known.append(stays)
+        expect_w.append(np.full(int(stays.sum()), float(k)))
+        answers(released, reqs)  # all answered, once
+    for rep, stays in zip(reps, expect_known):
+        assert rep.left == 8 - stays.sum() and rep.stopped == (not stays.any())
+    fb = merged_feedback(reps)
+    assert fb.batch_size == sum(int(s.sum()) for s in expect_known) > 0
+    assert np.array_equal(fb.weight, np.concatenate(expect_w))
+
+
+def test_a_batch_whose_inputs_all_left_stops_and_callers_of_finals_are_answered(parts, tiny_cnn):
+    served, ex, released = parts
+    calls = []
+    head = served.ee.backbone.head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        reqs = requests(6, seed=5, finals=(2,))
+        released.clear()
+        rep = serve(ex, reqs, Config((0, 1), (1.0, 0.0), 1), EarlyStop(lambda: True, 1e-9))
+        assert rep.left == 5 and not rep.stopped and calls == [1]  # the input whose caller wants the final stays
+        finals = [a for r, a in released if isinstance(r, FinalTarget)]
+        assert len(finals) == 1 and not finals[0].early and finals[0].exit_site == -1
+        assert rep.known.tolist() == [False, False, True, False, False, False] and rep.weight is None
+        calls.clear()
+        reqs = requests(6, seed=6)
+        released.clear()
+        rep = serve(ex, reqs, Config((0, 1), (1.0, 0.0), 1), EarlyStop(lambda: True, 1e-9))
+    finally:
+        head.remove()
+    assert rep.stopped and rep.left == 6 and calls == []  # the model's head never ran
+    assert all(a.early and a.exit_site == 0 for a in answers(released, reqs))
+    assert rep.known_count == 0 and not rep.feedback
+
+
+def test_one_row_batches_and_one_row_left_leave_and_stop(parts):
+    """A batch of one, and a batch cut down to one row before a later ramp releases it (the
+    scorer answers one row with scalars): released, left, stopped, no ramp failure."""
+    served, ex, released = parts
+    failures = ex.ramp_failures
+    reqs = requests(1, seed=8)
+    released.clear()
+    rep = serve(ex, reqs, Config((0, 1), (1.0, 0.0), 1), EarlyStop(lambda: True, 1e-9))
+    assert rep.stopped and rep.left == 1 and answers(released, reqs)[0].exit_site == 0
+    reqs = requests(6, seed=9)
+    x = ex.served.codec.encode([r.item for r in reqs])
+    with torch.inference_mode():
+        c0 = np.asarray(ex.ee(x, active=(0,)).ramps[0].conf)
+    t0 = float(np.sort(1.0 - c0)[-1]) - 1e-12  # every row but the least confident leaves at ramp 0
+    released.clear()
+    rep = serve(ex, reqs, Config((0, 1), (t0, 1.0), 1), EarlyStop(lambda: True, 1e-9))
+    assert rep.stopped and rep.left == 6 and ex.ramp_failures == failures
+    assert [a.exit_site for a in answers(released, reqs)].count(1) == 1
+
+
+def test_the_learned_rule_and_a_model_that_cannot_drop_keep_every_input(parts, tiny_text):
+    from apparate.core.evidence import F, Scorer
+    from apparate.serve.executor import Executor
+
+    served, ex, released = parts
+    reqs = requests(4, seed=7)
+    released.clear()
+    scorer = Scorer(0, np.full((served.num_sites, F), np.nan))
+    with torch.inference_mode():
+        rep = ex.run(reqs, Config((0, 1), (1.0, 0.0), 1), time.perf_counter(), scorer, EarlyStop(lambda: True, 1e-9))
+    ex.reset_stream()
+    assert rep.left == 0 and rep.known is None
+    text = served_text(tiny_text)  # a masked mean in its own forward, after the sites: rows cannot be cut
+    tex = Executor(text, lambda pairs: None)
+    try:
+        assert tex.check_early_stop() is not None
+        with torch.inference_mode():
+            items = ["good film", "bad", "a warm and witty film that never gets dull"]
+            out = tex.run([Request(t, 1, time.perf_counter(), 1e18, concurrent.futures.Future()) for t in items],
+                          Config((0, 1), (1.0, 0.0), 1), time.perf_counter(), None, EarlyStop(lambda: True, 1e-9))
+        assert out.left == 0 and out.known is None
+    finally:
+        tex.close()
+        text.ee.remove_hooks()
+
+
+def test_engine_with_early_stop_serves_every_request_once_under_a_queue(tiny_cnn):
+    from apparate.serve.control import ControlOptions
+    from apparate.serve.engine import Engine, EngineOptions
+    from apparate.serve.scheduler import BatchingOptions
+
+    served = served_cnn(tiny_cnn)
+    eng = Engine(served, EngineOptions(BatchingOptions("clockwork", 8, shed=False), slo_ms=1e6, threads=1,
+                                       early_stop=True, stop_sample=0.25),
+                 ControlOptions(policy="static", initial=Config((0, 1), (1.0, 0.0))))
+    try:
+        assert eng.describe()["early_stop"]["on"]
+        # queued before the engine starts: every batch but the last finds work waiting
+        futs = eng.submit([np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8) for i in range(64)])
+        eng.start()
+        assert eng.flush(60)
+        res = [f.result(timeout=60) for f in futs]
+    finally:
+        eng.stop()
+        eng.executor.close()
+        served.ee.remove_hooks()
+    assert all(isinstance(r, Answer) and r.early for r in res) and len(res) == 64
+    stats = eng.describe()
+    assert eng._settled == 64 and not stats["errors"]  # each answered once (a second answer would fail the engine)
+    exits = sum(s.value for m in eng.metrics.exits.collect() for s in m.samples if s.name.endswith("_total"))
+    assert exits == 64
+    assert stats["early_stop"]["rows_left"] > 0 and stats["total"]["inputs"] == 64 - stats["early_stop"]["rows_left"]
+    assert eng.metrics.stop_rows._value.get() == stats["early_stop"]["rows_left"]
+
+
+def test_a_wrong_sampled_answer_sends_every_exit_to_the_end_for_a_while(parts):
+    # The live rule's share is core.sampling's, updated after each batch: a batch whose sampled
+    # early answers include a wrong one raises it to 1 (every released input runs on, weight 1)
+    # for `alarm` inputs, then it falls back to the floor.
+    served, ex, released = parts
+    stop = EarlyStop(lambda: True, 1.0 / 2, np.random.default_rng(5), alarm=16)
+    shares, alarms = [], []
+    for seed in range(12):
+        reqs = requests(8, seed=40 + seed)
+        released.clear()
+        share = stop.sample
+        shares.append(share)
+        rep = serve(ex, reqs, Config((0, 1), (0.0, 1.0), 1), stop)  # every input exits at ramp 1
+        answers(released, reqs)
+        w = np.ones(8) if rep.weight is None else rep.weight
+        known = np.ones(8, dtype=bool) if rep.known is None else rep.known
+        sampled = (w > 1.0) & known
+        assert np.all(w[sampled] == 1.0 / share)  # the share of this batch's coins
+        if share == 1.0:
+            assert rep.left == 0 and not sampled.any()  # during an alarm every input runs on
+        before = stop.sampler.alarms["wrong"]
+        stop.after(rep)
+        alarms.append(stop.sampler.alarms["wrong"] > before)
+        assert alarms[-1] == bool((sampled & ~rep.released_agree).any())
+    assert any(alarms)  # ramp 1 of the tiny model disagrees with its head often enough
+    first = alarms.index(True)
+    assert shares[first + 1:first + 3] == [1.0, 1.0]  # 16 inputs: two batches of 8
+    assert 0.5 in shares[first + 3:]  # then back to the floor
