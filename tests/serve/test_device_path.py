@@ -187,3 +187,16 @@ def test_cuda_executor_serves_through_the_waiter(tiny_cnn):
     ex, rep = _run(served, got, Config((0, 1), (0.4, 0.4)), reqs)
     assert sorted(id(r) for r, _ in got.pairs) == sorted(id(r) for r in reqs) and rep.feedback
     served.ee.remove_hooks()
+
+
+def test_a_release_that_raises_still_answers_every_input_on_the_cpu(tiny_cnn):
+    """The direct path: an early release that raises in the hook fails the ramps, the batch is
+    re-run without them, and the inputs of that release are answered from the final output
+    (they used to be marked released before the hand-over, and got nothing)."""
+    served = served_cnn(tiny_cnn)
+    got = Collect(fail_early=True)
+    reqs = _requests(4)
+    ex, rep = _run(served, got, Config((0, 1), (1.0, 1.0)), reqs)
+    assert rep is not None and not rep.feedback and ex.ramp_failures == 1
+    assert sorted(id(r) for r, _ in got.pairs) == sorted(id(r) for r in reqs)  # each answered once
+    assert all(isinstance(res, Answer) and not res.early for _, res in got.pairs)

@@ -181,14 +181,16 @@ class Executor:
         def release_at(j: int, r: Any, idx: Sequence[int], at: Sequence[int] | None = None) -> None:
             """Answer inputs `idx` (none released yet) with ramp j's answers, now; `at`: their rows
             in the ramp's result when rows have left the batch (else the same as `idx`)."""
-            pending[list(idx)] = False
-            exit_pos[list(idx)] = j
             now = clock()
-            release_t[list(idx)] = now
             c, p = r.conf, r.pred
+            # Marked released only once handed over: if the release raises, the batch's fallback
+            # (re-run without ramps) still answers them (a future already set keeps its answer).
             self.release([(batch[i], self._answer(batch[i], int(p[k]), float(c[k]), r.site, True,
                                                   t_start, now, n, cfg.version))
                           for i, k in zip(idx, idx if at is None else at)])
+            pending[list(idx)] = False
+            exit_pos[list(idx)] = j
+            release_t[list(idx)] = now
             rel_s[j] = clock() - now
 
         def on_ramp(r: Any) -> None:
