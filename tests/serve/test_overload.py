@@ -79,3 +79,26 @@ def test_without_shedding_late_requests_are_served_late(tiny_cnn):
         served.ee.backbone.slow.delay = 0.0
     assert [r.status_code for r in rs] == [200] * 8
     assert max(r.json()["parameters"]["latency_ms"] for r in rs) > 100
+
+
+def test_the_automatic_slo_fits_the_largest_request_as_served_here(tiny_cnn):
+    """A server whose batches run far slower than its bundle's profile says (as a loaded
+    machine, or the engine's own costs, make them): the SLO derived from the profile alone
+    would admit a request of 32 inputs and then drop it late. Measured at start, the SLO fits it."""
+    import functools
+
+    from apparate.serve.engine import EngineOptions
+    from apparate.serve.scheduler import BatchingOptions
+    from apparate.serve.server import auto_slo_ms
+
+    served = served_cnn(tiny_cnn)
+    served.ee.backbone.slow.delay = 0.03  # every batch: 30 ms more than profiled
+    auto = functools.partial(auto_slo_ms, served.profile, 8, None, 32, None)  # scale: the one argument left
+    opts = EngineOptions(batching=BatchingOptions("clockwork", max_batch=8), slo_ms=auto(1.0), slo_auto=auto,
+                         threads=1)
+    with serving(served, opts, _static()) as live, httpx.Client(base_url=live.url, timeout=60) as c:
+        slo = live.engine.options.slo_ms
+        assert slo > auto(1.0)  # re-derived from the batches measured at start
+        r = c.post("/v2/models/tiny/infer", json=image_request(32))
+        assert r.status_code == 200, r.text
+        assert r.json()["parameters"]["latency_ms"] <= slo

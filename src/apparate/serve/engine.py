@@ -29,13 +29,14 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .batch_times import BatchTimes, on_cpu, scale_times
 from .control import ControlLoop, ControlOptions, Live
+from .startup import measure_batches, warm_up_sizes
 from .early_stop import check_sample, engine_stop, stop_sample
 from .executor import Executor
 from .metrics import ServeMetrics
@@ -57,6 +58,9 @@ TOO_LARGE = 413  # a request that cannot meet the SLO even on an idle server
 class EngineOptions:
     batching: BatchingOptions = field(default_factory=BatchingOptions)
     slo_ms: float = 100.0
+    # automatic SLO: the SLO for batch times this many times the profile's (re-derived at start
+    # from measured batches, startup.py); None: `slo_ms` as given
+    slo_auto: Callable[[float], float] | None = None
     max_queue: int = 1024  # inputs admitted and not yet in a batch; beyond: 503 "queue full"
     threads: int | None = None  # torch intra-op threads in the engine thread (None: torch's default)
     warmup: bool = True
@@ -125,6 +129,7 @@ class Engine:
         # of this and the live prediction, so a request is never refused as too large only
         # because batches are slower while the server is loaded.
         self._idle_costs = self.live.costs
+        self._idle_scale = 1.0  # measured batch time over the profile's at start (startup.py)
         # early stop: work is waiting when the queue holds requests as a ramp releases inputs
         self.early_stop = engine_stop(self._stop_sample, lambda: len(self.queue) > 0, options.stop_seed,
                                       int(getattr(control.settings, "stop_alarm", 256)))
@@ -190,7 +195,15 @@ class Engine:
         if self.options.warmup:
             with torch.inference_mode():
                 mb = self.options.batching.max_batch
-                self.executor.warm_up(sorted({1, min(8, mb), mb}), self.live.config.sites)
+                self.executor.warm_up(warm_up_sizes(mb, self._text), self.live.config.sites)
+            self._idle_scale = measure_batches(self)
+            if self.options.slo_auto is not None:  # the automatic SLO, from measured batch times
+                slo = self.options.slo_auto(self._idle_scale)
+                if slo != self.options.slo_ms:
+                    log.info("SLO %.0f ms (auto, from batches measured at start: %.2fx the profile's times; was %.0f)",
+                             slo, self._idle_scale, self.options.slo_ms)
+                    self.options = replace(self.options, slo_ms=slo)
+                    self.metrics.set_objectives(slo * 1e-3, self.control.settings.accuracy_constraint)
         self.control.start()
         self._thread = threading.Thread(target=self._run, name="apparate-engine", daemon=True)
         self._thread.start()
@@ -248,7 +261,7 @@ class Engine:
     def idle_ms(self, costs: Sequence[int]) -> float:
         """Predicted time to serve these inputs on an idle server (the lower of start-up's and live)."""
         c = np.asarray(costs, dtype=np.int64) if self._text else None
-        return min(self._idle_costs.drain_ms(len(costs), c), self.live.costs.drain_ms(len(costs), c))
+        return min(self._idle_costs.drain_ms(len(costs), c), self.live.costs.drain_ms(len(costs), c)) * self._idle_scale
 
     def too_large(self, costs: Sequence[int]) -> str | None:
         """Why a request can never meet the SLO, even alone on an idle server; None if it can."""

@@ -10,6 +10,7 @@ its queue and writes a last checkpoint. `ServerThread` runs the same app on a ba
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -82,7 +83,7 @@ def default_threads() -> int:
 
 
 def auto_slo_ms(profile: Any, max_batch: int, length: float | None = None, max_inputs: int = 1,
-                max_length: float | None = None) -> float:
+                max_length: float | None = None, scale: float = 1.0) -> float:
     """Default SLO, rounded up to 10 ms: the largest of
     * 50 ms;
     * three times the bare model's time for a full batch of typical inputs (a request may wait
@@ -93,11 +94,13 @@ def auto_slo_ms(profile: Any, max_batch: int, length: float | None = None, max_i
       starts: it waits for that batch, then runs in ceil(max_inputs / max_batch) batches of its
       own. Without this a valid request of many inputs could never meet the SLO. The margin is
       for a machine busier than the one the bundle was profiled on.
+    `scale` multiplies the profile's times: how much longer batches took when the server measured
+    them at start (`startup.measure_batches`), so the SLO fits what serving here costs.
     """
-    typical = 3.0 * float(profile.vanilla(max_batch, length))
+    typical = 3.0 * float(profile.vanilla(max_batch, length)) * scale
     full, rest = divmod(max(int(max_inputs), 1), max_batch)
-    one = float(profile.vanilla(max_batch, max_length))
-    largest = full * one + (float(profile.vanilla(rest, max_length)) if rest else 0.0)
+    one = float(profile.vanilla(max_batch, max_length)) * scale
+    largest = full * one + (float(profile.vanilla(rest, max_length)) * scale if rest else 0.0)
     ms = max(50.0, typical, 1.5 * (one + largest))
     return float(-(-ms // 10) * 10)
 
@@ -126,13 +129,15 @@ def engine_parts(opts: ServeOptions) -> tuple[Any, Any, Any]:
         and len(rec.lengths) else None
     max_len = float(served.codec.max_tokens) if served.kind == "text" else None  # type: ignore[union-attr]
     slo = opts.slo_ms if opts.slo_ms else auto_slo_ms(served.profile, opts.max_batch, typical, opts.max_inputs, max_len)
+    slo_auto = None if opts.slo_ms else functools.partial(auto_slo_ms, served.profile, opts.max_batch, typical,
+                                                          opts.max_inputs, max_len)
     if not opts.slo_ms:
         log.info("SLO %.0f ms (auto: it fits the largest request admitted, %d inputs%s; --slo-ms sets another, and "
                  "then larger requests are refused with 413)", slo, opts.max_inputs,
                  f" of {max_len:.0f} tokens" if max_len else "")
     eo = EngineOptions(
         batching=BatchingOptions(opts.batching, opts.max_batch, opts.shed, opts.batch_timeout_ms),
-        slo_ms=slo, max_queue=opts.max_queue, threads=threads, early_stop=opts.early_stop, stop_sample=opts.stop_sample)
+        slo_ms=slo, slo_auto=slo_auto, max_queue=opts.max_queue, threads=threads, early_stop=opts.early_stop, stop_sample=opts.stop_sample)
     co = ControlOptions(policy=opts.policy, settings=opts.settings(served.kind),
                         state_dir=opts.state_dir, checkpoint_every_s=opts.checkpoint_every_s,
                         feedback_min_inputs=opts.max_batch)
