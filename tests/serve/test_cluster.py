@@ -13,6 +13,7 @@ import concurrent.futures
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -158,9 +159,16 @@ def test_two_replicas_feed_one_tuner_apply_its_configs_and_a_killed_one_restarts
     for s in seen.values():
         assert s["cluster"]["tuner"]["reachable"] is True
         assert s["cluster"]["tuner_state"]["incarnation"] == st["incarnation"]
+    # The tuner's exposition holds each replica's series as the replica last pushed them (with its
+    # feedback): asked until both show the Config they serve, within a generous deadline.
+    deadline = time.monotonic() + 60
     with httpx.Client(timeout=30) as h:
-        text = h.get(c.url + "/metrics").text
-    samples = metric_samples(text)  # one valid exposition: each family once, whatever the replicas
+        while True:
+            samples = metric_samples(h.get(c.url + "/metrics").text)  # one valid exposition each time
+            if all(samples.get(("apparate_config_version", (("replica", rid),)), -1) >= st["seq"]
+                   for rid in st["replicas"]) or time.monotonic() > deadline:
+                break
+            h.post(c.model_url("/infer"), json=image_request(1, seed=2))  # traffic: replicas push feedback
     assert samples[("apparate_tuner_config_version", ())] >= st["seq"]
     for rid in st["replicas"]:
         assert samples[("apparate_tuner_feedback_lag_seconds", (("replica", rid),))] >= 0
