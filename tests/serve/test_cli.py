@@ -183,7 +183,7 @@ def test_serve_refuses_a_missing_bundle(tmp_path):
     assert r.returncode == 2 and "no bundle directory" in r.stderr
 
 
-def test_loadgen_compare_starts_both_servers_and_prints_ratios(r20_bundle, tmp_path):
+def test_loadgen_compare_starts_the_servers_and_prints_ratios(r20_bundle, tmp_path):
     from apparate.cli import main
 
     bundle, dd = r20_bundle
@@ -192,17 +192,19 @@ def test_loadgen_compare_starts_both_servers_and_prints_ratios(r20_bundle, tmp_p
         code = main(["loadgen", "--compare", str(bundle), "--stream", "cifar10-resnet20", "--stream-name", "test",
                      "--rate", "30", "--duration", "1", "--warmup", "0.5", "--trace", "poisson", "--no-progress",
                      "--data-dir", str(dd), "--threads", "1", "--max-batch", "4", "--json", str(tmp_path / "s.json"),
-                     "--server-log", str(tmp_path / "logs")])
+                     "--server-log", str(tmp_path / "logs"), "--early-stop"])
     out = buf.getvalue()
     assert code == 0, out
     assert "servers: vanilla at http://127.0.0.1:" in out and "apparate at http://127.0.0.1:" in out
+    assert "apparate-stop at http://127.0.0.1:" in out
     header = next(line for line in out.splitlines() if line.startswith("metric"))
-    assert header.split() == ["metric", "vanilla", "apparate", "ratio"]
+    assert header.split() == ["metric", "vanilla", "apparate", "apparate-stop", "apparate/vanilla",
+                              "apparate-stop/vanilla"]
     assert "same trace and inputs for each server, one after the other" in out
     summaries = json.loads((tmp_path / "s.json").read_text())
-    assert set(summaries) == {"vanilla", "apparate"}
+    assert set(summaries) == {"vanilla", "apparate", "apparate-stop"}
     assert summaries["vanilla"]["accuracy_vs_original"] == 1.0 and summaries["vanilla"]["early_share"] == 0.0
-    assert summaries["vanilla"]["requests"] == summaries["apparate"]["requests"]
-    # both servers were shut down gracefully
-    for policy in ("vanilla", "apparate"):
-        assert "stopped" in (tmp_path / "logs" / f"{policy}.log").read_text()
+    assert summaries["vanilla"]["requests"] == summaries["apparate"]["requests"] == summaries["apparate-stop"]["requests"]
+    # every server was shut down gracefully
+    for name in ("vanilla", "apparate", "apparate-stop"):
+        assert "stopped" in (tmp_path / "logs" / f"{name}.log").read_text()

@@ -5,6 +5,7 @@ and accuracy reports.
     apparate loadgen URL_A URL_B ...          same trace to both servers, one after the other; ratios B/A
     apparate loadgen --compare BUNDLE ...     starts a vanilla and an apparate server on free loopback
                                               ports, serves the same trace to each, prints ratios
+    apparate loadgen --compare BUNDLE --early-stop ...   and a third, apparate with early stop
 
 See docs/serve.md for what each figure means.
 """
@@ -49,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--batching", choices=("clockwork", "tfserving"))
     srv.add_argument("--threads", type=int)
     srv.add_argument("--accuracy-constraint", type=float)
+    srv.add_argument("--early-stop", action="store_true",
+                     help="also start apparate with --early-stop (reported as apparate-stop)")
     srv.add_argument("--serve-arg", action="append", default=[], help="any other `apparate serve` flag (repeatable)")
     srv.add_argument("--server-log", help="directory for the servers' logs (default: a temporary one)")
     p.set_defaults(func=run)
@@ -116,10 +119,13 @@ def run(args: argparse.Namespace) -> int:
 
             extra = _serve_args(args)
             targets = []
-            for policy in ("vanilla", "apparate"):
-                proc, url = start_server(args.compare, policy, extra, args.server_log)
+            servers = [("vanilla", "vanilla", []), ("apparate", "apparate", [])]
+            if args.early_stop:
+                servers.append(("apparate-stop", "apparate", ["--early-stop"]))
+            for name, policy, own in servers:
+                proc, url = start_server(args.compare, policy, extra + own, args.server_log, name=name)
                 procs.append(proc)
-                targets.append((policy, url))
+                targets.append((name, url))
             print("servers: " + ", ".join(f"{n} at {u}" for n, u in targets)
                   + (f" (apparate serve ... {' '.join(shlex.quote(a) for a in extra)})" if extra else ""), flush=True)
         else:

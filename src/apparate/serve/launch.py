@@ -14,25 +14,27 @@ from typing import Sequence
 
 
 def start_server(bundle: str, policy: str, extra: Sequence[str] = (), log_dir: str | None = None,
-                 timeout_s: float = 900.0) -> tuple[subprocess.Popen, str]:
-    """Launch a server (port chosen by the OS, reported through a port file); wait until ready."""
+                 timeout_s: float = 900.0, name: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Launch a server (port chosen by the OS, reported through a port file); wait until ready.
+    `name` (default the policy) names its log and port files."""
     from .loadgen import wait_ready
 
     d = Path(log_dir or tempfile.mkdtemp(prefix="apparate-loadgen-"))
     d.mkdir(parents=True, exist_ok=True)
-    port_file = d / f"{policy}.port.json"
+    name = name or policy
+    port_file = d / f"{name}.port.json"
     port_file.unlink(missing_ok=True)
-    log = open(d / f"{policy}.log", "w")
+    log = open(d / f"{name}.log", "w")
     cmd = [sys.executable, "-m", "apparate", "serve", bundle, "--policy", policy, "--host", "127.0.0.1",
            "--port", "0", "--port-file", str(port_file), *extra]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     end = time.monotonic() + timeout_s
     while not port_file.exists():
         if proc.poll() is not None:
-            raise RuntimeError(f"the {policy} server exited with code {proc.returncode}; see {d / (policy + '.log')}")
+            raise RuntimeError(f"the {name} server exited with code {proc.returncode}; see {d / (name + '.log')}")
         if time.monotonic() > end:
             stop_server(proc)
-            raise TimeoutError(f"the {policy} server did not start within {timeout_s:.0f} s; see {d}")
+            raise TimeoutError(f"the {name} server did not start within {timeout_s:.0f} s; see {d}")
         time.sleep(0.2)
     url = json.loads(port_file.read_text())["url"]
     wait_ready(url, timeout_s, proc)

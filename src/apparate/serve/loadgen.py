@@ -315,15 +315,16 @@ def _fmt(fmt: str, v: Any) -> str:
 
 
 def format_report(summaries: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """A table, one column per server, plus the ratio of the last to the first when two."""
+    """A table, one column per server, plus the ratio of each later one to the first."""
     names = [n for n, _ in summaries]
-    head = ["metric", *names] + (["ratio"] if len(summaries) == 2 else [])
+    k = len(summaries)
+    head = ["metric", *names] + (["ratio"] if k == 2 else [f"{n}/{names[0]}" for n in names[1:]])
     rows = [head]
     for label, key, fmt in ROWS:
         vals = [s.get(key) for _, s in summaries]
         row = [label, *(_fmt(fmt, v) for v in vals)]
-        if len(summaries) == 2:
-            a, b = vals
+        a = vals[0]
+        for b in vals[1:]:
             row.append(f"{b / a:.3f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a and a == a and b == b
                        and key not in ("requests", "ok", "dropped_503", "errors") else "")
         rows.append(row)
