@@ -1,5 +1,6 @@
 """Live serving: an engine that releases answers early, an Open Inference Protocol HTTP API,
-Prometheus metrics, checkpointed controller state, and a load generator.
+Prometheus metrics and checkpointed controller state. (The load generators that send traffic
+to a server live in `apparate.client`, which this package never imports.)
 
 Modules, one job each (imports stay light: torch and the web stack load where used):
 
@@ -16,5 +17,4 @@ Modules, one job each (imports stay light: torch and the web stack load where us
     protocol    Open Inference Protocol v2 request parsing and response building
     app         the Starlette application (routes, limits, errors)
     server      building a server from a bundle; running uvicorn (in the foreground or a thread)
-    loadgen     the open-loop HTTP load generator and its report
 """
