@@ -13,6 +13,7 @@ Modules, one job each (imports stay light: torch and the web stack load where us
     state       atomic checkpoints of the controller state
     metrics     Prometheus metrics and the live statistics behind /earlyexit
     model_io    ServedModel and the input codecs (images, text)
+    admission   Admission: 413 / 503 before a request enters the queue (SLO and backlog checks)
     engine      Engine: queue -> scheduler -> executor -> control, and its threads
     protocol    Open Inference Protocol v2 request parsing and response building
     app         the Starlette application (routes, limits, errors)

@@ -28,7 +28,7 @@ class ChangeOver:
         engine._swap = None
         self.old = (engine.control, engine.executor)
         engine.served, engine.executor, engine.control = self.served, self.executor, self.control
-        engine._idle_costs = self.control.live.costs
+        engine.admission.idle_costs = self.control.live.costs
         if engine.running:
             self.control.start()
         self.done.set()
