@@ -9,7 +9,9 @@ Modules, one job each (imports stay light: torch and the web stack load where us
     costs       BatchCosts: predicted batch time per batch size (and length) from the profile
     scheduler   Scheduler: the replay batchers' decisions applied to the live queue
     executor    Executor: one batch through the EarlyExitModel, releasing answers at ramps
+    calibrate   ramp costs as paid on this machine, timed through the executor at start
     control     ControlLoop: the controller thread (feedback, online profile, config swaps)
+    restore     the control loop's policy restored from a checkpoint (or a fresh start, and why)
     state       atomic checkpoints of the controller state
     metrics     Prometheus metrics and the live statistics behind /earlyexit
     model_io    ServedModel and the input codecs (images, text)
