@@ -1,10 +1,12 @@
 """The dependency direction of DESIGN.md, checked on the source: every `import` (top-level or inside
 a function) of every module.
 
-    cli, api -> bench / serve / cluster / generate -> replay / policies -> zoo -> model -> core
+    cli, api -> bench / serve / cluster / generate / client -> replay / policies -> zoo -> model -> core
 
 A package may import its own layer and the layers below it, never one above; `core` imports
 nothing but numpy and the standard library, so the same decisions run in the server and in replay.
+`client` (tools that send traffic to a server) shares the serving layer, but nothing that runs in a
+server (`serve`, `cluster`) imports it: the server must not depend on its own load generators.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "apparate"
 RANK = {"core": 0, "model": 1, "zoo": 2, "replay": 3, "policies": 3,
-        "bench": 4, "serve": 4, "cluster": 4, "generate": 4, "cli": 5, "api": 5}
+        "bench": 4, "serve": 4, "cluster": 4, "generate": 4, "client": 4, "cli": 5, "api": 5}
+# Pairs a layer's rank would allow but the design forbids: (importer, imported).
+FORBIDDEN = {("serve", "client"), ("cluster", "client")}
 ANYWHERE = {"paths", "devices", "__init__", "__main__"}  # small shared utilities (and the package itself)
 
 
@@ -59,6 +63,9 @@ def test_imports_run_down_the_layers():
                 continue
             if RANK[there] > RANK[here]:
                 bad.append(f"{path.relative_to(SRC)}:{line} {here} imports {name} (a higher layer)")
+            elif (here, there) in FORBIDDEN:
+                bad.append(f"{path.relative_to(SRC)}:{line} {here} imports {name} (forbidden: a server "
+                           f"never imports the client tools)")
     assert not bad, "\n".join(bad)
 
 

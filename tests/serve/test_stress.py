@@ -72,7 +72,7 @@ def test_admission_sheds_before_parsing_only_what_cannot_make_it(tiny_cnn):
                     assert time.monotonic() < end, "the batch never started"
                     await asyncio.sleep(0.005)
                 live.engine.margin = 1e3
-                assert live.engine.refusal() == "overloaded"
+                assert live.engine.admission.refusal() == "overloaded"
                 bad = await asyncio.gather(*(c.post(url, content=b"{not json") for _ in range(3)))
                 assert (await first).status_code in (200, 503)
                 return list(bad)

@@ -215,13 +215,14 @@ def test_pooled_feedback_is_the_batches_stacked(batches, seed):
 
 
 def test_calibration_sets_ramp_costs_to_what_the_hook_pays(tiny_cnn):
+    from apparate.serve.calibrate import calibrate_ramps
     from apparate.serve.executor import Executor
 
     served = served_cnn(tiny_cnn)
     ex = Executor(served, lambda pairs: None)
     try:
         before = served.profile
-        after = ex.calibrate(before, [1, 8], repeats=2)
+        after = calibrate_ramps(ex, before, [1, 8], repeats=2)
     finally:
         ex.close()
         served.ee.remove_hooks()

@@ -131,7 +131,7 @@ def test_record_your_own_footage_with_a_real_model(r20, r20_bundle, clips, tmp_p
 
 
 def test_loadgen_sends_your_footage_at_the_served_size(data_dir, clips):
-    from apparate.serve.loadgen import stream_payloads
+    from apparate.client.loadgen import stream_payloads
 
     p = stream_payloads("cifar10-resnet20", f"video:{clips / 'highway.avi'}", 5, str(data_dir))
     assert len(p.bodies) == 5 and (p.labels == -1).all()

@@ -105,7 +105,7 @@ def serving(opts: Any, args: argparse.Namespace) -> dict[str, Any]:
     from apparate.cluster.launch import ClusterOptions, deploy, remove, start_ray, stop_ray
     from apparate.cluster.replica import ReplicaSpec
     from apparate.cluster.tuner_core import TunerSpec
-    from apparate.serve.loadgen import make_trace, measure, stream_payloads, summarize, wait_ready
+    from apparate.client.loadgen import make_trace, measure, stream_payloads, summarize, wait_ready
     from apparate.serve.server import engine_parts
 
     start_ray(namespace="apparate-bench", log_to_driver=False)
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         out["serving"] = sums
         print(f"\noffered load: Poisson {args.rate:g} requests/s, {args.duration:g} s x {args.rounds} runs each, "
               f"{args.replica_cpus:g} CPU(s) and 1 torch thread per replica, {os.cpu_count()} cores in all")
-        from apparate.serve.loadgen import format_report
+        from apparate.client.loadgen import format_report
 
         print(format_report([("1 replica", sums[1]), ("2 replicas", sums[2])]))
     t = tuning(opts, args.inputs, args.batch, args.seed)

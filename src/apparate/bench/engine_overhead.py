@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         # handed to the controller). CPU: everything the process spent, the controller thread's
         # work for these batches included (waited for after the wall clock stopped).
         w, c = time.perf_counter(), time.process_time()
-        target = engine._admitted + K * b
+        target = engine.admission.admitted + K * b
         futs = engine.submit(items * K, costs * K)
         engine.wait_settled(target, 120)
         wall = time.perf_counter() - w

@@ -2,7 +2,7 @@
 
 Starts `apparate serve BUNDLE` (a subprocess on a free loopback port, `--threads 1` by default)
 and loads it with real HTTP requests from the bundle's workload stream (binary tensors for
-images), through `apparate.serve.httpload`: a raw HTTP/1.1 client costing tens of microseconds
+images), through `apparate.client.httpload`: a raw HTTP/1.1 client costing tens of microseconds
 per request, since at three times a server's capacity aiohttp alone would take most of a
 small machine. The client and the server share the machine: what the client costs, the server
 does not get, and the table says how much CPU the client and any other process took.
@@ -136,7 +136,7 @@ def _summary(shots: object, slo_ms: float, duration: float) -> dict:
 def _drain(base: str, model: str, timeout_s: float = 10.0) -> dict:
     import time
 
-    from apparate.serve.loadgen import server_state
+    from apparate.client.loadgen import server_state
 
     end = time.monotonic() + timeout_s
     st = server_state(base, model)
@@ -152,8 +152,8 @@ def find_capacity(base: str, path: str, reqs: list, slo_ms: float, max_batch: in
     """The highest Poisson rate with >= 99% of requests answered within the SLO (bisection)."""
     import numpy as np
 
-    from apparate.serve import httpload
-    from apparate.serve.loadgen import make_trace
+    from apparate.client import httpload
+    from apparate.client.loadgen import make_trace
 
     s = httpload.closed_loop(base, path, reqs, 2 * max_batch, probe_s)
     closed = float((s.status == 200).sum() / probe_s)
@@ -241,9 +241,9 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from apparate.model.bundle import read_manifest
-    from apparate.serve import httpload
-    from apparate.serve.launch import start_server, stop_server
-    from apparate.serve.loadgen import make_trace, server_state, stream_payloads
+    from apparate.client import httpload
+    from apparate.client.launch import start_server, stop_server
+    from apparate.client.loadgen import make_trace, server_state, stream_payloads
 
     multiples = [float(x) for x in args.multiples.split(",") if x.strip()]
     if not multiples or min(multiples) <= 0:
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _meta(base: str, model: str) -> dict:
-    from apparate.serve.loadgen import _get_json
+    from apparate.client.loadgen import _get_json
 
     return _get_json(f"{base}/v2/models/{model}")[1]
 

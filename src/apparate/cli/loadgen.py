@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from apparate.cli import UserError
-    from apparate.serve import loadgen as lg
+    from apparate.client import loadgen as lg
 
     if args.compare and args.urls:
         raise UserError("give either server URLs or --compare BUNDLE, not both")
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     procs = []
     try:
         if args.compare:
-            from apparate.serve.launch import start_server
+            from apparate.client.launch import start_server
 
             extra = _serve_args(args)
             targets = []
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 json.dump({n: s for n, s in summaries}, f, indent=1, default=str)
     finally:
         if procs:
-            from apparate.serve.launch import stop_server
+            from apparate.client.launch import stop_server
 
             for proc in procs:
                 stop_server(proc)

@@ -145,7 +145,7 @@ class Front:
             return
         route = route_of(path)
         if route == "infer" and path in self.infer_paths and scope["method"] == "POST":
-            why = self.engine.refusal(t0)
+            why = self.engine.admission.refusal(t0)
             if why is not None:
                 self.engine.metrics.drop(why)
                 body = self._refusals.get(why)
@@ -264,7 +264,7 @@ def create_app(engine: Engine, max_body_bytes: int = 16 << 20, manage_engine: bo
             check_model(request)
         except HTTPException as e:
             return _error(str(e.detail), e.status_code)
-        why = engine.refusal()  # the queue may have filled while the request waited for its turn
+        why = engine.admission.refusal()  # the queue may have filled while the request waited for its turn
         if why is not None:
             engine.metrics.drop(why)
             return _error(why, 503, RETRY)

@@ -41,13 +41,14 @@ from apparate.core.controller import Config, Controller, Feedback
 from apparate.core.evidence import Scorer
 from apparate.core.profile import LatencyProfile
 from apparate.core.settings import Settings
-from apparate.policies import ADAPTIVE, Policy, check_servable, serving_policy
-from apparate.policies.catalog import all_ramps_budget, configured_policy, restored_policy
+from apparate.policies import Policy, check_servable, serving_policy
+from apparate.policies.catalog import all_ramps_budget, configured_policy
 
 from .costs import BatchCosts
 from .report import BatchReport
 from .feedback import merged_feedback
-from .state import SavedState, StateError, read_state, save_state, set_aside
+from .restore import try_restore
+from .state import save_state
 
 log = logging.getLogger("apparate.serve")
 
@@ -135,9 +136,10 @@ class ControlLoop:
         if opt.remote is not None:
             return opt.remote
         if opt.state_dir is not None and opt.restore:
-            policy = self._try_restore()
-            if policy is not None:
-                return policy
+            got = try_restore(opt, served, s, self.profile)
+            self.profile, self.restored = got.profile, got.info
+            if got.policy is not None:
+                return got.policy
         if opt.policy == "vanilla" or opt.initial is not None:
             return configured_policy(opt.policy, opt.initial or Config(), self.profile, s, served.recording)
         if served.recording is None:
@@ -147,84 +149,6 @@ class ControlLoop:
         # server serves); the controller re-judges at the batch size it serves.
         length = None if rec.lengths is None else float(np.mean(rec.lengths))
         return serving_policy(opt.policy, rec, self.profile, s, (1.0, length))
-
-    def _try_restore(self) -> Policy | None:
-        """Restore from the state directory. Whatever is unusable (not a state, wrong fields,
-        another model's, sites this model lacks) is logged, moved aside and the start is fresh:
-        a bad file must never stop the server from starting."""
-        opt = self.options
-        where = Path(opt.state_dir)
-        if where.exists() and not where.is_dir():
-            raise ValueError(f"the state directory {where} is a file")
-        try:
-            state = read_state(where)
-            if state is None:
-                return None
-            return self._restore(state)
-        except Exception as e:  # noqa: BLE001 - StateError, or anything a restore raised
-            reason = str(e) if isinstance(e, StateError) else f"{type(e).__name__}: {e}"
-            moved = set_aside(where)
-            log.warning("ignoring the saved state in %s: %s; %s; starting afresh", where, reason,
-                        f"moved it to {moved.name}" if moved is not None else "it could not be moved aside")
-            self.profile = self.initial_profile
-            self.restored = {"from": None, "ignored": reason, "moved_to": None if moved is None else str(moved)}
-            return None
-
-    def _restore(self, state: SavedState) -> Policy | None:
-        opt, served = self.options, self.served
-        if state.fingerprint != served.fingerprint or state.num_sites != served.num_sites:
-            raise StateError(f"it belongs to another model ({state.model_name or 'unnamed'}, "
-                             f"{state.num_sites} sites)")
-        self.profile = state.profile
-        self.restored = {"from": str(opt.state_dir), "saved_at": state.saved_at, "policy": state.policy,
-                         "what": "profile"}
-        if state.policy != opt.policy:
-            log.info("saved state was for policy %s: restored the measured profile only", state.policy)
-            return None
-        if opt.policy == "vanilla":
-            return configured_policy(opt.policy, Config(), self.profile, self.settings)
-        if opt.policy not in ADAPTIVE:  # a fixed configuration
-            self.restored["what"] = "profile, config"
-            return configured_policy(opt.policy, state.config, self.profile, self.settings)
-        try:
-            boot = None if served.recording is None else (served.recording.conf, served.recording.agree)
-            ctl = Controller.from_state(state.controller or {}, bootstrap=boot)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise StateError(f"its controller state is unusable ({type(e).__name__}: {e})") from None
-        if ctl.profile.num_sites != served.num_sites or (ctl.config.sites and max(ctl.config.sites) >= served.num_sites):
-            raise StateError("its controller names sites this model lacks")
-        self.profile = ctl.profile
-        if ctl.settings != self.settings:
-            # Keep what was learnt about ramps and costs; the new settings apply from here on.
-            log.info("settings changed since the checkpoint: keeping its ramps and profile, re-tuning")
-            policy = configured_policy(opt.policy, ctl.config, ctl.profile, self.settings, served.recording)
-            self.restored["what"] = "profile, config (settings changed)"
-        else:
-            policy = restored_policy(opt.policy, ctl)
-            self.restored["what"] = "profile, config, controller window"
-            if opt.policy == "apparate-learned":
-                self._restore_evidence(policy, state.raw.get("evidence"))
-        log.info("restored the serving state from %s: ramps %s, version %d", opt.state_dir, list(policy.config.sites),
-                 policy.config.version)
-        return policy
-
-    def _restore_evidence(self, policy: Any, saved: Any) -> None:
-        """apparate-learned: go on with the checkpoint's fit (its buffer of features is not saved);
-        without a usable one, a fresh evidence model around the restored controller."""
-        why = "the checkpoint has none"
-        if isinstance(saved, dict):
-            try:
-                policy.restore_evidence(saved)
-            except ValueError as e:
-                why = f"the checkpoint's is unusable ({e})"
-            else:
-                log.info("apparate-learned: restored the evidence model's fit v%d; its buffer of features is not "
-                         "checkpointed, refits use the inputs served from now on", policy.model.version)
-                self.restored["what"] += f" (evidence fit v{policy.model.version}, buffer fresh)"
-                return
-        log.info("apparate-learned: no evidence model restored (%s); a fresh one starts around the restored "
-                 "controller (scores are the ramps' confidences until its first refit)", why)
-        self.restored["what"] += " (evidence model fresh)"
 
     # ------------------------------------------------------------------------------ thread
     def start(self) -> None:

@@ -24,7 +24,7 @@ def describe(engine: Any) -> dict[str, Any]:
         "num_sites": engine.served.num_sites,
         **{k: v for k, v in stats.items() if k != "early_stop"},
         "queue_depth": len(engine.queue),
-        "admission": {"shed": engine._shed, "slowdown": round(engine.slowdown, 3), "margin": round(engine.margin, 3), "predicted_wait_ms": round(max(engine._finish(time.perf_counter(), len(engine.queue), None)
+        "admission": {"shed": engine.admission.shed, "slowdown": round(engine.slowdown, 3), "margin": round(engine.margin, 3), "predicted_wait_ms": round(max(engine.admission.finish(time.perf_counter(), len(engine.queue), None)
                                                                          - time.perf_counter(), 0.0) * 1e3, 3)},
         "batches": engine.batches,
         "early_stop": {**stop_state(engine), **stats.get("early_stop", {})},

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .admission import Admission
 from .batch_times import BatchTimes, on_cpu, scale_times
 from .control import ControlLoop, ControlOptions, Live
 from .startup import measure_batches, warm_up_sizes
@@ -41,17 +42,11 @@ from .early_stop import check_sample, engine_stop, stop_sample
 from .executor import Executor
 from .metrics import ServeMetrics
 from .model_io import ServedModel
-from .queue import CLOSED, QUEUE_FULL, Refused, RequestQueue
+from .queue import CLOSED, RequestQueue
 from .scheduler import BatchingOptions, Scheduler
 from .requests import Rejected, Request, Result, deliver
 
 log = logging.getLogger("apparate.serve")
-
-# Admission's reason for a 503: the work queued ahead of the request already makes it miss its
-# deadline. Distinct from the scheduler's "late" (admitted, then found late at batch time), so
-# that /metrics tells a prediction that held from one that did not.
-OVERLOADED = "overloaded"
-TOO_LARGE = 413  # a request that cannot meet the SLO even on an idle server
 
 
 @dataclass(frozen=True)
@@ -108,8 +103,6 @@ class Engine:
         self.last_batch: dict[str, float] = {}  # start/end perf_counter times of the latest batch
         self._stop_drain = True
         self._failed: BaseException | None = None
-        self._count_lock = threading.Lock()
-        self._admitted = 0  # inputs put in the queue
         self._settled = 0  # inputs answered or refused after admission (engine thread only)
         self._settled_cond = threading.Condition()
         # See the module doc: CPU time is a batch's cost only for a CPU model on one thread (a GPU
@@ -122,14 +115,9 @@ class Engine:
         self.margin = 1.0
         self._predicted_ms = 0.0  # of the running batch
         self.metrics.watch_slowdown(lambda: self.slowdown)
-        self._busy_until = 0.0  # predicted end (perf_counter s) of the running batch; 0 when idle
-        self._shed = options.batching.shed
         self._text = getattr(served.codec, "max_tokens", None) is not None
-        # The costs as measured at start on this (idle) machine: the 413 check takes the lower
-        # of this and the live prediction, so a request is never refused as too large only
-        # because batches are slower while the server is loaded.
-        self._idle_costs = self.live.costs
-        self._idle_scale = 1.0  # measured batch time over the profile's at start (startup.py)
+        # 413 / 503 before a request enters the queue (admission.py); reads `margin` above
+        self.admission = Admission(self, self._text)
         # early stop: work is waiting when the queue holds requests as a ramp releases inputs
         self.early_stop = engine_stop(self._stop_sample, lambda: len(self.queue) > 0, options.stop_seed,
                                       int(getattr(control.settings, "stop_alarm", 256)))
@@ -146,6 +134,7 @@ class Engine:
         mb = options.batching.max_batch
         profile = served.profile  # the bundle's; calibrated here, then owned by the control loop
         if options.calibrate_ramps and served.num_sites:
+            from .calibrate import calibrate_ramps
             from .device_profile import on_serving_device
 
             profile = on_serving_device(served, profile, options.threads)  # another device's: re-measured
@@ -157,7 +146,7 @@ class Engine:
             t = time.perf_counter()
             grid = [int(b) for b in profile.batch_sizes]
             sizes = sorted({min(grid, key=lambda g: abs(g - want)) for want in (1, mb)})
-            profile = executor.calibrate(profile, sizes, learned=control.policy == "apparate-learned")
+            profile = calibrate_ramps(executor, profile, sizes, learned=control.policy == "apparate-learned")
             log.info("ramp costs calibrated in %.1f s at batch sizes %s: %.3f ms per ramp (profiled %.3f) at batch %d",
                      time.perf_counter() - t, sizes, float(profile.at(sizes[-1])[1].mean()),
                      float(served.profile.at(sizes[-1])[1].mean()), sizes[-1])
@@ -196,12 +185,12 @@ class Engine:
             with torch.inference_mode():
                 mb = self.options.batching.max_batch
                 self.executor.warm_up(warm_up_sizes(mb, self._text), self.live.config.sites)
-            self._idle_scale = measure_batches(self)
+            self.admission.idle_scale = measure_batches(self)
             if self.options.slo_auto is not None:  # the automatic SLO, from measured batch times
-                slo = self.options.slo_auto(self._idle_scale)
+                slo = self.options.slo_auto(self.admission.idle_scale)
                 if slo != self.options.slo_ms:
                     log.info("SLO %.0f ms (auto, from batches measured at start: %.2fx the profile's times; was %.0f)",
-                             slo, self._idle_scale, self.options.slo_ms)
+                             slo, self.admission.idle_scale, self.options.slo_ms)
                     self.options = replace(self.options, slo_ms=slo)
                     self.metrics.set_objectives(slo * 1e-3, self.control.settings.accuracy_constraint)
         self.control.start()
@@ -227,7 +216,7 @@ class Engine:
         self.control.stop()
         self._thread = None
 
-    # ------------------------------------------------------------------------------ admission
+    # ------------------------------------------------------------------------------ requests in
     def _requests(self, items: Sequence[Any], costs: Sequence[int], make_future: Any, loop: Any,
                   arrival: float | None) -> list[Request]:
         now = time.perf_counter() if arrival is None else arrival
@@ -248,90 +237,15 @@ class Engine:
         reqs = self._requests(items, costs, loop.create_future, loop, arrival)
         for r in reqs if finals else ():
             r.final = loop.create_future()
-        self._admit(reqs)
+        self.admission.admit(reqs)
         return reqs
 
     def submit(self, items: Sequence[Any], costs: Sequence[int] | None = None) -> list[concurrent.futures.Future]:
         """In-process callers: one concurrent future per input (Answer or Rejected)."""
         costs = costs if costs is not None else [1] * len(items)
         reqs = self._requests(items, costs, concurrent.futures.Future, None, None)
-        self._admit(reqs)
+        self.admission.admit(reqs)
         return [r.future for r in reqs]
-
-    def idle_ms(self, costs: Sequence[int]) -> float:
-        """Predicted time to serve these inputs on an idle server (the lower of start-up's and live)."""
-        c = np.asarray(costs, dtype=np.int64) if self._text else None
-        return min(self._idle_costs.drain_ms(len(costs), c), self.live.costs.drain_ms(len(costs), c)) * self._idle_scale
-
-    def too_large(self, costs: Sequence[int]) -> str | None:
-        """Why a request can never meet the SLO, even alone on an idle server; None if it can."""
-        slo = self.options.slo_ms
-        need = self.idle_ms(costs)
-        if need <= slo:
-            return None
-        n, mb = len(costs), self.options.batching.max_batch
-        fit = 0
-        while fit < n and self.idle_ms(list(costs)[: fit + 1]) <= slo:
-            fit += 1
-        what = "fewer or shorter texts" if self._text else f"at most {fit} inputs per request" if fit else "fewer inputs"
-        return (f"this request of {n} inputs needs about {need:.0f} ms on an idle server ({-(-n // mb)} batches of up "
-                f"to {mb}), more than the SLO of {slo:.0f} ms: send {what}")
-
-    def _finish(self, now: float, count: int, costs: np.ndarray | None) -> float:
-        """When the last of `count` inputs queued now will have been served, at the latest (perf_counter s):
-        the running batch's end, then the backlog in full batches, each predicted time scaled
-        by the 90th percentile of how much longer recent batches took than predicted. A
-        promise has to hold for the batches that run slow, not only for the median one: with
-        the median, a third of the requests admitted at ~capacity were dropped late here."""
-        start = max(now, self._busy_until)
-        return start + self.live.costs.drain_ms(count, costs) * self.margin * 1e-3
-
-    def refusal(self, now: float | None = None) -> str | None:
-        """Before a request is read or parsed: why it would be refused (503), or None. Checks the
-        queue as it stands for the smallest request (one input, the shortest text), so it refuses
-        only what cannot be served in time whatever it holds: cheap enough to run first, which is
-        what keeps refusing from eating the CPU that serving needs past capacity."""
-        q = self.queue
-        if q.closed:
-            return CLOSED
-        n = len(q)
-        if n >= q.limit:
-            return QUEUE_FULL
-        if self._shed and (n or self.running_batch):  # an idle engine takes it (see _admit)
-            now = time.perf_counter() if now is None else now
-            if self._finish(now, n + 1, None) > now + self.options.slo_ms * 1e-3:
-                return OVERLOADED
-        return None
-
-    def _admit(self, reqs: list[Request]) -> bool:
-        """Put all or none; refused requests get their result (413 or 503) set here."""
-        big = self.too_large([r.cost for r in reqs]) if reqs else None
-        if big is not None:
-            self.metrics.drop("too large", len(reqs))
-            for r in reqs:
-                r.future.set_result(Rejected(TOO_LARGE, big))
-            return False
-
-        def deadline_check(queued: Any) -> str | None:
-            # Under the queue's lock: the request's own inputs come last, in arrival order. One
-            # that finds the engine idle is admitted: it delays nobody, and refusing it would
-            # not make it any faster (whether it can ever fit was too_large's question).
-            if not self._shed or (not queued and not self.running_batch):
-                return None
-            costs = np.fromiter((x.cost for x in (*queued, *reqs)), dtype=np.int64) if self._text else None
-            last = self._finish(time.perf_counter(), len(queued) + len(reqs), costs)
-            return OVERLOADED if last > reqs[0].deadline else None
-
-        with self._count_lock:
-            try:
-                self.queue.put_all(reqs, deadline_check)
-            except Refused as e:
-                self.metrics.drop(e.reason, len(reqs))
-                for r in reqs:
-                    r.future.set_result(Rejected(503, e.reason))
-                return False
-            self._admitted += len(reqs)
-        return True
 
     def wait_settled(self, count: int, timeout: float | None = 30.0) -> bool:
         """Block until `count` admitted inputs have been answered or refused (and their batches'
@@ -343,7 +257,7 @@ class Engine:
         """Wait until every admitted input is settled and its batch's feedback handled (tests,
         benchmarks). False on timeout."""
         end = time.monotonic() + timeout
-        ok = self.wait_settled(self._admitted, timeout)
+        ok = self.wait_settled(self.admission.admitted, timeout)
         self.control.flush(max(end - time.monotonic(), 0.0))
         return ok
 
@@ -393,7 +307,7 @@ class Engine:
             if batch:  # admission counts from the running batch's predicted end
                 c = np.fromiter((r.cost for r in batch), dtype=np.int64, count=len(batch)) if self._text else None
                 self._predicted_ms = live.costs.drain_ms(len(batch), c)
-                self._busy_until = time.perf_counter() + self._predicted_ms * self.margin * 1e-3
+                self.admission.busy_until = time.perf_counter() + self._predicted_ms * self.margin * 1e-3
             if dropped:
                 by_reason: dict[str, list[Request]] = {}
                 for req, (_, why) in zip(dropped, step.drops):
@@ -425,7 +339,7 @@ class Engine:
                 self.early_stop.after(report)
         finally:
             self.running_batch = 0
-            self._busy_until = 0.0
+            self.admission.busy_until = 0.0
         t_end = time.perf_counter()
         wall = t_end - t_start
         if report is not None:

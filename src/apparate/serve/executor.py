@@ -47,7 +47,7 @@ from apparate.model.sites import primary_output
 
 from .model_io import ServedModel
 from .early_stop import EarlyStop
-from .report import BatchReport, final_confidence
+from .report import BatchReport, final_confidence, stage_times
 from .requests import Answer, FinalTarget, Rejected, Request, Result
 
 log = logging.getLogger("apparate.serve")
@@ -119,42 +119,6 @@ class Executor:
             items = codec.example(size)
         self.drop_refused = drop_rows_work(self.ee, codec.encode(items))
         return self.drop_refused
-
-    def calibrate(self, profile: Any, sizes: Sequence[int], repeats: int = 3, learned: bool = False) -> Any:
-        """The profile with every ramp's cost as it is paid here: the ramp plus scoring, the hook
-        and the release callback, timed inside the model at each size (and profiled length).
-
-        Preparation times a ramp alone on a cached activation, which misses most of that (on
-        ResNet-56, 0.03 ms profiled against 0.2-0.5 ms paid per ramp); placement and the ramp
-        budget would then admit ramps that cost ten times their share. Backbone times are left
-        as profiled; online measurements refine everything while serving. `learned`: as the
-        learned exit rule pays them (pooled features, features and scores)."""
-        import torch
-
-        scorer = Scorer(-1, np.full((self.ee.num_sites, F), np.nan)) if learned else None
-
-        S = self.ee.num_sites
-        sites = tuple(range(S))
-        cfg = Config(sites, (0.0,) * S)
-        lengths = [None] if self.served.kind != "text" else [int(x) for x in profile.lengths]
-        for length in lengths:
-            for b in sizes:
-                items = self.served.codec.example(b, length) if length else self.served.codec.example(b)
-                costs: list[dict[int, float]] = []
-                for _ in range(repeats + 1):
-                    reqs = [Request(it, 1, 0.0, 0.0) for it in items]
-                    with torch.inference_mode():
-                        rep = self.run(reqs, cfg, self.clock(), scorer)
-                    if rep is not None:
-                        costs.append(rep.ramp_ms)
-                costs = costs[1:]  # the first run warms up
-                if not costs:
-                    continue
-                ramp = {s: float(np.median([c[s] for c in costs if s in c])) for s in sites if all(s in c for c in costs)}
-                if ramp:
-                    profile = profile.updated(b, {}, ramp, None, None if length is None else float(length), 1.0)
-        self.reset_stream()  # the examples are no part of the stream
-        return profile
 
     def run(self, batch: list[Request], cfg: Config, t_start: float, scorer: Scorer | None = None,
             stop: EarlyStop | None = None) -> BatchReport | None:
@@ -373,7 +337,7 @@ class Executor:
                 self._advance(cols, conf, pred, final_pred, pooled)
             else:  # the ramps' answers are not this batch's: only its final answers are known
                 self._advance(np.zeros(0, dtype=np.int64), conf[:, :0], pred[:, :0], final_pred, [])
-        self._timings(report, cfg, site_end, rel_s, hook_end, t0, t1, t_start, t_end)
+        stage_times(report, cfg.sites, site_end, rel_s, hook_end, t0, t1, t_start, t_end)
         if stop is not None and left.any():
             report.known, report.left, report.stopped = ~left, int(left.sum()), out.final is None
             # after the first drop the stages ran on fewer rows: not this batch size's costs
@@ -393,25 +357,6 @@ class Executor:
         for s, f in zip(cols.tolist(), pooled):
             if f is not None and len(f):
                 prev[s] = f[-1:]
-
-    def _timings(self, rep: BatchReport, cfg: Config, site_end: np.ndarray, rel_s: np.ndarray,
-                 hook_end: np.ndarray, t0: float, t1: float, t_start: float, t_end: float) -> None:
-        pos = {s: j for j, s in enumerate(cfg.sites)}
-        paid = 0.0  # ramp + release time spent so far inside the forward
-        for s in range(site_end.size):
-            if np.isnan(site_end[s]):
-                continue
-            rep.site_ms[s] = max((site_end[s] - t0 - paid) * 1e3, 0.0)
-            j = pos.get(s)
-            if j is not None and not np.isnan(hook_end[j]):
-                # as paid in the hook: the ramp, scoring, the release test; handing answers over
-                # is per released input, not the ramp's cost
-                rep.ramp_ms[s] = max((hook_end[j] - site_end[s] - rel_s[j]) * 1e3, 0.0)
-                paid += hook_end[j] - site_end[s]
-        van = (t1 - t0 - paid) * 1e3
-        rep.vanilla_ms = van if van > 0 else None
-        rep.total_ms = (t_end - t_start) * 1e3
-        rep.overhead_ms = max(rep.total_ms - (van + sum(rep.ramp_ms.values())), 0.0)
 
     def _answer(self, req: Request, label: int, conf: float, site: int, early: bool, t_start: float, now: float,
                 n: int, version: int) -> Answer:

@@ -80,7 +80,7 @@ def make_servicer(engine: Any, repository: Any = None) -> Any:
     async def answers(request: Any, finals: bool) -> tuple[Any, list[Any]]:
         """Admit a ModelInferRequest: (its parsed request, the engine's Requests)."""
         check_model(request.model_name, request.model_version)
-        why = engine.refusal()
+        why = engine.admission.refusal()
         if why is not None:
             engine.metrics.drop(why)
             raise Failed(503, why)

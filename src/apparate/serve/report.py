@@ -89,3 +89,27 @@ def final_confidence(logits: Any, label_map: Any, num_classes: int) -> np.ndarra
         np.add.at(q, (slice(None), label_map), p)
         p = q
     return p.max(axis=-1)
+
+
+def stage_times(rep: BatchReport, sites: tuple[int, ...], site_end: np.ndarray, rel_s: np.ndarray,
+                hook_end: np.ndarray, t0: float, t1: float, t_start: float, t_end: float) -> None:
+    """Fill `rep`'s stage times (ms) from the executor's clock readings: `site_end` [S] as each
+    site's module ended (NaN: not run), `hook_end` [R] as each active ramp's hook ended, `rel_s` [R]
+    the time spent handing answers over at it; the forward ran from `t0` to `t1`, the batch from
+    `t_start` to `t_end`. Backbone times exclude what the ramps before them cost."""
+    pos = {s: j for j, s in enumerate(sites)}
+    paid = 0.0  # ramp + release time spent so far inside the forward
+    for s in range(site_end.size):
+        if np.isnan(site_end[s]):
+            continue
+        rep.site_ms[s] = max((site_end[s] - t0 - paid) * 1e3, 0.0)
+        j = pos.get(s)
+        if j is not None and not np.isnan(hook_end[j]):
+            # as paid in the hook: the ramp, scoring, the release test; handing answers over
+            # is per released input, not the ramp's cost
+            rep.ramp_ms[s] = max((hook_end[j] - site_end[s] - rel_s[j]) * 1e3, 0.0)
+            paid += hook_end[j] - site_end[s]
+    van = (t1 - t0 - paid) * 1e3
+    rep.vanilla_ms = van if van > 0 else None
+    rep.total_ms = (t_end - t_start) * 1e3
+    rep.overhead_ms = max(rep.total_ms - (van + sum(rep.ramp_ms.values())), 0.0)

@@ -14,6 +14,8 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .startup import warm_up_sizes
+
 
 @dataclass(eq=False)
 class ChangeOver:
@@ -28,7 +30,7 @@ class ChangeOver:
         engine._swap = None
         self.old = (engine.control, engine.executor)
         engine.served, engine.executor, engine.control = self.served, self.executor, self.control
-        engine._idle_costs = self.control.live.costs
+        engine.admission.idle_costs = self.control.live.costs
         if engine.running:
             self.control.start()
         self.done.set()
@@ -47,7 +49,8 @@ def change_over(engine: Any, served: Any, timeout: float = 120.0) -> None:
     if engine.running:
         with torch.inference_mode():
             mb = engine.options.batching.max_batch
-            executor.warm_up(sorted({1, min(8, mb), mb}), control.live.config.sites)
+            text = getattr(served.codec, "max_tokens", None) is not None
+            executor.warm_up(warm_up_sizes(mb, text), control.live.config.sites)
     swap = ChangeOver(served, executor, control)
     engine._swap = swap
     engine.queue.wake()  # an idle engine thread changes over at once
