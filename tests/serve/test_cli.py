@@ -205,6 +205,8 @@ def test_loadgen_compare_starts_the_servers_and_prints_ratios(r20_bundle, tmp_pa
     assert set(summaries) == {"vanilla", "apparate", "apparate-stop"}
     assert summaries["vanilla"]["accuracy_vs_original"] == 1.0 and summaries["vanilla"]["early_share"] == 0.0
     assert summaries["vanilla"]["requests"] == summaries["apparate"]["requests"] == summaries["apparate-stop"]["requests"]
+    assert summaries["vanilla"]["same_as_reference"] == 1.0  # the client's own check against vanilla's answers
+    assert 0.9 <= summaries["apparate-stop"]["same_as_reference"] <= 1.0
     # every server was shut down gracefully
     for name in ("vanilla", "apparate", "apparate-stop"):
         assert "stopped" in (tmp_path / "logs" / f"{name}.log").read_text()

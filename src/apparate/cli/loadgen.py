@@ -146,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name} run {len(results[name])}: {s['ok']}/{s['requests']} ok, p50 {s['p50_ms']:.1f} ms, "
                   f"{s['throughput']:.1f}/s", flush=True)
         summaries = [(n, lg.summarize(results[n])) for n, _ in targets]
+        if args.compare:  # vanilla answers as the original model does: every answer can be checked
+            for n, s in summaries:
+                s["same_as_reference"] = lg.same_answers(results[n], results["vanilla"])
         how = ("one after the other" if args.rounds == 1 else f"alternating A B x{args.rounds}, pooled")
         print(f"\n{len(times)} requests per run, same trace and inputs for each server, {how}; "
               f"warm-up {args.warmup:g} s excluded")

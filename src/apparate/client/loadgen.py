@@ -243,6 +243,21 @@ def measure(name: str, base: str, model: str, times: np.ndarray, payloads: Paylo
 
 # ---------------------------------------------------------------------------------------------- report
 
+def same_answers(results: Sequence[RunResult], reference: Sequence[RunResult]) -> float:
+    """Share of the requests both servers answered where the answer equals the reference
+    server's (vanilla's: the original model's) for the same input: run k against run k, request
+    i against request i (the same trace and inputs). The client's own accuracy measure, for
+    servers whose `accuracy vs original` cannot count every answer (with early stop the final
+    answer of an input that left its batch is never computed)."""
+    same = both = 0
+    for r, ref in zip(results, reference):
+        for o, q in zip(r.outcomes, ref.outcomes):
+            if o.status == 200 and q.status == 200:
+                both += 1
+                same += int(o.label == q.label)
+    return same / both if both else float("nan")
+
+
 def summarize(results: Sequence[RunResult], slo_ms: float | None = None) -> dict[str, Any]:
     """Pooled figures over one or more runs against the same server."""
     outs = [o for r in results for o in r.outcomes]
@@ -303,7 +318,8 @@ ROWS = (("requests", "requests", "{:.0f}"), ("ok (200)", "ok", "{:.0f}"), ("thro
         ("p95 latency (ms)", "p95_ms", "{:.1f}"), ("p99 latency (ms)", "p99_ms", "{:.1f}"),
         ("mean latency (ms)", "mean_ms", "{:.1f}"), ("dropped (503)", "dropped_503", "{:.0f}"),
         ("errors", "errors", "{:.0f}"), ("released early", "early_share", "{:.1%}"),
-        ("accuracy vs original", "accuracy_vs_original", "{:.2%}"), ("label accuracy", "label_accuracy", "{:.2%}"),
+        ("accuracy vs original", "accuracy_vs_original", "{:.2%}"),
+        ("same answer as vanilla", "same_as_reference", "{:.2%}"), ("label accuracy", "label_accuracy", "{:.2%}"),
         ("client lag p99 (ms)", "client_lag_p99_ms", "{:.1f}"))
 
 
