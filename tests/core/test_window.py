@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from apparate.core.types import Config, Feedback, released
@@ -53,3 +54,25 @@ def test_the_ring_holds_the_latest_inputs_as_a_plain_list_would(W, batches, seed
     np.testing.assert_array_equal(win.cf_valid[rows], [x[7] for x in seen[-n_last:]])
     valid = win.cf_valid[rows]
     np.testing.assert_array_equal(win.cf_ok[rows][valid], np.array([x[6] for x in seen[-n_last:]])[valid])
+
+
+def test_one_sampled_wrong_answer_is_one_piece_of_change_evidence_not_twenty():
+    # Early stop: a sampled exited row weighs 20 (it stands for 20 inputs). Its loss counts 20
+    # times in every estimate, but as evidence of a change it is one observation: a single wrong
+    # sampled answer must not look like 20 wrong answers in a row.
+    cfg = Config((1,), (0.5,))
+    win = Window(512, S)
+    n = 200
+    conf = np.full((n, 1), 0.9)  # every input released at ramp 1
+    agree = np.ones((n, 1), dtype=bool)
+    agree[-1] = False  # the newest is wrong
+    w = np.ones(n)
+    w[::4] = 20.0  # sampled exits
+    w[-1] = 20.0
+    win.record(Feedback(cfg.sites, cfg.thresholds, conf, agree, weight=w), 0, cfg)
+    start, evidence = win.change_point(0.02)
+    assert start == win.written - 1  # the change would start at that one answer
+    assert evidence < 1.5  # one observation's worth, not 20 * 0.98
+    plain = Window(512, S)
+    plain.record(Feedback(cfg.sites, cfg.thresholds, conf, agree), 0, cfg)
+    assert plain.change_point(0.02)[1] == pytest.approx(0.98)  # unweighted: as before

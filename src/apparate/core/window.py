@@ -191,18 +191,25 @@ class Window:
         """Where the current config's errors began to exceed the constraint: (input number,
         evidence). The start is the suffix of the window (from `since` on) that maximises
         sum(wrong - constraint) over its valid inputs (the CUSUM estimate of a change point); the
-        evidence is that excess, in wrong answers."""
+        evidence is that excess, in wrong answers (weighted rows: in observations, see below)."""
         idx = self.last(self.size, since)
         valid = self.cf_valid[idx]
         pos = np.flatnonzero(valid)  # positions in idx, oldest first
         if not pos.size:
             return self.written, 0.0
         wrong = ~self.cf_ok[idx[pos]]
-        w = self.w[idx[pos]]
-        excess = np.cumsum((w * (wrong - constraint))[::-1])  # over suffixes of growing length
+        w = self.w[idx[pos]][::-1]
+        excess = np.cumsum(w * (wrong[::-1] - constraint))  # over suffixes of growing length
         k = int(np.argmax(excess))
         first = pos[pos.size - 1 - k]  # the oldest input of the best suffix
-        return self.written - (idx.size - first), float(excess[k])
+        evidence = float(excess[k])
+        if w.max() > 1.0:
+            # In observations, not the inputs they stand for: one sampled wrong answer of weight 20
+            # is one piece of evidence, not 20 (the excess over the suffix's design effect,
+            # sum w^2 / sum w, which is 1 when no row is weighted).
+            sw = w[: k + 1]
+            evidence /= float((sw * sw).sum() / sw.sum())
+        return self.written - (idx.size - first), evidence
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, Any]:
