@@ -342,7 +342,7 @@ def format_table(out: dict) -> str:
              "answered over the SLO (share of requests); outside p99: client latency less the engine's (HTTP, event "
              "loop, client); CPU in cores"]
     head = ("load", "offered/s", "goodput/s (each run)", "goodput/cap", "served/s", "p50 ms", "p99 ms",
-            "served late", "outside p99", "503 overloaded", "503 late", "CPU client/server/other")
+            "served late", "outside p99", "503 overloaded", "503 (predicted) late", "CPU client/server/other")
     rows = [head]
     for m, runs in out["rows"].items():
         g = [r["goodput"] for r in runs]

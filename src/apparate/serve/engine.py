@@ -347,7 +347,8 @@ class Engine:
                 cpu = time.thread_time() - c0
                 if cpu > 0 and wall > 0:
                     scale_times(report, min(cpu / wall, 1.0))
-            self._observe_wall(wall * 1e3, len(batch), report.length)
+            if not report.left:  # a batch whose rows left ran short: not a full batch's time
+                self._observe_wall(wall * 1e3, len(batch), report.length)
         self.batches += 1
         self.last_batch = {"start": t_start, "end": t_end, "size": len(batch)}
         if report is not None:
