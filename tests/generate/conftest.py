@@ -43,3 +43,17 @@ def tiny():
                       tie_word_embeddings=True)
     cfg._attn_implementation = "sdpa"
     return LM(LlamaForCausalLM(cfg).eval(), tokenizer=None)
+
+
+def assert_matches_a_full_forward(lm, ids: list[int], dec) -> None:
+    """A decoder's KV cache and deep answers equal one full forward over the prompt and the
+    tokens it emitted (the last token's own keys are not in the cache yet)."""
+    import torch
+
+    seq = ids + [t.token for t in dec.tokens[:-1]]
+    with torch.inference_mode():
+        out = lm.model(torch.tensor([seq]), use_cache=True)
+    for i, layer in enumerate(out.past_key_values.layers):
+        torch.testing.assert_close(dec.cache.k[i], layer.keys, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(dec.cache.v[i], layer.values, atol=1e-4, rtol=1e-3)
+    assert [t.deep for t in dec.tokens] == out.logits[0, len(ids) - 1:].argmax(-1).tolist()

@@ -16,6 +16,8 @@ from apparate.generate.batch_decode import generate_batch  # noqa: E402
 from apparate.generate.decode import Ramps, generate  # noqa: E402
 from apparate.generate.prompts import prompts  # noqa: E402
 
+from .conftest import assert_matches_a_full_forward  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def three(lm, data_dir):
@@ -42,12 +44,6 @@ def test_exits_in_a_batch_keep_each_cache_exact_and_recover_deep_answers(lm, thr
     decs = generate_batch(lm, three, 6, ramps, max_deferred=2, stop=set())
     for ids, d in zip(three, decs):
         assert sum(t.exit == 0 for t in d.tokens[1:]) >= 2
-        seq = ids + [t.token for t in d.tokens[:-1]]
-        with torch.inference_mode():
-            out = lm.model(torch.tensor([seq]), use_cache=True)
-        for i, layer in enumerate(out.past_key_values.layers):
-            torch.testing.assert_close(d.cache.k[i], layer.keys, atol=1e-4, rtol=1e-3)
-            torch.testing.assert_close(d.cache.v[i], layer.values, atol=1e-4, rtol=1e-3)
-        assert [t.deep for t in d.tokens] == out.logits[0, len(ids) - 1:].argmax(-1).tolist()
+        assert_matches_a_full_forward(lm, ids, d)
         alone = generate(lm, ids, 6, ramps, max_deferred=2, stop=set())
         assert [(t.token, t.exit) for t in d.tokens] == [(t.token, t.exit) for t in alone.tokens]

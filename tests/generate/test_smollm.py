@@ -25,6 +25,8 @@ from apparate.generate.prompts import prompts  # noqa: E402
 from apparate.generate.ramps import TokenRamps, measure_costs  # noqa: E402
 from apparate.generate.train import agreement, collect  # noqa: E402
 
+from .conftest import assert_matches_a_full_forward  # noqa: E402
+
 COSTS = {"layer_ms": 1.0, "ramp_ms": 0.05, "head_ms": 8.0, "step_ms": 38.0}
 
 
@@ -46,13 +48,7 @@ def test_exited_tokens_leave_the_cache_exact_and_get_deep_answers(lm, ids, lens)
     dec = generate(lm, ids, 7, ramps, max_deferred=2, stop=set())
     exited = [t for t in dec.tokens[1:] if t.exit == 0]
     assert len(exited) >= 3
-    seq = ids + [t.token for t in dec.tokens[:-1]]
-    with torch.inference_mode():
-        out = lm.model(torch.tensor([seq]), use_cache=True)
-    for i, layer in enumerate(out.past_key_values.layers):
-        torch.testing.assert_close(dec.cache.k[i], layer.keys, atol=1e-4, rtol=1e-3)
-        torch.testing.assert_close(dec.cache.v[i], layer.values, atol=1e-4, rtol=1e-3)
-    assert [t.deep for t in dec.tokens] == out.logits[0, len(ids) - 1:].argmax(-1).tolist()
+    assert_matches_a_full_forward(lm, ids, dec)
 
 
 def test_the_tuner_feeds_every_token_to_the_controller(lm, ids, lens):
