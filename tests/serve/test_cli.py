@@ -177,6 +177,16 @@ def test_serve_apparate_learned(r20_bundle, tmp_path):
     assert saved["policy"] == "apparate-learned" and "evidence" in saved and saved["controller"] is not None
 
 
+@pytest.mark.parametrize("args, msg", [
+    (["--early-stop", "--policy", "apparate-learned"], "confidence rule only"),
+    (["--early-stop", "--stop-sample", "0"], "--stop-sample must be in (0, 1]"),
+])
+def test_serve_refuses_early_stop_it_cannot_honour(tmp_path, args, msg):
+    r = subprocess.run([sys.executable, "-m", "apparate", "serve", str(tmp_path / "nope"), "--port", "0", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
 def test_serve_refuses_a_missing_bundle(tmp_path):
     r = subprocess.run([sys.executable, "-m", "apparate", "serve", str(tmp_path / "nope"), "--port", "0"],
                        capture_output=True, text=True, timeout=120)

@@ -103,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
         check_servable(args.policy)
     except ValueError as e:
         raise UserError(f"--policy: {e}") from None
+    if args.early_stop and args.policy == "apparate-learned":
+        raise UserError("--early-stop runs with the confidence rule only: apparate-learned keeps every input to "
+                        "the end (its evidence compares consecutive inputs' answers); use --policy apparate")
+    if not 0 < args.stop_sample <= 1:
+        raise UserError(f"--stop-sample must be in (0, 1], got {args.stop_sample}")
     if args.ray:
         return _serve_on_ray(args)
     if args.address or args.min_replicas or args.max_replicas:
