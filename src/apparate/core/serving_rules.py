@@ -43,6 +43,9 @@ import numpy as np
 from .batchers import LATE, Batcher, ClockworkBatcher, Decision, ExecMs, finish_time
 
 PREDICTED_LATE = "predicted late"  # dropped at batch time before its deadline passed (see above)
+SERVE_SUFFIX = "+serve"  # a replay batching name with the live rules over it, e.g. clockwork+serve
+# the batchings a replay (`ExperimentSpec.batching`, `--batching`) may name
+BATCHINGS = ("clockwork", "tfserving", "clockwork" + SERVE_SUFFIX, "tfserving" + SERVE_SUFFIX)
 
 # kept queue indices (ascending, into the queue as passed) -> the batch-time predictor for that
 # shorter queue; batch times of padded text depend on which requests are in the batch
