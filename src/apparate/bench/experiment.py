@@ -19,7 +19,8 @@ from apparate.core.adjust import BudgetPoint
 from apparate.policies.catalog import POLICIES, PolicyInputs, RampFamily, all_ramps_budget, family_of, make_policy
 
 from apparate.zoo import trace_specs
-from apparate.core.batchers import ClockworkBatcher, TFServingBatcher
+from apparate.core.batchers import Batcher, ClockworkBatcher, TFServingBatcher
+from apparate.core.serving_rules import BATCHINGS, SERVE_SUFFIX, ServingRules
 from apparate.replay.summary import Metrics, summarize
 from apparate.replay.simulator import RunResult, replay
 
@@ -45,7 +46,7 @@ class ExperimentSpec:
     cv: float = 2.0  # for bursty
     slo_ms: float | None = None  # default: slo_x times the bare model's batch-1 latency
     slo_x: float = 4.0
-    batching: str = "clockwork"
+    batching: str = "clockwork"  # or tfserving; with +serve, the live server's rules over it (serving_rules)
     max_batch: int = 16
     batch_timeout_ms: float = 5.0
     settings: Settings | Mapping[str, Any] = field(default_factory=dict)
@@ -172,12 +173,19 @@ def make_trace(spec: ExperimentSpec, n: int) -> trace_specs.Fitted:
     return trace_specs.make(spec.trace, n=n, rate=spec.rate, seed=spec.seed, cv=spec.cv, data_dir=spec.data_dir)
 
 
-def make_batcher(spec: ExperimentSpec):
-    if spec.batching == "clockwork":
-        return ClockworkBatcher(spec.max_batch)
-    if spec.batching == "tfserving":
-        return TFServingBatcher(spec.max_batch, spec.batch_timeout_ms, max_enqueued_batches=64)
-    raise ValueError(f"unknown batching {spec.batching!r}: clockwork or tfserving")
+def make_batcher(spec: ExperimentSpec) -> Batcher:
+    """The spec's batcher; a `+serve` name wraps it in the live server's rules, configured as
+    `apparate serve` configures them (shedding on), so the replay decides as the server would."""
+    kind, serve = spec.batching, spec.batching.endswith(SERVE_SUFFIX)
+    if serve:
+        kind = kind[: -len(SERVE_SUFFIX)]
+    if kind == "clockwork":
+        inner: Batcher = ClockworkBatcher(spec.max_batch)
+    elif kind == "tfserving":
+        inner = TFServingBatcher(spec.max_batch, spec.batch_timeout_ms, max_enqueued_batches=64)
+    else:
+        raise ValueError(f"unknown batching {spec.batching!r}: one of {', '.join(BATCHINGS)}")
+    return ServingRules(inner, shed=True) if serve else inner
 
 
 def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, RampFamily] | None = None,

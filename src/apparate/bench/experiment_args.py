@@ -8,6 +8,7 @@ import sys
 
 
 def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None = None) -> None:
+    from apparate.core.serving_rules import BATCHINGS
     from apparate.core.settings import Settings
     from apparate.zoo import trace_specs
 
@@ -34,7 +35,9 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
     p.add_argument("--slo-ms", type=float,
                    help="latency SLO (default: --slo-x times the batch-1 model latency, at the 90th-percentile text length)")
     p.add_argument("--slo-x", type=float, default=4.0, help="SLO as a multiple of batch-1 latency (default 4)")
-    p.add_argument("--batching", default="clockwork", choices=["clockwork", "tfserving"])
+    p.add_argument("--batching", default="clockwork", choices=BATCHINGS,
+                   help="the replay's batcher; +serve adds the live server's rules (shedding, full batches, "
+                        "probe; docs/replay.md) (default clockwork)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--accuracy-constraint", type=float, default=defaults.accuracy_constraint,
                    help="max loss vs the original (default %(default)s)")

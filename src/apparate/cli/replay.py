@@ -15,6 +15,7 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from apparate.core.serving_rules import BATCHINGS
     from apparate.core.settings import Settings
     from apparate.zoo import trace_specs
 
@@ -30,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for --trace gamma")
     p.add_argument("--slo-ms", type=float)
     p.add_argument("--slo-x", type=float, default=4.0)
-    p.add_argument("--batching", default="clockwork", choices=["clockwork", "tfserving"])
+    p.add_argument("--batching", default="clockwork", choices=BATCHINGS,
+                   help="the replay's batcher; +serve adds the live server's rules (shedding, full batches, "
+                        "probe; docs/replay.md) (default clockwork)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--accuracy-constraint", type=float, default=defaults.accuracy_constraint,
                    help="max share of released answers that may differ from the original model's (default %(default)s)")

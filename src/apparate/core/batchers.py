@@ -48,16 +48,38 @@ def _exec(exec_ms: ExecMs, b: int) -> float:
 class Decision:
     """What to do with the queue now.
 
-    drop: indices into the queue as passed (ascending) to remove now, all for `reason`.
+    drop: indices into the queue as passed (ascending) to remove now, all for `reason` unless
+      `reasons` gives each its own.
     start: how many of the oldest requests left after the drops to run as one batch now (0: none).
     wake_at: if start is 0, the earliest time (s) at which deciding again without a new arrival
       could start something; None means only a new arrival (or a freed worker) can.
+    reasons: empty, or one reason per drop (aligned with `drop`): a layer such as
+      `serving_rules.ServingRules` drops some requests as `late` and others as `queue full` in
+      one decision. `drop_reasons()` reads either form.
     """
 
     start: int = 0
     drop: tuple[int, ...] = ()
     reason: str = ""
     wake_at: float | None = None
+    reasons: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.reasons and len(self.reasons) != len(self.drop):
+            raise ValueError(f"{len(self.reasons)} reasons for {len(self.drop)} drops")
+
+    @classmethod
+    def per_drop(cls, start: int, drop: tuple[int, ...], reasons: tuple[str, ...],
+                 wake_at: float | None = None) -> "Decision":
+        """A decision whose drops may differ in reason; one shared reason is stored as `reason`
+        alone, so such a decision equals the one a plain batcher would have made."""
+        if len(set(reasons)) <= 1:
+            return cls(start=start, drop=drop, reason=reasons[0] if reasons else "", wake_at=wake_at)
+        return cls(start=start, drop=drop, reason="", wake_at=wake_at, reasons=reasons)
+
+    def drop_reasons(self) -> tuple[str, ...]:
+        """Each drop's reason, aligned with `drop`."""
+        return self.reasons if self.reasons else (self.reason,) * len(self.drop)
 
 
 class Batcher(Protocol):
@@ -201,9 +223,10 @@ def drive(arrivals: np.ndarray, deadlines: np.ndarray, batcher: Batcher,
     The batcher is asked whenever the worker is idle at an arrival, at a requested `wake_at`, or
     when a batch ends. `exec_ms_for(queue)` gives the batch-time predictor for the current queue
     (request indices, oldest first); `run_batch(members, now)` runs a batch and returns when it
-    ends (s); `drop(request, reason)` records a drop. Requests arriving at the very instant a
-    decision is made are in the queue for it. Returns the requests left waiting when nothing
-    more will arrive or wake the batcher. Checks that the batcher keeps the protocol.
+    ends (s); `drop(request, reason)` records a drop, each with its own reason. A batcher with
+    `takes_reprice` (`ServingRules`) also gets `reprice`, the predictor for part of the queue.
+    Requests arriving at the very instant a decision is made are in the queue for it. Returns
+    the requests left waiting when nothing more will arrive or wake the batcher. Checks that the batcher keeps the protocol.
     """
     t, n = arrivals, arrivals.size
     queue: list[int] = []
@@ -217,13 +240,18 @@ def drive(arrivals: np.ndarray, deadlines: np.ndarray, batcher: Batcher,
         wake = None
         if queue:
             idx = np.asarray(queue)
-            d = batcher.decide(now, t[idx], deadlines[idx], exec_ms_for(idx))
+            if getattr(batcher, "takes_reprice", False):  # a layer that may shorten the queue
+                d = batcher.decide(now, t[idx], deadlines[idx], exec_ms_for(idx),  # type: ignore[call-arg]
+                                   reprice=lambda keep, idx=idx: exec_ms_for(idx[keep]))
+            else:
+                d = batcher.decide(now, t[idx], deadlines[idx], exec_ms_for(idx))
             if d.drop:
-                gone = set(d.drop)
+                why = dict(zip(d.drop, d.drop_reasons()))
+                gone = set(why)
                 if min(gone) < 0 or max(gone) >= len(queue):
                     raise RuntimeError(f"batcher dropped index outside the queue: {sorted(gone)}")
                 for k in gone:
-                    drop(queue[k], d.reason or "dropped")
+                    drop(queue[k], why[k] or "dropped")
                 queue = [q for k, q in enumerate(queue) if k not in gone]
             if d.start:
                 if not 0 < d.start <= min(batcher.max_batch, len(queue)):
