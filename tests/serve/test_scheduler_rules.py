@@ -36,7 +36,9 @@ class OldScheduler:
                 drops = [(int(i), LATE) for i in np.flatnonzero(late)]
                 keep = np.flatnonzero(~late)
                 if keep.size == 0:
-                    return _old_probe(Step(drops=tuple(drops)), n)
+                    # (the old scheduler returned here without relabelling, so these drops all
+                    # said `late`; now they too are `late` only past their deadline)
+                    return _old_truthful(_old_probe(Step(drops=tuple(drops)), n), now, deadlines_all)
                 arrivals, deadlines, costs = arrivals[keep], deadlines[keep], costs[keep]
                 exec_ms = batch_costs.exec_ms(costs, scale)
         d: Decision = self.batcher.decide(now, arrivals, deadlines, exec_ms)

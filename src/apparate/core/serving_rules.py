@@ -96,9 +96,8 @@ class ServingRules:
                 drops = [(int(i), LATE) for i in np.flatnonzero(late)]
                 keep = np.flatnonzero(~late)
                 if keep.size == 0:
-                    # Kept as the server has always done it: this early answer skips the
-                    # truthful relabelling, so its drops all say `late`.
-                    return _decision(_probe(0, drops, None, n))
+                    start, merged, wake_at = _probe(0, drops, None, n)
+                    return _decision((start, _truthful(merged, now, deadlines_all), wake_at))
                 arrivals, deadlines = arrivals[keep], deadlines[keep]
                 if reprice is not None:
                     exec_ms = reprice(keep)
