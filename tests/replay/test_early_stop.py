@@ -190,3 +190,25 @@ def test_the_sampler_alarms_on_a_shift_in_exits_and_not_on_a_steady_stream(floor
         if s.alarms["shift"]:  # the inputs changed: every exited input runs on for a while
             break
     assert s.alarms["shift"] == 1 and s.share == 1.0
+
+
+def test_bolder_configurations_are_checked_on_full_feedback_when_asked():
+    # `stop_alarm_bolder`: a raised threshold or an added ramp sends every exited input to the
+    # end for a while. On a saturated synthetic stream the controller makes its configuration
+    # bolder a few times; with the option on, each raises the alarm, and more inputs complete.
+    from apparate.core.sampling import bolder_than
+    from apparate.core.settings import Settings
+
+    assert bolder_than((1, 3), (0.2, 0.1), Config((1, 3), (0.2, 0.3)))
+    assert bolder_than((1,), (0.2,), Config((1, 2), (0.2, 0.05)))
+    assert not bolder_than((1, 3), (0.2, 0.1), Config((1, 3), (0.1, 0.1)))
+    assert not bolder_than((1, 3), (0.2, 0.1), Config((1,), (0.2,)))
+    fam = synthetic_family(n=3000, seed=0)
+    arrivals = np.asarray(traces.poisson(3000, n=3000, seed=0))
+    done = {}
+    for on in (False, True):
+        policy = make_policy("apparate-stop", PolicyInputs(fam, settings=Settings(stop_alarm_bolder=on)))
+        run = replay(fam.evaluation, arrivals, fam.profile, policy, ClockworkBatcher(16), slo_ms=1000)
+        done[on] = summarize(run).completed
+        assert (policy.sampler.alarms["bolder"] > 0) == on
+    assert done[True] > done[False]

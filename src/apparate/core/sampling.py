@@ -10,12 +10,15 @@ as one wrong sampled answer in some 1,000 exits. So the share rises to 1 (every 
 on, full feedback) for `alarm` inputs when there is reason to look:
 * a sampled early answer proved wrong;
 * the share of inputs released early moved away from its running level by more than `shift_z`
-  standard errors (the inputs changed: the thresholds' accuracy may have changed with them).
+  standard errors (the inputs changed: the thresholds' accuracy may have changed with them);
+* optionally (`Settings.stop_alarm_bolder`), the configuration became bolder.
 Both decisions use only inputs already served, so the weights stay exact. The same object decides
 in replay (`policies.base.AdaptivePolicy`) and live (the executor's early stop).
 """
 
 from __future__ import annotations
+
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -31,20 +34,22 @@ class FeedbackSampler:
         self.left = 0  # inputs that still run to the end after the last alarm
         self.fast: float | None = None  # running shares of inputs released early
         self.slow: float | None = None
-        self.alarms = {"wrong": 0, "shift": 0}
+        self.alarms = {"wrong": 0, "shift": 0, "bolder": 0}
 
     @property
     def share(self) -> float:
         """The probability that an input released early while work waits runs to the end."""
         return 1.0 if self.left > 0 else self.floor
 
-    def update(self, early: np.ndarray, sampled_wrong: bool) -> None:
+    def update(self, early: np.ndarray, sampled_wrong: bool, bolder: bool = False) -> None:
         """After a batch: `early` [n] which inputs a ramp released; `sampled_wrong` whether an
         early answer that ran to the end only because it was sampled disagreed with the final."""
         n = int(early.size)
         self.left = max(self.left - n, 0)
         if sampled_wrong:
             self._raise("wrong")
+        if bolder:
+            self._raise("bolder")
         if not n:
             return
         x = float(np.count_nonzero(early)) / n
@@ -62,3 +67,10 @@ class FeedbackSampler:
         if self.alarm:
             self.left = self.alarm
             self.alarms[why] += 1
+
+
+def bolder_than(sites: Sequence[int], thresholds: Sequence[float], config: Any) -> bool:
+    """Does `config` (a Config) release more than `sites` with `thresholds` would: a ramp added,
+    or a threshold raised?"""
+    old = dict(zip(sites, thresholds))
+    return any(t > old.get(s, 0.0) + 1e-12 for s, t in zip(config.sites, config.thresholds))

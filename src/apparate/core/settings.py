@@ -75,6 +75,10 @@ class Settings:
     stop_alarm: int = 256
     """After a sampled input's early answer proves wrong, this many inputs run to the end (full
     feedback while the controller may be reacting to a change)."""
+    stop_alarm_bolder: bool = False
+    """Also raise that alarm whenever the controller makes the configuration bolder (a threshold
+    raised, a ramp added), so a new configuration is checked on full feedback. Safer under drift,
+    at most of early stop's capacity (docs/results.md)."""
 
     # --- ramp budget ------------------------------------------------------------------------
     ramp_budget: float = 0.02

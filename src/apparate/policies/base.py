@@ -8,7 +8,7 @@ import numpy as np
 
 from apparate.core.controller import Config, Controller, Feedback
 from apparate.core.exits import first_exit
-from apparate.core.sampling import FeedbackSampler
+from apparate.core.sampling import FeedbackSampler, bolder_than
 from apparate.core.types import exit_sites_of
 
 
@@ -150,14 +150,16 @@ class AdaptivePolicy(Policy):
     def observe_stopped(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None,
                         correct: np.ndarray, completed: np.ndarray, weight: np.ndarray) -> None:
         at = np.flatnonzero(completed)
+        sampled_wrong = not correct[at][weight[at] > 1.0].all()
+        if at.size:
+            cols = list(plan.sites)
+            w = weight[at]
+            self.feedback(Feedback.trusted(plan.sites, plan.thresholds, conf[np.ix_(at, cols)], agree[np.ix_(at, cols)],
+                                           length, (plan.exit_pos[at], correct[at]), None if w.max() == 1.0 else w))
         if self.sampler is not None:
-            self.sampler.update(plan.exit_pos < len(plan.sites), not correct[at][weight[at] > 1.0].all())
-        if not at.size:  # every input left the batch: nothing is known of its final answers
-            return
-        cols = list(plan.sites)
-        w = weight[at]
-        self.feedback(Feedback.trusted(plan.sites, plan.thresholds, conf[np.ix_(at, cols)], agree[np.ix_(at, cols)],
-                                       length, (plan.exit_pos[at], correct[at]), None if w.max() == 1.0 else w))
+            bolder = self.controller.settings.stop_alarm_bolder and \
+                bolder_than(plan.sites, plan.thresholds, self.controller.config)
+            self.sampler.update(plan.exit_pos < len(plan.sites), sampled_wrong, bolder)
 
     def cost_sites(self) -> tuple[int, ...]:
         return self.controller.config.sites

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from apparate.core.sampling import FeedbackSampler
+from apparate.core.sampling import FeedbackSampler, bolder_than
 
 
 @dataclass(eq=False)
@@ -47,6 +47,7 @@ class EarlyStop:
     floor: float = 0.05
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     alarm: int = 256
+    watch_bolder: bool = False  # also look harder after the configuration became bolder
 
     def __post_init__(self) -> None:
         if not 0.0 < self.floor <= 1.0:
@@ -70,15 +71,19 @@ class EarlyStop:
             return np.zeros(count, dtype=bool)
         return self.rng.random(count) >= self.sample
 
-    def after(self, report: Any) -> None:
-        """A batch served: update the sampled share (`FeedbackSampler.update`)."""
+    def after(self, report: Any, config: Any = None) -> None:
+        """A batch served: update the sampled share (`FeedbackSampler.update`); `config`, the
+        configuration the next batch runs (for `watch_bolder`)."""
         if report is None or not report.feedback:
             return
+        bolder = False
+        if self.watch_bolder and config is not None:
+            bolder = bolder_than(report.sites, report.thresholds, config)
         early = report.exit_pos < len(report.sites)
         sampled = early & (report.weight > 1.0) if report.weight is not None else np.zeros_like(early)
         if report.known is not None:
             sampled &= report.known
-        self.sampler.update(early, bool((sampled & ~report.released_agree).any()))
+        self.sampler.update(early, bool((sampled & ~report.released_agree).any()), bolder)
 
 
 def check_sample(sample: float) -> float:
@@ -101,9 +106,10 @@ def stop_sample(on: bool | None, sample: float | None, settings: Any, kind: str)
     return check_sample(sample if sample is not None else getattr(settings, "stop_sample", 0.05))
 
 
-def engine_stop(sample: float | None, waiting: Callable[[], bool], seed: int = 0, alarm: int = 256) -> EarlyStop | None:
+def engine_stop(sample: float | None, waiting: Callable[[], bool], seed: int = 0, alarm: int = 256,
+                watch_bolder: bool = False) -> EarlyStop | None:
     """The engine's rule (None when `sample` is None: off)."""
-    return None if sample is None else EarlyStop(waiting, sample, np.random.default_rng(seed), alarm)
+    return None if sample is None else EarlyStop(waiting, sample, np.random.default_rng(seed), alarm, watch_bolder)
 
 
 def stop_state(engine: Any) -> dict[str, Any]:

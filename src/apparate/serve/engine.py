@@ -120,7 +120,8 @@ class Engine:
         self.admission = Admission(self, self._text)
         # early stop: work is waiting when the queue holds requests as a ramp releases inputs
         self.early_stop = engine_stop(self._stop_sample, lambda: len(self.queue) > 0, options.stop_seed,
-                                      int(getattr(control.settings, "stop_alarm", 256)))
+                                      int(getattr(control.settings, "stop_alarm", 256)),
+                                      bool(getattr(control.settings, "stop_alarm_bolder", False)))
 
     def _build(self, served: ServedModel) -> tuple[Executor, ControlLoop]:
         """The executor and control loop for `served`: ramp costs calibrated on this machine, the
@@ -336,7 +337,7 @@ class Engine:
         try:
             report = self.executor.run(batch, live.config, t_start, live.scorer, self.early_stop)
             if self.early_stop is not None:
-                self.early_stop.after(report)
+                self.early_stop.after(report, self.live.config)
         finally:
             self.running_batch = 0
             self.admission.busy_until = 0.0
