@@ -12,7 +12,7 @@ on, full feedback) for `alarm` inputs when there is reason to look:
 * the share of inputs released early moved away from its running level by more than `shift_z`
   standard errors (the inputs changed: the thresholds' accuracy may have changed with them);
 * optionally (`Settings.stop_alarm_bolder`), the configuration became bolder.
-Both decisions use only inputs already served, so the weights stay exact. The same object decides
+Each uses only inputs already served, so the weights stay exact. The same object decides
 in replay (`policies.base.AdaptivePolicy`) and live (the executor's early stop).
 """
 
