@@ -114,8 +114,10 @@ def test_waiting_does_not_inflate_the_profile(tiny_cnn):
         engine.flush()
         after = engine.control.profile.vanilla(4)
         assert engine.slowdown > 2  # batches took longer than the profile says ...
-        # ... which did not take the 10 ms of waiting in (CPU time itself varies on a shared machine)
-        assert after < before + 3.0, (before, after)
+        # ... which did not take the 10 ms of waiting in: a profile that followed the wall time
+        # would grow by 10 ms; CPU time itself varies on a shared machine (a loaded CI run once
+        # measured +3.5 ms on this 1 ms batch), so the bound is half the wait
+        assert after < before + 5.0, (before, after)
     finally:
         engine.stop()
         engine.executor.close()
