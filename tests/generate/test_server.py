@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
@@ -21,6 +20,8 @@ from apparate.core.settings import Settings  # noqa: E402
 from apparate.core.types import Config  # noqa: E402
 from apparate.generate.control import TokenTuner, step_profile  # noqa: E402
 from apparate.generate.server import create_app  # noqa: E402
+
+from ..serve.conftest import wait_for  # noqa: E402
 
 COSTS = {"layer_ms": 1.0, "ramp_ms": 0.05, "head_ms": 8.0, "step_ms": 38.0}
 
@@ -161,9 +162,7 @@ def test_concurrent_streaming_clients_each_get_their_own_completion(lm, lens):
         threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 120
-        while scheduler.waiting.qsize() < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)  # polling the queue with a generous deadline, not timing anything
+        assert wait_for(lambda: scheduler.waiting.qsize() >= 4, timeout=120)
         scheduler.resume()
         for t in threads:
             t.join(180)

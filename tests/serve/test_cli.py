@@ -179,7 +179,7 @@ def test_serve_apparate_learned(r20_bundle, tmp_path):
 
 @pytest.mark.parametrize("args, msg", [
     (["--early-stop", "--policy", "apparate-learned"], "confidence rule only"),
-    (["--early-stop", "--stop-sample", "0"], "--stop-sample must be in (0, 1]"),
+    (["--early-stop", "--stop-sample", "0"], "--stop-sample: the early-stop sample must be in (0, 1]"),
 ])
 def test_serve_refuses_early_stop_it_cannot_honour(tmp_path, args, msg):
     r = subprocess.run([sys.executable, "-m", "apparate", "serve", str(tmp_path / "nope"), "--port", "0", *args],

@@ -81,6 +81,19 @@ def _feedback(rec, idx, cfg, sent_at=0.0):
             "agree": rec.agree[idx][:, sites], "length": None, "sent_at": sent_at}
 
 
+def _fed_tuner(tiny_cnn, tmp_path):
+    """A tuner with state in tmp_path that one replica, "a", has fed eight batches of 8."""
+    from apparate.cluster.tuner_core import TunerCore
+
+    core = TunerCore(_spec(tiny_cnn, str(tmp_path)))
+    rec = tiny_cnn.bundle.recording
+    core.register("a")
+    for k in range(8):
+        core.feedback("a", {"applied": core.seq, "feedback": [_feedback(rec, np.arange(8 * k, 8 * k + 8) % len(rec.conf),
+                                                                        core.current()["config"])]})
+    return core
+
+
 def test_the_tuner_pools_feedback_from_every_replica_into_one_window(tiny_cnn):
     import time
 
@@ -110,12 +123,7 @@ def test_a_restored_tuner_numbers_past_what_replicas_hold(tiny_cnn, tmp_path):
     from apparate.cluster.tuner_core import TunerCore
     from apparate.serve.state import read_state
 
-    core = TunerCore(_spec(tiny_cnn, str(tmp_path)))
-    rec = tiny_cnn.bundle.recording
-    core.register("a")
-    for k in range(8):
-        core.feedback("a", {"applied": core.seq, "feedback": [_feedback(rec, np.arange(8 * k, 8 * k + 8) % len(rec.conf),
-                                                                        core.current()["config"])]})
+    core = _fed_tuner(tiny_cnn, tmp_path)
     assert core.seq > 1
     core.checkpoint()
     saved = read_state(tmp_path)  # the --state-dir format, plus the Config number
@@ -177,12 +185,7 @@ def test_a_tuners_checkpoint_restores_a_single_server_and_back(tiny_cnn, tmp_pat
 
     from .conftest import served_cnn
 
-    core = TunerCore(_spec(tiny_cnn, str(tmp_path)))
-    rec = tiny_cnn.bundle.recording
-    core.register("a")
-    for k in range(8):
-        core.feedback("a", {"applied": core.seq, "feedback": [_feedback(rec, np.arange(8 * k, 8 * k + 8) % len(rec.conf),
-                                                                        core.current()["config"])]})
+    core = _fed_tuner(tiny_cnn, tmp_path)
     core.checkpoint()
     served = served_cnn(tiny_cnn)
     single = ControlLoop(served, ControlOptions(settings=small_settings(), state_dir=str(tmp_path)),

@@ -106,8 +106,12 @@ def run(args: argparse.Namespace) -> int:
     if args.early_stop and args.policy == "apparate-learned":
         raise UserError("--early-stop runs with the confidence rule only: apparate-learned keeps every input to "
                         "the end (its evidence compares consecutive inputs' answers); use --policy apparate")
-    if not 0 < args.stop_sample <= 1:
-        raise UserError(f"--stop-sample must be in (0, 1], got {args.stop_sample}")
+    from apparate.serve.early_stop import check_sample
+
+    try:
+        check_sample(args.stop_sample)
+    except ValueError as e:
+        raise UserError(f"--stop-sample: {e}") from None
     if args.ray:
         return _serve_on_ray(args)
     if args.address or args.min_replicas or args.max_replicas:

@@ -50,9 +50,7 @@ class EarlyStop:
     watch_bolder: bool = False  # also look harder after the configuration became bolder
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.floor <= 1.0:
-            raise ValueError(f"the early-stop sample must be in (0, 1], got {self.floor}")
-        self.sampler = FeedbackSampler(self.floor, self.alarm)
+        self.sampler = FeedbackSampler(check_sample(self.floor), self.alarm)
 
     @property
     def sample(self) -> float:
