@@ -7,8 +7,10 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from apparate.core.exits import simulate
 from apparate.core.profile import LatencyProfile
 from apparate.core.synthetic import synthetic_window
-from apparate.core.tuning import (PROB_UNITS, allowed_wrong, greedy_thresholds, grid_thresholds,
-                                  shared_threshold)
+from apparate.core.calibration import isotonic_agreement
+from apparate.core.settings import Settings
+from apparate.core.tuning import (PROB_UNITS, allowed_wrong, greedy_thresholds, grid_thresholds, level_threshold,
+                                  shared_threshold, tune)
 
 from .reference import reference_greedy
 
@@ -217,3 +219,37 @@ def test_a_sort_of_the_wrong_shape_is_refused():
         isotonic_agreement(conf, agree, order=bad)
     with pytest.raises(ValueError, match="conf_order"):
         greedy_thresholds(conf, agree, table_for(3), 0.01, conf_order=bad)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(windows(max_n=150, max_r=5), st.sampled_from([0.0, 0.01, 0.05]), st.sampled_from([0.0, 4.0]))
+def test_one_level_on_calibrated_agreement_releases_what_the_level_releases(w, target, prior):
+    conf, agree = w
+    table = table_for(conf.shape[1])
+    prob = isotonic_agreement(conf, agree, prior)
+    res = level_threshold(conf, agree, prob, table, target)
+    prob = np.where(conf > 0, prob, 0.0)  # confidence 0 never leaves, whatever its calibration
+    # the raw thresholds release, at every ramp, exactly the window inputs the level releases there
+    level = shared_threshold(prob, agree, table, target).thresholds
+    for r in range(conf.shape[1]):
+        assert np.array_equal(1.0 - conf[:, r] < res.thresholds[r], 1.0 - prob[:, r] < level[r])
+    # so the exits, the wrong answers and the latency are the level's, within the target
+    assert np.array_equal(res.result.exit_index, simulate(conf, agree, res.thresholds, table).exit_index)
+    assert (~res.result.correct).sum() <= allowed_wrong(target, conf.shape[0])
+    same = simulate(prob, agree, level, table)
+    assert np.array_equal(res.result.exit_index, same.exit_index)
+
+
+def test_threshold_shapes_through_the_tuner_as_the_loops_call_it():
+    conf, agree = synthetic_window(600, 4, 3)
+    table = table_for(4)
+    one = Settings(thresholds="shared", margin_z=0.0)
+    assert np.array_equal(tune(conf, agree, table, one).thresholds, shared_threshold(conf, agree, table, 0.01).thresholds)
+    lvl = tune(conf, agree, table, Settings(thresholds="level", margin_z=0.0)).thresholds
+    assert len(set(lvl)) > 1  # one level, but each ramp its own cutoff in confidence
+    # a partial re-tune (some ramps fixed) is the per-ramp search whatever the shape
+    fixed = {0: 0.05}
+    assert np.array_equal(tune(conf, agree, table, Settings(thresholds="level"), fixed=fixed).thresholds,
+                          tune(conf, agree, table, Settings(), fixed=fixed).thresholds)
+    with pytest.raises(ValueError, match="thresholds must be per-ramp, shared or level"):
+        Settings(thresholds="median")

@@ -3,6 +3,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from apparate.core.controller import Config
+from apparate.core.exits import simulate
 from apparate.core.profile import LatencyProfile
 from apparate.core.recording import Recording
 from apparate.core.synthetic import drift_curve, synthetic_recording
@@ -178,6 +179,32 @@ def test_one_time_baselines_are_tuned_where_they_serve_and_opt_on_exactly_the_re
     run = replay(part.evaluation, np.asarray(traces.fixed_rate(30, n=1200)), fam.profile,
                  make_policy("branchynet+opt", PolicyInputs(part)), ClockworkBatcher(16), slo_ms=1000)
     assert 0.99 <= summarize(run).accuracy < 0.995
+
+
+def test_the_adaptation_oracle_tunes_each_block_on_itself_and_the_next_block_runs_it():
+    from apparate.core.tuning import greedy_thresholds
+    from apparate.policies.catalog import HINDSIGHT_BLOCK as B
+
+    fam = synthetic_family(n=1300)  # three blocks, the last one short; the stream drifts
+    inputs = PolicyInputs(fam)
+    ev, table = fam.evaluation, fam.profile.table(1.0, list(range(fam.profile.num_sites)))
+    arrivals = np.asarray(traces.fixed_rate(30, n=ev.num_inputs))
+    runs = {name: replay(ev, arrivals, fam.profile, make_policy(name, inputs), ClockworkBatcher(16), slo_ms=1000)
+            for name in ("branchynet+opt-blocks", "branchynet+next-block")}
+    tuned = [greedy_thresholds(ev.conf[i:i + B], ev.agree[i:i + B], table, 0.01).thresholds for i in range(0, 1300, B)]
+    boot = greedy_thresholds(fam.bootstrap.conf, fam.bootstrap.agree, table, 0.01).thresholds
+    for name, thr in (("branchynet+opt-blocks", tuned), ("branchynet+next-block", [boot, *tuned[:2]])):
+        run = runs[name]
+        for b, t in enumerate(thr):
+            rows = slice(b * B, min((b + 1) * B, ev.num_inputs))
+            want = simulate(ev.conf[rows], ev.agree[rows], t, table).exit_index
+            assert np.array_equal(run.exit_site[rows], np.where(want < len(t), want, FINAL))
+    # in hindsight every block meets the constraint on itself
+    ok = runs["branchynet+opt-blocks"].correct
+    for i in range(0, 1300, B):
+        assert (~ok[i:i + B]).sum() <= int(0.01 * min(B, 1300 - i) + 1e-9)
+    with pytest.raises(NotImplementedError, match="replay only"):
+        make_policy("branchynet+opt-blocks", inputs).config
 
 
 @pytest.mark.parametrize("bad, msg", [

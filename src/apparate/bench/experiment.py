@@ -40,6 +40,7 @@ class ExperimentSpec:
     stream: str | None = None  # default: camera-day (images), drift (text); or video:, images:, csv:PATH
     n: int | None = None  # inputs to replay (default: the stream's own size)
     seed: int = 0
+    trace_seed: int | None = None  # arrivals' own seed (default `seed`): a real trace is rotated by it
     trace: str = "fixed"  # fixed | poisson | gamma | azure | file:PATH | azure-functions:PATH[:FUNCTION]
     rate: float | None = 30.0  # requests per second; None: a real trace's own rate (synthetic: 30)
     fps: float | None = None  # video:PATH: a fixed trace at this rate (default: the frames' own times)
@@ -170,7 +171,15 @@ def bundle_and_recording(spec: ExperimentSpec, log: Log) -> tuple[Any, str, Reco
 def make_trace(spec: ExperimentSpec, n: int) -> trace_specs.Fitted:
     """The spec's arrivals for n inputs: synthetic at its rate, or a real trace (rescaled to the
     rate when one is given) cut or repeated to n; `.note` says which."""
-    return trace_specs.make(spec.trace, n=n, rate=spec.rate, seed=spec.seed, cv=spec.cv, data_dir=spec.data_dir)
+    seed = spec.seed if spec.trace_seed is None else spec.trace_seed
+    fitted = trace_specs.make(spec.trace, n=n, rate=spec.rate, seed=seed, cv=spec.cv, data_dir=spec.data_dir)
+    if spec.trace_seed is not None and trace_specs.is_real(spec.trace) and fitted.times.size > 2:
+        # another draw of a real trace: its gaps, in order, from a seeded point on (cyclically)
+        gaps = np.diff(fitted.times)
+        k = int(np.random.default_rng(spec.trace_seed).integers(gaps.size))
+        times = np.concatenate([[0.0], np.cumsum(np.roll(gaps, -k))])
+        fitted = replace(fitted, times=times, note=f"{fitted.note}, rotated to start at gap {k}")
+    return fitted
 
 
 def make_batcher(spec: ExperimentSpec) -> Batcher:

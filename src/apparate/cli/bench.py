@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 
 from apparate.bench import (capacity, cluster, compare, engine_overhead, evidence, generate, gpu, out_of_sample, overload, ramp_cost,
-                            search_speed, simspeed, sweep)
+                            search_speed, simspeed, spread, sweep)
 
-BENCHES = (search_speed, compare, sweep, capacity, simspeed, engine_overhead, ramp_cost, out_of_sample, evidence, overload, cluster,
+BENCHES = (search_speed, compare, sweep, spread, capacity, simspeed, engine_overhead, ramp_cost, out_of_sample, evidence, overload, cluster,
            generate, gpu)
 
 

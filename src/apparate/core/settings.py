@@ -105,6 +105,10 @@ class Settings:
     retune_every_inputs: int = 512
     """Periodic re-tune, so thresholds can also rise when inputs get easier (NLP artifact: every
     100 batches at batch 40). Every 256 inputs measured no better than every 512, for more CPU."""
+    thresholds: str = "per-ramp"
+    """'per-ramp': one threshold per active ramp (the paper's greedy search); 'shared': one
+    confidence threshold for every active ramp; 'level': one level on each ramp's calibrated
+    probability of agreement (`tuning.level_threshold`). The last two estimate one parameter."""
     init_step: float = 0.01
     min_step: float = 0.001
     agreement: str = "isotonic"
@@ -200,6 +204,7 @@ class Settings:
         need(self.emergency_action in ("regime", "zero", "shrink"),
              f"emergency_action must be regime, zero or shrink, got {self.emergency_action!r}")
         need(self.move_removes in ("lowest", "highest"), f"move_removes must be lowest or highest, got {self.move_removes!r}")
+        need(self.thresholds in ("per-ramp", "shared", "level"), f"thresholds must be per-ramp, shared or level, got {self.thresholds!r}")
         need(self.placement in ("greedy", "spaced"), f"placement must be greedy or spaced, got {self.placement!r}")
         need(self.margin_rule in ("fixed", "adaptive"), f"margin_rule must be fixed or adaptive, got {self.margin_rule!r}")
         need(self.margin_gain >= 0, "margin_gain must be >= 0")

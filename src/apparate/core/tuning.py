@@ -231,12 +231,45 @@ def tune(conf: np.ndarray, agree: np.ndarray, table: LatencyTable, settings: Set
     `evidence`: how many independent inputs the rows are worth, for the margin (default their
     number; less when rows are repeated by their sampling weights, `Window.weighted_rows`)."""
     conf, agree = _check_inputs(conf, agree, table)
+    target = settings.tuning_target(conf.shape[0] if evidence is None else evidence)
+    if settings.thresholds == "shared" and not fixed:
+        return shared_threshold(conf, agree, table, target)
     order = np.argsort(conf, axis=0)  # one sort serves the calibration and the search
     prob = (isotonic_agreement(conf, agree, settings.agreement_prior, order=order)
-            if settings.agreement == "isotonic" else None)
-    return greedy_thresholds(conf, agree, table, settings.tuning_target(conf.shape[0] if evidence is None else evidence), fixed=fixed,
+            if settings.agreement == "isotonic" or settings.thresholds == "level" else None)
+    if settings.thresholds == "level" and not fixed:
+        return level_threshold(conf, agree, prob, table, target)
+    return greedy_thresholds(conf, agree, table, target, fixed=fixed,
                              init_step=settings.init_step, min_step=settings.min_step, agree_prob=prob,
                              conf_order=order)
+
+
+def level_threshold(conf: np.ndarray, agree: np.ndarray, prob: np.ndarray, table: LatencyTable,
+                    target: float) -> TuneResult:
+    """One level on the calibrated probability of agreement, as per-ramp thresholds.
+
+    `prob` [N, R] is P(agree | confidence) per ramp, non-decreasing in confidence
+    (`isotonic_agreement`). The exact shared search picks the level (an input leaves at the first
+    ramp where 1 - prob < level) with the most latency won within `target`, counting wrong answers
+    on 0/1 agreement; each ramp's threshold is then the raw-confidence cutoff that releases exactly
+    the same window inputs. One parameter is estimated, so its estimation error shrinks as fast as
+    a single threshold's, while the calibration gives each ramp its own offset.
+    """
+    conf, agree = _check_inputs(conf, agree, table)
+    prob = np.asarray(prob, dtype=np.float64)
+    if prob.shape != conf.shape:
+        raise ValueError(f"prob must be [N, R] = {conf.shape}, got {prob.shape}")
+    # a confidence of 0 never passes a threshold (1 - 0 < t <= 1 is false), so it never leaves
+    prob = np.where(conf > 0, prob, 0.0)
+    level = shared_threshold(prob, agree, table, target).thresholds
+    R = conf.shape[1]
+    thr = np.zeros(R)
+    for r in range(R):
+        out = (1.0 - prob[:, r]) < (level[r] if R else 0.0)
+        if out.any():
+            # the least confident input released: every input at least as confident is released too
+            thr[r] = min(float(np.nextafter(1.0 - conf[out, r].min(), 2.0)), 1.0)
+    return TuneResult(thresholds=thr, result=simulate(conf, agree, thr, table, validate=False), rounds=1)
 
 
 def _best_feasible(conf, agree, table: LatencyTable, candidates: np.ndarray, target: float, chunk: int = 4096) -> TuneResult:

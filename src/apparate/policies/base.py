@@ -194,3 +194,37 @@ class OraclePolicy(Policy):
     @property
     def pays_ramps(self) -> bool:
         return self._pay
+
+
+class BlockHindsightPolicy(Policy):
+    """Every ramp active; each block of `block` consecutive inputs runs its own per-ramp
+    thresholds: tuned in hindsight on that very block (an oracle of adaptation: no rule that
+    re-tunes from what it has seen follows the stream more closely), or on the block before it
+    (the same tuning out of sample). Replay only."""
+
+    def __init__(self, name: str, sites: tuple[int, ...], thresholds: np.ndarray, block: int):
+        self.name = name
+        self.sites = sites
+        self._thr = np.asarray(thresholds, dtype=np.float64)  # [blocks, R]
+        self._block = block
+        self._at: np.ndarray = np.zeros(0, dtype=np.int64)
+
+    def stream_inputs(self, index: slice | np.ndarray) -> None:
+        self._at = np.arange(index.start, index.stop) if isinstance(index, slice) else np.asarray(index)
+
+    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None,
+             move: np.ndarray | None = None) -> Plan:
+        blocks = np.minimum(self._at // self._block, len(self._thr) - 1)
+        cols = np.asarray(self.sites, dtype=np.int64)
+        pos = np.empty(conf.shape[0], dtype=np.int64)
+        for b in np.unique(blocks):  # a batch may straddle two blocks
+            rows = blocks == b
+            pos[rows] = first_exit(1.0 - conf[np.ix_(rows, cols)], self._thr[b])
+        return Plan(self.sites, pos, tuple(float(t) for t in self._thr[int(blocks[0])]) if blocks.size else ())
+
+    def cost_sites(self) -> tuple[int, ...]:
+        return self.sites
+
+    @property
+    def config(self) -> Config:
+        raise NotImplementedError("tuned on each block's own answers: it exists in replay only")

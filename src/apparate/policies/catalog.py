@@ -15,6 +15,11 @@
 * `X+`: the same ramps with per-ramp thresholds tuned once (the greedy search).
 * `X-opt` / `X+opt`: thresholds tuned on the evaluation stream itself: the best latency with at
   most the accuracy constraint lost, a bound no one-time tuning can beat.
+* `branchynet+opt-blocks`: the same ramps, per-ramp thresholds tuned in hindsight on each block
+  of 500 inputs for that block alone: the oracle of adaptation (what re-tuning thresholds as the
+  stream changes could win at most over `branchynet+opt`, in-sample luck included);
+  `branchynet+next-block`: each block runs the thresholds tuned on the block before it (the first
+  on the bootstrap), with no margin: the same tuning out of sample, what adapting by it keeps.
 * `optimal`: each input exits at the earliest site that agrees with the original, ramps free;
   `optimal-cost`: the same with every ramp running and paid for (notes A11).
 
@@ -40,7 +45,7 @@ from apparate.core.recording import Recording
 from apparate.core.settings import Settings
 from apparate.core.tuning import greedy_thresholds, shared_threshold
 
-from .base import AdaptivePolicy, OraclePolicy, Policy, ThresholdPolicy
+from .base import AdaptivePolicy, BlockHindsightPolicy, OraclePolicy, Policy, ThresholdPolicy
 from .evidence import LearnedPolicy
 from .heads import HeadsPolicy
 
@@ -87,6 +92,26 @@ def _all_sites_tuned(name: str, family: RampFamily, rec: Recording, inputs: Poli
     search = greedy_thresholds if per_ramp else shared_threshold
     res = search(rec.conf, rec.agree, table, target)
     return ThresholdPolicy(name, Config(tuple(sites), tuple(float(t) for t in res.thresholds)))
+
+
+# Blocks of the adaptation oracle: the size of the worst window the reports check.
+HINDSIGHT_BLOCK = 500
+
+
+def _block_hindsight(lag: int) -> Callable[[str, PolicyInputs], Policy]:
+    def build(name: str, inputs: PolicyInputs) -> Policy:
+        fam = inputs.light
+        S = fam.profile.num_sites
+        sites = list(range(S))
+        table = fam.profile.table(inputs.serving[0], sites, inputs.serving[1])
+        rec, B, target = fam.evaluation, HINDSIGHT_BLOCK, inputs.settings.accuracy_constraint
+        thr = []
+        for i in range(0, max(rec.num_inputs, 1), B):
+            j = i - lag * B  # the block tuned on: this one (hindsight) or the one before
+            on = fam.bootstrap if j < 0 else rec.take(slice(j, j + B))
+            thr.append(greedy_thresholds(on.conf, on.agree, table, target).thresholds)
+        return BlockHindsightPolicy(name, tuple(sites), np.array(thr).reshape(len(thr), S), B)
+    return build
 
 
 def _family(inputs: PolicyInputs, kind: str) -> RampFamily:
@@ -161,6 +186,8 @@ POLICIES: dict[str, Callable[[str, PolicyInputs], Policy]] = {
     "deebert+": _baseline("deebert", per_ramp=True, on_eval=False),
     "deebert-opt": _baseline("deebert", per_ramp=False, on_eval=True),
     "deebert+opt": _baseline("deebert", per_ramp=True, on_eval=True),
+    "branchynet+opt-blocks": _block_hindsight(lag=0),
+    "branchynet+next-block": _block_hindsight(lag=1),
     "optimal": lambda name, inputs: OraclePolicy(name, inputs.light.profile.num_sites, pay_ramps=False),
     "optimal-cost": lambda name, inputs: OraclePolicy(name, inputs.light.profile.num_sites, pay_ramps=True),
 }
@@ -182,6 +209,7 @@ def check_servable(name: str) -> None:
     """ValueError, saying why, unless a live server can run the policy `name`."""
     if name not in SERVABLE:
         why = ("it is tuned on the stream it is evaluated on (hindsight)" if name.endswith("opt") else
+               "it is tuned on blocks of the stream it is evaluated on (replay only)" if "block" in name else
                "it is an oracle that knows every answer in advance" if name.startswith("optimal") else
                "its pooler ramps are a separate preparation (replay only)" if name.startswith("deebert") else
                "heads that keep learning are replay-only so far" if name.endswith("+heads") else
