@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from apparate.core.controller import Config
 from apparate.core.exits import simulate
 from apparate.core.profile import LatencyProfile
+from apparate.core.settings import Settings
 from apparate.core.recording import Recording
 from apparate.core.synthetic import drift_curve, synthetic_recording
 from apparate.policies import PolicyInputs, make_policy
@@ -179,6 +180,26 @@ def test_one_time_baselines_are_tuned_where_they_serve_and_opt_on_exactly_the_re
     run = replay(part.evaluation, np.asarray(traces.fixed_rate(30, n=1200)), fam.profile,
                  make_policy("branchynet+opt", PolicyInputs(part)), ClockworkBatcher(16), slo_ms=1000)
     assert 0.99 <= summarize(run).accuracy < 0.995
+
+
+def test_hindsight_within_windows_keeps_every_window_and_is_the_plain_one_when_that_does():
+    from apparate.core.exits import sliding_min_mean
+
+    fam = synthetic_family(n=2000)
+    sites = list(range(fam.profile.num_sites))
+    table = fam.profile.table(1.0, sites)
+    ev = fam.evaluation
+    for A in (0.01, 0.03):
+        inputs = PolicyInputs(fam, Settings(accuracy_constraint=A))
+        safe = make_policy("branchynet+opt-windows", inputs).config.thresholds
+        plain = make_policy("branchynet+opt", inputs).config.thresholds
+        ok = simulate(ev.conf, ev.agree, np.asarray(safe), table).correct
+        assert ok.mean() >= 1 - A - 1e-9 and sliding_min_mean(ok, 500) >= 1 - 1.5 * A - 1e-9
+        plain_ok = simulate(ev.conf, ev.agree, np.asarray(plain), table).correct
+        if sliding_min_mean(plain_ok, 500) >= 1 - 1.5 * A:
+            assert safe == plain
+        else:  # the plain one breaks a window: the safe one releases no more
+            assert (~ok).sum() < (~plain_ok).sum()
 
 
 def test_the_adaptation_oracle_tunes_each_block_on_itself_and_the_next_block_runs_it():

@@ -114,3 +114,14 @@ def simulate(
     correct = agree_end[np.arange(n), idx]
     latency = table.all_ms[idx]
     return ExitResult(exit_index=idx, correct=correct, latency_ms=latency, vanilla_ms=table.vanilla_ms, num_ramps=r)
+
+
+def sliding_min_mean(x: np.ndarray, window: int) -> float:
+    """Minimum mean over all windows of `window` consecutive values (the whole run if shorter)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return float("nan")
+    if x.size <= window:
+        return float(x.mean())
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    return float(((c[window:] - c[:-window]) / window).min())

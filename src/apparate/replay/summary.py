@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from apparate.core.exits import sliding_min_mean  # noqa: F401  (re-exported: the reports' worst window)
+
 from .simulator import DROPPED, RunResult
 
 
@@ -38,17 +40,6 @@ class Metrics:
         d = asdict(self)
         d["exit_rates"] = {str(k): v for k, v in self.exit_rates.items()}
         return d
-
-
-def sliding_min_mean(x: np.ndarray, window: int) -> float:
-    """Minimum mean over all windows of `window` consecutive values (the whole run if shorter)."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.size == 0:
-        return float("nan")
-    if x.size <= window:
-        return float(x.mean())
-    c = np.concatenate([[0.0], np.cumsum(x)])
-    return float(((c[window:] - c[:-window]) / window).min())
 
 
 def summarize(run: RunResult, window: int = 500) -> Metrics:
