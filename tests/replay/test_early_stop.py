@@ -12,7 +12,7 @@ from apparate.core.types import Feedback, released
 from apparate.core.window import Window
 from apparate.policies import PolicyInputs, make_policy
 from apparate.policies.base import ThresholdPolicy
-from apparate.core.sampling import FeedbackSampler
+from apparate.core.sampling import FeedbackSampler, leave_sites
 from apparate.policies.base import Plan
 from apparate.replay.early_stop import run_stopped
 from apparate.replay.simulator import FINAL, replay
@@ -47,6 +47,29 @@ def test_an_idle_server_runs_every_input_to_the_end():
     run = replay(rec, np.array([0.0, 0.02, 0.1]), TINY, policy, ClockworkBatcher(2), slo_ms=1000)
     assert run.completed.all()
     assert run.latency_ms == pytest.approx([2.5, 10.5, 2.5])
+
+
+def test_inputs_leave_only_where_enough_of_the_pass_remains():
+    prof = LatencyProfile.linear(8, vanilla_ms=10.0, ramp_fraction=0.01)
+    rest = 1.0 - prof.table(1.0, range(8)).site_ms / prof.table(1.0, range(8)).vanilla_ms
+    assert leave_sites(prof, 0.0) == frozenset(range(8))
+    for m in (0.05, 0.3, 0.6, 0.99):
+        got = leave_sites(prof, m)
+        assert got == frozenset(int(s) for s in np.flatnonzero(rest >= m))
+        assert got == frozenset(range(len(got)))  # the earliest sites: a prefix
+    # the last site leaves too little: its released inputs run to the end, whole (weight 1)
+    sites = (1, 7)
+    exit_pos = np.array([1, 1, 0, 2])
+    near = run_stopped(prof, sites, None, exit_pos, 0.0, lambda t: True, 0.05, np.random.default_rng(1),
+                       can_leave=leave_sites(prof, 0.2))
+    assert near.completed[exit_pos == 1].all() and np.all(near.weight[exit_pos == 1] == 1.0)
+    assert not near.completed[2]  # site 1 leaves enough: the first coin (0.51) lets it go
+    anywhere = run_stopped(prof, sites, None, exit_pos, 0.0, lambda t: True, 0.05, np.random.default_rng(1))
+    assert not anywhere.completed[exit_pos == 1].all()
+    # a policy with early stop asks the same question of its profile
+    fam = synthetic_family(n=50, S=8)
+    pol = make_policy("apparate-stop", PolicyInputs(fam))
+    assert pol.stop_sites == leave_sites(fam.profile, pol.controller.settings.stop_min_rest)
 
 
 def test_a_batch_whose_inputs_all_left_stops_at_that_ramp():

@@ -94,6 +94,19 @@ def test_dropped_rows_leave_the_rest_with_the_full_batch_answers(parts):
     assert all(s <= 0 for s in cut.site_ms) and all(s <= 0 for s in cut.ramp_ms)
 
 
+def test_released_inputs_stay_where_too_little_of_the_pass_remains(parts):
+    served, ex, released = parts
+    reqs = requests(12, seed=1)
+    cfg = half_exit_config(ex, reqs)
+    released.clear()
+    rep = serve(ex, reqs, cfg, EarlyStop(lambda: True, 0.25, np.random.default_rng(3), sites=frozenset({1})))
+    early = np.array([a.early for a in answers(released, reqs)])
+    assert 0 < early.sum() < 12  # inputs released at ramp 0, where leaving is not allowed here ...
+    assert rep.left == 0 and rep.known is None and rep.weight is None  # ... all ran on, whole feedback
+    assert rep.vanilla_ms is not None  # a full batch: its times still update the profile
+    assert merged_feedback([rep]).batch_size == 12
+
+
 def test_nothing_waiting_every_input_completes_with_weight_one(parts):
     served, ex, released = parts
     reqs = requests(8, seed=2)

@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .profile import LatencyProfile
+
 
 class FeedbackSampler:
     def __init__(self, floor: float, alarm: int = 256, shift_z: float = 4.0, fast: int = 64, slow: int = 1024):
@@ -74,3 +76,12 @@ def bolder_than(sites: Sequence[int], thresholds: Sequence[float], config: Any) 
     or a threshold raised?"""
     old = dict(zip(sites, thresholds))
     return any(t > old.get(s, 0.0) + 1e-12 for s, t in zip(config.sites, config.thresholds))
+
+
+def leave_sites(profile: LatencyProfile, min_rest: float) -> frozenset[int]:
+    """The sites at which an input released while work waits may leave its batch: those after
+    which at least `min_rest` of a batch-1 pass remains (`Settings.stop_min_rest`). One answer for
+    replay and live: both ask it of the same profile."""
+    tab = profile.table(1.0, range(profile.num_sites))
+    rest = 1.0 - np.asarray(tab.site_ms) / float(tab.vanilla_ms)
+    return frozenset(int(s) for s in np.flatnonzero(rest >= min_rest - 1e-12))

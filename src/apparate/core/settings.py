@@ -79,6 +79,10 @@ class Settings:
     """Also raise that alarm whenever the controller makes the configuration bolder (a threshold
     raised, a ramp added), so a new configuration is checked on full feedback. Safer under drift,
     at most of early stop's capacity (docs/results.md)."""
+    stop_min_rest: float = 0.05
+    """A released input leaves its batch only at a ramp after which at least this share of a pass
+    remains (batch size 1): leaving later saves less than it costs (the rows' copy, the batch's
+    times that no longer update the profile, and the input's own feedback)."""
 
     # --- ramp budget ------------------------------------------------------------------------
     ramp_budget: float = 0.02
@@ -216,6 +220,7 @@ class Settings:
         need(self.evidence_l2 >= 0, "evidence_l2 must be >= 0")
         need(0 <= self.evidence_guard_loss < 1, "evidence_guard_loss must be in [0, 1)")
         need(0 < self.stop_sample <= 1, f"stop_sample must be in (0, 1], got {self.stop_sample}")
+        need(0 <= self.stop_min_rest < 1, f"stop_min_rest must be in [0, 1), got {self.stop_min_rest}")
         need(self.stop_alarm >= 0, f"stop_alarm must be >= 0, got {self.stop_alarm}")
         need(self.head_every >= 1 and self.head_buffer >= 1 and self.head_lag >= 0,
              "head_every and head_buffer must be >= 1, head_lag >= 0")

@@ -8,7 +8,7 @@ import numpy as np
 
 from apparate.core.controller import Config, Controller, Feedback
 from apparate.core.exits import first_exit
-from apparate.core.sampling import FeedbackSampler, bolder_than
+from apparate.core.sampling import FeedbackSampler, bolder_than, leave_sites
 from apparate.core.types import exit_sites_of
 
 
@@ -38,6 +38,7 @@ class Policy:
     name: str = "policy"
     adaptive: bool = False
     early_stop: float | None = None  # replay: the sampled share, when exited inputs may leave the batch
+    stop_sites: frozenset[int] | None = None  # ... and where they may (None: at every ramp)
 
     @property
     def config(self) -> Config:
@@ -112,6 +113,7 @@ class AdaptivePolicy(Policy):
         self.controller = controller
         s = controller.settings
         self.sampler = None if early_stop is None else FeedbackSampler(early_stop, s.stop_alarm)
+        self.stop_sites = leave_sites(controller.profile, s.stop_min_rest)
         self._planned: tuple[Config, np.ndarray, np.ndarray] | None = None  # config, its columns, thresholds
 
     @property

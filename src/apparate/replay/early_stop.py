@@ -6,13 +6,14 @@ the batch, except a sampled share (probability `share`, a whole 1/share) that ru
 that their final answers keep the controller's feedback unbiased (each weighs 1/share). The rest
 of the batch then runs at its smaller batch size, segment by segment, from the LatencyProfile;
 a batch whose inputs have all left ends at that ramp. With nothing waiting every input runs to
-the end, exactly as without early stop.
+the end, exactly as without early stop; so do inputs released at a ramp too near the end for
+leaving to pay (`core.sampling.leave_sites`: outside `can_leave`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Container
 
 import numpy as np
 
@@ -29,10 +30,11 @@ class StoppedBatch:
 
 def run_stopped(profile: LatencyProfile, sites: tuple[int, ...], length: float | None, exit_pos: np.ndarray,
                 start: float, waiting: Callable[[float], bool], share: float | np.ndarray,
-                rng: np.random.Generator) -> StoppedBatch:
+                rng: np.random.Generator, can_leave: Container[int] | None = None) -> StoppedBatch:
     """One batch with early stop. `exit_pos` [k]: each input's releasing ramp (index into `sites`,
     len(sites) = the final output); `waiting(t)`: is a request queued at time t (s, the trace's
-    clock); `start`: the batch's start (s); `share`: the sampled share, one for all or per input [k]."""
+    clock); `start`: the batch's start (s); `share`: the sampled share, one for all or per input [k];
+    `can_leave`: the sites where released inputs may leave (None: every site)."""
     shares = np.broadcast_to(np.asarray(share, dtype=np.float64), exit_pos.shape)
     k, R = exit_pos.size, len(sites)
     alive = np.ones(k, dtype=bool)
@@ -49,7 +51,7 @@ def run_stopped(profile: LatencyProfile, sites: tuple[int, ...], length: float |
         if not ex.size:
             continue
         rel[ex] = elapsed
-        if not waiting(start + elapsed * 1e-3):
+        if (can_leave is not None and sites[j] not in can_leave) or not waiting(start + elapsed * 1e-3):
             continue
         p = shares[ex]
         stay = rng.random(ex.size) < p

@@ -134,7 +134,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
             def waiting(at: float) -> bool:
                 return int(np.searchsorted(t, at, side="right")) > last + 1
 
-            stopped = run_stopped(profile, plan.sites, length, pos, now, waiting, share, rng)
+            stopped = run_stopped(profile, plan.sites, length, pos, now, waiting, share, rng, policy.stop_sites)
             run_ms = stopped.end_ms
             release[ix] = now + stopped.release_ms * 1e-3
             completed[ix] = stopped.completed

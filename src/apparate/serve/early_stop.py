@@ -10,6 +10,8 @@ in the queue, that compute is what they wait for. Early stop is the scheduler's 
   keeps it: a kept exited input runs to the end, and its feedback row carries weight 1/sample.
   With nothing waiting every input runs to the end (full feedback, weight 1), so feedback is
   complete whenever it is free.
+* Only at a ramp after which enough of the pass remains (`Settings.stop_min_rest`,
+  `core.sampling.leave_sites`, as the replay decides): leaving later saves less than it costs.
 * An input whose caller asked for the model's own answer as well (`Request.final`) never leaves:
   its observation probability is 1, so its weight stays 1.
 * Only rows that reached the final output are feedback (their agreement is known); weighting the
@@ -48,6 +50,7 @@ class EarlyStop:
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     alarm: int = 256
     watch_bolder: bool = False  # also look harder after the configuration became bolder
+    sites: frozenset[int] | None = None  # where released inputs may leave (None: every ramp)
 
     def __post_init__(self) -> None:
         self.sampler = FeedbackSampler(check_sample(self.floor), self.alarm)
@@ -61,6 +64,11 @@ class EarlyStop:
     def weight(self) -> float:
         """The feedback weight of a released input that was sampled to run to the end."""
         return 1.0 / self.sample
+
+    def may_leave(self, site: int) -> bool:
+        """Whether inputs released at `site` may leave at all (`core.sampling.leave_sites`: not
+        where too little of the pass remains for leaving to pay)."""
+        return self.sites is None or site in self.sites
 
     def leaving(self, count: int) -> np.ndarray:
         """[count] bool: which of `count` inputs released now leave the pass (work is waiting;
@@ -105,9 +113,10 @@ def stop_sample(on: bool | None, sample: float | None, settings: Any, kind: str)
 
 
 def engine_stop(sample: float | None, waiting: Callable[[], bool], seed: int = 0, alarm: int = 256,
-                watch_bolder: bool = False) -> EarlyStop | None:
+                watch_bolder: bool = False, sites: frozenset[int] | None = None) -> EarlyStop | None:
     """The engine's rule (None when `sample` is None: off)."""
-    return None if sample is None else EarlyStop(waiting, sample, np.random.default_rng(seed), alarm, watch_bolder)
+    return None if sample is None else EarlyStop(waiting, sample, np.random.default_rng(seed), alarm, watch_bolder,
+                                                 sites)
 
 
 def stop_state(engine: Any) -> dict[str, Any]:

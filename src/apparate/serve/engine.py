@@ -34,6 +34,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from apparate.core.sampling import leave_sites
+
 from .admission import Admission
 from .batch_times import BatchTimes, on_cpu, scale_times
 from .control import ControlLoop, ControlOptions, Live
@@ -121,7 +123,13 @@ class Engine:
         # early stop: work is waiting when the queue holds requests as a ramp releases inputs
         self.early_stop = engine_stop(self._stop_sample, lambda: len(self.queue) > 0, options.stop_seed,
                                       int(getattr(control.settings, "stop_alarm", 256)),
-                                      bool(getattr(control.settings, "stop_alarm_bolder", False)))
+                                      bool(getattr(control.settings, "stop_alarm_bolder", False)),
+                                      self.leave_sites())
+
+    def leave_sites(self) -> frozenset[int]:
+        """Where inputs released while work waits may leave their batch (`core.sampling.leave_sites`
+        on the served profile, as the replay asks it)."""
+        return leave_sites(self.control.profile, self.control.settings.stop_min_rest)
 
     def _build(self, served: ServedModel) -> tuple[Executor, ControlLoop]:
         """The executor and control loop for `served`: ramp costs calibrated on this machine, the

@@ -195,7 +195,7 @@ class Executor:
                     idx = at if rows is None else rows[at]
                     if idx.size:
                         release_at(j, r, idx, at)
-                        if stop.waiting():
+                        if stop.may_leave(r.site) and stop.waiting():
                             go = stop.leaving(idx.size) & ~stays[idx]
                             weight[idx[~go & ~stays[idx]]] = stop.weight  # sampled: they stand for 1/p inputs
                             if go.any():

@@ -31,6 +31,8 @@ class ChangeOver:
         self.old = (engine.control, engine.executor)
         engine.served, engine.executor, engine.control = self.served, self.executor, self.control
         engine.admission.idle_costs = self.control.live.costs
+        if engine.early_stop is not None:  # the new bundle's sites where leaving pays
+            engine.early_stop.sites = engine.leave_sites()
         if engine.running:
             self.control.start()
         self.done.set()
