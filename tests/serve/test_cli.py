@@ -180,6 +180,8 @@ def test_serve_apparate_learned(r20_bundle, tmp_path):
 @pytest.mark.parametrize("args, msg", [
     (["--early-stop", "--policy", "apparate-learned"], "confidence rule only"),
     (["--early-stop", "--stop-sample", "0"], "--stop-sample: the early-stop sample must be in (0, 1]"),
+    (["--set", "stop_min_rest=1.5"], "--set: stop_min_rest must be in [0, 1)"),
+    (["--set", "no_such_setting=1"], "--set: "),
 ])
 def test_serve_refuses_early_stop_it_cannot_honour(tmp_path, args, msg):
     r = subprocess.run([sys.executable, "-m", "apparate", "serve", str(tmp_path / "nope"), "--port", "0", *args],

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-FLAGS = ["--accuracy-constraint", "0.02", "--ramp-budget", "0.05"]
-CHANGES = {"accuracy_constraint": 0.02, "ramp_budget": 0.05}
+FLAGS = ["--accuracy-constraint", "0.02", "--ramp-budget", "0.05", "--set", "stop_min_rest=0.1", "--set", "margin_z=2"]
+CHANGES = {"accuracy_constraint": 0.02, "ramp_budget": 0.05, "stop_min_rest": 0.1, "margin_z": 2}
 
 
 @pytest.mark.parametrize("kind", ["image", "text"])

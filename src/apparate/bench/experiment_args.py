@@ -44,10 +44,7 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
     p.add_argument("--ramp-budget", type=float, default=defaults.ramp_budget,
                    help="max share ramps may add to a non-exiting input's latency, at the batch size served "
                         "(default %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
-                   help="override a controller setting (any field of apparate.core.settings.Settings, "
-                        "see docs/core.md; the others are the workload kind's, as `apparate serve` uses), "
-                        "e.g. --set agreement=raw; repeatable")
+    add_set_arg(p)
     p.add_argument("--bootstrap", type=int, help="bootstrap inputs when preparing a bundle")
     p.add_argument("--stream-bootstrap", type=float, default=0.0, metavar="SHARE",
                    help="place Apparate's ramps on this first share of the stream (the paper's bootstrap, e.g. 0.1), "
@@ -56,16 +53,32 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-policy lines")
 
 
-def spec_from_args(args: argparse.Namespace, policies=None):
-    from apparate.core.settings import KIND_DEFAULTS, Settings
-    from apparate.bench.experiment import ExperimentSpec
+def add_set_arg(p: argparse.ArgumentParser) -> None:
+    """`--set NAME=VALUE`, the same in every command that runs a controller (replays and serve)."""
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
+                   help="override a controller setting (any field of apparate.core.settings.Settings, "
+                        "see docs/core.md; the others are the workload kind's, the same in replay and serve), "
+                        "e.g. --set agreement=raw; repeatable")
 
-    # The changes the flags make to the settings; the run applies them to its workload's kind
-    # (`Settings.for_kind`, as `apparate serve` does) once the bundle says which. Checked here.
+
+def settings_changes(args: argparse.Namespace) -> dict[str, object]:
+    """The flags' changes to the workload kind's settings (`--accuracy-constraint`,
+    `--ramp-budget`, `--set`), checked against every kind's (ValueError/TypeError if bad)."""
+    from apparate.core.settings import KIND_DEFAULTS, Settings
+
     changes = {"accuracy_constraint": args.accuracy_constraint, "ramp_budget": args.ramp_budget,
                **parse_overrides(getattr(args, "overrides", []))}
     for kind in KIND_DEFAULTS:
         Settings.for_kind(kind, **changes)
+    return changes
+
+
+def spec_from_args(args: argparse.Namespace, policies=None):
+    from apparate.bench.experiment import ExperimentSpec
+
+    # The changes the flags make to the settings; the run applies them to its workload's kind
+    # (`Settings.for_kind`, as `apparate serve` does) once the bundle says which. Checked here.
+    changes = settings_changes(args)
     rate = rate_from_args(args)
     return ExperimentSpec(
         workload=args.workload, data_dir=args.data_dir, bundle=args.bundle, deebert_bundle=args.deebert_bundle,

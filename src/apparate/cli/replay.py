@@ -16,6 +16,7 @@ import json
 
 def register(sub: argparse._SubParsersAction) -> None:
     from apparate.core.serving_rules import BATCHINGS
+    from apparate.bench.experiment_args import add_set_arg
     from apparate.core.settings import Settings
     from apparate.zoo import trace_specs
 
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="max share of released answers that may differ from the original model's (default %(default)s)")
     p.add_argument("--ramp-budget", type=float, default=defaults.ramp_budget,
                    help="max latency the active ramps may add, as a share of the model's (default %(default)s)")
+    add_set_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir")
     p.add_argument("--out", help="directory for report.md, metrics.json and plots")
@@ -81,10 +83,10 @@ def spec_from_args(args: argparse.Namespace, bundle):
     """The experiment the flags ask for on `bundle`: its workload's kind of settings
     (`Settings.for_kind`, as `apparate serve` uses) with the flags' changes."""
     from apparate.bench.experiment import ExperimentSpec
-    from apparate.bench.experiment_args import rate_from_args
+    from apparate.bench.experiment_args import rate_from_args, settings_changes
 
     return ExperimentSpec(workload=bundle.manifest.get("workload", "?"), data_dir=args.data_dir, kind=bundle.kind,
                           seed=args.seed, trace=args.trace, rate=rate_from_args(args), cv=args.cv, slo_ms=args.slo_ms,
                           slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
-                          settings={"accuracy_constraint": args.accuracy_constraint, "ramp_budget": args.ramp_budget},
+                          settings=settings_changes(args),
                           policies=(args.policy,), progress=False)

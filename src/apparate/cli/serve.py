@@ -11,6 +11,7 @@ from apparate.devices import add_device_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from apparate.bench.experiment_args import add_set_arg
     from apparate.core.settings import Settings
 
     defaults = Settings()
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="max share of answers that may differ from the original model's (default %(default)s)")
     p.add_argument("--ramp-budget", type=float, default=defaults.ramp_budget,
                    help="max latency the active ramps may add, as a share of the model's (default %(default)s)")
+    add_set_arg(p)
     p.add_argument("--state-dir", help="checkpoint the controller state here (and restore it on start)")
     p.add_argument("--checkpoint-every", type=float, default=30.0, help="seconds between checkpoints")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores but one, left to HTTP)")
@@ -112,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
         check_sample(args.stop_sample)
     except ValueError as e:
         raise UserError(f"--stop-sample: {e}") from None
+    from apparate.bench.experiment_args import settings_changes
+
+    try:
+        settings_changes(args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--set: {e}") from None
     if args.ray:
         return _serve_on_ray(args)
     if args.address or args.min_replicas or args.max_replicas:
@@ -149,6 +157,7 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
 
 def options_from_args(args: argparse.Namespace):
     """The `ServeOptions` the flags ask for."""
+    from apparate.bench.experiment_args import settings_changes
     from apparate.serve.server import ServeOptions
 
     return ServeOptions(
@@ -162,4 +171,4 @@ def options_from_args(args: argparse.Namespace):
         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout, grpc_port=args.grpc_port,
         allow_load=args.allow_load, device=args.device, early_stop=args.early_stop,
-        stop_sample=args.stop_sample)
+        stop_sample=args.stop_sample, settings_changes=tuple(settings_changes(args).items()))

@@ -63,10 +63,12 @@ class ServeOptions:
     device: str = "cpu"  # where the model runs: cpu, cuda, cuda:N, auto (apparate.devices.resolve_device)
     early_stop: bool = False  # released inputs leave their batch's pass while requests wait (early_stop.py)
     stop_sample: float = 0.05  # ... but for this sampled share, which runs to the end (weighted 1/p)
+    settings_changes: tuple[tuple[str, Any], ...] = ()  # --set NAME=VALUE: any other controller setting
 
     def settings(self, kind: str) -> Settings:
         """The controller's settings for a workload of this kind ('image' or 'text')."""
-        return Settings.for_kind(kind, accuracy_constraint=self.accuracy_constraint, ramp_budget=self.ramp_budget)
+        return Settings.for_kind(kind, **{**dict(self.settings_changes), "accuracy_constraint": self.accuracy_constraint,
+                                          "ramp_budget": self.ramp_budget})
 
     def limits(self) -> Any:
         from .connections import ConnectionLimits
