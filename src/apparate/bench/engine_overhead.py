@@ -19,7 +19,9 @@ time: all this process spent on them, the controller thread's work included (eac
 for it, so it never overlaps the next measurement). CPU time is what other processes on a shared
 machine do not inflate.
 
-Ratios: engine-v / bare is the engine's own overhead; engine-s / ee the engine's overhead with
+Ratios, of the medians and (`paired`) the median of each round's own ratio (the two variants ran
+next to each other, so a machine that slows for a minute moves both): engine-v / bare is the
+engine's own overhead; engine-s / ee the engine's overhead with
 early release, ramps excluded (same ramps on both sides); engine-a / engine-s what the control
 loop adds (its work on the GIL, and the ramps it tries); engine-a / bare everything. Target:
 engine overhead under 5% at batch 8 for ResNet-56.
@@ -154,7 +156,12 @@ def run(args: argparse.Namespace) -> int:
                             ("ramps and early-exit model (ee / bare)", "ee", "bare"),
                             ("control loop (engine-a / engine-s)", "engine-a", "engine-s"),
                             ("apparate engine, all included (engine-a / bare)", "engine-a", "bare")):
-        print(f"{label:64s} wall {mw[num] / mw[den] - 1:+6.1%}   CPU {mc[num] / mc[den] - 1:+6.1%}")
+        # paired: the two variants' times in the same round (next to each other in time), so a
+        # machine that slows down for a minute moves both; the median of those ratios
+        pw = float(np.median(np.asarray(wall[num]) / np.asarray(wall[den])))
+        pc = float(np.median(np.asarray(cpu[num]) / np.asarray(cpu[den])))
+        print(f"{label:64s} wall {mw[num] / mw[den] - 1:+6.1%}   CPU {mc[num] / mc[den] - 1:+6.1%}   "
+              f"paired: wall {pw - 1:+6.1%}  CPU {pc - 1:+6.1%}")
     snap_s = es.metrics.live.snapshot()
     print(f"static: ramps {list(static_sites)}, answers released early "
           f"{1 - snap_s['window']['exit_rates'].get('final', 1.0):.1%}; apparate: config version {cfg.version}, "
