@@ -204,3 +204,24 @@ def test_bench_capacity_finds_each_policys_highest_rate_within_the_slo(r20_bundl
     assert caps["vanilla"]["completed"] == 1.0
     stop = caps["apparate-stop"]
     assert stop["capacity_rps"] is None or 0 < stop["completed"] <= 1.0
+
+
+def test_bench_capacity_over_draws_of_the_arrivals(r20_bundle, data_dir, tmp_path, monkeypatch):
+    """`--draws 2`: the search runs again on another draw of the arrivals; each policy's capacity
+    per draw and its median are reported, and the first draw is the plain run's."""
+    monkeypatch.setenv("APPARATE_CACHE", str(tmp_path / "cache"))
+    start = 0.2 * 1000 / r20_bundle.profile.vanilla(1)
+    common = ["bench", "capacity", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
+              "--stream", "test", "--n", "120", "--trace", "poisson", "--rate", f"{start:.1f}", "--steps", "3",
+              "--refine", "2", "--policies", "vanilla,apparate", "--no-progress"]
+    out = run_cli(*common, "--draws", "2", "--out", str(tmp_path / "two"))
+    assert out.returncode == 0, out.stderr
+    got = json.loads((tmp_path / "two" / "capacity.json").read_text())
+    for d in got["capacity"]:
+        assert len(d["draws"]["capacity_rps"]) == 2 and len(d["draws"]["vanilla_rps"]) == 2
+        assert d["draws"]["capacity_rps"][0] == d["capacity_rps"]  # the first draw is the table's
+    van = next(d for d in got["capacity"] if d["policy"] == "vanilla")["draws"]
+    assert van["capacity_rps"] == van["vanilla_rps"]
+    assert "Over 2 draws of the arrivals" in out.stdout and "Over 2 draws" in (tmp_path / "two" / "capacity.md").read_text()
+    bad = run_cli(*common, "--draws", "0", "--out", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and "--draws" in bad.stderr

@@ -10,6 +10,12 @@ the policies on the same recording and arrival trace (the trace is rescaled; the
 experiment's). Writes `capacity.md`, `capacity.json` (a list of {policy, capacity_rps, accuracy,
 worst_window_accuracy} at each policy's capacity, and every rate tried) and `goodput.png`.
 
+The capacity criterion is a knife edge: near capacity one burst that overflows the SLO turns a
+pass into a fail. `--draws K` repeats the whole search on K draws of the arrivals (a synthetic
+trace drawn with seeds 0..K-1, a real one rotated to a seeded start, as `bench spread` does) and
+adds each policy's median capacity, its range and its median ratio to vanilla's on the same draw;
+the first table and the plot are the first draw's.
+
 Apparate as the paper builds it releases answers early but runs every input to the end, so its
 capacity is vanilla's less what its active ramps cost; `apparate-stop` lets inputs released while
 work waits leave their batch (a sampled share runs on for feedback), so its exits also save
@@ -19,6 +25,7 @@ compute (`replay.early_stop`).
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
 POLICIES = ("vanilla", "apparate", "apparate-stop")
@@ -34,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=6, help="geometric rates up to vanilla's first failing one (default 6)")
     p.add_argument("--refine", type=int, default=3, help="bisections per policy around its capacity (default 3)")
     p.add_argument("--max-drop", type=float, default=0.01, help="share of requests a passing rate may shed (default 0.01)")
+    p.add_argument("--draws", type=int, default=1, help="repeat the search on this many draws of the arrivals (default 1)")
     p.add_argument("--out", help="directory for capacity.md, capacity.json and goodput.png "
                                  "(default runs/capacity-WORKLOAD)")
     p.set_defaults(func=run)
@@ -52,33 +60,23 @@ def capacity_of(tried: dict[float, bool]) -> float | None:
     return max(ok) if ok else None
 
 
-def run(args: argparse.Namespace) -> int:
-    import json
-    from dataclasses import replace
-    from pathlib import Path
-
+def search(spec: Any, names: tuple[str, ...], args: argparse.Namespace, progress: bool) -> tuple[dict[float, dict[str, Any]], float]:
+    """Every rate tried for one draw of the arrivals: {rate: {policy: Metrics}}, and the SLO."""
     import numpy as np
 
     from apparate.bench.experiment import by_policy, run_experiment
-    from apparate.bench.experiment_args import command_line, spec_from_args
-    from apparate.bench.timing import markdown_table
 
-    names = tuple(p.strip() for p in args.policies.split(",") if p.strip())
-    if "vanilla" not in names:
-        names = ("vanilla",) + names
-    base = spec_from_args(args, names)
-    quiet = replace(base, progress=False)
     results: dict[float, dict[str, Any]] = {}
-    slo = None
+    slo = float("nan")
 
     def at(rate: float) -> dict[str, Any]:
         nonlocal slo
         rate = float(round(rate, 3))
         if rate not in results:
-            res = run_experiment(replace(quiet, rate=rate))
+            res = run_experiment(replace(spec, rate=rate))
             slo = float(res.info["slo_ms"])
             results[rate] = by_policy(res)
-            if base.progress:
+            if progress:
                 m = results[rate]
                 print(f"  {rate:9.2f}/s  " + "  ".join(f"{n} p99 {m[n].p99_ms:.1f} ms ({'ok' if passes(m[n], slo, args.max_drop) else 'over'})"
                                                       for n in names))
@@ -87,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     def verdicts(name: str) -> dict[float, bool]:
         return {r: passes(m[name], slo, args.max_drop) for r, m in results.items()}
 
-    lo = float(base.rate or 10.0)
+    lo = float(spec.rate or 10.0)
     while passes(at(lo)["vanilla"], slo, args.max_drop) and lo < 1e6:
         lo *= 2
     hi = lo
@@ -108,6 +106,30 @@ def run(args: argparse.Namespace) -> int:
             if cap is None or not above:
                 break
             at((cap + min(above)) / 2)
+    return results, slo
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from apparate.bench.experiment_args import command_line, spec_from_args
+    from apparate.bench.timing import markdown_table
+
+    names = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    if "vanilla" not in names:
+        names = ("vanilla",) + names
+    base = spec_from_args(args, names)
+    if args.draws < 1:
+        raise ValueError("--draws must be >= 1")
+    draws = [search(replace(base, progress=False, trace_seed=d if args.draws > 1 else None), names, args, base.progress)
+             for d in range(args.draws)]
+    results, slo = draws[0]
+
+    def verdicts(name: str, res: dict[float, dict[str, Any]] = results) -> dict[float, bool]:
+        return {r: passes(m[name], slo, args.max_drop) for r, m in res.items()}
 
     rows, dump = [], []
     van_cap = capacity_of(verdicts("vanilla"))
@@ -126,13 +148,33 @@ def run(args: argparse.Namespace) -> int:
                             "mean batch", "ran to the end"], rows)
     print(f"\n# Capacity in replay: {base.workload}, SLO {slo:.1f} ms, p99 within it and <= {args.max_drop:.0%} shed\n")
     print(table)
+    spread = ""
+    if len(draws) > 1:
+        srows, per_draw = [], []
+        for name in names:
+            caps = [capacity_of(verdicts(name, res)) for res, _ in draws]
+            vans = [capacity_of(verdicts("vanilla", res)) for res, _ in draws]
+            worst = [res[c][name].worst_window_accuracy for (res, _), c in zip(draws, caps) if c is not None]
+            ok = [c for c in caps if c is not None]
+            ratios = [c / v for c, v in zip(caps, vans) if c is not None and v]
+            per_draw.append({"policy": name, "capacity_rps": caps, "vanilla_rps": vans, "worst_window_accuracy": worst})
+            srows.append((name, f"{np.median(ok):.2f}" if ok else "-", f"{min(ok):.2f}-{max(ok):.2f}" if ok else "-",
+                          f"{np.median(ratios):.3f}" if ratios else "-",
+                          f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "-",
+                          f"{min(worst):.2%}" if worst else "-"))
+        spread = markdown_table(["policy", "capacity /s (median)", "range", "vs vanilla (median, same draw)", "range",
+                                 "worst window (lowest)"], srows)
+        print(f"\n## Over {len(draws)} draws of the arrivals\n")
+        print(spread)
+        dump = [{**d, "draws": p} for d, p in zip(dump, per_draw)]
     out = Path(args.out or f"runs/capacity-{base.workload}")
     out.mkdir(parents=True, exist_ok=True)
     curves = {name: [(r, results[r][name].goodput, results[r][name].p99_ms) for r in sorted(results)] for name in names}
     (out / "capacity.json").write_text(json.dumps(
         {"capacity": dump, "slo_ms": slo, "rates": {n: [{"offered": r, "goodput": g, "p99_ms": p} for r, g, p in c]
                                                     for n, c in curves.items()}}, indent=1))
-    (out / "capacity.md").write_text(f"# Capacity in replay\n\n```\n{command_line()}\n```\n\n{table}\n")
+    (out / "capacity.md").write_text(f"# Capacity in replay\n\n```\n{command_line()}\n```\n\n{table}\n"
+                                     + (f"\n## Over {len(draws)} draws of the arrivals\n\n{spread}\n" if spread else ""))
     _plot(out / "goodput.png", curves, {d["policy"]: d["capacity_rps"] for d in dump})
     print(f"\nwritten to {out}/; reproduce: {command_line()}")
     return 0
