@@ -124,8 +124,13 @@ def run(args: argparse.Namespace) -> int:
     base = spec_from_args(args, names)
     if args.draws < 1:
         raise ValueError("--draws must be >= 1")
-    draws = [search(replace(base, progress=False, trace_seed=d if args.draws > 1 else None), names, args, base.progress)
-             for d in range(args.draws)]
+    from apparate.bench.spread import has_randomness
+
+    k = args.draws if has_randomness(base.trace, base.stream, base.fps) else 1
+    if k < args.draws:
+        print(f"the trace ({base.trace}) has no randomness: one draw")
+    draws = [search(replace(base, progress=False, trace_seed=d if k > 1 else None), names, args, base.progress)
+             for d in range(k)]
     results, slo = draws[0]
 
     def verdicts(name: str, res: dict[float, dict[str, Any]] = results) -> dict[float, bool]:
