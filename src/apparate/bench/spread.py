@@ -61,7 +61,8 @@ def uses_settings(policy: str) -> bool:
 def has_randomness(trace: str, stream: str | None, fps: float | None) -> bool:
     from apparate.zoo.video import is_video_stream
 
-    return not (trace == "fixed" or fps or (is_video_stream(stream) and trace == "fixed"))
+    # a fixed-rate trace, a camera's --fps, or footage replayed at its own frame times
+    return not (trace == "fixed" or fps or is_video_stream(stream))
 
 
 def run(args: argparse.Namespace) -> int:
