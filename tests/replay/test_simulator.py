@@ -202,6 +202,24 @@ def test_hindsight_within_windows_keeps_every_window_and_is_the_plain_one_when_t
             assert (~ok).sum() < (~plain_ok).sum()
 
 
+def test_hindsight_within_the_budget_keeps_to_the_budget_and_the_windows():
+    from apparate.core.adjust import within_budget
+    from apparate.core.exits import sliding_min_mean
+
+    fam = synthetic_family(n=1500, S=8)
+    for budget in (0.005, 0.02):
+        inputs = PolicyInputs(fam, Settings(ramp_budget=budget))
+        cfg = make_policy("branchynet+opt-budget", inputs).config
+        assert cfg.sites and within_budget(list(cfg.sites), fam.profile, inputs.settings, inputs.serving)
+        table = fam.profile.table(1.0, list(cfg.sites))
+        ev = fam.evaluation
+        ok = simulate(ev.conf[:, list(cfg.sites)], ev.agree[:, list(cfg.sites)], np.asarray(cfg.thresholds), table).correct
+        assert ok.mean() >= 0.99 - 1e-9 and sliding_min_mean(ok, 500) >= 0.985 - 1e-9
+    big = synthetic_family(n=200, S=13)
+    with pytest.raises(ValueError, match="at most 12 candidate sites"):
+        make_policy("branchynet+opt-budget", PolicyInputs(big))
+
+
 def test_the_adaptation_oracle_tunes_each_block_on_itself_and_the_next_block_runs_it():
     from apparate.core.tuning import greedy_thresholds
     from apparate.policies.catalog import HINDSIGHT_BLOCK as B

@@ -18,6 +18,9 @@
 * `branchynet+opt-windows`: as `branchynet+opt`, at the largest loss (within the constraint) at
   which every window of 500 inputs also stays within 1.5x the constraint (98.5% for 1%): the
   hindsight bound that meets the same two checks the reports hold Apparate to.
+* `branchynet+opt-budget`: the same, but only ramps that fit the user's ramp budget at the
+  serving point: every subset that fits is tuned so, and the one whose median input leaves
+  earliest is kept (workloads with at most 12 candidate sites).
 * `branchynet+opt-blocks`: the same ramps, per-ramp thresholds tuned in hindsight on each block
   of 500 inputs for that block alone: the oracle of adaptation (what re-tuning thresholds as the
   stream changes could win at most over `branchynet+opt`, in-sample luck included);
@@ -34,12 +37,13 @@ inputs replayed.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from apparate.core.adjust import BudgetPoint
+from apparate.core.adjust import BudgetPoint, within_budget
 from apparate.core.controller import Config, Controller
 from apparate.core.exits import sliding_min_mean
 from apparate.core.heads import HeadsLog
@@ -104,27 +108,59 @@ HINDSIGHT_BLOCK = 500
 WINDOW_SLACK = 1.5
 
 
-def _opt_within_windows(name: str, inputs: PolicyInputs) -> Policy:
-    fam = inputs.light
-    S = fam.profile.num_sites
-    sites = list(range(S))
-    table = fam.profile.table(inputs.serving[0], sites, inputs.serving[1])
-    rec, A = fam.evaluation, inputs.settings.accuracy_constraint
+def _within_windows(rec: Recording, sites: list[int], table: Any, A: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-ramp thresholds for `sites` tuned in hindsight on `rec` at the largest loss (<= A) at
+    which every window of `HINDSIGHT_BLOCK` inputs stays above 1 - WINDOW_SLACK * A; with each
+    input's exit latency (ns)."""
     floor = 1.0 - WINDOW_SLACK * A
+    conf, agree = rec.conf[:, sites], rec.agree[:, sites]
 
-    def tuned(target: float) -> tuple[np.ndarray, bool]:
-        res = greedy_thresholds(rec.conf, rec.agree, table, target)
-        return res.thresholds, sliding_min_mean(res.result.correct, HINDSIGHT_BLOCK) >= floor - 1e-12
+    def tuned(target: float) -> tuple[Any, bool]:
+        res = greedy_thresholds(conf, agree, table, target)
+        return res, sliding_min_mean(res.result.correct, HINDSIGHT_BLOCK) >= floor - 1e-12
 
-    thr, ok = tuned(A)
+    best, ok = tuned(A)
     if not ok:  # bisect the loss down to the largest that keeps every window above the floor
         lo, hi = 0.0, A
-        thr = tuned(0.0)[0]
+        best = tuned(0.0)[0]
         for _ in range(12):
             mid = (lo + hi) / 2
-            t, ok = tuned(mid)
-            lo, hi, thr = (mid, hi, t) if ok else (lo, mid, thr)
+            res, ok = tuned(mid)
+            lo, hi, best = (mid, hi, res) if ok else (lo, mid, best)
+    return best.thresholds, table.all_ns[best.result.exit_index]
+
+
+def _opt_within_windows(name: str, inputs: PolicyInputs) -> Policy:
+    fam = inputs.light
+    sites = list(range(fam.profile.num_sites))
+    table = fam.profile.table(inputs.serving[0], sites, inputs.serving[1])
+    thr, _ = _within_windows(fam.evaluation, sites, table, inputs.settings.accuracy_constraint)
     return ThresholdPolicy(name, Config(tuple(sites), tuple(float(t) for t in thr)))
+
+
+# `branchynet+opt-budget` tries every subset of ramps that fits the budget: up to 2^12 of them.
+BUDGET_SEARCH_SITES = 12
+
+
+def _opt_within_budget(name: str, inputs: PolicyInputs) -> Policy:
+    fam = inputs.light
+    S = fam.profile.num_sites
+    if S > BUDGET_SEARCH_SITES:
+        raise ValueError(f"{name} tries every subset of ramps: at most {BUDGET_SEARCH_SITES} candidate sites, "
+                         f"this workload has {S}")
+    at, A = inputs.serving, inputs.settings.accuracy_constraint
+    best: tuple[float, tuple[int, ...], np.ndarray] | None = None
+    for k in range(1, S + 1):
+        for sites in itertools.combinations(range(S), k):
+            if not within_budget(list(sites), fam.profile, inputs.settings, at):
+                continue
+            thr, lat = _within_windows(fam.evaluation, list(sites), fam.profile.table(at[0], list(sites), at[1]), A)
+            p50 = float(np.median(lat))  # the exit latency of the median input: what the reports rank
+            if best is None or p50 < best[0]:
+                best = (p50, sites, thr)
+    if best is None:
+        return ThresholdPolicy(name, Config())
+    return ThresholdPolicy(name, Config(best[1], tuple(float(t) for t in best[2])))
 
 
 def _block_hindsight(lag: int) -> Callable[[str, PolicyInputs], Policy]:
@@ -216,6 +252,7 @@ POLICIES: dict[str, Callable[[str, PolicyInputs], Policy]] = {
     "deebert-opt": _baseline("deebert", per_ramp=False, on_eval=True),
     "deebert+opt": _baseline("deebert", per_ramp=True, on_eval=True),
     "branchynet+opt-windows": _opt_within_windows,
+    "branchynet+opt-budget": _opt_within_budget,
     "branchynet+opt-blocks": _block_hindsight(lag=0),
     "branchynet+next-block": _block_hindsight(lag=1),
     "optimal": lambda name, inputs: OraclePolicy(name, inputs.light.profile.num_sites, pay_ramps=False),
