@@ -157,7 +157,31 @@ def test_bench_evidence_prints_what_each_exit_rule_could_release(r20_bundle, dat
     assert any(p.name.endswith("-mf.npz") for p in (tmp_path / "cache" / "recordings").iterdir())
     out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
                   "--stream", "test", "--n", "200", "--train", "400", "--no-progress")
-    assert out.returncode != 0 and "no more than --train 400" in out.stderr
+    assert out.returncode != 0 and "the stream has 200 inputs" in out.stderr
+    # scoring from input 20 on (fits on at most --train before), and per-block hindsight
+    out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
+                  "--stream", "test", "--n", "200", "--train", "100", "--refit", "50", "--start", "20",
+                  "--blocks", "60", "--loss", "0.01", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "180 inputs scored out of sample from input 20" in out.stdout and "per block of 60" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith("|") and "%" in line and "released" not in line]
+    assert len(rows) == r20_bundle.num_sites and all(line.count("%") == 5 for line in rows)
+
+
+def test_per_block_hindsight_shares():
+    from apparate.bench.evidence import by_blocks
+    from apparate.core.evidence import release_share
+
+    rng = np.random.default_rng(0)
+    score, ok = rng.random(300), rng.random(300) < 0.9
+    assert by_blocks(score, ok, 0.02, 300) == release_share(score, ok, 0.02)  # one block: the plain share
+    # two blocks, each releasing its own share of its half
+    assert by_blocks(score, ok, 0.02, 150) == pytest.approx(
+        (release_share(score[:150], ok[:150], 0.02) + release_share(score[150:], ok[150:], 0.02)) / 2)
+    # a block of only agreeing inputs releases all of it, whatever the other block does
+    ok2 = ok.copy()
+    ok2[:100] = True
+    assert by_blocks(score, ok2, 0.0, 100) >= 1 / 3
 
 
 def test_recorded_features_and_heads_give_back_the_ramps_answers(r20_bundle, r20, tmp_path):

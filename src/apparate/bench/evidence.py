@@ -9,7 +9,11 @@ alone, the inputs are ranked by confidence, and by the learned score, and the la
 threshold on each (whole groups of tied scores) releases with at most `--loss` of all inputs
 answered wrongly is printed: what each kind of evidence could give that site with a threshold
 chosen in hindsight. Inputs are served one at a time here (each knows the previous input's final
-answer); the first `--train` inputs only train.
+answer); the first `--train` inputs only train (`--start N`: scoring starts at input N, each fit
+on the at most `--train` inputs before). `--blocks B` adds the share a threshold chosen in
+hindsight for each block of B inputs releases (what following the stream could give at most); the
+"exit cost" column is a single ramp's exit at batch 1 over a pass, so a site releasing more than
+half the inputs puts the median there.
 
 `--heads` adds, per site, what its ramp gives on heads that keep learning (`core.heads`, as
 `apparate+heads` replays them: retrained on the stream's final answers, behind their guard):
@@ -35,21 +39,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", default="0.004,0.01", help="losses to report, comma-separated (default %(default)s)")
     p.add_argument("--train", type=int, default=1024, help="inputs each fit uses (default 1024)")
     p.add_argument("--refit", type=int, default=256, help="inputs between fits (default 256)")
+    p.add_argument("--start", type=int, help="first input scored: fits from then on use the (at most --train) "
+                                             "inputs before (default --train; the policy starts at 128)")
+    p.add_argument("--blocks", type=int, help="also the share released when each block of this many inputs gets "
+                                              "its own hindsight threshold (what following the stream could give)")
     p.add_argument("--heads", action="store_true", help="also heads that keep learning (records the ramps' features once)")
     p.set_defaults(func=run)
 
 
-def online_scores(X: np.ndarray, agree: np.ndarray, train: int, refit: int, l2: float) -> np.ndarray:
+def online_scores(X: np.ndarray, agree: np.ndarray, train: int, refit: int, l2: float,
+                  start: int | None = None) -> np.ndarray:
     """[N] out-of-sample scores of one site: each block of `refit` inputs scored by the fit on the
-    `train` inputs before it; NaN for the first `train` inputs."""
+    (at most `train`) inputs before it, from input `start` on (default `train`); NaN before."""
     from apparate.core.evidence import fit_logistic
 
     n = X.shape[0]
     out = np.full(n, np.nan)
-    for a in range(train, n, refit):
-        w = fit_logistic(X[a - train:a], agree[a - train:a].astype(np.float64), l2)
+    for a in range(train if start is None else start, n, refit):
+        lo = max(0, a - train)
+        w = fit_logistic(X[lo:a], agree[lo:a].astype(np.float64), l2)
         out[a:a + refit] = 1.0 / (1.0 + np.exp(-np.clip(X[a:a + refit] @ w, -30, 30)))
     return out
+
+
+def by_blocks(score: np.ndarray, ok: np.ndarray, loss: float, block: int) -> float:
+    """Share of all inputs released when each block of `block` consecutive inputs gets its own
+    hindsight threshold at `loss` (of that block's inputs)."""
+    n = score.size
+    got = sum(release_share(score[a:a + block], ok[a:a + block], loss) * min(block, n - a) for a in range(0, n, block))
+    return float(got) / n if n else 0.0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,8 +81,14 @@ def run(args: argparse.Namespace) -> int:
     bundle, stream, rec = bundle_and_recording(spec, log)
     losses = [float(x) for x in args.loss.split(",")]
     settings = spec.settings_for(bundle.kind)
-    if rec.num_inputs <= args.train:
-        raise ValueError(f"the stream has {rec.num_inputs} inputs: no more than --train {args.train}")
+    start = args.train if args.start is None else args.start
+    if not 1 <= start < rec.num_inputs:
+        raise ValueError(f"the stream has {rec.num_inputs} inputs: the first scored (--start/--train {start}) "
+                         "must be one of them, after at least one")
+    if args.blocks is not None and args.blocks < 1:
+        raise ValueError("--blocks must be >= 1")
+    table1 = bundle.profile.table(1.0, range(rec.num_sites))
+    exit_cost = (table1.site_ms + table1.ramp_ms) / table1.vanilla_ms  # one ramp, batch 1
     S = rec.num_sites
     sites = np.arange(S)
     last = np.concatenate([[-1], rec.final[:-1].astype(np.int64)])
@@ -73,21 +97,29 @@ def run(args: argparse.Namespace) -> int:
     heads = _relearned(bundle, stream, spec, settings, log) if args.heads else None
     rows = []
     for j in range(S):
-        sc = online_scores(X[:, j], agree[:, j], args.train, args.refit, settings.evidence_l2)
+        sc = online_scores(X[:, j], agree[:, j], args.train, args.refit, settings.evidence_l2, start)
         m = ~np.isnan(sc)
-        conf_sh = [release_share(rec.conf[m, j].astype(np.float64), agree[m, j], L) for L in losses]
+        conf_j = rec.conf[:, j].astype(np.float64)
+        conf_sh = [release_share(conf_j[m], agree[m, j], L) for L in losses]
         learn_sh = [release_share(sc[m], agree[m, j], L) for L in losses]
-        rows.append([str(j), rec.site_names[j] if rec.site_names else "", f"{agree[m, j].mean():.1%}"]
+        rows.append([str(j), rec.site_names[j] if rec.site_names else "", f"{exit_cost[j]:.2f}", f"{agree[m, j].mean():.1%}"]
                     + [f"{c:.1%} / {lr:.1%}" for c, lr in zip(conf_sh, learn_sh)])
+        if args.blocks:
+            rows[-1] += [f"{by_blocks(conf_j[m], agree[m, j], L, args.blocks):.1%} / "
+                         f"{by_blocks(sc[m], agree[m, j], L, args.blocks):.1%}" for L in losses]
         if heads is not None:
             ok = heads.agree[m, j]
             rows[-1] += [f"{ok.mean():.1%}"] + [f"{release_share(heads.conf[m, j].astype(np.float64), ok, L):.1%}"
                                                 for L in losses]
-    n_eval = rec.num_inputs - args.train
-    print(f"# Evidence: {spec.workload}, stream {stream}, {n_eval} inputs scored out of sample "
-          f"(fits on the latest {args.train}, every {args.refit}); feature movement "
+    n_eval = rec.num_inputs - start
+    print(f"# Evidence: {spec.workload}, stream {stream}, {n_eval} inputs scored out of sample from input {start} "
+          f"(fits on the latest {args.train} at most, every {args.refit}); exit cost: one ramp's exit at batch 1 over "
+          f"a pass; feature movement "
           f"{'recorded' if rec.move is not None else 'not recorded (text, or an old recording)'}\n")
-    cols = ["site", "module", "agrees"] + [f"released at <= {L:.1%} loss: confidence / learned" for L in losses]
+    cols = ["site", "module", "exit cost", "agrees"] + [f"released at <= {L:.1%} loss: confidence / learned"
+                                                         for L in losses]
+    if args.blocks:
+        cols += [f"per block of {args.blocks}, <= {L:.1%}: confidence / learned" for L in losses]
     if heads is not None:
         cols += ["heads agree"] + [f"heads release <= {L:.1%}" for L in losses]
     print(markdown_table(cols, rows))
