@@ -12,7 +12,8 @@ chosen in hindsight. Inputs are served one at a time here (each knows the previo
 answer); the first `--train` inputs only train (`--start N`: scoring starts at input N, each fit
 on the at most `--train` inputs before). `--blocks B` adds the share a threshold chosen in
 hindsight for each block of B inputs releases (what following the stream could give at most); the
-"exit cost" column is a single ramp's exit at batch 1 over a pass, so a site releasing more than
+`--windows` adds the share one threshold releases when every window of 500 inputs must also stay
+within 1.5x the loss (the reports' worst-window check). The "exit cost" column is a single ramp's exit at batch 1 over a pass, so a site releasing more than
 half the inputs puts the median there.
 
 `--heads` adds, per site, what its ramp gives on heads that keep learning (`core.heads`, as
@@ -43,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                              "inputs before (default --train; the policy starts at 128)")
     p.add_argument("--blocks", type=int, help="also the share released when each block of this many inputs gets "
                                               "its own hindsight threshold (what following the stream could give)")
+    p.add_argument("--windows", action="store_true", help="also the share one threshold releases when, besides the loss "
+                                                          "overall, every window of 500 inputs stays within 1.5x it")
     p.add_argument("--heads", action="store_true", help="also heads that keep learning (records the ramps' features once)")
     p.set_defaults(func=run)
 
@@ -68,6 +71,26 @@ def by_blocks(score: np.ndarray, ok: np.ndarray, loss: float, block: int) -> flo
     n = score.size
     got = sum(release_share(score[a:a + block], ok[a:a + block], loss) * min(block, n - a) for a in range(0, n, block))
     return float(got) / n if n else 0.0
+
+
+def within_windows(score: np.ndarray, ok: np.ndarray, loss: float, window: int = 500, slack: float = 1.5) -> float:
+    """Largest share one threshold on `score` releases (whole tie groups) with at most `loss` of
+    all inputs released wrongly and at most `slack` x `loss` of every `window` consecutive inputs
+    (releasing more only adds wrong answers to every window, so the largest is found by bisection)."""
+    from apparate.core.exits import sliding_min_mean
+
+    n = score.size
+    levels = np.unique(score)[::-1]  # thresholds from the strictest: release score >= level
+    best, lo, hi = 0.0, 0, levels.size - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        out = score >= levels[mid]
+        correct = ~out | ok
+        if (~correct).sum() <= loss * n + 1e-9 and sliding_min_mean(correct, window) >= 1 - slack * loss - 1e-12:
+            best, lo = float(out.mean()), mid + 1
+        else:
+            hi = mid - 1
+    return best
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         if args.blocks:
             rows[-1] += [f"{by_blocks(conf_j[m], agree[m, j], L, args.blocks):.1%} / "
                          f"{by_blocks(sc[m], agree[m, j], L, args.blocks):.1%}" for L in losses]
+        if args.windows:
+            rows[-1] += [f"{within_windows(conf_j[m], agree[m, j], L):.1%} / {within_windows(sc[m], agree[m, j], L):.1%}"
+                         for L in losses]
         if heads is not None:
             ok = heads.agree[m, j]
             rows[-1] += [f"{ok.mean():.1%}"] + [f"{release_share(heads.conf[m, j].astype(np.float64), ok, L):.1%}"
@@ -120,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
                                                          for L in losses]
     if args.blocks:
         cols += [f"per block of {args.blocks}, <= {L:.1%}: confidence / learned" for L in losses]
+    if args.windows:
+        cols += [f"<= {L:.1%} and every 500 within {1.5 * L:.1%}: confidence / learned" for L in losses]
     if heads is not None:
         cols += ["heads agree"] + [f"heads release <= {L:.1%}" for L in losses]
     print(markdown_table(cols, rows))
