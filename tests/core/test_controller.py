@@ -229,7 +229,7 @@ def test_with_no_ramp_left_placement_is_rerun_at_the_batch_size_served():
 
 
 def test_an_abrupt_switch_is_detected_within_tens_of_inputs_and_the_window_holds():
-    from apparate.replay.summary import sliding_min_mean
+    from apparate.core.exits import sliding_min_mean
 
     n = 8000
     over = drift_curve(n, [(1, 0.0), (1, 0.2), (1, 0.0), (1, 0.2)])  # the ramps turn overconfident

@@ -13,7 +13,8 @@ from apparate.policies.base import OraclePolicy, ThresholdPolicy
 from apparate.policies.catalog import RampFamily
 from apparate.zoo import traces
 from apparate.core.batchers import ClockworkBatcher, TFServingBatcher
-from apparate.replay.summary import sliding_min_mean, summarize
+from apparate.core.exits import sliding_min_mean
+from apparate.replay.summary import summarize
 from apparate.replay.simulator import DROPPED, FINAL, replay
 
 TINY = LatencyProfile(batch_sizes=[1, 2], site_ms=[[2.0, 5.0], [3.0, 7.0]], ramp_ms=[[0.5, 0.5], [1.0, 1.0]],
@@ -183,8 +184,6 @@ def test_one_time_baselines_are_tuned_where_they_serve_and_opt_on_exactly_the_re
 
 
 def test_hindsight_within_windows_keeps_every_window_and_is_the_plain_one_when_that_does():
-    from apparate.core.exits import sliding_min_mean
-
     fam = synthetic_family(n=2000)
     sites = list(range(fam.profile.num_sites))
     table = fam.profile.table(1.0, sites)
@@ -204,7 +203,6 @@ def test_hindsight_within_windows_keeps_every_window_and_is_the_plain_one_when_t
 
 def test_hindsight_within_the_budget_keeps_to_the_budget_and_the_windows():
     from apparate.core.adjust import within_budget
-    from apparate.core.exits import sliding_min_mean
 
     fam = synthetic_family(n=1500, S=8)
     for budget in (0.005, 0.02):

@@ -265,7 +265,7 @@ def level_threshold(conf: np.ndarray, agree: np.ndarray, prob: np.ndarray, table
     R = conf.shape[1]
     thr = np.zeros(R)
     for r in range(R):
-        out = (1.0 - prob[:, r]) < (level[r] if R else 0.0)
+        out = (1.0 - prob[:, r]) < level[r]
         if out.any():
             # the least confident input released: every input at least as confident is released too
             thr[r] = min(float(np.nextafter(1.0 - conf[out, r].min(), 2.0)), 1.0)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from apparate.core.exits import sliding_min_mean  # noqa: F401  (re-exported: the reports' worst window)
+from apparate.core.exits import sliding_min_mean
 
 from .simulator import DROPPED, RunResult
 
