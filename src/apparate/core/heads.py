@@ -16,6 +16,7 @@ shadows the live head on the next `every` inputs (a linear head per site: a matr
 goes live only if on those inputs, none of which it was trained on, a threshold on its
 confidence releases at least `gain` more of them than the live head's within `loss`.
 
+`SiteHeads` is the learner, fed the stream in order; `relearn` runs it over a recording (replay).
 `core` stays numpy-only; the server side (torch heads) is not built yet: replay measures it.
 """
 
@@ -108,12 +109,82 @@ class HeadsLog:
                         self.trained)
 
 
+class SiteHeads:
+    """One site's head that keeps learning, fed the stream in order (a server's control thread,
+    or `relearn` over a recording).
+
+    Every `every` inputs, with the final answers of all but the latest `lag` known: the candidate
+    trained at the previous step is judged on the `every` inputs it shadowed since (none of which
+    it was trained on) and goes live if a threshold on its confidence releases `gain` more of them
+    than the live head's within `loss`; then a new candidate is trained on the latest `buffer`
+    known inputs. Memory: the latest `buffer + every + lag` inputs' features."""
+
+    def __init__(self, w: np.ndarray, b: np.ndarray, how: HeadLearning):
+        self.w, self.b = np.asarray(w, np.float64), np.asarray(b, np.float64)
+        self.how = how
+        keep = how.buffer + how.every + how.lag
+        self._x: np.ndarray | None = None  # ring of the latest `keep` inputs' features
+        self._y = np.zeros(keep, np.int64)
+        self._keep = keep
+        self.seen = 0  # inputs observed
+        self.cand: tuple[np.ndarray, np.ndarray] | None = None
+        self.judged: list[tuple[float, float]] = []
+        self.trained: list[int] = []
+        self.live: list[tuple[int, np.ndarray, np.ndarray]] = []  # (input from which it answers, W, b)
+
+    def answer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(confidence, class) of the live head on features x [n, D]."""
+        return head_scores(x, self.w, self.b)
+
+    def _rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.arange(lo, hi) % self._keep
+        assert self._x is not None
+        return self._x[idx], self._y[idx]
+
+    def observe(self, x: np.ndarray, final: np.ndarray) -> bool:
+        """Inputs answered in order (features [n, D], the model's final answers [n]). True if a new
+        head went live; it answers from the next input on."""
+        x, final = np.asarray(x, np.float32), np.asarray(final, np.int64)
+        if self._x is None:
+            self._x = np.zeros((self._keep, x.shape[1]), np.float32)
+        swapped = False
+        for i in range(x.shape[0]):
+            pos = self.seen % self._keep
+            self._x[pos], self._y[pos] = x[i], final[i]
+            self.seen += 1
+            if self.seen % self.how.every == 0:
+                swapped |= self._step()
+        return swapped
+
+    def _step(self) -> bool:
+        how, t = self.how, self.seen
+        known = t - how.lag
+        swapped = False
+        if self.cand is not None:  # trained a step ago on inputs before known - every: judge it on those since
+            xs, ys = self._rows(max(0, known - how.every), known)
+            live_c, live_p = head_scores(xs, self.w, self.b)
+            new_c, new_p = head_scores(xs, *self.cand)
+            shares = (release_share(live_c, live_p == ys, how.loss), release_share(new_c, new_p == ys, how.loss))
+            self.judged.append(shares)
+            if shares[1] >= shares[0] + how.gain:
+                self.w, self.b = self.cand
+                self.live.append((t, self.w, self.b))
+                swapped = True
+            self.cand = None
+        if known >= how.every:  # enough answers for a candidate to shadow the next step
+            lo = max(0, known - how.buffer)
+            self.trained.append(known - lo)
+            xs, ys = self._rows(lo, known)
+            self.cand = fit_head(self.w, self.b, xs, ys, l2=how.l2, lr=how.lr, steps=how.steps)
+        return swapped
+
+
 def relearn(features: list[np.ndarray], heads: list[tuple[np.ndarray, np.ndarray]], final: np.ndarray,
             how: HeadLearning = HeadLearning()) -> tuple[np.ndarray, np.ndarray, HeadsLog]:
     """Each site's confidence and class on every input of a stream, as heads that keep learning
-    would give them: the answer to input i comes from the head live at i, trained only on inputs
-    whose final answers were known before i (`lag` inputs earlier). Returns (conf [N, S],
-    pred [N, S], log)."""
+    would give them (`SiteHeads`, fed the stream in order): the answer to input i comes from the
+    head live at i, trained only on inputs whose final answers were known before i (`lag` inputs
+    earlier). Returns (conf [N, S], pred [N, S], log)."""
     final = np.asarray(final, np.int64)
     n, S = final.size, len(features)
     if len(heads) != S:
@@ -125,26 +196,11 @@ def relearn(features: list[np.ndarray], heads: list[tuple[np.ndarray, np.ndarray
         x = np.asarray(features[s], np.float32)
         if x.shape[0] != n:
             raise ValueError(f"site {s} has features for {x.shape[0]} inputs, not {n}")
-        w, b = (np.asarray(a, np.float64) for a in heads[s])
-        cand = None
+        site = SiteHeads(*heads[s], how)
         for start in range(0, n, step):
             span = slice(start, min(start + step, n))
-            if cand is not None:  # does the last candidate go live now? It was trained on inputs
-                # before start - step - lag; judged on the next `step`, whose answers are known by now
-                shadow = slice(max(0, start - step - how.lag), start - how.lag)
-                live_c, live_p = head_scores(x[shadow], w, b)
-                new_c, new_p = head_scores(x[shadow], *cand)
-                ok = final[shadow]
-                shares = (release_share(live_c, live_p == ok, how.loss), release_share(new_c, new_p == ok, how.loss))
-                log.judged[s].append(shares)
-                if shares[1] >= shares[0] + how.gain:
-                    w, b = cand
-                    log.live[s].append((start, w, b))
-                cand = None
-            known = start - how.lag
-            if known >= step:  # enough answers for a candidate to shadow the next span
-                lo = max(0, known - how.buffer)
-                log.trained[s].append(known - lo)
-                cand = fit_head(w, b, x[lo:known], final[lo:known], l2=how.l2, lr=how.lr, steps=how.steps)
-            conf[span, s], pred[span, s] = head_scores(x[span], w, b)
+            conf[span, s], pred[span, s] = site.answer(x[span])
+            if span.stop < n:  # (after the last input nothing is left to answer: no step)
+                site.observe(x[span], final[span])
+        log.live[s], log.judged[s], log.trained[s] = site.live, site.judged, site.trained
     return conf, pred, log
