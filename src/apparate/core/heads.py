@@ -16,8 +16,9 @@ shadows the live head on the next `every` inputs (a linear head per site: a matr
 goes live only if on those inputs, none of which it was trained on, a threshold on its
 confidence releases at least `gain` more of them than the live head's within `loss`.
 
-`SiteHeads` is the learner, fed the stream in order; `relearn` runs it over a recording (replay).
-`core` stays numpy-only; the server side (torch heads) is not built yet: replay measures it.
+`SiteHeads` is the learner, fed the stream in order; `relearn` runs it over a recording (replay),
+a server's control thread on the batches it serves (`policies.heads.LiveHeadsPolicy`). `core`
+stays numpy-only: the server loads a new head into the model's ramp itself.
 """
 
 from __future__ import annotations

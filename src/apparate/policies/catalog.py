@@ -55,7 +55,7 @@ from apparate.core.tuning import greedy_thresholds, shared_threshold
 
 from .base import AdaptivePolicy, BlockHindsightPolicy, OraclePolicy, Policy, ThresholdPolicy
 from .evidence import LearnedPolicy
-from .heads import HeadsPolicy
+from .heads import HeadsPolicy, LiveHeadsPolicy, linear_heads
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,8 +240,8 @@ POLICIES: dict[str, Callable[[str, PolicyInputs], Policy]] = {
     "apparate-learned": _apparate(all_ramps=False, learned=True),
     # with early stop: exited inputs leave their batch while work waits (a sampled share runs on)
     "apparate-stop": _apparate(all_ramps=False, stop=True),
-    # on heads that keep learning (core.heads; replay only: the ramps' answers are re-computed
-    # from recorded features, so it needs a recording with features)
+    # on heads that keep learning (core.heads; in replay the ramps' answers are re-computed from
+    # recorded features, so it needs a recording with features; a server: LiveHeadsPolicy)
     "apparate+heads": _on_heads(_apparate(all_ramps=False)),
     "branchynet": _baseline("light", per_ramp=False, on_eval=False),
     "branchynet+": _baseline("light", per_ramp=True, on_eval=False),
@@ -268,7 +268,8 @@ def family_of(name: str) -> str:
 
 # What a live server can run: the rest need what a server does not have (the evaluation stream in
 # advance, every input's true answer, a second preparation of DeeBERT ramps).
-SERVABLE = ("vanilla", "static", "apparate", "apparate-all", "apparate-learned", "branchynet", "branchynet+")
+SERVABLE = ("vanilla", "static", "apparate", "apparate-all", "apparate-learned", "apparate+heads", "branchynet",
+            "branchynet+")
 ADAPTIVE = ("apparate", "apparate-all", "apparate-learned")
 
 
@@ -279,17 +280,23 @@ def check_servable(name: str) -> None:
                "it is tuned on blocks of the stream it is evaluated on (replay only)" if "block" in name else
                "it is an oracle that knows every answer in advance" if name.startswith("optimal") else
                "its pooler ramps are a separate preparation (replay only)" if name.startswith("deebert") else
-               "heads that keep learning are replay-only so far" if name.endswith("+heads") else
                "it is not a policy")
         raise ValueError(f"policy {name!r} cannot be served: {why}; servable: {', '.join(SERVABLE)}")
 
 
 def serving_policy(name: str, bootstrap: Recording, profile: LatencyProfile, settings: Settings,
-                   serving: BudgetPoint = (1.0, None)) -> Policy:
+                   serving: BudgetPoint = (1.0, None), heads: Any = None) -> Policy:
     """A policy for live serving, built from what a server has: the bundle's bootstrap recording
-    (placement, and the one-time baselines' tuning sample: all of it) and its profile."""
+    (placement, and the one-time baselines' tuning sample: all of it) and its profile;
+    `apparate+heads` also the model (`heads`, an EarlyExitModel) whose pool ramps' heads learn."""
     check_servable(name)
     family = RampFamily(bootstrap, bootstrap, profile)
+    if name == "apparate+heads":
+        if heads is None:
+            raise ValueError(f"{name} needs the served model's ramps (their heads learn)")
+        inner = make_policy("apparate", PolicyInputs(family, settings, sample_share=1.0, serving=serving))
+        assert isinstance(inner, AdaptivePolicy)
+        return LiveHeadsPolicy(name, inner, linear_heads(heads))
     return make_policy(name, PolicyInputs(family, settings, sample_share=1.0, serving=serving))
 
 
@@ -302,7 +309,7 @@ def make_policy(name: str, inputs: PolicyInputs) -> Policy:
 
 
 def configured_policy(name: str, config: Config, profile: LatencyProfile, settings: Settings,
-                      bootstrap: Recording | None = None) -> Policy:
+                      bootstrap: Recording | None = None, heads: Any = None) -> Policy:
     """A servable policy that starts from a given configuration instead of its own placement and
     tuning (an override in experiments and tests, or a checkpoint's configuration whose settings
     changed): an adaptive one gets a controller that starts there with an empty window, keeping
@@ -310,6 +317,12 @@ def configured_policy(name: str, config: Config, profile: LatencyProfile, settin
     ramps. `settings` are used as given (for `apparate-all`, the caller's budget). `apparate-learned`
     starts its evidence model empty (the window is empty too)."""
     check_servable(name)
+    if name == "apparate+heads":
+        if heads is None:
+            raise ValueError(f"{name} needs the served model's ramps (their heads learn)")
+        inner = configured_policy("apparate", config, profile, settings, bootstrap)
+        assert isinstance(inner, AdaptivePolicy)
+        return LiveHeadsPolicy(name, inner, linear_heads(heads))
     if name == "vanilla":
         return ThresholdPolicy(name, Config())
     if name in ADAPTIVE:

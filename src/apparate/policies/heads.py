@@ -1,4 +1,5 @@
-"""Apparate on heads that keep learning (`apparate+heads`, replay only).
+"""Apparate on heads that keep learning (`apparate+heads`): `HeadsPolicy` in replay,
+`LiveHeadsPolicy` in a server (below).
 
 The replayed recording's answers are already those of the head live at each input
 (`core.heads.relearn`, causal). What this wrapper adds is what a server must do at a swap: the
@@ -12,11 +13,13 @@ window) have no features here: at a swap they are cleared for that site.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
-from apparate.core.controller import Config
-from apparate.core.heads import HeadsLog, head_scores
+from apparate.core.controller import Config, Feedback
+from apparate.core.heads import HeadLearning, HeadsLog, SiteHeads, head_scores
 from apparate.core.recording import Recording
 
 from .base import AdaptivePolicy, Plan, Policy
@@ -84,3 +87,146 @@ class HeadsPolicy(Policy):
             win.agree[r[keep], s] = p[keep] == self.stream.final[idx][keep]
         win.conf[rows[: n - k], s] = np.nan
         win.agree[rows[: n - k], s] = False
+
+
+# ---------------------------------------------------------------------------------- live serving
+@dataclass(frozen=True, eq=False)
+class HeadsTable:
+    """The heads a server applies, versioned: `heads` maps each site whose head has changed since
+    the bundle's to its (W [K, D], b [K]). Replaced whole, never mutated; the engine applies a new
+    version between two batches, so no batch sees half of a swap."""
+
+    version: int
+    heads: dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True, eq=False)
+class HeadsFeedback(Feedback):
+    """Served batches' feedback for heads that keep learning: beside the ramps' confidences and
+    agreement, each active site's pooled features [n, D] (what its head reads), the model's final
+    answer [n], and the heads version each input was served with [n]."""
+
+    pooled: tuple[np.ndarray, ...] = ()
+    final: np.ndarray | None = None
+    heads_version: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.conf.shape[0]
+        if len(self.pooled) != len(self.sites) or any(np.shape(x)[0] != n for x in self.pooled):
+            raise ValueError(f"pooled must hold [{n}, D] features for each of the {len(self.sites)} sites")
+        for name in ("final", "heads_version"):
+            if np.shape(getattr(self, name)) != (n,):
+                raise ValueError(f"{name} must have shape ({n},)")
+
+
+def linear_heads(ee: Any) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Each site's linear head on pooled features (`pool` ramps) as numpy (W, b); None elsewhere."""
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for ramp in ee.ramps:
+        spec = getattr(ramp, "spec", None)
+        if spec is not None and spec.kind == "pool":
+            out.append((ramp.head.weight.detach().cpu().double().numpy(), ramp.head.bias.detach().cpu().double().numpy()))
+        else:
+            out.append(None)
+    return out
+
+
+class LiveHeadsPolicy(Policy):
+    """`apparate+heads` in a server: the adaptive controller, with each pool ramp's head learning
+    on the served stream (`core.heads.SiteHeads`, its final answers known after each batch, so no
+    lag). When a site's new head goes live, the controller's window rows of that site are
+    re-scored with it from the features kept beside the window (rows without them, the bootstrap's,
+    are cleared), the thresholds re-tuned, and a new `HeadsTable` is published for the engine.
+    Inputs that an older head served are re-scored with the current one as their feedback arrives.
+    The learned heads are not checkpointed: a restart starts from the bundle's."""
+
+    adaptive = True
+
+    def __init__(self, name: str, inner: AdaptivePolicy, heads: list[tuple[np.ndarray, np.ndarray] | None]):
+        ctl = inner.controller
+        if len(heads) != ctl.profile.num_sites:
+            raise ValueError(f"{len(heads)} heads for {ctl.profile.num_sites} sites")
+        if not any(h is not None for h in heads):
+            raise ValueError(f"{name} needs linear heads on pooled features (`pool` ramps): this bundle has none")
+        self.name, self.inner = name, inner
+        how = replace(HeadLearning.from_settings(ctl.settings), lag=0)
+        self.learners = {s: SiteHeads(w, b, how) for s, h in enumerate(heads) if h is not None for w, b in [h]}
+        W = ctl.window.size
+        self._feat: dict[int, np.ndarray] = {}  # site -> [W, D] features of the window's rows
+        self._have = np.zeros((W, len(heads)), dtype=bool)
+        self._final = np.zeros(W, dtype=np.int64)
+        self.version = 0
+        self._site_version = {s: 0 for s in self.learners}  # the version at which each site's head last changed
+        self.history: dict[int, HeadsTable] = {0: HeadsTable(0, {})}
+        self.swaps = 0
+
+    @property
+    def controller(self) -> Any:
+        return self.inner.controller
+
+    @property
+    def config(self) -> Config:
+        return self.inner.config
+
+    def cost_sites(self) -> tuple[int, ...]:
+        return self.inner.cost_sites()
+
+    def table(self) -> HeadsTable:
+        return self.history[self.version]
+
+    def feedback(self, fb: Feedback) -> Config:
+        if not isinstance(fb, HeadsFeedback):
+            raise ValueError(f"{self.name} learns from the heads' features: give it HeadsFeedback")
+        conf, agree = fb.conf.copy(), fb.agree.copy()
+        for j, s in enumerate(fb.sites):  # served by a head that has changed since: its current one's view
+            if s in self.learners:
+                stale = fb.heads_version < self._site_version[s]
+                if stale.any():
+                    c, p = self.learners[s].answer(fb.pooled[j][stale])
+                    conf[stale, j], agree[stale, j] = c, p == fb.final[stale]
+        win = self.controller.window
+        start = win.written
+        cfg = self.inner.feedback(Feedback.trusted(fb.sites, fb.thresholds, conf, agree, fb.length))
+        rows = (start + np.arange(fb.batch_size)) % win.size
+        self._have[rows] = False
+        self._final[rows] = fb.final
+        changed = []
+        for j, s in enumerate(fb.sites):
+            if s not in self.learners:
+                continue
+            x = np.asarray(fb.pooled[j], np.float32)
+            ring = self._feat.get(s)
+            if ring is None:
+                ring = self._feat[s] = np.zeros((win.size, x.shape[1]), np.float32)
+            ring[rows] = x
+            self._have[rows, s] = True
+            if self.learners[s].observe(x, fb.final):
+                changed.append(s)
+        if changed:
+            self.version += 1
+            self.swaps += len(changed)
+            heads = dict(self.history[self.version - 1].heads)
+            for s in changed:
+                self._site_version[s] = self.version
+                heads[s] = (self.learners[s].w, self.learners[s].b)
+                self._rescore(s)
+            self.history[self.version] = HeadsTable(self.version, heads)
+            self.controller.rescored(f"new heads at sites {changed}")
+            cfg = self.controller.config
+        return cfg
+
+    def _rescore(self, s: int) -> None:
+        win = self.controller.window
+        n = min(win.written, win.size)
+        rows = win.last(n)
+        ran = ~np.isnan(win.conf[rows, s])
+        have = self._have[rows, s] & ran
+        if have.any():
+            r = rows[have]
+            c, p = self.learners[s].answer(self._feat[s][r])
+            win.conf[r, s] = c
+            win.agree[r, s] = p == self._final[r]
+        gone = rows[ran & ~have]  # rows without features (the bootstrap's): cleared at this site
+        win.conf[gone, s] = np.nan
+        win.agree[gone, s] = False

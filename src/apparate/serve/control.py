@@ -85,6 +85,7 @@ class Live:
     config: Config
     costs: BatchCosts
     scorer: Scorer | None = None  # the learned exit rule's current fit (apparate-learned only)
+    heads: Any = None  # heads that keep learning: the current `HeadsTable` (apparate+heads only)
 
 
 class ControlLoop:
@@ -141,14 +142,15 @@ class ControlLoop:
             if got.policy is not None:
                 return got.policy
         if opt.policy == "vanilla" or opt.initial is not None:
-            return configured_policy(opt.policy, opt.initial or Config(), self.profile, s, served.recording)
+            return configured_policy(opt.policy, opt.initial or Config(), self.profile, s, served.recording,
+                                     heads=getattr(served, "ee", None))
         if served.recording is None:
             raise ValueError("no bootstrap recording to place the initial ramps: give an initial config")
         rec = served.recording
         # Placement and one-time tuning at batch 1 (the strictest for the budget, and what an idle
         # server serves); the controller re-judges at the batch size it serves.
         length = None if rec.lengths is None else float(np.mean(rec.lengths))
-        return serving_policy(opt.policy, rec, self.profile, s, (1.0, length))
+        return serving_policy(opt.policy, rec, self.profile, s, (1.0, length), heads=getattr(served, "ee", None))
 
     # ------------------------------------------------------------------------------ thread
     def start(self) -> None:
@@ -238,7 +240,7 @@ class ControlLoop:
                 self._log_events()
         self.handled += 1
         now = time.monotonic()
-        changed = cfg != self.config or self._scorer_changed()
+        changed = cfg != self.config or self._scorer_changed() or self._heads() is not self.live.heads
         if changed or (self._costs_stale and now - self._last_costs >= 0.1):
             self._publish(cfg)
         self._refresh_stats(force=changed)
@@ -304,6 +306,10 @@ class ControlLoop:
         make = getattr(self.policy, "scorer", None)
         return make() if make is not None else None
 
+    def _heads(self) -> Any:
+        table = getattr(self.policy, "table", None)
+        return table() if table is not None else None
+
     def _scorer_changed(self) -> bool:
         scorer = self._scorer()
         return scorer is not None and scorer is not self.live.scorer
@@ -312,7 +318,7 @@ class ControlLoop:
         changed = cfg != self.config or not self._last_costs
         self.config = cfg
         self.live = Live(cfg, BatchCosts.build(self.profile, cfg.sites, self.max_batch, self.max_tokens, self.overhead_ms),
-                         self._scorer())
+                         self._scorer(), self._heads())
         self._last_costs = time.monotonic()
         self._costs_stale = False
         if changed:

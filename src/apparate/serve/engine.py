@@ -104,6 +104,7 @@ class Engine:
         self.running_batch = 0  # inputs in the batch running now (0: idle)
         self.last_batch: dict[str, float] = {}  # start/end perf_counter times of the latest batch
         self._stop_drain = True
+        self._heads_applied = 0  # the heads version the model's ramps hold (heads that keep learning)
         self._failed: BaseException | None = None
         self._settled = 0  # inputs answered or refused after admission (engine thread only)
         self._settled_cond = threading.Condition()
@@ -125,6 +126,21 @@ class Engine:
                                       int(getattr(control.settings, "stop_alarm", 256)),
                                       bool(getattr(control.settings, "stop_alarm_bolder", False)),
                                       self.leave_sites())
+
+    def _apply_heads(self, table: Any) -> None:
+        """Heads that keep learning: load a new `HeadsTable` into the model's ramps (engine thread)."""
+        import copy
+
+        import torch
+
+        ee = self.served.ee
+        for site, (w, b) in table.heads.items():
+            ramp = copy.deepcopy(ee.ramps[site])
+            with torch.no_grad():
+                ramp.head.weight.copy_(torch.as_tensor(w, dtype=ramp.head.weight.dtype))
+                ramp.head.bias.copy_(torch.as_tensor(b, dtype=ramp.head.bias.dtype))
+            ee.set_ramp(site, ramp)
+        self._heads_applied = table.version
 
     def leave_sites(self) -> frozenset[int]:
         """Where inputs released while work waits may leave their batch (`core.sampling.leave_sites`
@@ -343,7 +359,9 @@ class Engine:
         self.running_batch = len(batch)
         c0 = time.thread_time() if self._cpu_clock else 0.0
         try:
-            report = self.executor.run(batch, live.config, t_start, live.scorer, self.early_stop)
+            if live.heads is not None and live.heads.version != self._heads_applied:
+                self._apply_heads(live.heads)  # between two batches: none sees half of a swap
+            report = self.executor.run(batch, live.config, t_start, live.scorer, self.early_stop, live.heads)
             if self.early_stop is not None:
                 self.early_stop.after(report, self.live.config)
         finally:

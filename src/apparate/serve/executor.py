@@ -121,11 +121,13 @@ class Executor:
         return self.drop_refused
 
     def run(self, batch: list[Request], cfg: Config, t_start: float, scorer: Scorer | None = None,
-            stop: EarlyStop | None = None) -> BatchReport | None:
+            stop: EarlyStop | None = None, heads: Any = None) -> BatchReport | None:
         """Serve one batch with `cfg`; every input is released exactly once (answer or error).
         With a `scorer` (the learned exit rule) inputs are released on its scores (module doc).
         With `stop` (the confidence rule only, and a model whose rows can be dropped), inputs
-        released while work is waiting leave the batch's pass (`serve/early_stop.py`)."""
+        released while work is waiting leave the batch's pass (`serve/early_stop.py`). With `heads`
+        (heads that keep learning: the `HeadsTable` the engine applied) the report carries each
+        active site's pooled features and the final answers."""
         n = len(batch)
         R = len(cfg.sites)
         pos = {s: j for j, s in enumerate(cfg.sites)}
@@ -172,7 +174,7 @@ class Executor:
             hook_end[j] = clock()
 
         learned = scorer is not None
-        if stop is not None and (learned or n < 1 or self.drop_refused is not None):
+        if stop is not None and (learned or heads is not None or n < 1 or self.drop_refused is not None):
             stop = None  # the learned rule keeps every input to the end; so does a model that cannot drop
         if stop is not None:
             # Early stop: inputs released while work waits leave the pass, unless sampled (weight
@@ -260,7 +262,7 @@ class Executor:
                 elif stop is not None:
                     out = self.ee(x, on_ramp=on_ramp_stop, active=cfg.sites, stamps=site_end)
                 else:
-                    out = self.ee(x, on_ramp=on_ramp, active=cfg.sites, stamps=site_end)
+                    out = self.ee(x, on_ramp=on_ramp, active=cfg.sites, stamps=site_end, pool=heads is not None)
                 if host is not None:
                     host.finish()  # every ramp handled and the device done; a callback's error is raised here
                     site_end[:] = np.nan  # host stamps of kernel launches, not of stage ends: no stage times
@@ -337,6 +339,9 @@ class Executor:
                 self._advance(cols, conf, pred, final_pred, pooled)
             else:  # the ramps' answers are not this batch's: only its final answers are known
                 self._advance(np.zeros(0, dtype=np.int64), conf[:, :0], pred[:, :0], final_pred, [])
+        if heads is not None and fed:
+            report.pooled = [out.ramps[s].pooled for s in cfg.sites]
+            report.final, report.heads_version = final_pred, heads.version
         stage_times(report, cfg.sites, site_end, rel_s, hook_end, t0, t1, t_start, t_end)
         if stop is not None and left.any():
             report.known, report.left, report.stopped = ~left, int(left.sum()), out.final is None

@@ -6,6 +6,8 @@ controller's periods count full batches' worth of inputs; this is how the pool b
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from apparate.core.controller import Feedback
@@ -22,6 +24,8 @@ def merged_feedback(reports: list[BatchReport]) -> Feedback:
     last = reports[-1]
     if last.features is not None:
         return _merged_evidence(reports)
+    if last.pooled is not None:
+        return _merged_heads(reports)
     if all(r.known is None and r.weight is None for r in reports):  # every input reached the end
         if len(reports) == 1:
             return Feedback(last.sites, last.thresholds, last.conf, last.agree, last.length)
@@ -52,3 +56,16 @@ def _merged_evidence(reports: list[BatchReport]) -> EvidenceFeedback:
     return EvidenceFeedback(last.sites, last.thresholds, cat("conf"), cat("agree"), _length(reports),
                             features=cat("features"), ramp_conf=cat("ramp_conf"), scorer_version=version,
                             exit_pos=cat("exit_pos"), released_agree=cat("released_agree"))
+
+
+def _merged_heads(reports: list[BatchReport]) -> Any:
+    from apparate.policies.heads import HeadsFeedback
+
+    if any(r.pooled is None for r in reports):
+        raise ValueError("a batch served without the heads' features among batches served with them")
+    last = reports[-1]
+    version = np.concatenate([np.full(r.batch_size, r.heads_version, dtype=np.int64) for r in reports])
+    pooled = tuple(np.concatenate([r.pooled[j] for r in reports]) for j in range(len(last.sites)))
+    return HeadsFeedback(last.sites, last.thresholds, np.concatenate([r.conf for r in reports]),
+                         np.concatenate([r.agree for r in reports]), _length(reports), pooled=pooled,
+                         final=np.concatenate([r.final for r in reports]), heads_version=version)

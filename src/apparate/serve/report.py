@@ -43,6 +43,11 @@ class BatchReport:
     features: np.ndarray | None = None
     ramp_conf: np.ndarray | None = None
     scorer_version: int | None = None
+    # heads that keep learning only (a heads table was given): each active site's pooled features
+    # [n, D] (what its head reads), the model's final answers [n], the heads version served with
+    pooled: list[np.ndarray] | None = None
+    final: np.ndarray | None = None
+    heads_version: int = 0
     # early stop (serve/early_stop.py): [n] rows that reached the final output (None: all), whose
     # agreement is known; [n] each such row's inverse sampling probability (None: all 1); rows that
     # left the batch's pass; whether every row left and the batch stopped before the model's end
