@@ -25,8 +25,29 @@ from apparate.core.recording import Recording
 from .base import AdaptivePolicy, Plan, Policy
 
 
-class HeadsPolicy(Policy):
+class _OnInner(Policy):
+    """A policy around an adaptive one (`inner`): its configuration, ramps and controller."""
+
     adaptive = True
+    inner: AdaptivePolicy
+
+    @property
+    def controller(self) -> Any:
+        return self.inner.controller
+
+    @property
+    def config(self) -> Config:
+        return self.inner.config
+
+    @property
+    def pays_ramps(self) -> bool:
+        return self.inner.pays_ramps
+
+    def cost_sites(self) -> tuple[int, ...]:
+        return self.inner.cost_sites()
+
+
+class HeadsPolicy(_OnInner):
 
     def __init__(self, name: str, inner: AdaptivePolicy, stream: Recording, log: HeadsLog):
         if stream.features is None:
@@ -39,17 +60,6 @@ class HeadsPolicy(Policy):
 
     def stream_inputs(self, index: slice | np.ndarray) -> None:
         self._batch = list(range(index.start, index.stop)) if isinstance(index, slice) else [int(i) for i in index]
-
-    @property
-    def config(self) -> Config:
-        return self.inner.config
-
-    @property
-    def pays_ramps(self) -> bool:
-        return self.inner.pays_ramps
-
-    def cost_sites(self) -> tuple[int, ...]:
-        return self.inner.cost_sites()
 
     def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None,
              move: np.ndarray | None = None) -> Plan:
@@ -132,7 +142,7 @@ def linear_heads(ee: Any) -> list[tuple[np.ndarray, np.ndarray] | None]:
     return out
 
 
-class LiveHeadsPolicy(Policy):
+class LiveHeadsPolicy(_OnInner):
     """`apparate+heads` in a server: the adaptive controller, with each pool ramp's head learning
     on the served stream (`core.heads.SiteHeads`, its final answers known after each batch, so no
     lag). When a site's new head goes live, the controller's window rows of that site are
@@ -140,8 +150,6 @@ class LiveHeadsPolicy(Policy):
     are cleared), the thresholds re-tuned, and a new `HeadsTable` is published for the engine.
     Inputs that an older head served are re-scored with the current one as their feedback arrives.
     The learned heads are not checkpointed: a restart starts from the bundle's."""
-
-    adaptive = True
 
     def __init__(self, name: str, inner: AdaptivePolicy, heads: list[tuple[np.ndarray, np.ndarray] | None]):
         ctl = inner.controller
@@ -160,17 +168,6 @@ class LiveHeadsPolicy(Policy):
         self._site_version = {s: 0 for s in self.learners}  # the version at which each site's head last changed
         self.history: dict[int, HeadsTable] = {0: HeadsTable(0, {})}
         self.swaps = 0
-
-    @property
-    def controller(self) -> Any:
-        return self.inner.controller
-
-    @property
-    def config(self) -> Config:
-        return self.inner.config
-
-    def cost_sites(self) -> tuple[int, ...]:
-        return self.inner.cost_sites()
 
     def table(self) -> HeadsTable:
         return self.history[self.version]
