@@ -87,7 +87,63 @@ def test_a_bundle_without_pool_heads_and_what_cannot_be_honoured_are_refused(tin
             Engine(served, EngineOptions(slo_ms=1e6, threads=1), ControlOptions(policy="apparate+heads"))
     finally:
         served.ee.remove_hooks()
-    for args in (["--early-stop"], ["--state-dir", str(tmp_path / "s")]):
+    for args in (["--early-stop"], ["--ray"]):
         r = subprocess.run([sys.executable, "-m", "apparate", "serve", str(tmp_path / "nope"), "--port", "0",
                             "--policy", "apparate+heads", *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "apparate+heads" in r.stderr, r.stderr
+
+
+def test_learned_heads_are_checkpointed_and_loaded_again_at_a_restart(tiny_cnn, tmp_path):
+    import torch
+
+    from apparate.serve.control import ControlOptions
+    from apparate.serve.engine import Engine, EngineOptions
+    from apparate.serve.scheduler import BatchingOptions
+
+    settings = Settings.for_kind("image", head_every=16, head_buffer=64, head_gain=-1.0, ramp_budget=0.9,
+                                 adjust_every_batches=10**6)
+    state = tmp_path / "state"
+
+    def engine() -> Engine:
+        return Engine(served_cnn(tiny_cnn), EngineOptions(BatchingOptions("clockwork", 8, shed=False), slo_ms=1e6,
+                                                          threads=1),
+                      ControlOptions(policy="apparate+heads", settings=settings, feedback_min_inputs=8,
+                                     initial=Config((0, 1), (0.0, 0.0)), state_dir=str(state)))
+
+    def serve(eng: Engine, n: int, seed: int) -> None:
+        futs = eng.submit([np.random.default_rng(seed + i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                           for i in range(n)])
+        assert eng.flush(60)
+        for f in futs:
+            f.result(timeout=60)
+        eng.control.flush()
+
+    first = engine()
+    try:
+        first.start()
+        serve(first, 120, 0)
+        saved = first.control.policy.table()
+        assert saved.version >= 1 and saved.heads
+        first.control.checkpoint()
+    finally:
+        first.stop()
+        first.executor.close()
+        first.served.ee.remove_hooks()
+    again = engine()
+    try:
+        policy = again.control.policy
+        assert policy.version == saved.version and set(policy.table().heads) == set(saved.heads)
+        assert "heads v" in again.control.restored["what"]
+        again.start()
+        serve(again, 8, 1000)  # the first batch loads them into the model
+        for s, (w, b) in saved.heads.items():
+            head = again.served.ee.ramps[s].head
+            assert torch.allclose(head.weight.double(), torch.as_tensor(w), atol=1e-6)
+            assert torch.allclose(head.bias.double(), torch.as_tensor(b), atol=1e-6)
+    finally:
+        again.stop()
+        again.executor.close()
+        again.served.ee.remove_hooks()
+    # heads that do not fit this model are refused, and the bundle's are used
+    with pytest.raises(ValueError, match="does not fit"):
+        policy.restore_heads({"version": 3, "heads": {"0": {"w": [[1.0]], "b": [0.0]}}})

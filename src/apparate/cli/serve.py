@@ -105,10 +105,9 @@ def run(args: argparse.Namespace) -> int:
         check_servable(args.policy)
     except ValueError as e:
         raise UserError(f"--policy: {e}") from None
-    if args.policy == "apparate+heads" and (args.early_stop or args.state_dir or args.ray):
+    if args.policy == "apparate+heads" and (args.early_stop or args.ray):
         raise UserError("--policy apparate+heads: its heads read every input's features to the end, and the "
-                        "learned heads are not checkpointed or shared across replicas yet: no --early-stop, "
-                        "--state-dir or --ray")
+                        "learned heads are not shared across replicas yet: no --early-stop or --ray")
     if args.early_stop and args.policy == "apparate-learned":
         raise UserError("--early-stop runs with the confidence rule only: apparate-learned keeps every input to "
                         "the end (its evidence compares consecutive inputs' answers); use --policy apparate")

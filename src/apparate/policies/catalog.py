@@ -270,7 +270,7 @@ def family_of(name: str) -> str:
 # advance, every input's true answer, a second preparation of DeeBERT ramps).
 SERVABLE = ("vanilla", "static", "apparate", "apparate-all", "apparate-learned", "apparate+heads", "branchynet",
             "branchynet+")
-ADAPTIVE = ("apparate", "apparate-all", "apparate-learned")
+ADAPTIVE = ("apparate", "apparate-all", "apparate-learned", "apparate+heads")
 
 
 def check_servable(name: str) -> None:
@@ -334,7 +334,7 @@ def configured_policy(name: str, config: Config, profile: LatencyProfile, settin
     return ThresholdPolicy(name, config)
 
 
-def restored_policy(name: str, controller: Controller) -> Policy:
+def restored_policy(name: str, controller: Controller, heads: Any = None) -> Policy:
     """An adaptive policy that goes on from a restored controller (its window, events and
     configuration, `Controller.from_state`). `apparate-learned` gets an empty evidence model level
     with the restored window (a server then restores the checkpoint's fit into it,
@@ -344,4 +344,8 @@ def restored_policy(name: str, controller: Controller) -> Policy:
         raise ValueError(f"policy {name!r} has no controller to restore; adaptive: {', '.join(ADAPTIVE)}")
     if name == "apparate-learned":
         return LearnedPolicy(name, controller, None, seed_window=False)
+    if name == "apparate+heads":  # the bundle's heads; a server then restores the checkpoint's (restore_heads)
+        if heads is None:
+            raise ValueError(f"{name} needs the served model's ramps (their heads learn)")
+        return LiveHeadsPolicy(name, AdaptivePolicy("apparate", controller), linear_heads(heads))
     return AdaptivePolicy(name, controller)

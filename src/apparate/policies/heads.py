@@ -149,7 +149,7 @@ class LiveHeadsPolicy(_OnInner):
     re-scored with it from the features kept beside the window (rows without them, the bootstrap's,
     are cleared), the thresholds re-tuned, and a new `HeadsTable` is published for the engine.
     Inputs that an older head served are re-scored with the current one as their feedback arrives.
-    The learned heads are not checkpointed: a restart starts from the bundle's."""
+    A checkpoint keeps the heads that changed (`heads_state`), not their buffers."""
 
     def __init__(self, name: str, inner: AdaptivePolicy, heads: list[tuple[np.ndarray, np.ndarray] | None]):
         ctl = inner.controller
@@ -171,6 +171,35 @@ class LiveHeadsPolicy(_OnInner):
 
     def table(self) -> HeadsTable:
         return self.history[self.version]
+
+    def heads_state(self) -> dict[str, Any]:
+        """The heads that have changed since the bundle's, for a checkpoint (JSON). Their buffers
+        and candidates are not saved: learning goes on from the inputs served after a restart."""
+        return {"version": self.version,
+                "heads": {str(s): {"w": w.tolist(), "b": b.tolist()} for s, (w, b) in self.table().heads.items()}}
+
+    def restore_heads(self, state: Any) -> None:
+        """Go on with a checkpoint's heads (`heads_state`); ValueError, saying why, if they do not fit."""
+        if not isinstance(state, dict) or not isinstance(state.get("version"), int) or state["version"] < 0 \
+                or not isinstance(state.get("heads"), dict):
+            raise ValueError("heads state must be {version: int >= 0, heads: {site: {w, b}}}")
+        heads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for key, h in state["heads"].items():
+            try:
+                s = int(key)
+                w, b = np.asarray(h["w"], dtype=np.float64), np.asarray(h["b"], dtype=np.float64)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"head of site {key!r} is not a W, b pair of numbers ({e})") from None
+            live = self.learners.get(s)
+            if live is None or w.shape != live.w.shape or b.shape != live.b.shape or not np.isfinite(w).all() \
+                    or not np.isfinite(b).all():
+                raise ValueError(f"head of site {key!r} does not fit this model's ramp there")
+            heads[s] = (w, b)
+        for s, (w, b) in heads.items():
+            self.learners[s].w, self.learners[s].b = w, b
+            self._site_version[s] = state["version"]
+        self.version = state["version"]
+        self.history = {self.version: HeadsTable(self.version, heads)}
 
     def feedback(self, fb: Feedback) -> Config:
         if not isinstance(fb, HeadsFeedback):

@@ -369,6 +369,7 @@ class ControlLoop:
             "profile": self.profile.to_dict(),
             "controller": self.controller.state() if self.controller is not None else None,
             **({"evidence": self.policy.evidence_state()} if hasattr(self.policy, "evidence_state") else {}),
+            **({"heads": self.policy.heads_state()} if hasattr(self.policy, "heads_state") else {}),
         }
 
     def checkpoint(self) -> Path | None:

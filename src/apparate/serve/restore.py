@@ -82,13 +82,16 @@ def _restore(state: SavedState, opt: Any, served: Any, settings: Settings, out: 
     if ctl.settings != settings:
         # Keep what was learnt about ramps and costs; the new settings apply from here on.
         log.info("settings changed since the checkpoint: keeping its ramps and profile, re-tuning")
-        policy = configured_policy(opt.policy, ctl.config, ctl.profile, settings, served.recording)
+        policy = configured_policy(opt.policy, ctl.config, ctl.profile, settings, served.recording,
+                                   heads=getattr(served, "ee", None))
         out.info["what"] = "profile, config (settings changed)"
     else:
-        policy = restored_policy(opt.policy, ctl)
+        policy = restored_policy(opt.policy, ctl, heads=getattr(served, "ee", None))
         out.info["what"] = "profile, config, controller window"
         if opt.policy == "apparate-learned":
             _restore_evidence(policy, state.raw.get("evidence"), out.info)
+        if opt.policy == "apparate+heads":
+            _restore_heads(policy, state.raw.get("heads"), out.info)
     log.info("restored the serving state from %s: ramps %s, version %d", opt.state_dir, list(policy.config.sites),
              policy.config.version)
     return policy
@@ -111,3 +114,20 @@ def _restore_evidence(policy: Any, saved: Any, info: dict[str, Any]) -> None:
     log.info("apparate-learned: no evidence model restored (%s); a fresh one starts around the restored "
              "controller (scores are the ramps' confidences until its first refit)", why)
     info["what"] += " (evidence model fresh)"
+
+
+def _restore_heads(policy: Any, saved: Any, info: dict[str, Any]) -> None:
+    """apparate+heads: go on with the checkpoint's heads (the engine loads them before its first
+    batch); their buffers start empty. Without usable ones, the bundle's heads."""
+    if isinstance(saved, dict):
+        try:
+            policy.restore_heads(saved)
+        except ValueError as e:
+            log.info("apparate+heads: the checkpoint's heads are unusable (%s): the bundle's heads", e)
+            info["what"] += " (heads: the bundle's)"
+            return
+        log.info("apparate+heads: restored heads version %d (%d sites changed since the bundle's)", policy.version,
+                 len(policy.table().heads))
+        info["what"] += f" (heads v{policy.version})"
+        return
+    info["what"] += " (heads: the bundle's)"
