@@ -235,10 +235,11 @@ def tune(conf: np.ndarray, agree: np.ndarray, table: LatencyTable, settings: Set
     if settings.thresholds == "shared" and not fixed:
         return shared_threshold(conf, agree, table, target)
     order = np.argsort(conf, axis=0)  # one sort serves the calibration and the search
+    if settings.thresholds == "level" and not fixed:  # the level always reads calibrated agreement
+        return level_threshold(conf, agree, isotonic_agreement(conf, agree, settings.agreement_prior, order=order),
+                               table, target)
     prob = (isotonic_agreement(conf, agree, settings.agreement_prior, order=order)
-            if settings.agreement == "isotonic" or settings.thresholds == "level" else None)
-    if settings.thresholds == "level" and not fixed:
-        return level_threshold(conf, agree, prob, table, target)
+            if settings.agreement == "isotonic" else None)
     return greedy_thresholds(conf, agree, table, target, fixed=fixed,
                              init_step=settings.init_step, min_step=settings.min_step, agree_prob=prob,
                              conf_order=order)

@@ -159,7 +159,7 @@ class LiveHeadsPolicy(_OnInner):
             raise ValueError(f"{name} needs linear heads on pooled features (`pool` ramps): this bundle has none")
         self.name, self.inner = name, inner
         how = replace(HeadLearning.from_settings(ctl.settings), lag=0)
-        self.learners = {s: SiteHeads(w, b, how) for s, h in enumerate(heads) if h is not None for w, b in [h]}
+        self.learners = {s: SiteHeads(h[0], h[1], how) for s, h in enumerate(heads) if h is not None}
         W = ctl.window.size
         self._feat: dict[int, np.ndarray] = {}  # site -> [W, D] features of the window's rows
         self._have = np.zeros((W, len(heads)), dtype=bool)
