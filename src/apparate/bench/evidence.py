@@ -156,7 +156,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _relearned(bundle, stream: str, spec, settings, log):
-    from apparate.bench.experiment import load_or_record, relearned
+    """The stream's ramp answers as heads that keep learning at every site would have given them
+    (`core.heads.relearn`: what the evidence could be, not what a server's active sites learn)."""
+    from apparate.bench.experiment import load_or_record
+    from apparate.core.heads import HeadLearning, relearn
 
     frec = load_or_record(bundle, stream, spec.n, spec.seed, spec, log, features=True)
-    return relearned(frec, settings, log)[0]
+    conf, pred, hlog = relearn(list(frec.features), list(frec.heads), frec.final, HeadLearning.from_settings(settings))
+    swaps = {s: at for s, at in enumerate(hlog.swaps) if at}
+    log(f"heads that keep learning: new heads went live at {sum(map(len, swaps.values()))} judgements of "
+        f"{sum(map(len, hlog.judged))} (site: inputs) {swaps}")
+    return frec.with_answers(conf, pred)

@@ -142,20 +142,6 @@ def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec
     return rec
 
 
-def relearned(rec: Recording, settings: Settings, log: Log) -> tuple[Recording, Any]:
-    """The recording's ramp answers as heads that keep learning would have given them (core.heads)."""
-    from apparate.core.heads import HeadLearning, relearn
-
-    if rec.features is None:
-        raise ValueError("heads that keep learning need a recording with features (record_stream(features=True))")
-    how = HeadLearning.from_settings(settings)
-    conf, pred, hlog = relearn(list(rec.features), list(rec.heads), rec.final, how)
-    swaps = {s: at for s, at in enumerate(hlog.swaps) if at}
-    log(f"heads that keep learning: new heads went live at {sum(map(len, swaps.values()))} judgements of "
-        f"{sum(map(len, hlog.judged))} (site: inputs) {swaps}")
-    return rec.with_answers(conf, pred, heads_swaps={str(s): at for s, at in swaps.items()}), hlog
-
-
 def default_stream(kind: str) -> str:
     """The stream a comparison replays when none is named: a camera day, or drifting text."""
     return "camera-day" if kind == "image" else "drift"
@@ -225,8 +211,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
             families["deebert"] = RampFamily(deb.recording, drec, deb.profile.with_backbone_of(light.profile))
         if any(family_of(p) == "heads" for p in wants):
             frec = load_or_record(light, stream, spec.n, spec.seed, spec, log, features=True)
-            rec_h, hlog = relearned(frec, spec.settings_for(kind), log)
-            families["heads"] = RampFamily(light.recording, rec_h, light.profile, hlog)
+            families["heads"] = RampFamily(light.recording, frec, light.profile)
     else:
         kind = spec.kind
         if kind is None and not isinstance(spec.settings, Settings):
@@ -245,7 +230,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
     if not 0 <= k < n:
         raise ValueError(f"stream_bootstrap must leave inputs to replay, got {spec.stream_bootstrap}")
     families = {name: RampFamily(f.evaluation.take(slice(0, k)) if k else f.bootstrap, f.evaluation.take(slice(k, n)),
-                                 f.profile, f.heads_log and f.heads_log.shifted(k)) for name, f in families.items()}
+                                 f.profile) for name, f in families.items()}
     if phases is not None:
         phases = phases[k:]
     n -= k

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from apparate.core.recording import Recording
     from apparate.model.bundle import load_bundle
     from apparate.policies.catalog import RampFamily, family_of
-    from apparate.bench.experiment import relearned, run_experiment
+    from apparate.bench.experiment import run_experiment
     from apparate.bench.record import check_recording_matches
     from apparate.bench.report import comparison_table, write_report
 
@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if family_of(args.policy) == "heads":
         if rec.features is None:
             raise ValueError(f"{args.policy} needs a recording with the ramps' features: apparate record ... --features")
-        relearned_rec, hlog = relearned(rec, spec.settings_for(bundle.kind), print)
-        families["heads"] = RampFamily(bundle.recording, relearned_rec, bundle.profile, hlog)
+        families["heads"] = RampFamily(bundle.recording, rec, bundle.profile)
     result = run_experiment(spec, families=families)
     settings = result.settings
     print(comparison_table(result.metrics))

@@ -103,12 +103,6 @@ class HeadsLog:
     def swaps(self) -> list[list[int]]:
         return [[at for at, _, _ in site] for site in self.live]
 
-    def shifted(self, by: int) -> "HeadsLog":
-        """The same log for the stream without its first `by` inputs (swaps before them drop out
-        of the timeline; their heads are the ones live at its start)."""
-        return HeadsLog([[(at - by, w, b) for at, w, b in site if at - by > 0] for site in self.live], self.judged,
-                        self.trained)
-
 
 class SiteHeads:
     """One site's head that keeps learning, fed the stream in order (a server's control thread,

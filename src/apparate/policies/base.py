@@ -49,6 +49,14 @@ class Policy:
         """A served batch's feedback; returns the configuration for the next batches."""
         return self.config
 
+    def ramp_answers(self, index: slice | np.ndarray, conf: np.ndarray, agree: np.ndarray,
+                     pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Replay: the batch's ramp answers (conf, agree, pred [n, S]) as this policy's ramps give
+        them; `index`, the batch's stream positions. The recording's, unless the policy's ramps
+        change as it serves (heads that keep learning). The simulator plans, releases, judges and
+        gives feedback on what this returns; it never changes its arguments in place."""
+        return conf, agree, pred
+
     def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None,
              move: np.ndarray | None = None) -> Plan:
         """conf, agree: [n, S] over every candidate site for the batch about to run; pred [n, S],

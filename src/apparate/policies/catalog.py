@@ -46,7 +46,6 @@ import numpy as np
 from apparate.core.adjust import BudgetPoint, within_budget
 from apparate.core.controller import Config, Controller
 from apparate.core.exits import sliding_min_mean
-from apparate.core.heads import HeadsLog
 from apparate.core.placement import initial_placement
 from apparate.core.profile import LatencyProfile
 from apparate.core.recording import Recording
@@ -55,7 +54,7 @@ from apparate.core.tuning import greedy_thresholds, shared_threshold
 
 from .base import AdaptivePolicy, BlockHindsightPolicy, OraclePolicy, Policy, ThresholdPolicy
 from .evidence import LearnedPolicy
-from .heads import HeadsPolicy, LiveHeadsPolicy, linear_heads
+from .heads import LiveHeadsPolicy, ReplayedHeadsPolicy, linear_heads
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +64,6 @@ class RampFamily:
     bootstrap: Recording  # held-out bootstrap inputs (placement, never the evaluation stream)
     evaluation: Recording  # the stream being replayed
     profile: LatencyProfile
-    heads_log: HeadsLog | None = None  # heads that keep learning: which head answered from when
 
     def __post_init__(self) -> None:
         S = self.profile.num_sites
@@ -224,11 +222,11 @@ def _apparate(all_ramps: bool, learned: bool = False, stop: bool = False) -> Cal
 def _on_heads(build: Callable[[str, PolicyInputs], Policy]) -> Callable[[str, PolicyInputs], Policy]:
     def on_heads(name: str, inputs: PolicyInputs) -> Policy:
         fam = inputs.heads
-        if fam is None or fam.heads_log is None:
-            raise ValueError(f"{name} needs heads that keep learning: a recording with features, relearned")
+        if fam is None or fam.evaluation.features is None:
+            raise ValueError(f"{name} needs heads that keep learning: a recording with the ramps' features")
         inner = build(name, inputs)
         assert isinstance(inner, AdaptivePolicy)
-        return HeadsPolicy(name, inner, fam.evaluation, fam.heads_log)
+        return ReplayedHeadsPolicy(name, inner, fam.evaluation)
     return on_heads
 
 
@@ -240,8 +238,8 @@ POLICIES: dict[str, Callable[[str, PolicyInputs], Policy]] = {
     "apparate-learned": _apparate(all_ramps=False, learned=True),
     # with early stop: exited inputs leave their batch while work waits (a sampled share runs on)
     "apparate-stop": _apparate(all_ramps=False, stop=True),
-    # on heads that keep learning (core.heads; in replay the ramps' answers are re-computed from
-    # recorded features, so it needs a recording with features; a server: LiveHeadsPolicy)
+    # on heads that keep learning (core.heads): the server's LiveHeadsPolicy; in replay it needs a
+    # recording with the ramps' features (the heads that changed answer from them)
     "apparate+heads": _on_heads(_apparate(all_ramps=False)),
     "branchynet": _baseline("light", per_ramp=False, on_eval=False),
     "branchynet+": _baseline("light", per_ramp=True, on_eval=False),

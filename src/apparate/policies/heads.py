@@ -1,25 +1,23 @@
-"""Apparate on heads that keep learning (`apparate+heads`): `HeadsPolicy` in replay,
-`LiveHeadsPolicy` in a server (below).
+"""Apparate on heads that keep learning (`apparate+heads`): `LiveHeadsPolicy` in a server, and
+the same policy in replay (`ReplayedHeadsPolicy`), fed what a server would feed it.
 
-The replayed recording's answers are already those of the head live at each input
-(`core.heads.relearn`, causal). What this wrapper adds is what a server must do at a swap: the
-controller's window holds confidences and agreements from the old head, on a scale the new head
-does not share, so before the first batch a new head answers, the window's rows of that site are
-re-scored with it from the inputs' recorded features, and the thresholds re-tuned
-(`Controller.rescored`). Rows the stream did not provide (the bootstrap inputs that seed the
-window) have no features here: at a swap they are cleared for that site.
+A server sees the pooled features of its active sites only, so only their heads learn; a replay
+does the same from the recording's features (every site's are recorded, the active ones' used):
+each batch's answers at a site whose head has changed are re-computed from its features with
+the head live at that batch, and its feedback carries the active sites' features and the final
+answers, as a server's does. So a replay reaches the decisions a server would (up to the
+server's pooling of small batches into one feedback).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from apparate.core.controller import Config, Feedback
-from apparate.core.heads import HeadLearning, HeadsLog, SiteHeads, head_scores
+from apparate.core.heads import HeadLearning, SiteHeads, head_scores
 from apparate.core.recording import Recording
 
 from .base import AdaptivePolicy, Plan, Policy
@@ -45,58 +43,6 @@ class _OnInner(Policy):
 
     def cost_sites(self) -> tuple[int, ...]:
         return self.inner.cost_sites()
-
-
-class HeadsPolicy(_OnInner):
-
-    def __init__(self, name: str, inner: AdaptivePolicy, stream: Recording, log: HeadsLog):
-        if stream.features is None:
-            raise ValueError(f"{name} needs a recording with features")
-        self.name, self.inner, self.stream = name, inner, stream
-        self.pending = sorted((at, s, w, b) for s, site in enumerate(log.live) for at, w, b in site)
-        self.seen: deque[int] = deque(maxlen=inner.controller.window.size)  # stream index of each window row
-        self.swaps = 0
-        self._batch: list[int] = []
-
-    def stream_inputs(self, index: slice | np.ndarray) -> None:
-        self._batch = list(range(index.start, index.stop)) if isinstance(index, slice) else [int(i) for i in index]
-
-    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None,
-             move: np.ndarray | None = None) -> Plan:
-        if not self._batch:
-            raise ValueError(f"{self.name} needs the batch's stream positions (stream_inputs) before plan")
-        first = min(self._batch)
-        changed = []
-        while self.pending and self.pending[0][0] <= first:
-            _, s, w, b = self.pending.pop(0)
-            self._rescore(s, w, b)
-            changed.append(s)
-        if changed:
-            self.swaps += len(changed)
-            self.inner.controller.rescored(f"new heads at sites {sorted(set(changed))}")
-        return self.inner.plan(conf, agree, pred, move)
-
-    def observe(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None = None,
-                correct: np.ndarray | None = None, final: np.ndarray | None = None) -> None:
-        self.inner.observe(plan, conf, agree, length, correct, final)
-        self.seen.extend(self._batch)
-        self._batch = []
-
-    def _rescore(self, s: int, w: np.ndarray, b: np.ndarray) -> None:
-        win = self.inner.controller.window
-        n = min(win.written, win.size)
-        rows = win.last(n)
-        k = min(len(self.seen), n)  # the newest k rows are stream inputs; older ones the bootstrap's
-        ran = ~np.isnan(win.conf[rows, s])
-        if k:
-            idx = np.asarray(list(self.seen)[-k:])
-            c, p = head_scores(self.stream.features[s][idx].astype(np.float32), w, b)
-            r = rows[n - k:]
-            keep = ran[n - k:]
-            win.conf[r[keep], s] = c[keep]
-            win.agree[r[keep], s] = p[keep] == self.stream.final[idx][keep]
-        win.conf[rows[: n - k], s] = np.nan
-        win.agree[rows[: n - k], s] = False
 
 
 # ---------------------------------------------------------------------------------- live serving
@@ -256,3 +202,52 @@ class LiveHeadsPolicy(_OnInner):
         gone = rows[ran & ~have]  # rows without features (the bootstrap's): cleared at this site
         win.conf[gone, s] = np.nan
         win.agree[gone, s] = False
+
+
+class ReplayedHeadsPolicy(LiveHeadsPolicy):
+    """`apparate+heads` in replay: the server's policy, on a recording with the ramps' features.
+    The recording's answers are those of the bundle's heads; a site whose head has changed
+    answers from its features with the head live now (`ramp_answers`), and each batch's feedback
+    is a server's (`HeadsFeedback`: the active sites' features, the final answers)."""
+
+    def __init__(self, name: str, inner: AdaptivePolicy, stream: Recording):
+        if stream.features is None or stream.heads is None:
+            raise ValueError(f"{name} needs a recording with the ramps' features (apparate record ... --features)")
+        super().__init__(name, inner, [(np.asarray(w, np.float64), np.asarray(b, np.float64)) for w, b in stream.heads])
+        self.stream = stream
+        self._index: slice | np.ndarray | None = None
+
+    def stream_inputs(self, index: slice | np.ndarray) -> None:
+        self._index = index
+
+    def ramp_answers(self, index: slice | np.ndarray, conf: np.ndarray, agree: np.ndarray,
+                     pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        heads = self.table().heads
+        if not heads:
+            return conf, agree, pred
+        conf, agree, pred = conf.copy(), np.array(agree), np.array(pred)
+        final = self.stream.final[index]
+        for s, (w, b) in heads.items():
+            c, p = head_scores(self.stream.features[s][index].astype(np.float32), w, b)
+            conf[:, s], pred[:, s], agree[:, s] = c, p, p == final
+        return conf, agree, pred
+
+    def plan(self, conf: np.ndarray, agree: np.ndarray, pred: np.ndarray | None = None,
+             move: np.ndarray | None = None) -> Plan:
+        return self.inner.plan(conf, agree, pred, move)
+
+    def observe(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None = None,
+                correct: np.ndarray | None = None, final: np.ndarray | None = None) -> None:
+        if self._index is None:
+            raise ValueError(f"{self.name} needs the batch's stream positions (stream_inputs) before observe")
+        ix, self._index = self._index, None
+        cols = list(plan.sites)
+        feats = self.stream.features
+        self.feedback(HeadsFeedback(plan.sites, plan.thresholds, conf[:, cols], agree[:, cols], length,
+                                    pooled=tuple(np.asarray(feats[s][ix], np.float32) for s in plan.sites),
+                                    final=np.asarray(self.stream.final[ix], np.int64),
+                                    heads_version=np.full(conf.shape[0], self.version, dtype=np.int64)))
+
+    def observe_stopped(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None,
+                        correct: np.ndarray, completed: np.ndarray, weight: np.ndarray) -> None:
+        raise ValueError(f"{self.name} keeps every input to the end (heads learn from every final answer)")

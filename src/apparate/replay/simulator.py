@@ -120,10 +120,9 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         # A batch is usually a run of consecutive requests: slices then index views, not copies.
         m0 = int(members[0])
         ix = slice(m0, m0 + k) if int(members[-1]) - m0 + 1 == k else members
-        conf_b = conf_all[ix].astype(np.float64)
-        agree_b = agree_all[ix]
         policy.stream_inputs(ix)
-        plan = policy.plan(conf_b, agree_b, pred=pred_all[ix], move=None if move_all is None else move_all[ix])
+        conf_b, agree_b, pred_b = policy.ramp_answers(ix, conf_all[ix].astype(np.float64), agree_all[ix], pred_all[ix])
+        plan = policy.plan(conf_b, agree_b, pred=pred_b, move=None if move_all is None else move_all[ix])
         length = None if lengths is None else float(lengths[ix].max())
         pos = plan.exit_pos
         stopped = None
@@ -153,7 +152,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         rp = final_all[ix].astype(np.int64)
         if at.size:
             ok[at] = agree_b[at, ex[at]]
-            rp[at] = pred_all[members[at], ex[at]]
+            rp[at] = pred_b[at, ex[at]]
         correct[ix] = ok
         released_pred[ix] = rp
         batch[ix] = len(b_size)
