@@ -270,7 +270,12 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
         if name == "vanilla":
             run = vanilla_run
         else:
-            run = replay(fam.evaluation, arrivals, fam.profile, make_policy(name, inputs), batcher, slo)
+            policy = make_policy(name, inputs)
+            run = replay(fam.evaluation, arrivals, fam.profile, policy, batcher, slo)
+            if hasattr(policy, "learners") and spec.progress:  # heads that keep learning: what they did
+                changed = sorted(policy.table().heads)
+                log(f"  {name}: {policy.swaps} new heads went live (now changed at sites {changed}; "
+                    f"inputs learned per site {({s: h.seen for s, h in policy.learners.items() if h.seen})})")
         runs.append(run)
         metrics.append(summarize(run))
         if spec.progress:
