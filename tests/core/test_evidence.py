@@ -60,6 +60,30 @@ def test_logistic_fit_separates_and_stays_finite():
     assert np.all(np.isfinite(w_sep)) and w_sep[1] > 0
 
 
+def _objective(X, y, w, l2):
+    reg = np.full(X.shape[1], l2)
+    reg[0] = 1e-6
+    z = X @ w
+    return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(reg * w * w))
+
+
+@hsettings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6), st.floats(-1e9, 1e9), st.floats(0.05, 2.0), st.sampled_from([20, 200, 1000]))
+def test_a_warm_start_anywhere_reaches_the_same_fit(seed, scale, l2, n):
+    # A previous fit on other inputs can saturate the sigmoid on these: plain Newton steps from
+    # there once ran off to a bias of 1e9 (every score 0 or 1). From any start, the fit is the
+    # optimum a cold start finds, never a worse objective.
+    rng = np.random.default_rng(seed)
+    X = np.c_[np.ones(n), rng.normal(size=(n, 3)), (rng.uniform(size=n) < 0.5).astype(float)]
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-(X @ rng.normal(size=5))))).astype(float)
+    start = rng.normal(size=5) * scale
+    cold = fit_logistic(X, y, l2, iters=50)
+    warm = fit_logistic(X, y, l2, iters=50, start=start)
+    assert np.all(np.isfinite(warm)) and np.abs(warm).max() < 1e4
+    assert _objective(X, y, warm, l2) <= _objective(X, y, cold, l2) + 1e-6 * max(1.0, n)
+    assert np.allclose(warm, cold, atol=1e-3)
+
+
 @hsettings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=40), st.integers(4, 64), st.integers(0, 1000))
 def test_buffer_stays_within_its_bound_and_scores_are_probabilities(sizes, size, seed):

@@ -157,20 +157,43 @@ class EvidenceFeedback(Feedback):
 
 def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 12,
                  start: np.ndarray | None = None) -> np.ndarray:
-    """Weights [F] of an L2-regularised logistic regression (Newton's method from `start`, else
-    zeros; the bias is not penalised). Deterministic; a separable or constant y gives finite
-    weights through the L2."""
-    w = np.zeros(X.shape[1]) if start is None or np.isnan(start).any() else np.array(start, dtype=np.float64)
+    """Weights [F] of an L2-regularised logistic regression (the bias not penalised): Newton's
+    method with a backtracking line search, from `start` when it fits better than zeros. The
+    line search is what keeps a warm start safe: plain Newton steps from weights that saturate the
+    sigmoid (a previous fit on other inputs) can overshoot without bound (a bias of 1e9 was seen
+    on video, after which every score was 0 or 1). Deterministic; a separable or constant y gives
+    finite weights through the L2."""
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
     reg = np.full(X.shape[1], l2)
     reg[0] = 1e-6
+
+    def objective(w: np.ndarray) -> float:
+        z = X @ w
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(reg * w * w))
+
+    w = np.zeros(X.shape[1])
+    f = objective(w)
+    if start is not None and np.isfinite(start).all():
+        f_start = objective(np.asarray(start, dtype=np.float64))
+        if f_start < f:
+            w, f = np.array(start, dtype=np.float64), f_start
     for _ in range(iters):
-        z = np.clip(X @ w, -30, 30)
-        p = 1.0 / (1.0 + np.exp(-z))
+        p = 1.0 / (1.0 + np.exp(-np.clip(X @ w, -30, 30)))
         g = X.T @ (p - y) + reg * w
         H = (X * (p * (1 - p))[:, None]).T @ X + np.diag(reg)
         step = np.linalg.solve(H, g)
-        w -= step
-        if np.abs(step).max() < 1e-6:
+        t, slope = 1.0, float(g @ step)
+        while t > 1e-6:  # halve the step until the objective falls enough (Armijo)
+            w_new = w - t * step
+            f_new = objective(w_new)
+            if f_new <= f - 1e-4 * t * slope:
+                break
+            t *= 0.5
+        else:
+            break  # no step lowers the objective: at the optimum, up to rounding
+        w, f = w_new, f_new
+        if np.abs(t * step).max() < 1e-6:
             break
     return w
 
