@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings as hsettings, strategies as st
 
 from apparate.core.recording import Recording
 from apparate.core.settings import Settings
@@ -158,6 +159,14 @@ def test_bench_evidence_prints_what_each_exit_rule_could_release(r20_bundle, dat
     out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
                   "--stream", "test", "--n", "200", "--train", "400", "--no-progress")
     assert out.returncode != 0 and "the stream has 200 inputs" in out.stderr
+    # a threshold that follows the stream, at the tuner's target
+    out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
+                  "--stream", "test", "--n", "200", "--train", "100", "--refit", "50", "--loss", "0.01", "--causal",
+                  "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "causal at the tuner's target" in out.stdout and "learned: worst 500" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith("|") and "%" in line and "released" not in line]
+    assert len(rows) == r20_bundle.num_sites and all(line.count("%") == 7 for line in rows)
     # scoring from input 20 on (fits on at most --train before), and per-block hindsight
     out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
                   "--stream", "test", "--n", "200", "--train", "100", "--refit", "50", "--start", "20",
@@ -182,6 +191,32 @@ def test_per_block_hindsight_shares():
     ok2 = ok.copy()
     ok2[:100] = True
     assert by_blocks(score, ok2, 0.0, 100) >= 1 / 3
+
+
+@hsettings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6), st.integers(20, 400), st.integers(1, 40), st.floats(0.0, 0.05))
+def test_a_causal_threshold_uses_only_answers_already_known(seed, n, every, loss):
+    from apparate.bench.evidence import causal_release
+
+    rng = np.random.default_rng(seed)
+    score = rng.random(n)
+    score[rng.random(n) < 0.1] = np.nan  # not scored yet: never released
+    ok = rng.random(n) < 0.8
+    got = causal_release(score, ok, lambda m: loss, every=every, window=128)
+    assert not (got & np.isnan(score)).any()
+    assert not got[:every].any()  # nothing known before the first block
+    # the answers of a block and after it do not change what was released before it
+    cut = every * int(rng.integers(1, max(n // every, 1) + 1))
+    flipped = ok.copy()
+    flipped[cut:] = ~flipped[cut:]
+    assert np.array_equal(causal_release(score, flipped, lambda m: loss, every=every, window=128)[:cut], got[:cut])
+    # a stream where every answer agrees: the threshold falls to the lowest score it was tuned on
+    every_ok = causal_release(score, np.ones(n, dtype=bool), lambda m: loss, every=every, window=128)
+    for a in range(0, n, every):
+        past = np.flatnonzero(~np.isnan(score[:a]))[-128:]
+        blk = score[a:a + every]
+        want = ~np.isnan(blk) & (blk >= score[past].min()) if past.size else np.zeros(blk.size, dtype=bool)
+        assert np.array_equal(every_ok[a:a + every], want)
 
 
 def test_recorded_features_and_heads_give_back_the_ramps_answers(r20_bundle, r20, tmp_path):

@@ -16,6 +16,12 @@ hindsight for each block of B inputs releases (what following the stream could g
 within 1.5x the loss (the reports' worst-window check). The "exit cost" column is a single ramp's exit at batch 1 over a pass, so a site releasing more than
 half the inputs puts the median there.
 
+`--causal` adds what a tuner that follows the stream releases, using only answers already known:
+every 16 inputs the threshold is re-tuned on the latest 1,024 scored inputs at the controller's
+own target (the constraint less its margin, `tuning_target`), for one ramp alone at that site;
+with the learned score it also shows the wrong share and the worst window of 500. A site where
+it releases more than half the inputs would put the median there, if the ramp ran from the start.
+
 `--heads` adds, per site, what its ramp gives on heads that keep learning (`core.heads`, as
 `apparate+heads` replays them: retrained on the stream's final answers, behind their guard):
 its agreement and the share a hindsight threshold on its confidence releases. It needs the
@@ -25,6 +31,7 @@ ramps' features recorded (once, cached).
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import numpy as np
 
@@ -46,6 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                               "its own hindsight threshold (what following the stream could give)")
     p.add_argument("--windows", action="store_true", help="also the share one threshold releases when, besides the loss "
                                                           "overall, every window of 500 inputs stays within 1.5x it")
+    p.add_argument("--causal", action="store_true", help="also what a threshold re-tuned every 16 inputs on the latest "
+                                                         "1,024 (at the tuner's target) releases, site by site")
     p.add_argument("--heads", action="store_true", help="also heads that keep learning (records the ramps' features once)")
     p.set_defaults(func=run)
 
@@ -62,6 +71,28 @@ def online_scores(X: np.ndarray, agree: np.ndarray, train: int, refit: int, l2: 
         lo = max(0, a - train)
         w = fit_logistic(X[lo:a], agree[lo:a].astype(np.float64), l2)
         out[a:a + refit] = 1.0 / (1.0 + np.exp(-np.clip(X[a:a + refit] @ w, -30, 30)))
+    return out
+
+
+def causal_release(score: np.ndarray, ok: np.ndarray, target: Callable[[int], float], every: int = 16,
+                   window: int = 1024) -> np.ndarray:
+    """[N] which inputs a threshold that follows the stream releases: before every block of `every`
+    inputs it is tuned on the latest `window` scored inputs (NaN: not scored) with the largest
+    release whose loss there is at most `target(n)`, n the inputs it was tuned on. Only answers
+    of inputs before the block are used (a server knows them once their batches ended)."""
+    n = score.size
+    valid = ~np.isnan(score)
+    out = np.zeros(n, dtype=bool)
+    for a in range(0, n, every):
+        past = np.flatnonzero(valid[:a])[-window:]
+        if past.size == 0:
+            continue
+        share = release_share(score[past], ok[past], target(past.size))
+        if share <= 0:
+            continue
+        level = np.sort(score[past])[::-1][int(round(share * past.size)) - 1]  # whole tie groups from it
+        blk = slice(a, a + every)
+        out[blk] = valid[blk] & (score[blk] >= level)
     return out
 
 
@@ -98,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from apparate.bench.experiment_args import command_line, spec_from_args
     from apparate.bench.timing import markdown_table
     from apparate.core.evidence import StreamContext, features
+    from apparate.core.exits import sliding_min_mean
 
     spec = spec_from_args(args)
     log = print if spec.progress else (lambda _s: None)
@@ -133,6 +165,12 @@ def run(args: argparse.Namespace) -> int:
         if args.windows:
             rows[-1] += [f"{within_windows(conf_j[m], agree[m, j], L):.1%} / {within_windows(sc[m], agree[m, j], L):.1%}"
                          for L in losses]
+        if args.causal:
+            rc = causal_release(conf_j[m], agree[m, j], settings.tuning_target)
+            rl = causal_release(sc[m], agree[m, j], settings.tuning_target)
+            wrong = rl & ~agree[m, j]
+            rows[-1] += [f"{rc.mean():.1%} / {rl.mean():.1%}", f"{wrong.mean():.2%}",
+                         f"{sliding_min_mean(~wrong, 500):.1%}"]
         if heads is not None:
             ok = heads.agree[m, j]
             rows[-1] += [f"{ok.mean():.1%}"] + [f"{release_share(heads.conf[m, j].astype(np.float64), ok, L):.1%}"
@@ -148,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
         cols += [f"per block of {args.blocks}, <= {L:.1%}: confidence / learned" for L in losses]
     if args.windows:
         cols += [f"<= {L:.1%} and every 500 within {1.5 * L:.1%}: confidence / learned" for L in losses]
+    if args.causal:
+        cols += [f"causal at the tuner's target ({settings.tuning_target(1024):.2%} on 1,024): confidence / learned",
+                 "learned: wrong", "learned: worst 500"]
     if heads is not None:
         cols += ["heads agree"] + [f"heads release <= {L:.1%}" for L in losses]
     print(markdown_table(cols, rows))
