@@ -1,4 +1,4 @@
-"""Heads that keep learning in a live server (`apparate+heads`, real model passes on the tiny CNN):
+"""Heads that keep learning in a live server (`apparate+heads`, real model passes on the tiny CNN and the tiny text model):
 the heads learn from the served stream, a new head reaches the model only between batches (each
 batch's answers at a site are exactly one version's head), the controller's window is re-scored
 with it, and what the server cannot honour is refused."""
@@ -10,25 +10,37 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from apparate.core.controller import Config
 from apparate.core.heads import head_scores
 from apparate.core.settings import Settings
 
-from .conftest import served_cnn
+from .conftest import WORDS, WordTokens, served_cnn, served_text
 
 
-def test_heads_learn_live_and_every_batch_sees_one_version(tiny_cnn):
+def _inputs(kind: str, seed: int, n: int) -> tuple[list, list[int] | None]:
+    if kind == "image":
+        return [np.random.default_rng(seed + i).integers(0, 256, (8, 8, 3), dtype=np.uint8) for i in range(n)], None
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 10)))) for _ in range(n)]
+    return texts, WordTokens().count(texts)
+
+
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_heads_learn_live_and_every_batch_sees_one_version(kind, request):
     from apparate.policies.heads import LiveHeadsPolicy, linear_heads
     from apparate.serve.control import ControlOptions
     from apparate.serve.engine import Engine, EngineOptions
     from apparate.serve.scheduler import BatchingOptions
 
-    served = served_cnn(tiny_cnn)
+    # the tiny CNN's ramps are `pool` ramps (a spatial mean), the tiny text model's `cls` ones
+    served = served_cnn(request.getfixturevalue("tiny_cnn")) if kind == "image" else \
+        served_text(request.getfixturevalue("tiny_text"))
     bundle_heads = linear_heads(served.ee)
-    assert all(h is not None for h in bundle_heads)  # the tiny CNN's ramps are pool ramps
+    assert all(h is not None for h in bundle_heads)
     # a candidate every 16 inputs per site, and one that always goes live (gain -1): many swaps
-    settings = Settings.for_kind("image", head_every=16, head_buffer=64, head_gain=-1.0, ramp_budget=0.9,
+    settings = Settings.for_kind(kind, head_every=16, head_buffer=64, head_gain=-1.0, ramp_budget=0.9,
                                  adjust_every_batches=10**6)
     eng = Engine(served, EngineOptions(BatchingOptions("clockwork", 8, shed=False), slo_ms=1e6, threads=1),
                  ControlOptions(policy="apparate+heads", settings=settings, feedback_min_inputs=8,
@@ -41,8 +53,7 @@ def test_heads_learn_live_and_every_batch_sees_one_version(tiny_cnn):
     try:
         eng.start()
         for k in range(6):  # in rounds, so that new heads are published while the server runs
-            futs = eng.submit([np.random.default_rng(100 * k + i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-                               for i in range(40)])
+            futs = eng.submit(*_inputs(kind, 100 * k, 40))
             assert eng.flush(60)
             for f in futs:
                 f.result(timeout=60)
@@ -75,15 +86,26 @@ def test_heads_learn_live_and_every_batch_sees_one_version(tiny_cnn):
     assert any(e.kind == "tune" and "new heads" in e.detail for e in ctl.events)
 
 
-def test_a_bundle_without_pool_heads_and_what_cannot_be_honoured_are_refused(tiny_text, tmp_path):
+class _OpaqueRamp(torch.nn.Module):
+    """A ramp the server can run but whose head it cannot retrain alone (not one linear layer)."""
+
+    def __init__(self, ramp: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = ramp
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner(h, mask)
+
+
+def test_a_bundle_without_linear_heads_and_what_cannot_be_honoured_are_refused(tiny_cnn, tmp_path):
     from apparate.serve.control import ControlOptions
     from apparate.serve.engine import Engine, EngineOptions
 
-    from .conftest import served_text
-
-    served = served_text(tiny_text)
+    served = served_cnn(tiny_cnn)
+    for s in range(served.ee.num_sites):
+        served.ee.set_ramp(s, _OpaqueRamp(served.ee.ramps[s]))
     try:
-        with pytest.raises(ValueError, match="pool"):
+        with pytest.raises(ValueError, match="linear heads"):
             Engine(served, EngineOptions(slo_ms=1e6, threads=1), ControlOptions(policy="apparate+heads"))
     finally:
         served.ee.remove_hooks()
@@ -94,8 +116,6 @@ def test_a_bundle_without_pool_heads_and_what_cannot_be_honoured_are_refused(tin
 
 
 def test_learned_heads_are_checkpointed_and_loaded_again_at_a_restart(tiny_cnn, tmp_path):
-    import torch
-
     from apparate.serve.control import ControlOptions
     from apparate.serve.engine import Engine, EngineOptions
     from apparate.serve.scheduler import BatchingOptions

@@ -89,6 +89,21 @@ def pooled_features(h: torch.Tensor) -> np.ndarray:
     return (h.mean(dim=(2, 3)) if h.dim() == 4 else h.flatten(1)).detach().float().cpu().numpy()
 
 
+def linear_head(ramp: nn.Module) -> bool:
+    """A ramp whose head is one linear layer over its reduction (`pool`, `mean`, `cls`): the head
+    that heads that keep learning retrain from the reduction's output alone."""
+    return isinstance(ramp, Ramp) and isinstance(ramp.head, nn.Linear)
+
+
+def _features_for(ramp: nn.Module) -> Callable[[torch.Tensor, "_Call"], np.ndarray]:
+    """What a ramp's result carries as `pooled`: a linear head's input (its reduction: the spatial
+    mean of a `pool` ramp, the masked token mean of a `mean` ramp, [CLS] of a `cls` ramp, as a
+    recording keeps them), else the site's spatial mean (`pooled_features`)."""
+    if linear_head(ramp):
+        return lambda h, call: ramp.reduce(h, call.mask).detach().float().cpu().numpy()
+    return lambda h, call: pooled_features(h)
+
+
 def score_all(results: Sequence[RampResult]) -> None:
     """Score every unscored result in one step (same classes: their logits stack)."""
     todo = [r for r in results if not r.scored]
@@ -241,6 +256,7 @@ class EarlyExitModel(nn.Module):
         self.confidence = confidence_fn(confidence)
         self._score = scorer(self.confidence)
         self._fast = [_fast_for(r) for r in self.ramps]
+        self._feats = [_features_for(r) for r in self.ramps]
         self._token_sites = self._needing_token_weights()
         # a buffer, so that `.to(device)` moves it with the model (not saved: bundles keep it in JSON)
         self.register_buffer("label_map", None if label_map is None else torch.as_tensor(list(label_map), dtype=torch.long),
@@ -296,6 +312,7 @@ class EarlyExitModel(nn.Module):
         """Replace the ramp at a site (a `Ramp`, or any module called as `ramp(h, mask)`)."""
         self.ramps[index] = ramp
         self._fast[index] = _fast_for(ramp)
+        self._feats[index] = _features_for(ramp)
         self._token_sites = self._needing_token_weights()
 
     def _needing_token_weights(self) -> frozenset[int]:
@@ -317,8 +334,9 @@ class EarlyExitModel(nn.Module):
         `active` overrides the active set for this call only (e.g. all sites when recording).
         `stamps`, an array indexed by site, receives `time.perf_counter()` when each active site's
         module ends, before its ramp runs (what a server times its stages by, at no extra hook).
-        `pool`: each ramp's result also carries the site's pooled features (`pooled_features`, for
-        the learned exit rule's difference detector); off, the hooks do no extra work.
+        `pool`: each ramp's result also carries the site's features (`pooled`: a linear head's
+        input, else the spatial mean; for the learned exit rule's difference detector and heads
+        that keep learning); off, the hooks do no extra work.
         """
         act = self._active if active is None else tuple(sorted({int(s) for s in active}))
         if act and (act[0] < 0 or act[-1] >= len(self.sites)):
@@ -360,7 +378,7 @@ class EarlyExitModel(nn.Module):
 
     def _make_hook(self, site: Site) -> Callable:
         index, name, local = site.index, site.name, self._local
-        fasts, score, clock = self._fast, self._score, time.perf_counter
+        fasts, feats, score, clock = self._fast, self._feats, self._score, time.perf_counter
 
         modules = self._modules_at
 
@@ -373,7 +391,7 @@ class EarlyExitModel(nn.Module):
             h = output if type(output) is torch.Tensor else primary_output(output)
             result = RampResult(index, name, fasts[index](h, call), score, call.rows)
             if call.pool:
-                result.pooled = pooled_features(h)
+                result.pooled = feats[index](h, call)
             call.results.append(result)
             if call.callback is not None:
                 keep = call.callback(result)

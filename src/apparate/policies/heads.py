@@ -1,12 +1,12 @@
 """Apparate on heads that keep learning (`apparate+heads`): `LiveHeadsPolicy` in a server, and
 the same policy in replay (`ReplayedHeadsPolicy`), fed what a server would feed it.
 
-A server sees the pooled features of its active sites only, so only their heads learn; a replay
-does the same from the recording's features (every site's are recorded, the active ones' used):
-each batch's answers at a site whose head has changed are re-computed from its features with
-the head live at that batch, and its feedback carries the active sites' features and the final
-answers, as a server's does. So a replay reaches the decisions a server would (up to the
-server's pooling of small batches into one feedback).
+A server sees the features (each head's input) of its active sites only, so only their heads
+learn; a replay does the same from the recording's features (every site's are recorded, the
+active ones' used): each batch's answers at a site whose head has changed are re-computed from
+its features with the head live at that batch, and its feedback carries the active sites'
+features and the final answers, as a server's does. So a replay reaches the decisions a server
+would (up to the server's pooling of small batches into one feedback).
 """
 
 from __future__ import annotations
@@ -76,12 +76,16 @@ class HeadsFeedback(Feedback):
                 raise ValueError(f"{name} must have shape ({n},)")
 
 
+LINEAR_RAMPS = ("pool", "mean", "cls")
+"""Ramp kinds whose head is one linear layer over the ramp's reduction (its input, `pooled`)."""
+
+
 def linear_heads(ee: Any) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """Each site's linear head on pooled features (`pool` ramps) as numpy (W, b); None elsewhere."""
+    """Each site's linear head (`pool`, `mean`, `cls` ramps) as numpy (W, b); None elsewhere."""
     out: list[tuple[np.ndarray, np.ndarray] | None] = []
     for ramp in ee.ramps:
         spec = getattr(ramp, "spec", None)
-        if spec is not None and spec.kind == "pool":
+        if spec is not None and spec.kind in LINEAR_RAMPS:
             out.append((ramp.head.weight.detach().cpu().double().numpy(), ramp.head.bias.detach().cpu().double().numpy()))
         else:
             out.append(None)
@@ -89,11 +93,12 @@ def linear_heads(ee: Any) -> list[tuple[np.ndarray, np.ndarray] | None]:
 
 
 class LiveHeadsPolicy(_OnInner):
-    """`apparate+heads` in a server: the adaptive controller, with each pool ramp's head learning
-    on the served stream (`core.heads.SiteHeads`, its final answers known after each batch, so no
-    lag). When a site's new head goes live, the controller's window rows of that site are
-    re-scored with it from the features kept beside the window (rows without them, the bootstrap's,
-    are cleared), the thresholds re-tuned, and a new `HeadsTable` is published for the engine.
+    """`apparate+heads` in a server: the adaptive controller, with each linear ramp head (`pool`,
+    `mean`, `cls` ramps) learning on the served stream (`core.heads.SiteHeads`, its final answers
+    known after each batch, so no lag). When a site's new head goes live, the controller's window
+    rows of that site are re-scored with it from the features kept beside the window (rows without
+    them, the bootstrap's, are cleared), the thresholds re-tuned, and a new `HeadsTable` is
+    published for the engine.
     Inputs that an older head served are re-scored with the current one as their feedback arrives.
     A checkpoint keeps the heads that changed (`heads_state`), not their buffers."""
 
@@ -102,7 +107,7 @@ class LiveHeadsPolicy(_OnInner):
         if len(heads) != ctl.profile.num_sites:
             raise ValueError(f"{len(heads)} heads for {ctl.profile.num_sites} sites")
         if not any(h is not None for h in heads):
-            raise ValueError(f"{name} needs linear heads on pooled features (`pool` ramps): this bundle has none")
+            raise ValueError(f"{name} needs ramps with linear heads ({', '.join(LINEAR_RAMPS)}): this bundle has none")
         self.name, self.inner = name, inner
         how = replace(HeadLearning.from_settings(ctl.settings), lag=0)
         self.learners = {s: SiteHeads(h[0], h[1], how) for s, h in enumerate(heads) if h is not None}
