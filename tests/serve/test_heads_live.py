@@ -31,6 +31,7 @@ def _inputs(kind: str, seed: int, n: int) -> tuple[list, list[int] | None]:
 def test_heads_learn_live_and_every_batch_sees_one_version(kind, request):
     from apparate.policies.heads import LiveHeadsPolicy, linear_heads
     from apparate.serve.control import ControlOptions
+    from apparate.serve.describe import describe
     from apparate.serve.engine import Engine, EngineOptions
     from apparate.serve.scheduler import BatchingOptions
 
@@ -58,6 +59,9 @@ def test_heads_learn_live_and_every_batch_sees_one_version(kind, request):
             for f in futs:
                 f.result(timeout=60)
             eng.control.flush()
+        shown = describe(eng)["heads"]  # what GET .../earlyexit shows
+        assert shown == {"version": eng.live.heads.version, "changed_sites": sorted(eng.live.heads.heads),
+                         "swaps": policy.swaps}
     finally:
         eng.stop()
         eng.executor.close()

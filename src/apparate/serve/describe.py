@@ -34,6 +34,9 @@ def describe(engine: Any) -> dict[str, Any]:
                     "predicted_batch_ms_max": live.costs.batch_ms(mb, getattr(engine.served.codec, "max_tokens", 1))},
         "control": engine.control.stats(),
         **({"scorer_version": live.scorer.version} if live.scorer is not None else {}),
+        # heads that keep learning: the version the model's ramps hold, and where heads have changed
+        **({"heads": {"version": live.heads.version, "changed_sites": sorted(live.heads.heads),
+                      "swaps": int(getattr(engine.control.policy, "swaps", 0))}} if live.heads is not None else {}),
         "restored": engine.control.restored,
         "last_checkpoint": engine.control.last_checkpoint,
     }
