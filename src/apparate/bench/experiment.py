@@ -17,6 +17,7 @@ from apparate.core.settings import Settings
 from apparate.paths import cache_dir
 from apparate.core.adjust import BudgetPoint
 from apparate.policies.catalog import POLICIES, PolicyInputs, RampFamily, all_ramps_budget, family_of, make_policy
+from apparate.policies.heads import LiveHeadsPolicy
 
 from apparate.zoo import trace_specs
 from apparate.core.batchers import Batcher, ClockworkBatcher, TFServingBatcher
@@ -272,7 +273,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
         else:
             policy = make_policy(name, inputs)
             run = replay(fam.evaluation, arrivals, fam.profile, policy, batcher, slo)
-            if hasattr(policy, "learners") and spec.progress:  # heads that keep learning: what they did
+            if isinstance(policy, LiveHeadsPolicy) and spec.progress:  # heads that keep learning: what they did
                 changed = sorted(policy.table().heads)
                 log(f"  {name}: {policy.swaps} new heads went live (now changed at sites {changed}; "
                     f"inputs learned per site {({s: h.seen for s, h in policy.learners.items() if h.seen})})")
