@@ -167,6 +167,10 @@ def test_bench_evidence_prints_what_each_exit_rule_could_release(r20_bundle, dat
     assert "causal at the tuner's target" in out.stdout and "learned: worst 500" in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.startswith("|") and "%" in line and "released" not in line]
     assert len(rows) == r20_bundle.num_sites and all(line.count("%") == 7 for line in rows)
+    costs = [float(line.strip("| ").split("|")[2]) for line in rows]  # the exit cost column
+    alone = [float(line.strip("| ").split("|")[-1]) for line in rows]  # the median with this ramp alone
+    # an input costs its site's exit or a whole pass: the median lies between (printed to 2 decimals)
+    assert all(c - 0.006 <= a <= 1.0 for c, a in zip(costs, alone))
     # scoring from input 20 on (fits on at most --train before), and per-block hindsight
     out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
                   "--stream", "test", "--n", "200", "--train", "100", "--refit", "50", "--start", "20",

@@ -19,8 +19,10 @@ half the inputs puts the median there.
 `--causal` adds what a tuner that follows the stream releases, using only answers already known:
 every 16 inputs the threshold is re-tuned on the latest 1,024 scored inputs at the controller's
 own target (the constraint less its margin, `tuning_target`), for one ramp alone at that site;
-with the learned score it also shows the wrong share and the worst window of 500. A site where
-it releases more than half the inputs would put the median there, if the ramp ran from the start.
+with the learned score it also shows the wrong share, the worst window of 500, and the median
+cost of an input at batch 1 if this ramp ran alone from the start (its exit cost for the inputs it
+releases, a whole pass for the rest; ramp costs and queueing left out): a site that releases more
+than half the inputs puts the median at its exit cost.
 
 `--heads` adds, per site, what its ramp gives on heads that keep learning (`core.heads`, as
 `apparate+heads` replays them: retrained on the stream's final answers, behind their guard):
@@ -169,8 +171,9 @@ def run(args: argparse.Namespace) -> int:
             rc = causal_release(conf_j[m], agree[m, j], settings.tuning_target)
             rl = causal_release(sc[m], agree[m, j], settings.tuning_target)
             wrong = rl & ~agree[m, j]
+            alone = np.median(np.where(rl, exit_cost[j], 1.0))  # batch 1: an exit costs its site, the rest a pass
             rows[-1] += [f"{rc.mean():.1%} / {rl.mean():.1%}", f"{wrong.mean():.2%}",
-                         f"{sliding_min_mean(~wrong, 500):.1%}"]
+                         f"{sliding_min_mean(~wrong, 500):.1%}", f"{alone:.2f}"]
         if heads is not None:
             ok = heads.agree[m, j]
             rows[-1] += [f"{ok.mean():.1%}"] + [f"{release_share(heads.conf[m, j].astype(np.float64), ok, L):.1%}"
@@ -188,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         cols += [f"<= {L:.1%} and every 500 within {1.5 * L:.1%}: confidence / learned" for L in losses]
     if args.causal:
         cols += [f"causal at the tuner's target ({settings.tuning_target(1024):.2%} on 1,024): confidence / learned",
-                 "learned: wrong", "learned: worst 500"]
+                 "learned: wrong", "learned: worst 500", "learned: median cost, this ramp alone"]
     if heads is not None:
         cols += ["heads agree"] + [f"heads release <= {L:.1%}" for L in losses]
     print(markdown_table(cols, rows))
