@@ -24,9 +24,10 @@ cost of an input at batch 1 if this ramp ran alone from the start (its exit cost
 releases, a whole pass for the rest; ramp costs and queueing left out): a site that releases more
 than half the inputs puts the median at its exit cost.
 
-`--heads` adds, per site, what its ramp gives on heads that keep learning (`core.heads`, as
-`apparate+heads` replays them: retrained on the stream's final answers, behind their guard):
-its agreement and the share a hindsight threshold on its confidence releases. It needs the
+`--heads` adds, per site, what its ramp gives on heads that keep learning (`core.heads`:
+retrained on the stream's final answers, behind their guard) if every site's head learned from
+every input: its agreement and the share a hindsight threshold on its confidence releases. An
+upper bound for `apparate+heads`, whose heads learn only where its ramps run. It needs the
 ramps' features recorded (once, cached).
 """
 
