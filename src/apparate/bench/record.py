@@ -84,16 +84,15 @@ def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool
 
 class _FeatureTaps:
     """Each ramp swapped for a module that keeps its reduction's output (what the linear head
-    reads) and answers as the ramp does; restored on `close`. Only linear heads (`pool`, `mean`,
-    `cls` ramps) can be retrained without the model, so other kinds are refused."""
+    reads) and answers as the ramp does; restored on `close`. Only linear heads
+    (`model.early_exit.linear_head`: `pool`, `mean`, `cls` ramps) are retrained without the
+    model, as a server does, so other kinds are refused."""
 
     def __init__(self, model: Any) -> None:
-        from torch import nn
-
-        from apparate.model.ramps import Ramp
+        from apparate.model.early_exit import linear_head
 
         self.model, self.ramps = model, list(model.ramps)
-        bad = [s for s, r in enumerate(self.ramps) if not (isinstance(r, Ramp) and isinstance(r.head, nn.Linear))]
+        bad = [s for s, r in enumerate(self.ramps) if not linear_head(r)]
         if bad:
             raise ValueError(f"recording features needs linear ramp heads (pool, mean, cls); sites {bad} have others")
         self.rows: list[list[np.ndarray]] = [[] for _ in self.ramps]

@@ -89,10 +89,16 @@ def pooled_features(h: torch.Tensor) -> np.ndarray:
     return (h.mean(dim=(2, 3)) if h.dim() == 4 else h.flatten(1)).detach().float().cpu().numpy()
 
 
+LINEAR_KINDS = ("pool", "mean", "cls")
+
+
 def linear_head(ramp: nn.Module) -> bool:
-    """A ramp whose head is one linear layer over its reduction (`pool`, `mean`, `cls`): the head
-    that heads that keep learning retrain from the reduction's output alone."""
-    return isinstance(ramp, Ramp) and isinstance(ramp.head, nn.Linear)
+    """A ramp whose head is one linear layer over its reduction (`pool`, `mean`, `cls`): what heads
+    that keep learning retrain from the reduction alone, a recording keeps as features and a
+    ramp's result carries as `pooled`. The one test, for recording, serving and the policy. Not
+    `grid`: its reduction is not the spatial mean the learned exit rule's movement reads (a
+    recording's movement is of the spatial mean), so a server and a replay would disagree."""
+    return isinstance(ramp, Ramp) and ramp.spec.kind in LINEAR_KINDS and isinstance(ramp.head, nn.Linear)
 
 
 def _features_for(ramp: nn.Module) -> Callable[[torch.Tensor, "_Call"], np.ndarray]:

@@ -76,16 +76,14 @@ class HeadsFeedback(Feedback):
                 raise ValueError(f"{name} must have shape ({n},)")
 
 
-LINEAR_RAMPS = ("pool", "mean", "cls")
-"""Ramp kinds whose head is one linear layer over the ramp's reduction (its input, `pooled`)."""
-
-
 def linear_heads(ee: Any) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """Each site's linear head (`pool`, `mean`, `cls` ramps) as numpy (W, b); None elsewhere."""
+    """Each site's linear head (`model.early_exit.linear_head`: `pool`, `mean`, `cls` ramps) as
+    numpy (W, b); None elsewhere."""
+    from apparate.model.early_exit import linear_head
+
     out: list[tuple[np.ndarray, np.ndarray] | None] = []
     for ramp in ee.ramps:
-        spec = getattr(ramp, "spec", None)
-        if spec is not None and spec.kind in LINEAR_RAMPS:
+        if linear_head(ramp):
             out.append((ramp.head.weight.detach().cpu().double().numpy(), ramp.head.bias.detach().cpu().double().numpy()))
         else:
             out.append(None)
@@ -107,7 +105,7 @@ class LiveHeadsPolicy(_OnInner):
         if len(heads) != ctl.profile.num_sites:
             raise ValueError(f"{len(heads)} heads for {ctl.profile.num_sites} sites")
         if not any(h is not None for h in heads):
-            raise ValueError(f"{name} needs ramps with linear heads ({', '.join(LINEAR_RAMPS)}): this bundle has none")
+            raise ValueError(f"{name} needs ramps with linear heads (pool, mean, cls): this bundle has none")
         self.name, self.inner = name, inner
         how = replace(HeadLearning.from_settings(ctl.settings), lag=0)
         self.learners = {s: SiteHeads(h[0], h[1], how) for s, h in enumerate(heads) if h is not None}
