@@ -120,6 +120,59 @@ def test_the_server_runs_the_policies_replay_runs(tiny_cnn):
             ControlOptions(policy=name)
 
 
+def test_every_served_batch_reaches_the_controller_as_served(tiny_cnn):
+    """By default the controller takes each batch's feedback as it was served, as the replay
+    does, so a server and its replay reach the same decisions: one controller step per batch."""
+    from apparate.core.controller import Config
+    from apparate.serve.control import ControlOptions
+
+    served = served_cnn(tiny_cnn)
+    opts = ControlOptions(policy="apparate", settings=small_settings(), initial=Config((0, 1), (0.3, 0.3)))
+    assert opts.feedback_min_inputs == 1
+    with serving(served, control_opts=opts) as live, httpx.Client(base_url=live.url) as c:
+        sizes = [1, 3, 2, 1, 4]
+        for k, n in enumerate(sizes):  # one request at a time: each is its own batch
+            assert c.post("/v2/models/tiny/infer", json=image_request(n, seed=k)).status_code == 200
+        assert live.engine.flush()
+        ctl = live.engine.control.controller
+        assert live.engine.batches == len(sizes)
+        assert ctl.stats()["batches"] == len(sizes)  # none merged
+        assert ctl.window.written - ctl._seeded == sum(sizes)  # every input is in the window
+
+
+def test_the_pool_merges_only_a_backlog_and_loses_nothing_at_a_change(tiny_cnn):
+    """Reports are merged only while more wait behind them (up to BACKLOG_INPUTS inputs), or
+    under `feedback_min_inputs`; a report served with another configuration closes the pool
+    before it, which is given as its own feedback (nothing discarded), in serving order."""
+    import numpy as np
+
+    from apparate.core.controller import Config
+    from apparate.serve.control import BACKLOG_INPUTS, ControlOptions
+    from apparate.serve.executor import BatchReport
+
+    served = served_cnn(tiny_cnn)
+    a, b = Config((0, 1), (0.3, 0.3), 0), Config((0, 1), (0.4, 0.3), 1)
+
+    def report(cfg: Config, n: int = 2) -> BatchReport:
+        conf = np.tile([[0.1, 0.1]], (n, 1))  # nothing released early: every answer "right"
+        return BatchReport(cfg.sites, cfg.thresholds, cfg.version, conf, np.ones((n, 2), dtype=bool),
+                           np.full(n, 2), np.ones(n, dtype=bool), np.zeros(n), n, None)
+
+    with serving(served, control_opts=ControlOptions(policy="apparate", initial=a)) as live:
+        ctl = live.engine.control
+        assert [f.batch_size for f in ctl._pool_feedback(report(a))] == [2]  # no backlog: at once
+        assert ctl._pool_feedback(report(a), backlog=True) == []  # another report waits: merged
+        assert ctl._pool_feedback(report(a, 3), backlog=True) == []
+        got = ctl._pool_feedback(report(a))  # the backlog is gone: the pool goes as one
+        assert [f.batch_size for f in got] == [2 + 3 + 2]
+        ctl._pool_feedback(report(a), backlog=True)
+        got = ctl._pool_feedback(report(b), backlog=True)  # another configuration: the pool before it goes
+        assert [(f.thresholds, f.batch_size) for f in got] == [(a.thresholds, 2)]
+        assert [r.thresholds for r in ctl._pending] == [b.thresholds]
+        got = ctl._pool_feedback(report(b, BACKLOG_INPUTS), backlog=True)  # the backlog's cap
+        assert [f.batch_size for f in got] == [2 + BACKLOG_INPUTS] and ctl._pending == []
+
+
 def test_a_wrong_early_answer_reaches_the_controller_without_waiting_for_the_pool(tiny_cnn):
     """Feedback is pooled into controller batches of `feedback_min_inputs`, except that a batch
     with a wrong early release flushes the pool at once (with the batches before it, in order):
@@ -142,14 +195,14 @@ def test_a_wrong_early_answer_reaches_the_controller_without_waiting_for_the_poo
                                np.array([[first_ok, True], [True, True]]), np.array([0, 2]), np.array([first_ok, True]),
                                np.zeros(2), 2, None)
 
-        assert ctl._pool_feedback(report(True)) is None  # 2 of 8 inputs: pooled
-        assert ctl._pool_feedback(report(True)) is None
-        fb = ctl._pool_feedback(report(False))  # a wrong early answer: all 6 go now
-        assert fb is not None and fb.batch_size == 6
+        assert ctl._pool_feedback(report(True)) == []  # 2 of 8 inputs: pooled
+        assert ctl._pool_feedback(report(True)) == []
+        (fb,) = ctl._pool_feedback(report(False))  # a wrong early answer: all 6 go now
+        assert fb.batch_size == 6
         exit_idx, ok = fb.released()
         assert ok.tolist() == [True, True, True, True, False, True]
         assert ctl._pending == []
         for _ in range(3):  # right answers pool again until 8
-            fb = ctl._pool_feedback(report(True))
-        assert fb is None
-        assert ctl._pool_feedback(report(True)).batch_size == 8
+            got = ctl._pool_feedback(report(True))
+        assert got == []
+        assert [f.batch_size for f in ctl._pool_feedback(report(True))] == [8]

@@ -67,7 +67,9 @@ class Replica:
         served, eo, co = spec.parts()
         policy = RemotePolicy(Config.from_dict(cur["config"]), int(cur["seq"]), self.link.send,
                               adaptive=bool(cur.get("adaptive", True)))
-        self.engine = Engine(served, eo, replace(co, remote=policy, state_dir=None))
+        # feedback travels to the tuner over Ray: pooled to a max batch, fewer messages
+        self.engine = Engine(served, eo, replace(co, remote=policy, state_dir=None,
+                                                 feedback_min_inputs=eo.batching.max_batch))
         policy.on_change = self.engine.control.nudge
         self.link.start(policy, self.engine.control, self.engine.metrics.registry)
         log.info("replica %s: serving %s from the tuner's Config %d %s", self.id, served.name, policy.seq,

@@ -6,7 +6,7 @@ learn; a replay does the same from the recording's features (every site's are re
 active ones' used): each batch's answers at a site whose head has changed are re-computed from
 its features with the head live at that batch, and its feedback carries the active sites'
 features and the final answers, as a server's does. So a replay reaches the decisions a server
-would (up to the server's pooling of small batches into one feedback).
+would (a server merges batches only while its control thread has fallen behind).
 """
 
 from __future__ import annotations

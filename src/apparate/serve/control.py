@@ -55,6 +55,7 @@ log = logging.getLogger("apparate.serve")
 _STOP = object()
 _NUDGE = object()  # the policy's configuration changed outside feedback (a cluster tuner's push)
 GATE_S = 0.005  # longest wait for a batch to be inside the model before handling a report
+BACKLOG_INPUTS = 64  # reports waiting for the control thread are merged up to this many inputs
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class ControlOptions:
     profile_weight: float = 0.1  # smoothing weight of one batch's measured times
     update_profile: bool = True
     profile_every_s: float = 0.25  # measured times are pooled per batch shape and applied this often
-    feedback_min_inputs: int = 1  # batches are pooled into controller batches of at least this many inputs
+    feedback_min_inputs: int = 1  # pool batches into controller batches of at least this many inputs (1: every batch, as replay)
     max_pending: int = 256  # batch reports waiting for the controller before new ones are dropped
     remote: Policy | None = None  # replaces the local policy: apparate.cluster's, fed by a tuner elsewhere
 
@@ -223,6 +224,8 @@ class ControlLoop:
 
     def _handle(self, rep: BatchReport) -> None:
         if rep is _NUDGE:  # a cluster replica's policy took a Config pushed by the tuner
+            if sum(r.known_count for r in self._pending) >= self.options.feedback_min_inputs:
+                self._observe_pending()  # held only because this nudge was queued behind it
             return self._publish(self.policy.config)
         t = time.perf_counter()
         rep.account(self.metrics)
@@ -232,8 +235,7 @@ class ControlLoop:
         self.overhead_ms = rep.overhead_ms if self.handled == 0 else (1 - w) * self.overhead_ms + w * rep.overhead_ms
         cfg = self.config
         if self.policy.adaptive and rep.feedback:  # fixed policies learn nothing: no pooling for them
-            fb = self._pool_feedback(rep)
-            if fb is not None:
+            for fb in self._pool_feedback(rep, backlog=self._q.qsize() > 0):
                 if self.controller is not None:  # a cluster replica's policy has none: its tuner does
                     self.controller.profile = self.profile
                 cfg = self.policy.feedback(fb)
@@ -246,35 +248,50 @@ class ControlLoop:
         self._refresh_stats(force=changed)
         self._busy_s += time.perf_counter() - t
 
-    def _pool_feedback(self, rep: BatchReport) -> Feedback | None:
-        """The controller's periods count batches (adjust every 30, utility over 20: the artifact's
-        numbers, for full batches). Live batching under moderate load makes batches of 2 or 3,
-        which would judge a new ramp on ~90 inputs, before it has even been tuned. So batches
-        served with the same configuration are pooled until they hold `feedback_min_inputs`
-        (the server uses its max batch) and given to the controller as one. Text lengths are
-        averaged over the pooled inputs.
+    def _pool_feedback(self, rep: BatchReport, backlog: bool = False) -> list[Feedback]:
+        """The feedback to give the policy now, in serving order (usually one, or none).
 
-        A wrong answer released early does not wait for the pool to fill: the violation and drift
-        checks act on it, and while it waits the same thresholds keep releasing (on the video
-        camera day at 30 frames/s, pools of 16 cost 0.47 points of accuracy; docs/results.md)."""
+        By default every batch is given to the controller as it was served, as the replay gives
+        it, so a server and its replay reach the same decisions. Two exceptions pool batches
+        served with the same configuration into one Feedback:
+
+        * while more reports wait behind this one (`backlog`: the control thread fell behind),
+          they are merged, up to `BACKLOG_INPUTS` inputs: one controller step instead of many,
+          and no feedback is later for it (the next report is already here);
+        * `feedback_min_inputs` > 1 pools until that many inputs (a cluster replica pools to its
+          max batch: fewer messages to its tuner).
+
+        A wrong answer released early never waits in a pool: the violation and drift checks act
+        on it at once (while it waits the same thresholds keep releasing; on the video camera day
+        at 30 frames/s, pools of 16 cost 0.47 points of accuracy; docs/results.md). A batch served
+        with another configuration closes the pool before it (given as its own Feedback; nothing
+        is discarded)."""
+        out: list[Feedback] = []
         pend = self._pending
         if pend and (pend[0].sites, pend[0].thresholds) != (rep.sites, rep.thresholds):
-            pend.clear()  # a configuration change discards a partial pool: it was for the old one
+            out += self._take_pending()
+            pend = self._pending
         pend.append(rep)
         wrong = not bool(np.all(rep.known_rows(rep.released_agree)))  # early stop: inputs that reached the end
-        if not wrong and sum(r.known_count for r in pend) < self.options.feedback_min_inputs:
-            return None
-        fb = merged_feedback(pend) if any(r.known_count for r in pend) else None
-        pend.clear()
-        return fb
+        known = sum(r.known_count for r in pend)
+        hold = known < self.options.feedback_min_inputs or (backlog and known < BACKLOG_INPUTS)
+        if wrong or not hold:
+            out += self._take_pending()
+        return out
+
+    def _take_pending(self) -> list[Feedback]:
+        """The pool as one Feedback (none if no input in it reached the final output), emptied."""
+        pend, self._pending = self._pending, []
+        return [merged_feedback(pend)] if any(r.known_count for r in pend) else []
 
     def _observe_pending(self) -> None:
-        pend, self._pending = self._pending, []
-        if not self.policy.adaptive or not any(r.known_count for r in pend):  # (early stop: none reached the end)
+        if not self.policy.adaptive:
+            self._pending = []
             return
-        if self.controller is not None:
-            self.controller.profile = self.profile
-        self.config = self.policy.feedback(merged_feedback(pend))
+        for fb in self._take_pending():  # (early stop: none if no input reached the end)
+            if self.controller is not None:
+                self.controller.profile = self.profile
+            self.config = self.policy.feedback(fb)
 
     def _pool_times(self, rep: BatchReport) -> None:
         """Pool measured times per batch shape; every `profile_every_s` move the profile toward

@@ -1,8 +1,9 @@
 """Pooled feedback: batches served with the same configuration, given to the policy as one.
 
-The control thread pools small batches (see `ControlLoop._pool_feedback`) so that the
-controller's periods count full batches' worth of inputs; this is how the pool becomes one
-`Feedback` (or, for the learned exit rule, one `EvidenceFeedback`)."""
+The control thread gives the policy every batch as served, and pools batches only while it has
+fallen behind or when asked to (a cluster replica pools to its max batch; see
+`ControlLoop._pool_feedback`); this is how a pool becomes one `Feedback` (or, for the learned exit
+rule, one `EvidenceFeedback`; for heads that keep learning, one `HeadsFeedback`)."""
 
 from __future__ import annotations
 

@@ -140,9 +140,9 @@ def engine_parts(opts: ServeOptions) -> tuple[Any, Any, Any]:
     eo = EngineOptions(
         batching=BatchingOptions(opts.batching, opts.max_batch, opts.shed, opts.batch_timeout_ms),
         slo_ms=slo, slo_auto=slo_auto, max_queue=opts.max_queue, threads=threads, early_stop=opts.early_stop, stop_sample=opts.stop_sample)
+    # every batch's feedback goes to the controller as served, as the replay gives it (control.py)
     co = ControlOptions(policy=opts.policy, settings=opts.settings(served.kind),
-                        state_dir=opts.state_dir, checkpoint_every_s=opts.checkpoint_every_s,
-                        feedback_min_inputs=opts.max_batch)
+                        state_dir=opts.state_dir, checkpoint_every_s=opts.checkpoint_every_s)
     return served, eo, co
 
 
