@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from apparate.core.evidence import F, EvidenceModel, StreamContext, features, fit_logistic
+from apparate.core.evidence import (F, EvidenceModel, Scorer, StreamContext, features, features_one, fit_logistic,
+                                    movement, movement_one)
 from apparate.core.profile import LatencyProfile
 from apparate.core.settings import Settings
 from apparate.core.synthetic import synthetic_camera, synthetic_recording
@@ -47,6 +48,36 @@ def test_features_use_the_latest_final_and_the_previous_input():
     assert Xm[1, 0, 8] == pytest.approx(np.log(0.501)) and Xm[0, 0, 8] == 0  # repeat * lmove
     ctx.advance(sites, conf, pred, np.array([0, 0]))
     assert ctx.last_final == 0 and ctx.prev_pred.tolist() == [1, 0, -1]
+
+
+@given(st.integers(0, 10**6), st.booleans(), st.booleans(), st.booleans())
+def test_one_input_in_plain_floats_scores_as_the_batch_rule(seed, known_prev, moved, fitted):
+    """The batch-of-one path a server's hook takes (`features_one`, `movement_one`,
+    `Scorer.score_one`) gives the batch functions' features and score bit for bit (the replay
+    scores recordings with the batch ones)."""
+    rng = np.random.default_rng(seed)
+    S, D, site = 6, 12, int(rng.integers(0, 6))
+    ctx = StreamContext.empty(S)
+    ctx.last_final = int(rng.integers(-1, 3))
+    if known_prev:
+        ctx.prev_pred[site] = int(rng.integers(0, 3))
+        ctx.prev_conf[site] = float(rng.random())
+    conf = float(rng.choice([rng.random(), 0.0, 1.0, 1e-6, 1 - 1e-6]))
+    pred = int(rng.integers(0, 3))
+    f = rng.normal(size=(1, D)).astype(np.float32)
+    prev = rng.normal(size=(1, D)).astype(np.float32) * float(rng.choice([1.0, 0.0, 1e-3]))
+    mv = movement(f, prev if moved else None).astype(np.float32)  # as the executor computes it
+    m1 = movement_one(f[0], prev[0] if moved else None)
+    assert (np.isnan(mv[0]) and np.isnan(m1)) or mv[0] == m1  # bit for bit: recordings use `movement`
+    X = features(np.array([[conf]]), np.array([[pred]]), np.array([site]), ctx, mv.reshape(1, 1))
+    x1 = features_one(conf, pred, site, ctx, float(mv[0]))
+    assert np.array_equal(np.array(x1), X[0, 0])  # bit for bit: a server decides as its replay
+    w = rng.normal(scale=float(rng.choice([0.1, 3.0, 30.0])), size=(S, F))
+    if not fitted:
+        w[site] = np.nan
+    sc = Scorer(1, w)
+    assert sc.score_one(x1, site, conf) == sc.score(X, np.array([site]), np.array([[conf]]))[0, 0]
+
 
 
 def test_logistic_fit_separates_and_stays_finite():

@@ -27,6 +27,7 @@ Until a site has `min_inputs` labelled inputs its score is its confidence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,30 @@ def features(conf: np.ndarray, pred: np.ndarray, sites: np.ndarray, ctx: StreamC
     return X
 
 
+def features_one(conf: float, pred: int, site: int, ctx: StreamContext, move: float | None = None) -> list[float]:
+    """`features` for one input at one site, in plain floats: the same values bit for bit, for a
+    batch of one, where numpy's per-call cost is most of the work (a live server at batch 1 pays
+    this inside the model, on every active ramp that can release)."""
+    c = min(max(conf, _EPS), 1 - _EPS)
+    logit = float(np.log(c / (1 - c)))  # numpy's log, not math's: they differ in the last bit
+    repeat = float(pred == ctx.last_final)
+    same = float(pred == int(ctx.prev_pred[site]))
+    prev_conf = float(ctx.prev_conf[site])
+    still = 1.0 - abs(conf - (1.0 + conf if math.isnan(prev_conf) else prev_conf))
+    still = min(max(still, 0.0), 1.0)
+    lmove = 0.0 if move is None else float(np.log((1.0 if math.isnan(move) else move) + 1e-3))
+    return [1.0, logit, repeat, same, still, lmove, repeat * logit, repeat * still, repeat * lmove]
+
+
+def movement_one(f: np.ndarray, prev: np.ndarray | None) -> float:
+    """`movement` of one input's pooled features f [D] from the previous input's [D] (None:
+    unknown, NaN), as float32 like the batch version's result."""
+    if prev is None:
+        return math.nan
+    d = f - prev  # the norms as np.linalg.norm(..., axis=1) takes them: bit for bit the same
+    return float(np.sqrt(np.add.reduce(d * d)) / np.maximum(np.sqrt(np.add.reduce(prev * prev)), 1e-8))
+
+
 def movement(f: np.ndarray, prev: np.ndarray | None) -> np.ndarray:
     """[n] how far each row of pooled features f [n, D] moved from the row before it (relative L2
     change); the first row compares with `prev` [1, D], the previous input's (None: unknown, NaN).
@@ -107,10 +132,15 @@ def movement(f: np.ndarray, prev: np.ndarray | None) -> np.ndarray:
 def score_with(weights: np.ndarray, X: np.ndarray, sites: np.ndarray, conf: np.ndarray) -> np.ndarray:
     """[n, R] P(agree) at the given sites under per-site weights [S, F] (a NaN row: not fitted
     yet, the score is the confidence). The one scoring rule of `EvidenceModel` and `Scorer`."""
-    W = weights[sites]  # [R, F]
-    z = np.einsum("nrf,rf->nr", X, np.nan_to_num(W))
+    raw = weights[sites]  # [R, F]
+    W = np.nan_to_num(raw)
+    # a plain sum, feature by feature, in order: the arithmetic `Scorer.score_one` repeats in
+    # plain floats for a batch of one (an einsum may sum in another order)
+    z = X[..., 0] * W[:, 0]
+    for f in range(1, X.shape[-1]):
+        z = z + X[..., f] * W[:, f]
     out = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
-    unfitted = np.isnan(W[:, 0])
+    unfitted = np.isnan(raw[:, 0])
     if unfitted.any():
         out[:, unfitted] = conf[:, unfitted]
     return out
@@ -126,6 +156,22 @@ class Scorer:
 
     def score(self, X: np.ndarray, sites: np.ndarray, conf: np.ndarray) -> np.ndarray:
         return score_with(self.weights, X, sites, conf)
+
+    def score_one(self, x: list[float], site: int, conf: float) -> float:
+        """`score` of one input at one site (`features_one`'s x), in plain floats and the same
+        arithmetic, bit for bit: a server's hook at batch 1 decides as the replay does."""
+        rows = self.__dict__.get("_rows")
+        if rows is None:  # the weights as lists, once per scorer (it is immutable)
+            rows = [None if np.isnan(w[0]) else w.tolist() for w in self.weights]
+            object.__setattr__(self, "_rows", rows)
+        w = rows[site]
+        if w is None:
+            return conf
+        z = x[0] * w[0]
+        for a, b in zip(x[1:], w[1:]):
+            z = z + a * b
+        return 1.0 / (1.0 + float(np.exp(-min(max(z, -30.0), 30.0))))  # numpy's exp, as `score_with`
+
 
 
 @dataclass(frozen=True, eq=False)

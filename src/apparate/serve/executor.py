@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from apparate.core.controller import Config
-from apparate.core.evidence import F, Scorer, StreamContext, features, movement
+from apparate.core.evidence import F, Scorer, StreamContext, features, features_one, movement, movement_one
 from apparate.devices import device_of
 from apparate.model.early_exit import score_all
 from apparate.model.host_copy import host_release_for
@@ -219,6 +219,18 @@ class Executor:
 
             def featurize(j: int, r: Any) -> np.ndarray:
                 """Features and scores of ramp j (site r.site) for the batch's inputs: [n]."""
+                if n == 1:  # plain floats: at batch 1 numpy's per-call cost is most of the work
+                    c1, site1 = float(r.conf[0]), int(r.site)
+                    m1 = None
+                    if pool:
+                        pooled[j] = r.pooled
+                        prev = prev_pooled[site1]
+                        m1 = movement_one(r.pooled[0], None if prev is None else prev[0])
+                    x1 = features_one(c1, int(r.pred[0]), site1, ctx, m1)
+                    X[0, j] = x1
+                    score[0, j] = scorer.score_one(x1, site1, c1)  # the replay's score, bit for bit
+                    featured[j] = True
+                    return score[:, j]
                 c = np.asarray(r.conf, dtype=np.float64).reshape(n, 1)
                 p = np.asarray(r.pred, dtype=np.int64).reshape(n, 1)
                 site = cols[j:j + 1]
@@ -238,8 +250,11 @@ class Executor:
                 ran[j] = True
                 t = thr_of[j]
                 if t > 0:  # only a ramp that can release is scored now; the rest after the batch
-                    idx = np.flatnonzero(pending & ((1.0 - featurize(j, r)) < t))
-                    if idx.size:
+                    if n == 1:
+                        idx = (0,) if 1.0 - float(featurize(j, r)[0]) < t and pending[0] else ()
+                    else:
+                        idx = np.flatnonzero(pending & ((1.0 - featurize(j, r)) < t))
+                    if len(idx):
                         release_at(j, r, idx)
                 hook_end[j] = clock()
 
