@@ -173,7 +173,6 @@ class Scorer:
         return 1.0 / (1.0 + float(np.exp(-min(max(z, -30.0), 30.0))))  # numpy's exp, as `score_with`
 
 
-
 @dataclass(frozen=True, eq=False)
 class EvidenceFeedback(Feedback):
     """A served batch's feedback for the learned rule: `conf` [n, R] holds the scores it was
