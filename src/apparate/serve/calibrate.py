@@ -31,11 +31,13 @@ def calibrate_ramps(executor: Executor, profile: Any, sizes: Sequence[int], repe
     import torch
 
     ee, codec = executor.ee, executor.served.codec
-    scorer = Scorer(-1, np.full((ee.num_sites, F), np.nan)) if learned else None
-
     S = ee.num_sites
     sites = tuple(range(S))
-    cfg = Config(sites, (0.0,) * S)
+    # The learned rule scores a ramp inside the model only where it can release (threshold > 0):
+    # a fitted scorer whose score is always 0.5 and a threshold that 0.5 never meets time that
+    # work (features, movement, score) without releasing anything.
+    scorer = Scorer(-1, np.zeros((S, F))) if learned else None
+    cfg = Config(sites, ((1e-9,) if learned else (0.0,)) * S)
     lengths = [None] if executor.served.kind != "text" else [int(x) for x in profile.lengths]
     for length in lengths:
         for b in sizes:
