@@ -133,7 +133,7 @@ def test_every_served_batch_reaches_the_controller_as_served(tiny_cnn):
         sizes = [1, 3, 2, 1, 4]
         for k, n in enumerate(sizes):  # one request at a time: each is its own batch
             assert c.post("/v2/models/tiny/infer", json=image_request(n, seed=k)).status_code == 200
-        assert live.engine.flush()
+            assert live.engine.flush()  # its feedback handled before the next: no backlog to merge
         ctl = live.engine.control.controller
         assert live.engine.batches == len(sizes)
         assert ctl.stats()["batches"] == len(sizes)  # none merged

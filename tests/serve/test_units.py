@@ -214,18 +214,32 @@ def test_pooled_feedback_is_the_batches_stacked(batches, seed):
         assert fb.length is None
 
 
-def test_calibration_sets_ramp_costs_to_what_the_hook_pays(tiny_cnn):
+@pytest.mark.parametrize("learned", [False, True])
+def test_calibration_sets_ramp_costs_to_what_the_hook_pays(tiny_cnn, learned):
+    """Every ramp's cost is timed in the model as served: at batch 1 each ramp alone (its cold
+    cost right after its stage), at larger sizes all at once; the learned rule's passes score
+    in the hook (a threshold above 0) without releasing anything."""
     from apparate.serve.calibrate import calibrate_ramps
     from apparate.serve.executor import Executor
 
     served = served_cnn(tiny_cnn)
-    ex = Executor(served, lambda pairs: None)
+    released = []
+    ex = Executor(served, released.extend)
+    runs = []
+    run = ex.run
+    ex.run = lambda batch, cfg, *a, **k: (runs.append((len(batch), cfg, a[1] if len(a) > 1 else None)),
+                                          run(batch, cfg, *a, **k))[1]
     try:
         before = served.profile
-        after = calibrate_ramps(ex, before, [1, 8], repeats=2)
+        after = calibrate_ramps(ex, before, [1, 8], repeats=2, learned=learned)
     finally:
         ex.close()
         served.ee.remove_hooks()
+    S = served.num_sites
+    assert sorted({cfg.sites for b, cfg, _ in runs if b == 1}) == [(s,) for s in range(S)]
+    assert {cfg.sites for b, cfg, _ in runs if b == 8} == {tuple(range(S))}
+    assert all((min(cfg.thresholds) > 0) == learned and (sc is not None) == learned for _, cfg, sc in runs)
+    assert released and not any(ans.early for _, ans in released)  # every input ran to the end
     for b in (1, 8):
         assert after.at(b)[1].shape == before.at(b)[1].shape
         assert (after.at(b)[1] > 0).all()
