@@ -198,6 +198,31 @@ def test_learned_rule_releases_what_confidence_cannot_on_an_ordered_stream():
     assert acc["apparate-learned"] >= 0.99, acc
 
 
+@pytest.mark.parametrize("movement", [True, False])
+def test_the_movement_feature_can_be_turned_off(movement):
+    """`evidence_movement` off: the learned rule's movement feature (and its products) read 0
+    whatever the recording's movement, in the bootstrap's rows as in served batches."""
+    import dataclasses
+
+    from apparate.core.evidence import FEATURES
+
+    inputs = _camera_inputs()
+    rng = np.random.default_rng(3)
+    ev = inputs.light.evaluation
+    moved = dataclasses.replace(ev, move=rng.random(ev.conf.shape).astype(np.float32))
+    boot = dataclasses.replace(inputs.light.bootstrap, move=rng.random(inputs.light.bootstrap.conf.shape).astype(np.float32))
+    settings = inputs.settings.replace(evidence_movement=movement)
+    pol = make_policy("apparate-learned", PolicyInputs(RampFamily(boot, moved, PROFILE), settings))
+    pol.plan(moved.conf[:8], moved.agree[:8], pred=moved.pred[:8], move=moved.move[:8])
+    X = pol._pending[0]
+    cols = [FEATURES.index(f) for f in ("lmove", "repeat*lmove")]
+    seeded = pol.model.X[:pol.model.written]
+    if movement:
+        assert np.any(X[..., cols[0]] != 0) and np.any(np.nan_to_num(seeded[..., cols[0]]) != 0)
+    else:
+        assert np.all(X[..., cols] == 0) and np.all(np.nan_to_num(seeded[..., cols]) == 0)
+
+
 def test_window_and_buffer_stay_aligned_and_replay_repeats_its_decisions():
     inputs = _camera_inputs(seed=5)
     rec = inputs.light.evaluation

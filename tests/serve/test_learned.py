@@ -114,6 +114,44 @@ def test_without_a_scorer_nothing_learned_runs(tiny_cnn):
     assert seen and all(p is None for p in seen)
 
 
+@pytest.mark.parametrize("n", [1, 4])
+def test_without_movement_the_hook_skips_the_pooled_features(tiny_cnn, n):
+    """`evidence_movement` off (the executor's `movement`): the learned rule still scores every
+    ramp, but no site's pooled features are computed and the movement feature reads 0, at batch
+    1 (the plain-float path) as at larger batches."""
+    import torch
+
+    from apparate.core.controller import Config
+    from apparate.core.evidence import F, FEATURES, Scorer
+    from apparate.serve.executor import Executor
+    from apparate.serve.requests import Request
+
+    served = served_cnn(tiny_cnn)
+    seen = []
+    ee_call = served.ee.forward
+
+    def spy(*a, **kw):
+        out = ee_call(*a, **kw)
+        seen.extend(r.pooled for r in out.ramps.values())
+        return out
+
+    served.ee.forward = spy
+    scorer = Scorer(1, np.random.default_rng(0).normal(0, 0.5, (served.num_sites, F)))
+    reps = {}
+    for movement in (True, False):
+        ex = Executor(served, lambda pairs: None, movement=movement)
+        seen.clear()
+        with torch.inference_mode():
+            for k in range(2):  # the second batch has a previous input to move from
+                reqs = [Request(img, 1, 0.0, 0.0) for img in _frames(k, n)]
+                reps[movement] = ex.run(reqs, Config((0, 1), (0.01, 0.01)), ex.clock(), scorer)
+        ex.close()
+        assert reps[movement].features is not None
+        assert (seen and all(p is None for p in seen)) == (not movement)
+    lmove = FEATURES.index("lmove")
+    assert np.all(reps[False].features[..., lmove] == 0) and np.any(reps[True].features[..., lmove] != 0)
+
+
 def test_serving_apparate_learned(tiny_cnn):
     """A live server with `--policy apparate-learned` answers OIP v2 requests; after enough of
     them the evidence model has refitted and the engine scores with the published fit; the

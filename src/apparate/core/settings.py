@@ -53,6 +53,10 @@ class Settings:
     it releases this share more of the newest quarter than its confidence does within
     `evidence_guard_loss`; else the site keeps its confidence. None: always learned."""
     evidence_guard_loss: float = 0.005
+    evidence_movement: bool = True
+    """Image streams: the difference detector, how far each site's pooled features moved since the
+    previous input (`lmove`). Off, the feature reads 0 and a server's hooks skip the pooled
+    features and their movement (on video 0.13 of the learned rule's 0.25 ms a ramp at batch 1)."""
 
     # --- heads that keep learning (policies `*+heads`, replay only; core/heads.py) ------------
     head_every: int = 256

@@ -14,11 +14,12 @@ from apparate.core.recording import Recording
 from .base import AdaptivePolicy, Plan
 
 
-def sequence_features(rec: Recording, sites: np.ndarray) -> np.ndarray:
-    """Features of a recording's inputs served one at a time, in order: [n, len(sites), F]."""
+def sequence_features(rec: Recording, sites: np.ndarray, movement: bool = True) -> np.ndarray:
+    """Features of a recording's inputs served one at a time, in order: [n, len(sites), F]
+    (`movement` False: as `evidence_movement` off, the movement feature reads 0)."""
     ctx = StreamContext.empty(rec.num_sites)
     conf, pred = rec.conf[:, sites].astype(np.float64), rec.pred[:, sites].astype(np.int64)
-    move = None if rec.move is None else rec.move[:, sites]
+    move = None if rec.move is None or not movement else rec.move[:, sites]
     last = np.concatenate([[-1], rec.final[:-1].astype(np.int64)])  # each input knows the one before
     return features(conf, pred, sites, ctx, move, last)
 
@@ -48,7 +49,7 @@ class LearnedPolicy(AdaptivePolicy):
         if seed_window and controller.window.written and bootstrap is not None:
             # the window starts with the bootstrap's inputs: keep their features in the same rows
             n = controller.window.written
-            self.model.add(all_sites, sequence_features(bootstrap.take(slice(-n, None)), all_sites),
+            self.model.add(all_sites, sequence_features(bootstrap.take(slice(-n, None)), all_sites, s.evidence_movement),
                            bootstrap.agree[-n:])
         else:  # level with the window: the buffer and the window share their ring positions
             self.model.written = controller.window.written
@@ -63,7 +64,8 @@ class LearnedPolicy(AdaptivePolicy):
         cfg = self.controller.config
         cols = np.asarray(cfg.sites, dtype=np.int64)
         answers = pred[:, cols].astype(np.int64)
-        X = features(conf[:, cols], answers, cols, self.ctx, None if move is None else move[:, cols])
+        use = move is not None and self.controller.settings.evidence_movement
+        X = features(conf[:, cols], answers, cols, self.ctx, move[:, cols] if use else None)
         score = self.model.score(X, cols, conf[:, cols])
         self._pending = (X, score, answers)
         pos = first_exit(1.0 - score, np.asarray(cfg.thresholds, dtype=np.float64))

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from apparate.core.sampling import leave_sites
+from apparate.core.settings import Settings
 
 from .admission import Admission
 from .batch_times import BatchTimes, on_cpu, scale_times
@@ -151,7 +152,8 @@ class Engine:
         """The executor and control loop for `served`: ramp costs calibrated on this machine, the
         initial ramps placed (or restored). At start, and for a swapped-in bundle."""
         options, control = self.options, self._control_opts
-        executor = Executor(served, self._release)
+        settings = control.settings or Settings.for_kind(served.kind)
+        executor = Executor(served, self._release, movement=settings.evidence_movement)
         executor.on_error = self.metrics.error  # type: ignore[method-assign]
         if self._stop_sample is not None and executor.check_early_stop() is not None:
             log.warning("early stop is off for %s: %s (every input runs to the end)", served.name, executor.drop_refused)

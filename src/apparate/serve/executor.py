@@ -56,7 +56,7 @@ Release = Callable[[list[tuple[Request, Result]]], None]
 
 
 class Executor:
-    def __init__(self, served: ServedModel, release: Release):
+    def __init__(self, served: ServedModel, release: Release, movement: bool = True):
         self.served = served
         self.ee = served.ee
         self.release = release
@@ -68,7 +68,8 @@ class Executor:
         self.drop_refused: str | None = None  # why early stop cannot drop rows of this model (check_early_stop)
         self._active: tuple[int, ...] | None = None
         # the learned rule's view of the stream (used only when a batch comes with a scorer)
-        self._pool = served.kind == "image"  # feature movement: image models, as recordings keep it
+        # feature movement: image models, as recordings keep it (unless the rule is set without it)
+        self._pool = movement and served.kind == "image"
         # On a CUDA device ramp answers reach the host on a waiter thread (model.host_copy); on
         # the CPU (None) the hook releases directly.
         self._host = host_release_for(device_of(self.ee))
