@@ -218,20 +218,28 @@ class Executor:
             pooled: list[np.ndarray | None] = [None] * R
             ctx, prev_pooled, pool = self.ctx, self.prev_pooled, self._pool
 
+            one: dict[int, tuple[list[float], float]] = {}  # batch of one: ramp j's features, score
+
+            def score_alone(j: int, r: Any) -> float:
+                """Ramp j's score for a batch of one, in plain floats (numpy's per-call cost would
+                be most of the work, paid inside the model); its features wait in `one` and reach
+                X after the answers are out."""
+                c1, site1 = float(r.conf[0]), int(r.site)
+                m1 = None
+                if pool:
+                    pooled[j] = r.pooled
+                    prev = prev_pooled[site1]
+                    m1 = movement_one(r.pooled[0], None if prev is None else prev[0])
+                x1 = features_one(c1, int(r.pred[0]), site1, ctx, m1)
+                s1 = scorer.score_one(x1, site1, c1)  # the replay's score, bit for bit
+                one[j] = (x1, s1)
+                return s1
+
             def featurize(j: int, r: Any) -> np.ndarray:
                 """Features and scores of ramp j (site r.site) for the batch's inputs: [n]."""
-                if n == 1:  # plain floats: at batch 1 numpy's per-call cost is most of the work
-                    c1, site1 = float(r.conf[0]), int(r.site)
-                    m1 = None
-                    if pool:
-                        pooled[j] = r.pooled
-                        prev = prev_pooled[site1]
-                        m1 = movement_one(r.pooled[0], None if prev is None else prev[0])
-                    x1 = features_one(c1, int(r.pred[0]), site1, ctx, m1)
-                    X[0, j] = x1
-                    score[0, j] = scorer.score_one(x1, site1, c1)  # the replay's score, bit for bit
-                    featured[j] = True
-                    return score[:, j]
+                if n == 1:
+                    score_alone(j, r)
+                    return score[:, j]  # (written with the others in `one` after the batch)
                 c = np.asarray(r.conf, dtype=np.float64).reshape(n, 1)
                 p = np.asarray(r.pred, dtype=np.int64).reshape(n, 1)
                 site = cols[j:j + 1]
@@ -252,7 +260,7 @@ class Executor:
                 t = thr_of[j]
                 if t > 0:  # only a ramp that can release is scored now; the rest after the batch
                     if n == 1:
-                        idx = (0,) if 1.0 - float(featurize(j, r)[0]) < t and pending[0] else ()
+                        idx = (0,) if pending[0] and 1.0 - score_alone(j, r) < t else ()
                     else:
                         idx = np.flatnonzero(pending & ((1.0 - featurize(j, r)) < t))
                     if len(idx):
@@ -348,8 +356,11 @@ class Executor:
         if learned:
             if fed:
                 for r in results:  # the ramps that could not release: featured now
-                    if not featured[pos[r.site]]:
+                    if not featured[pos[r.site]] and pos[r.site] not in one:
                         featurize(pos[r.site], r)
+            for j, (x1, s1) in one.items():  # a batch of one's, in floats until now
+                X[0, j], score[0, j], featured[j] = x1, s1, True
+            if fed:
                 report.features, report.ramp_conf, report.conf = X, conf, score
                 report.scorer_version = scorer.version
                 self._advance(cols, conf, pred, final_pred, pooled)
