@@ -288,3 +288,30 @@ def test_bench_capacity_over_draws_of_the_arrivals(r20_bundle, data_dir, tmp_pat
     assert "Over 2 draws of the arrivals" in out.stdout and "Over 2 draws" in (tmp_path / "two" / "capacity.md").read_text()
     bad = run_cli(*common, "--draws", "0", "--out", str(tmp_path / "bad"))
     assert bad.returncode != 0 and "--draws" in bad.stderr
+
+
+@pytest.mark.parametrize("hook", ["plain", "learned"])
+def test_served_ramp_costs_replace_only_the_ramps_costs(r20_bundle, r20, hook):
+    """`--ramp-costs served`: the bundle's profile with each ramp's cost as a server calibrates it
+    through its own executor (the learned rule's hook for `apparate-learned`); the backbone's
+    times are the bundle's, every ramp has a measured cost, at batch 1 and the max batch."""
+    from apparate.bench.served_costs import hook_of, served_ramp_costs
+    from apparate.core.settings import Settings
+
+    assert hook_of("apparate-learned") == "learned" and hook_of("apparate") == "plain"
+    before = r20_bundle.profile
+    after = served_ramp_costs(dataclasses.replace(r20_bundle, workload=r20), hook, 4, Settings())
+    for b in (1, 4):
+        assert np.array_equal(after.at(b)[0], before.at(b)[0]) and after.vanilla(b) == before.vanilla(b)
+        assert after.at(b)[1].shape == before.at(b)[1].shape and (after.at(b)[1] > 0).all()
+        assert not np.array_equal(after.at(b)[1], before.at(b)[1])  # measured here, not the bundle's
+    with pytest.raises(ValueError, match="hook"):
+        served_ramp_costs(r20_bundle, "heads", 4, Settings())
+
+
+def test_served_ramp_costs_need_a_bundle(recorded, r20_bundle):
+    fam = RampFamily(r20_bundle.recording, recorded, r20_bundle.profile)
+    spec = ExperimentSpec(workload="r20", kind="image", progress=False, policies=("vanilla", "apparate"),
+                          ramp_costs="served")
+    with pytest.raises(ValueError, match="bundle"):
+        run_experiment(spec, families={"light": fam})

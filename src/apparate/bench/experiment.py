@@ -61,6 +61,7 @@ class ExperimentSpec:
     # paper's bootstrap), which is then not replayed; 0: on the bundle's held-out bootstrap inputs
     profile_max_batch: int | None = None  # largest batch profiled when preparing (default: max(64, max_batch))
     threads: int | None = None
+    ramp_costs: str = "prepared"  # or "served": the ramp costs a server calibrates here (bench/served_costs.py)
     progress: bool = True
 
     def settings_for(self, kind: str) -> Settings:
@@ -201,6 +202,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
         stream = spec.stream or default_stream(kind)
         rec = load_or_record(light, stream, spec.n, spec.seed, spec, log)
         families["light"] = RampFamily(light.recording, rec, light.profile)
+        bundle = light
         info.update(stream=stream, bundle=str(light.path), ramp=light.specs[0].kind if light.specs else "?")
         if "per_input_phase" in rec.meta:
             phases = np.asarray(rec.meta["per_input_phase"])
@@ -215,6 +217,9 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
             families["heads"] = RampFamily(light.recording, frec, light.profile)
     else:
         kind = spec.kind
+        bundle = None
+        if spec.ramp_costs != "prepared":
+            raise ValueError("ramp_costs='served' measures a bundle's ramps: run it on a bundle, not given recordings")
         if kind is None and not isinstance(spec.settings, Settings):
             raise ValueError("given recordings, the experiment needs the workload's kind ('image' or 'text') "
                              "for its settings: ExperimentSpec(kind=...)")
@@ -265,13 +270,20 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
                 serving_batch=serving[0], serving_length=None if serving[1] is None else round(serving[1], 1))
     if "apparate-all" in wants:
         info["all_ramps_budget"] = round(all_ramps_budget(light.profile), 4)
+    costs = _ServedCosts(spec, bundle, settings, log)
+    info["ramp_costs"] = spec.ramp_costs
     metrics, runs = [], []
     for name in wants:
         fam = families.get(family_of(name), light)
         if name == "vanilla":
             run = vanilla_run
         else:
-            policy = make_policy(name, inputs)
+            pol_inputs = inputs
+            served = costs.profile(name) if family_of(name) != "deebert" else None
+            if served is not None:  # the same inputs and trace; ramps charged what they cost served
+                fam = RampFamily(fam.bootstrap, fam.evaluation, served)
+                pol_inputs = replace(inputs, light=RampFamily(light.bootstrap, light.evaluation, served))
+            policy = make_policy(name, pol_inputs)
             run = replay(fam.evaluation, arrivals, fam.profile, policy, batcher, slo)
             if isinstance(policy, LiveHeadsPolicy) and spec.progress:  # heads that keep learning: what they did
                 changed = sorted(policy.table().heads)
@@ -283,6 +295,31 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
             m = metrics[-1]
             log(f"  {name:15s} p50 {m.p50_ms:8.2f} ms  acc {m.accuracy:.2%}  drops {m.dropped}")
     return ExperimentResult(spec, metrics, runs, info, None if phases is None else phases[:n], settings)
+
+
+class _ServedCosts:
+    """`ramp_costs='served'`: per hook a policy runs (plain, learned), the profile with the ramp
+    costs a server calibrates here, measured once per experiment; None with 'prepared', and for
+    policies that pay no ramps (vanilla, the cost-free oracle)."""
+
+    def __init__(self, spec: ExperimentSpec, bundle: Any, settings: Settings, log: Log):
+        if spec.ramp_costs not in ("prepared", "served"):
+            raise ValueError(f"ramp_costs must be 'prepared' or 'served', got {spec.ramp_costs!r}")
+        self.spec, self.bundle, self.settings, self.log = spec, bundle, settings, log
+        self._by_hook: dict[str, Any] = {}
+
+    def profile(self, policy: str) -> Any:
+        from .served_costs import hook_of, served_ramp_costs
+
+        if self.spec.ramp_costs == "prepared" or policy in ("vanilla", "optimal"):
+            return None
+        hook = hook_of(policy)
+        if hook not in self._by_hook:
+            prof = served_ramp_costs(self.bundle, hook, self.spec.max_batch, self.settings, self.spec.threads)
+            self._by_hook[hook] = prof
+            self.log(f"ramp costs as served here, {hook} hook: {prof.at(1)[1].mean():.3f} ms a ramp at batch 1 "
+                     f"(the bundle's {self.bundle.profile.at(1)[1].mean():.3f})")
+        return self._by_hook[hook]
 
 
 def serving_point(run: RunResult, lengths: np.ndarray | None) -> BudgetPoint:

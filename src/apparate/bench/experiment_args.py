@@ -50,6 +50,10 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
                    help="place Apparate's ramps on this first share of the stream (the paper's bootstrap, e.g. 0.1), "
                         "which is then not replayed; default: the bundle's held-out bootstrap inputs")
     p.add_argument("--threads", type=int, help="torch threads when preparing and recording")
+    p.add_argument("--ramp-costs", choices=("prepared", "served"), default="prepared",
+                   help="what a ramp costs the replayed inputs: the bundle's profile (prepared: each head timed "
+                        "alone) or what a server calibrates on this machine for the hook each policy runs "
+                        "(served: the learned exit rule's features and score included; docs/replay.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-policy lines")
 
 
@@ -86,7 +90,7 @@ def spec_from_args(args: argparse.Namespace, policies=None):
         rate=rate, fps=args.fps, cv=args.cv,
         slo_ms=args.slo_ms, slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
         settings=changes, policies=policies, bootstrap=args.bootstrap, stream_bootstrap=args.stream_bootstrap,
-        threads=args.threads,
+        threads=args.threads, ramp_costs=getattr(args, "ramp_costs", "prepared"),
         progress=not args.no_progress)
 
 

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from .executor import Executor
 
 
+def calibration_sizes(profile: Any, max_batch: int) -> list[int]:
+    """The profiled batch sizes nearest 1 and the max batch: where calibration times the ramps."""
+    grid = [int(b) for b in profile.batch_sizes]
+    return sorted({min(grid, key=lambda g: abs(g - want)) for want in (1, max_batch)})
+
+
 def calibrate_ramps(executor: Executor, profile: Any, sizes: Sequence[int], repeats: int = 3,
                     learned: bool = False) -> Any:
     """The profile with every ramp's cost as it is paid here: the ramp plus scoring, the hook

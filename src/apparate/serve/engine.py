@@ -161,7 +161,7 @@ class Engine:
         mb = options.batching.max_batch
         profile = served.profile  # the bundle's; calibrated here, then owned by the control loop
         if options.calibrate_ramps and served.num_sites:
-            from .calibrate import calibrate_ramps
+            from .calibrate import calibrate_ramps, calibration_sizes
             from .device_profile import on_serving_device
 
             profile = on_serving_device(served, profile, options.threads)  # another device's: re-measured
@@ -171,8 +171,7 @@ class Engine:
             if options.threads is not None:
                 torch.set_num_threads(options.threads)
             t = time.perf_counter()
-            grid = [int(b) for b in profile.batch_sizes]
-            sizes = sorted({min(grid, key=lambda g: abs(g - want)) for want in (1, mb)})
+            sizes = calibration_sizes(profile, mb)
             profile = calibrate_ramps(executor, profile, sizes, learned=control.policy == "apparate-learned")
             log.info("ramp costs calibrated in %.1f s at batch sizes %s: %.3f ms per ramp (profiled %.3f) at batch %d",
                      time.perf_counter() - t, sizes, float(profile.at(sizes[-1])[1].mean()),
