@@ -22,6 +22,20 @@ def _frames(seed: int, n: int) -> np.ndarray:
     return np.clip(scenes[which] + noise, 0, 255).astype(np.uint8)
 
 
+def _pooled_seen(served) -> list:
+    """Every ramp result's pooled features (None where the hook computed none), as the model runs."""
+    seen: list = []
+    ee_call = served.ee.forward
+
+    def spy(*a, **kw):
+        out = ee_call(*a, **kw)
+        seen.extend(r.pooled for r in out.ramps.values())
+        return out
+
+    served.ee.forward = spy
+    return seen
+
+
 def test_the_executor_decides_as_the_replay_policy(tiny_cnn):
     """Same inputs, same fit: the executor's features, scores and exit positions equal what
     `LearnedPolicy.plan` computes from the ramps' confidences, answers and the recording
@@ -98,15 +112,7 @@ def test_without_a_scorer_nothing_learned_runs(tiny_cnn):
 
     served = served_cnn(tiny_cnn)
     ex = Executor(served, lambda pairs: None)
-    seen = []
-    ee_call = served.ee.forward
-
-    def spy(*a, **kw):
-        out = ee_call(*a, **kw)
-        seen.extend(r.pooled for r in out.ramps.values())
-        return out
-
-    served.ee.forward = spy
+    seen = _pooled_seen(served)
     with torch.inference_mode():
         rep = ex.run([Request(img, 1, 0.0, 0.0) for img in _frames(1, 4)], Config((0, 1), (0.3, 0.3)), ex.clock())
     ex.close()
@@ -127,15 +133,7 @@ def test_without_movement_the_hook_skips_the_pooled_features(tiny_cnn, n):
     from apparate.serve.requests import Request
 
     served = served_cnn(tiny_cnn)
-    seen = []
-    ee_call = served.ee.forward
-
-    def spy(*a, **kw):
-        out = ee_call(*a, **kw)
-        seen.extend(r.pooled for r in out.ramps.values())
-        return out
-
-    served.ee.forward = spy
+    seen = _pooled_seen(served)
     scorer = Scorer(1, np.random.default_rng(0).normal(0, 0.5, (served.num_sites, F)))
     reps = {}
     for movement in (True, False):
