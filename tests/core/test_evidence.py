@@ -70,7 +70,7 @@ def test_one_input_in_plain_floats_scores_as_the_batch_rule(seed, known_prev, mo
     m1 = movement_one(f[0], prev[0] if moved else None)
     assert (np.isnan(mv[0]) and np.isnan(m1)) or mv[0] == m1  # bit for bit: recordings use `movement`
     X = features(np.array([[conf]]), np.array([[pred]]), np.array([site]), ctx, mv.reshape(1, 1))
-    x1 = features_one(conf, pred, site, ctx, float(mv[0]))
+    x1 = features_one(conf, pred, ctx.last_final, int(ctx.prev_pred[site]), float(ctx.prev_conf[site]), float(mv[0]))
     assert np.array_equal(np.array(x1), X[0, 0])  # bit for bit: a server decides as its replay
     w = rng.normal(scale=float(rng.choice([0.1, 3.0, 30.0])), size=(S, F))
     if not fitted:

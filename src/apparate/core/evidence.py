@@ -94,15 +94,17 @@ def features(conf: np.ndarray, pred: np.ndarray, sites: np.ndarray, ctx: StreamC
     return X
 
 
-def features_one(conf: float, pred: int, site: int, ctx: StreamContext, move: float | None = None) -> list[float]:
-    """`features` for one input at one site, in plain floats: the same values bit for bit, for a
-    batch of one, where numpy's per-call cost is most of the work (a live server at batch 1 pays
-    this inside the model, on every active ramp that can release)."""
+def features_one(conf: float, pred: int, last_final: int, prev_pred: int, prev_conf: float,
+                 move: float | None = None) -> list[float]:
+    """`features` for one input at one site, in plain floats, bit for bit: the same values for a
+    small batch, where numpy's per-call cost is most of the work (a live server at batch 1 pays
+    this inside the model, on every active ramp that can release). `prev_pred`, `prev_conf`: the
+    site's answer and confidence on the input before (-1, NaN: unknown); `last_final`: the latest
+    final answer known."""
     c = min(max(conf, _EPS), 1 - _EPS)
     logit = float(np.log(c / (1 - c)))  # numpy's log, not math's: they differ in the last bit
-    repeat = float(pred == ctx.last_final)
-    same = float(pred == int(ctx.prev_pred[site]))
-    prev_conf = float(ctx.prev_conf[site])
+    repeat = float(pred == last_final)
+    same = float(pred == prev_pred)
     still = 1.0 - abs(conf - (1.0 + conf if math.isnan(prev_conf) else prev_conf))
     still = min(max(still, 0.0), 1.0)
     lmove = 0.0 if move is None else float(np.log((1.0 if math.isnan(move) else move) + 1e-3))

@@ -50,6 +50,8 @@ from .early_stop import EarlyStop
 from .report import BatchReport, final_confidence, stage_times
 from .requests import Answer, FinalTarget, Rejected, Request, Result
 
+SMALL_BATCH = 4  # the learned rule scores batches up to this size in plain floats (docs/serve.md)
+
 log = logging.getLogger("apparate.serve")
 
 Release = Callable[[list[tuple[Request, Result]]], None]
@@ -218,28 +220,36 @@ class Executor:
             pooled: list[np.ndarray | None] = [None] * R
             ctx, prev_pooled, pool = self.ctx, self.prev_pooled, self._pool
 
-            one: dict[int, tuple[list[float], float]] = {}  # batch of one: ramp j's features, score
+            small: dict[int, tuple[list[list[float]], list[float]]] = {}  # ramp j's rows' features, scores
 
-            def score_alone(j: int, r: Any) -> float:
-                """Ramp j's score for a batch of one, in plain floats (numpy's per-call cost would
-                be most of the work, paid inside the model); its features wait in `one` and reach
-                X after the answers are out."""
-                c1, site1 = float(r.conf[0]), int(r.site)
-                m1 = None
+            def score_small(j: int, r: Any) -> list[float]:
+                """Ramp j's scores for a batch of at most SMALL_BATCH, in plain floats (numpy's
+                per-call cost would be most of the work, paid inside the model), bit for bit the
+                batch rule's; the features wait in `small` and reach X after the answers are out."""
+                site = int(r.site)
+                c, p = [float(v) for v in r.conf], [int(v) for v in r.pred]
+                prev_p, prev_c = int(ctx.prev_pred[site]), float(ctx.prev_conf[site])
+                f = prev_f = None
                 if pool:
-                    pooled[j] = r.pooled
-                    prev = prev_pooled[site1]
-                    m1 = movement_one(r.pooled[0], None if prev is None else prev[0])
-                x1 = features_one(c1, int(r.pred[0]), site1, ctx, m1)
-                s1 = scorer.score_one(x1, site1, c1)  # the replay's score, bit for bit
-                one[j] = (x1, s1)
-                return s1
+                    pooled[j] = f = r.pooled
+                    prev_f = None if prev_pooled[site] is None else prev_pooled[site][0]
+                xs, ss = [], []
+                for k in range(n):  # each input's previous is the row above (the first: the context's)
+                    m = None
+                    if f is not None:
+                        m, prev_f = movement_one(f[k], prev_f), f[k]
+                    x = features_one(c[k], p[k], ctx.last_final, prev_p, prev_c, m)
+                    xs.append(x)
+                    ss.append(scorer.score_one(x, site, c[k]))  # the replay's score, bit for bit
+                    prev_p, prev_c = p[k], c[k]
+                small[j] = (xs, ss)
+                return ss
 
             def featurize(j: int, r: Any) -> np.ndarray:
                 """Features and scores of ramp j (site r.site) for the batch's inputs: [n]."""
-                if n == 1:
-                    score_alone(j, r)
-                    return score[:, j]  # (written with the others in `one` after the batch)
+                if n <= SMALL_BATCH:
+                    score_small(j, r)
+                    return score[:, j]  # (written with the others in `small` after the batch)
                 c = np.asarray(r.conf, dtype=np.float64).reshape(n, 1)
                 p = np.asarray(r.pred, dtype=np.int64).reshape(n, 1)
                 site = cols[j:j + 1]
@@ -259,8 +269,9 @@ class Executor:
                 ran[j] = True
                 t = thr_of[j]
                 if t > 0:  # only a ramp that can release is scored now; the rest after the batch
-                    if n == 1:
-                        idx = (0,) if pending[0] and 1.0 - score_alone(j, r) < t else ()
+                    if n <= SMALL_BATCH:
+                        ss = score_small(j, r)
+                        idx = [k for k in range(n) if pending[k] and 1.0 - ss[k] < t]
                     else:
                         idx = np.flatnonzero(pending & ((1.0 - featurize(j, r)) < t))
                     if len(idx):
@@ -356,10 +367,10 @@ class Executor:
         if learned:
             if fed:
                 for r in results:  # the ramps that could not release: featured now
-                    if not featured[pos[r.site]] and pos[r.site] not in one:
+                    if not featured[pos[r.site]] and pos[r.site] not in small:
                         featurize(pos[r.site], r)
-            for j, (x1, s1) in one.items():  # a batch of one's, in floats until now
-                X[0, j], score[0, j], featured[j] = x1, s1, True
+            for j, (xs, ss) in small.items():  # a small batch's, in floats until now
+                X[:, j], score[:, j], featured[j] = xs, ss, True
             if fed:
                 report.features, report.ramp_conf, report.conf = X, conf, score
                 report.scorer_version = scorer.version
