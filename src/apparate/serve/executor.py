@@ -246,10 +246,7 @@ class Executor:
                 return ss
 
             def featurize(j: int, r: Any) -> np.ndarray:
-                """Features and scores of ramp j (site r.site) for the batch's inputs: [n]."""
-                if n <= SMALL_BATCH:
-                    score_small(j, r)
-                    return score[:, j]  # (written with the others in `small` after the batch)
+                """Features and scores of ramp j (site r.site) for a batch larger than SMALL_BATCH: [n]."""
                 c = np.asarray(r.conf, dtype=np.float64).reshape(n, 1)
                 p = np.asarray(r.pred, dtype=np.int64).reshape(n, 1)
                 site = cols[j:j + 1]
@@ -368,7 +365,7 @@ class Executor:
             if fed:
                 for r in results:  # the ramps that could not release: featured now
                     if not featured[pos[r.site]] and pos[r.site] not in small:
-                        featurize(pos[r.site], r)
+                        (score_small if n <= SMALL_BATCH else featurize)(pos[r.site], r)
             for j, (xs, ss) in small.items():  # a small batch's, in floats until now
                 X[:, j], score[:, j], featured[j] = xs, ss, True
             if fed:
