@@ -56,3 +56,25 @@ def test_fast_ramps_are_rebuilt_for_new_weights():
         for p in ramp.parameters():
             p.copy_(torch.randn_like(p))  # what load_state_dict does
         assert torch.allclose(ramp.fast()(h, None), ramp(h), atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["pool", "conv", "grid", "pool-flat"]), st.integers(1, 5), st.integers(0, 10_000))
+def test_a_pool_ramp_hands_over_the_sums_it_pools_bit_for_bit(kind, batch, seed):
+    """`fast_with_sums`: a pool ramp's logits exactly as `fast` computes them, and the spatial sums
+    exactly as the difference detector pools them alone (`pooled_features`, what recordings keep),
+    so a server that reads them decides as its replay. Other ramps have none."""
+    from apparate.model.early_exit import pooled_features
+
+    torch.manual_seed(seed)
+    shape = (8,) if kind == "pool-flat" else (8, 6, 6)
+    ramp = Ramp(RampSpec(kind.split("-")[0], shape, 3)).eval()
+    f = ramp.fast_with_sums()
+    if kind != "pool":
+        assert f is None
+        return
+    h = torch.randn(batch, *shape)
+    with torch.inference_mode():
+        logits, sums = f(h)
+        assert torch.equal(logits, ramp.fast()(h, None))
+        assert np.array_equal(sums.numpy(), pooled_features(h))

@@ -155,7 +155,7 @@ def test_bench_evidence_prints_what_each_exit_rule_could_release(r20_bundle, dat
     assert "heads agree" in out.stdout and "heads release <= 1.0%" in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.startswith("|") and "%" in line and "released" not in line]
     assert len(rows) == r20_bundle.num_sites and all(line.count("%") == 5 for line in rows)
-    assert any(p.name.endswith("-mf.npz") for p in (tmp_path / "cache" / "recordings").iterdir())
+    assert any(p.name.endswith("-m2f.npz") for p in (tmp_path / "cache" / "recordings").iterdir())
     out = run_cli("bench", "evidence", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
                   "--stream", "test", "--n", "200", "--train", "400", "--no-progress")
     assert out.returncode != 0 and "the stream has 200 inputs" in out.stderr

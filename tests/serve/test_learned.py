@@ -23,13 +23,14 @@ def _frames(seed: int, n: int) -> np.ndarray:
 
 
 def _pooled_seen(served) -> list:
-    """Every ramp result's pooled features (None where the hook computed none), as the model runs."""
+    """Per ramp result, its pooled features or the difference detector's sums (None where the hook
+    computed neither), as the model runs."""
     seen: list = []
     ee_call = served.ee.forward
 
     def spy(*a, **kw):
         out = ee_call(*a, **kw)
-        seen.extend(r.pooled for r in out.ramps.values())
+        seen.extend(r.sums if r.pooled is None else r.pooled for r in out.ramps.values())
         return out
 
     served.ee.forward = spy

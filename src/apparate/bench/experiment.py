@@ -125,8 +125,9 @@ def load_or_record(bundle: Any, stream_name: str, n: int | None, seed: int, spec
     from .record import bundle_id, check_recording_matches, record_stream
 
     tag = stream_key(stream_name, spec.fps)
-    # image recordings carry each site's feature movement (core.evidence): "-m" keys them apart
-    moves = "-m" if getattr(bundle.workload, "kind", None) == "image" else ""
+    # image recordings carry each site's feature movement (core.evidence): "-m2" keys them apart
+    # (2: movement of the spatial sums, in plain floats; recordings keyed "-m" hold the older one)
+    moves = "-m2" if getattr(bundle.workload, "kind", None) == "image" else ""
     moves += "f" if features else ""  # and what the ramps' heads read (heads that keep learning)
     key = f"{bundle_id(bundle.path)}-{tag}-n{n or 'all'}-s{seed}{moves}.npz"
     path = cache_dir("recordings") / key

@@ -133,11 +133,10 @@ def _tap(ramp: Any, store: list, site: int) -> Any:
 
 class _MoveTracker:
     """Per site, how far the site's pooled features moved from the previous input of the stream
-    (|f_i - f_(i-1)| / |f_(i-1)|, f the spatial mean of the site's output): the difference detector
+    (|f_i - f_(i-1)| / |f_(i-1)|, f the spatial sum of the site's output): the difference detector
     of `core.evidence`, measured once at record time. Its own hooks beside the ramps' (the pooling is
     parameter-free and costs a fraction of a ramp). A live server computes the same
-    (`core.evidence.movement` on the pooled features `EarlyExitModel` gives its ramps' results on
-    request)."""
+    (`core.evidence.movement` on the sums `EarlyExitModel` gives its ramps' results on request)."""
 
     def __init__(self, model: Any) -> None:
         self.S = model.num_sites

@@ -28,6 +28,8 @@ Until a site has `min_inputs` labelled inputs its score is its confidence.
 from __future__ import annotations
 
 import math
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,24 +113,36 @@ def features_one(conf: float, pred: int, last_final: int, prev_pred: int, prev_c
     return [1.0, logit, repeat, same, still, lmove, repeat * logit, repeat * still, repeat * lmove]
 
 
-def movement_one(f: np.ndarray, prev: np.ndarray | None) -> float:
-    """`movement` of one input's pooled features f [D] from the previous input's [D] (None:
-    unknown, NaN), as float32 like the batch version's result."""
+def movement_one(f: Sequence[float], prev: Sequence[float] | None) -> float:
+    """How far one input's pooled features f [D] moved from the previous input's (relative L2
+    change, |f - prev| / |prev|), as a float32 value; NaN where the previous input is unknown
+    (None). In plain floats (`math.dist`, `math.hypot`): a server's hook pays this at batch 1
+    inside the model, where each numpy call costs several times what it costs warm. Lists are
+    the cheap argument (`ndarray.tolist()`); arrays work too."""
     if prev is None:
         return math.nan
-    d = f - prev  # the norms as np.linalg.norm(..., axis=1) takes them: bit for bit the same
-    return float(np.sqrt(np.add.reduce(d * d)) / np.maximum(np.sqrt(np.add.reduce(prev * prev)), 1e-8))
+    return _float32(math.dist(f, prev) / max(math.hypot(*prev), 1e-8))
 
 
 def movement(f: np.ndarray, prev: np.ndarray | None) -> np.ndarray:
-    """[n] how far each row of pooled features f [n, D] moved from the row before it (relative L2
-    change); the first row compares with `prev` [1, D], the previous input's (None: unknown, NaN).
-    One function for the recording (`bench.record`) and the live server (`serve.executor`)."""
-    before = np.concatenate([f[:1] if prev is None else prev, f[:-1]])
-    move = np.linalg.norm(f - before, axis=1) / np.maximum(np.linalg.norm(before, axis=1), 1e-8)
-    if prev is None and move.size:
-        move[0] = np.nan
-    return move
+    """[n] float32 `movement_one` of each row of pooled features f [n, D] from the row before it;
+    the first row compares with `prev` [1, D], the previous input's (None: unknown, NaN). One
+    function for the recording (`bench.record`) and the live server (`serve.executor`), built on
+    the per-input one so the two agree bit for bit."""
+    rows = np.asarray(f).tolist()
+    before = [None if prev is None else np.asarray(prev).reshape(-1).tolist()] + rows[:-1]
+    return np.array([movement_one(a, b) for a, b in zip(rows, before)], dtype=np.float32).reshape(len(rows))
+
+
+def _float32(x: float) -> float:
+    """x rounded to the nearest float32 (as numpy's cast rounds), kept a Python float."""
+    try:
+        return _F32.unpack(_F32.pack(x))[0]
+    except OverflowError:  # beyond float32: numpy's cast gives an infinity
+        return math.copysign(math.inf, x)
+
+
+_F32 = struct.Struct("f")
 
 
 def score_with(weights: np.ndarray, X: np.ndarray, sites: np.ndarray, conf: np.ndarray) -> np.ndarray:

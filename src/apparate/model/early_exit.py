@@ -54,7 +54,7 @@ class RampResult:
     from the logits on first use (a ramp whose answers nobody asks for during the batch, one
     that cannot release anything, is scored after the batch with the others, in one step)."""
 
-    __slots__ = ("site", "name", "logits", "_scorer", "_conf", "_pred", "pooled", "rows")
+    __slots__ = ("site", "name", "logits", "_scorer", "_conf", "_pred", "pooled", "sums", "rows")
 
     def __init__(self, site: int, name: str, logits: torch.Tensor, scorer: Scorer,
                  rows: np.ndarray | None = None) -> None:
@@ -63,6 +63,7 @@ class RampResult:
         self._conf: np.ndarray | None = None
         self._pred: np.ndarray | None = None
         self.pooled: np.ndarray | None = None  # [B, D] the site's pooled features, when the call asked
+        self.sums: np.ndarray | None = None  # [B, D] the difference detector's (`pooled_features`), when asked
 
     @property
     def scored(self) -> bool:
@@ -84,9 +85,18 @@ class RampResult:
 
 
 def pooled_features(h: torch.Tensor) -> np.ndarray:
-    """[B, D] float32 on the host: the spatial mean of a site's output (flattened if it is not a
-    feature map). What the learned exit rule's difference detector compares between inputs."""
-    return (h.mean(dim=(2, 3)) if h.dim() == 4 else h.flatten(1)).detach().float().cpu().numpy()
+    """[B, D] float32 on the host: the spatial sum of a site's output (flattened if it is not a
+    feature map). What the learned exit rule's difference detector compares between inputs: it
+    reads a relative change, so a sum serves as a mean would, and a `pool` ramp's head computes
+    this very sum (`Ramp.fast_with_sums`), which a server then reads at no second pooling."""
+    return _on_host(h.sum(dim=(2, 3)) if h.dim() == 4 else h.flatten(1))
+
+
+def _on_host(t: torch.Tensor) -> np.ndarray:
+    """A float32 numpy copy (a view for a CPU float32 tensor: no copy needed, none made)."""
+    if t.device.type == "cpu" and t.dtype == torch.float32:
+        return t.numpy()
+    return t.detach().float().cpu().numpy()
 
 
 LINEAR_KINDS = ("pool", "mean", "cls")
@@ -97,17 +107,17 @@ def linear_head(ramp: nn.Module) -> bool:
     that keep learning retrain from the reduction alone, a recording keeps as features and a
     ramp's result carries as `pooled`. The one test, for recording, serving and the policy. Not
     `grid`: its reduction is not the spatial mean the learned exit rule's movement reads (a
-    recording's movement is of the spatial mean), so a server and a replay would disagree."""
+    recording's features are of the spatial mean), so a server and a replay would disagree."""
     return isinstance(ramp, Ramp) and ramp.spec.kind in LINEAR_KINDS and isinstance(ramp.head, nn.Linear)
 
 
 def _features_for(ramp: nn.Module) -> Callable[[torch.Tensor, "_Call"], np.ndarray]:
-    """What a ramp's result carries as `pooled`: a linear head's input (its reduction: the spatial
-    mean of a `pool` ramp, the masked token mean of a `mean` ramp, [CLS] of a `cls` ramp, as a
-    recording keeps them), else the site's spatial mean (`pooled_features`)."""
+    """What a ramp's result carries as `pooled` (heads that keep learning read it): a linear
+    head's input (its reduction: the spatial mean of a `pool` ramp, the masked token mean of a
+    `mean` ramp, [CLS] of a `cls` ramp, as a recording keeps them), else the site's spatial mean."""
     if linear_head(ramp):
-        return lambda h, call: ramp.reduce(h, call.mask).detach().float().cpu().numpy()
-    return lambda h, call: pooled_features(h)
+        return lambda h, call: _on_host(ramp.reduce(h, call.mask))
+    return lambda h, call: _on_host(h.mean(dim=(2, 3)) if h.dim() == 4 else h.flatten(1))
 
 
 def score_all(results: Sequence[RampResult]) -> None:
@@ -170,11 +180,11 @@ def _cut(x: Any, n: int, idx: torch.Tensor) -> Any:
 class _Call:
     """What the hooks need during one forward on one thread."""
 
-    __slots__ = ("active", "results", "callback", "mask", "weights", "stamps", "pool", "rows", "size", "idx",
-                 "cutters")
+    __slots__ = ("active", "results", "callback", "mask", "weights", "stamps", "pool", "detect", "rows", "size",
+                 "idx", "cutters")
 
     def __init__(self, active: frozenset[int], callback: Any, mask: torch.Tensor | None,
-                 weights: torch.Tensor | None, stamps: Any, pool: bool = False) -> None:
+                 weights: torch.Tensor | None, stamps: Any, pool: bool = False, detect: bool = False) -> None:
         self.active = active
         self.results: list[RampResult] = []
         self.callback = callback
@@ -182,6 +192,7 @@ class _Call:
         self.weights = weights  # text token weights for mean ramps, once per batch
         self.stamps = stamps  # per site: the clock when its module ended, before its ramp
         self.pool = pool  # give each ramp's result the site's pooled features
+        self.detect = detect  # and the difference detector's (`pooled_features`)
         # after a drop: the kept rows' original indices (numpy, and as a tensor for indexing), the
         # original batch size, and the pre-hooks that cut full-batch arguments of later sites
         self.rows: np.ndarray | None = None
@@ -232,6 +243,18 @@ def _fast_for(ramp: nn.Module) -> Callable[[torch.Tensor, _Call], torch.Tensor]:
     return lambda h, call: ramp(h, call.mask)  # any module with the ramps' (h, mask) signature
 
 
+def _detecting_for(ramp: nn.Module) -> Callable[[torch.Tensor, _Call], tuple[torch.Tensor, np.ndarray]]:
+    """A ramp's logits and the site's `pooled_features`, from one pooling where the head pools."""
+    f = ramp.fast_with_sums() if isinstance(ramp, Ramp) else None
+    if f is not None:
+        def shared(h: torch.Tensor, call: _Call) -> tuple[torch.Tensor, np.ndarray]:
+            logits, sums = f(h)
+            return logits, _on_host(sums)
+        return shared
+    fast = _fast_for(ramp)
+    return lambda h, call: (fast(h, call), pooled_features(h))
+
+
 RampCallback = Callable[[RampResult], None]
 
 
@@ -263,6 +286,7 @@ class EarlyExitModel(nn.Module):
         self._score = scorer(self.confidence)
         self._fast = [_fast_for(r) for r in self.ramps]
         self._feats = [_features_for(r) for r in self.ramps]
+        self._detecting = [_detecting_for(r) for r in self.ramps]
         self._token_sites = self._needing_token_weights()
         # a buffer, so that `.to(device)` moves it with the model (not saved: bundles keep it in JSON)
         self.register_buffer("label_map", None if label_map is None else torch.as_tensor(list(label_map), dtype=torch.long),
@@ -302,7 +326,8 @@ class EarlyExitModel(nn.Module):
         """`.to(device)`, `.half()`...: the fast ramp functions hold their weights, so they are
         rebuilt from the moved ones (else the ramps would run where the model was built)."""
         out = super()._apply(fn, *args, **kwargs)
-        self._fast[:] = [_fast_for(r) for r in self.ramps]  # in place: the hooks hold this list
+        self._fast[:] = [_fast_for(r) for r in self.ramps]  # in place: the hooks hold these lists
+        self._detecting[:] = [_detecting_for(r) for r in self.ramps]
         return out
 
     @property
@@ -319,6 +344,7 @@ class EarlyExitModel(nn.Module):
         self.ramps[index] = ramp
         self._fast[index] = _fast_for(ramp)
         self._feats[index] = _features_for(ramp)
+        self._detecting[index] = _detecting_for(ramp)
         self._token_sites = self._needing_token_weights()
 
     def _needing_token_weights(self) -> frozenset[int]:
@@ -332,7 +358,8 @@ class EarlyExitModel(nn.Module):
         return pred
 
     def forward(self, inputs: ModelInput, on_ramp: RampCallback | None = None,
-                active: Iterable[int] | None = None, stamps: Any = None, pool: bool = False) -> EarlyExitOutput:
+                active: Iterable[int] | None = None, stamps: Any = None, pool: bool = False,
+                detect: bool = False) -> EarlyExitOutput:
         """Run one batch. `on_ramp` is called once per active ramp, as soon as it has run; it may
         return a boolean array over the ramp's rows, the rows to keep from there on (module doc),
         or None to keep them all.
@@ -341,15 +368,16 @@ class EarlyExitModel(nn.Module):
         `stamps`, an array indexed by site, receives `time.perf_counter()` when each active site's
         module ends, before its ramp runs (what a server times its stages by, at no extra hook).
         `pool`: each ramp's result also carries the site's features (`pooled`: a linear head's
-        input, else the spatial mean; for the learned exit rule's difference detector and heads
-        that keep learning); off, the hooks do no extra work.
+        input, else the spatial mean; for heads that keep learning); `detect`: each carries `sums`, the site's `pooled_features` (the
+        learned exit rule's difference detector), from the ramp's own pooling where it pools. Off,
+        the hooks do no extra work.
         """
         act = self._active if active is None else tuple(sorted({int(s) for s in active}))
         if act and (act[0] < 0 or act[-1] >= len(self.sites)):
             raise ValueError(f"site index out of range 0..{len(self.sites) - 1}: {list(act)}")
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
         weights = token_weights(mask) if mask is not None and self._token_sites.intersection(act) else None
-        call = self._local.call = _Call(frozenset(act), on_ramp, mask, weights, stamps, pool)
+        call = self._local.call = _Call(frozenset(act), on_ramp, mask, weights, stamps, pool, detect)
         self._attach(act)
         try:
             with torch.inference_mode():
@@ -384,7 +412,7 @@ class EarlyExitModel(nn.Module):
 
     def _make_hook(self, site: Site) -> Callable:
         index, name, local = site.index, site.name, self._local
-        fasts, feats, score, clock = self._fast, self._feats, self._score, time.perf_counter
+        fasts, feats, detecting, score, clock = self._fast, self._feats, self._detecting, self._score, time.perf_counter
 
         modules = self._modules_at
 
@@ -395,7 +423,12 @@ class EarlyExitModel(nn.Module):
             if call.stamps is not None:
                 call.stamps[index] = clock()
             h = output if type(output) is torch.Tensor else primary_output(output)
-            result = RampResult(index, name, fasts[index](h, call), score, call.rows)
+            if call.detect:
+                logits, sums = detecting[index](h, call)
+                result = RampResult(index, name, logits, score, call.rows)
+                result.sums = sums
+            else:
+                result = RampResult(index, name, fasts[index](h, call), score, call.rows)
             if call.pool:
                 result.pooled = feats[index](h, call)
             call.results.append(result)

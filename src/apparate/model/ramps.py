@@ -158,6 +158,20 @@ class Ramp(nn.Module):
             return mean_ramp
         return lambda h, w: torch.addmm(b, h[:, 0], wt)  # cls
 
+    def fast_with_sums(self) -> "Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None":
+        """For a `pool` ramp over a feature map, `fast` that also returns the spatial sums it pools
+        ([B, C]): the learned exit rule's difference detector reads them (`pooled_features`, the
+        same op on the same tensor), so a server pays no second pooling. None for other ramps."""
+        if self.spec.kind != "pool" or len(self.spec.in_shape) != 3:
+            return None
+        wt, b = self.head.weight.detach().t(), self.head.bias.detach()
+        ws = (wt / (self.spec.in_shape[1] * self.spec.in_shape[2])).contiguous()  # as `fast`, bit for bit
+
+        def pool_ramp(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            s = h.sum((2, 3))
+            return torch.addmm(b, s, ws), s
+        return pool_ramp
+
     @property
     def needs_token_weights(self) -> bool:
         return self.spec.kind == "mean"

@@ -17,7 +17,8 @@ can release, the executor then computes `core.evidence.features` for that ramp o
 inputs, from the ramp's confidence and answer, the stream context it holds (the latest final
 answer known: the previous batch's last input; per site the previous input's answer and
 confidence) and, for image models, how far the site's pooled features moved since the previous
-input (`core.evidence.movement` on the spatial mean the EarlyExitModel hands over on request; the
+input (`core.evidence.movement` on the spatial sums the EarlyExitModel hands over on request, from
+the ramp's own pooling where it pools; the
 batch's first input compares with the previous batch's last input at that site, NaN when the site
 did not run on it). It releases the inputs whose `1 - score < threshold`, the rule the replay's
 `LearnedPolicy.plan` applies. Ramps that cannot release are featured after the batch. The report
@@ -231,8 +232,9 @@ class Executor:
                 prev_p, prev_c = int(ctx.prev_pred[site]), float(ctx.prev_conf[site])
                 f = prev_f = None
                 if pool:
-                    pooled[j] = f = r.pooled
-                    prev_f = None if prev_pooled[site] is None else prev_pooled[site][0]
+                    pooled[j] = r.sums
+                    f = r.sums.tolist()  # plain floats: what `movement_one` reads cheaply
+                    prev_f = None if prev_pooled[site] is None else prev_pooled[site][0].tolist()
                 xs, ss = [], []
                 for k in range(n):  # each input's previous is the row above (the first: the context's)
                     m = None
@@ -252,8 +254,8 @@ class Executor:
                 site = cols[j:j + 1]
                 mv = None
                 if pool:
-                    pooled[j] = r.pooled
-                    mv = movement(r.pooled, prev_pooled[r.site]).astype(np.float32).reshape(n, 1)
+                    pooled[j] = r.sums
+                    mv = movement(r.sums, prev_pooled[r.site]).reshape(n, 1)
                 xj = features(c, p, site, ctx, mv)
                 sj = scorer.score(xj, site, c)
                 X[:, j] = xj[:, 0]
@@ -290,7 +292,7 @@ class Executor:
                 on_ramp = on_ramp_learned = host.bind(on_ramp_learned if learned else on_ramp)
             try:
                 if learned:
-                    out = self.ee(x, on_ramp=on_ramp_learned, active=cfg.sites, stamps=site_end, pool=pool)
+                    out = self.ee(x, on_ramp=on_ramp_learned, active=cfg.sites, stamps=site_end, detect=pool)
                 elif stop is not None:
                     out = self.ee(x, on_ramp=on_ramp_stop, active=cfg.sites, stamps=site_end)
                 else:
