@@ -216,10 +216,10 @@ def test_pooled_feedback_is_the_batches_stacked(batches, seed):
 
 @pytest.mark.parametrize("learned", [False, True])
 def test_calibration_sets_ramp_costs_to_what_the_hook_pays(tiny_cnn, learned):
-    """Every ramp's cost is timed in the model as served: at batch 1 each ramp alone (its cold
-    cost right after its stage), at larger sizes all at once; the learned rule's passes score
-    in the hook (a threshold above 0) without releasing anything."""
-    from apparate.serve.calibrate import calibrate_ramps
+    """Every ramp's cost is timed in the model as served: at small batches (1 to 4) each ramp
+    alone (its cold cost right after its stage), at larger sizes all at once; the learned rule's
+    passes score in the hook (a threshold above 0) without releasing anything."""
+    from apparate.serve.calibrate import ALONE_UP_TO, calibrate_ramps, calibration_sizes
     from apparate.serve.executor import Executor
 
     served = served_cnn(tiny_cnn)
@@ -231,19 +231,24 @@ def test_calibration_sets_ramp_costs_to_what_the_hook_pays(tiny_cnn, learned):
                                           run(batch, cfg, *a, **k))[1]
     try:
         before = served.profile
-        after = calibrate_ramps(ex, before, [1, 8], repeats=2, learned=learned)
+        after = calibrate_ramps(ex, before, [1, 2, 8], repeats=2, learned=learned)
     finally:
         ex.close()
         served.ee.remove_hooks()
     S = served.num_sites
-    assert sorted({cfg.sites for b, cfg, _ in runs if b == 1}) == [(s,) for s in range(S)]
+    for b in (1, 2):
+        assert sorted({cfg.sites for n, cfg, _ in runs if n == b}) == [(s,) for s in range(S)]
     assert {cfg.sites for b, cfg, _ in runs if b == 8} == {tuple(range(S))}
     assert all((min(cfg.thresholds) > 0) == learned and (sc is not None) == learned for _, cfg, sc in runs)
     assert released and not any(ans.early for _, ans in released)  # every input ran to the end
-    for b in (1, 8):
+    for b in (1, 2, 8):
         assert after.at(b)[1].shape == before.at(b)[1].shape
         assert (after.at(b)[1] > 0).all()
         assert np.allclose(after.at(b)[0], before.at(b)[0]) and after.vanilla(b) == before.vanilla(b)
+    # where a server times them: every profiled size up to ALONE_UP_TO, and the one nearest the max batch
+    grid = [int(b) for b in before.batch_sizes]
+    assert calibration_sizes(before, 16) == sorted({g for g in grid if g <= ALONE_UP_TO} | {min(grid, key=lambda g: abs(g - 16))})
+    assert calibration_sizes(before, 1) == [min(grid, key=lambda g: abs(g - 1))]
 
 
 # ---------------------------------------------------------------------------------------------- live stats

@@ -22,10 +22,21 @@ if TYPE_CHECKING:
     from .executor import Executor
 
 
+ALONE_UP_TO = 4
+"""Batch sizes up to this are timed one ramp at a time (`calibrate_ramps`): a server under light
+load serves batches of one to a few inputs with one or two ramps active, where a ramp's cost on
+the caches its backbone stage evicted decides the ramp budget. Timed only at batch 1, the sizes
+between kept the bundle's prepared costs (a head alone on a cached activation): on the vehicle
+ResNet-56 at 100/s (batches of about two) a server placed ramps that fit on those costs, measured
+them over the budget, removed them and placed others, some 90 times in 90 s."""
+
+
 def calibration_sizes(profile: Any, max_batch: int) -> list[int]:
-    """The profiled batch sizes nearest 1 and the max batch: where calibration times the ramps."""
+    """Where calibration times the ramps: every profiled batch size up to `ALONE_UP_TO` (and the
+    max batch), and the profiled size nearest the max batch."""
     grid = [int(b) for b in profile.batch_sizes]
-    return sorted({min(grid, key=lambda g: abs(g - want)) for want in (1, max_batch)})
+    small = {g for g in grid if g <= min(ALONE_UP_TO, max_batch)}
+    return sorted(small | {min(grid, key=lambda g: abs(g - want)) for want in (1, max_batch)})
 
 
 def calibrate_ramps(executor: Executor, profile: Any, sizes: Sequence[int], repeats: int = 3,
@@ -60,11 +71,11 @@ def calibrate_ramps(executor: Executor, profile: Any, sizes: Sequence[int], repe
     for length in lengths:
         for b in sizes:
             items = codec.example(b, length) if length else codec.example(b)
-            if b == 1:
+            if b <= ALONE_UP_TO:
                 # One ramp per pass: a ramp right after its backbone stage runs on caches the
                 # stage evicted, and pays several times what it pays after another ramp (video,
-                # learned: 0.25 ms alone against 0.09 among all sixteen). At batch 1 that fixed
-                # cost is the budget's whole question, so each ramp is timed as it runs alone.
+                # learned: 0.25 ms alone against 0.09 among all sixteen). At small batches that
+                # fixed cost is the budget's whole question, so each ramp is timed as it runs alone.
                 ramp = {}
                 for site in sites:
                     ramp.update(timed(items, Config((site,), cfg.thresholds[:1])))
