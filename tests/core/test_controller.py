@@ -179,6 +179,37 @@ def test_a_measured_profile_that_breaks_the_budget_drops_ramps_at_once():
         ctl.profile = LatencyProfile.linear(S + 1)
 
 
+def test_a_ramp_measured_over_the_budget_is_not_placed_again_at_once():
+    """A live server's measured ramp costs vary: a ramp removed over the budget waits out a
+    cooldown (in ramp checks, doubling while it recurs) before placement or a probe may choose it
+    again, so a ramp on the budget's edge is not removed and re-placed on every check."""
+    def costing(factor, sites):
+        ramp = PROFILE.ramp_ms.copy()
+        ramp[..., sites] *= factor
+        return LatencyProfile(PROFILE.batch_sizes, PROFILE.site_ms, ramp, PROFILE.vanilla_ms)
+
+    others = [x for x in range(S) if x not in (2, 5, 8)]
+    fits = costing(20, others)  # only sites 2, 5 and 8 fit the budget: placement can only choose them
+    ctl = Controller(fits, FAST.replace(ramp_budget=0.02), Config((2, 5, 8), (0.05, 0.05, 0.05)),
+                     bootstrap=(BOOT.conf, BOOT.agree))
+    rec = synthetic_recording(3000, S, seed=12)
+    feed(ctl, rec, [8] * 50)
+    ctl.profile = costing(20, list(range(S)))  # measured far over the budget for a while
+    removed = {2, 5, 8} - set(ctl.config.sites)
+    assert removed and any(e.kind == "remove" and "budget" in e.detail for e in ctl.events)
+    ctl.profile = fits  # and back: on these costs they fit again
+    cooldown_ends = ctl._checks + ctl.settings.cooldown_adjustments
+    i, placed = 400, []
+    while ctl._checks < cooldown_ends + 3 and i < rec.num_inputs:
+        feed(ctl, rec, [8] * 5, start=i)
+        i += 40
+        placed.append((ctl._checks, set(ctl.config.sites)))
+    back = [(c, sites & removed) for c, sites in placed if c < cooldown_ends and sites & removed]
+    assert not back, f"removed sites came back within their cooldown: {back}"
+    assert any(sites for c, sites in placed), "nothing was placed after the removal"
+    assert placed[-1][0] >= cooldown_ends, "the cooldown never ran out in this test"
+
+
 def test_a_new_ramp_is_not_judged_before_it_has_been_tuned():
     # the probe's ramp needs 200 observations before its first tune; checks come every 64 inputs
     s = FAST.replace(ramp_budget=0.5, min_tune_inputs=200, min_adjust_inputs=64, adjust_every_batches=8)

@@ -42,6 +42,11 @@ class RampLoop:
             # the lowest utility per unit of cost goes first; without evidence, the costliest
             sites.remove(min(sites, key=lambda x: (pooled[x]["utility"] / max(cost[x], 1e-12), -cost[x])
                              if x in pooled else (0.0, -cost[x])))
+        for x in set(self._config.sites) - set(sites):
+            # a ramp measured over the budget waits out a cooldown (doubling while it recurs)
+            # before placement or a probe may choose it again: a live server's measured costs
+            # vary, and a ramp on the budget's edge was otherwise removed and re-placed for ever
+            self._block(x)
         self._reconfigure(sites, "remove", f"over the ramp budget {why}: keep {sites}")
         return True
 
