@@ -216,9 +216,12 @@ def test_pooled_feedback_is_the_batches_stacked(batches, seed):
 
 @pytest.mark.parametrize("learned", [False, True])
 def test_calibration_sets_ramp_costs_to_what_the_hook_pays(tiny_cnn, learned):
-    """Every ramp's cost is timed in the model as served: at small batches (1 to 4) each ramp
-    alone (its cold cost right after its stage), at larger sizes all at once; the learned rule's
-    passes score in the hook (a threshold above 0) without releasing anything."""
+    """Every ramp's cost is timed in the model as served: at small batches (up to ALONE_UP_TO)
+    each ramp alone (its cold cost right after its stage), at larger sizes all at once; the
+    learned rule's passes score in the hook (a threshold above 0) without releasing anything.
+    Every other profiled size takes its costs from the timed ones: interpolated between them,
+    scaled above them (none keeps the bundle's prepared costs, which a server would otherwise
+    place ramps by)."""
     from apparate.serve.calibrate import ALONE_UP_TO, calibrate_ramps, calibration_sizes
     from apparate.serve.executor import Executor
 
@@ -241,14 +244,33 @@ def test_calibration_sets_ramp_costs_to_what_the_hook_pays(tiny_cnn, learned):
     assert {cfg.sites for b, cfg, _ in runs if b == 8} == {tuple(range(S))}
     assert all((min(cfg.thresholds) > 0) == learned and (sc is not None) == learned for _, cfg, sc in runs)
     assert released and not any(ans.early for _, ans in released)  # every input ran to the end
-    for b in (1, 2, 8):
+    for b in (1, 8):
         assert after.at(b)[1].shape == before.at(b)[1].shape
         assert (after.at(b)[1] > 0).all()
         assert np.allclose(after.at(b)[0], before.at(b)[0]) and after.vanilla(b) == before.vanilla(b)
-    # where a server times them: every profiled size up to ALONE_UP_TO, and the one nearest the max batch
-    grid = [int(b) for b in before.batch_sizes]
-    assert calibration_sizes(before, 16) == sorted({g for g in grid if g <= ALONE_UP_TO} | {min(grid, key=lambda g: abs(g - 16))})
-    assert calibration_sizes(before, 1) == [min(grid, key=lambda g: abs(g - 1))]
+    assert [int(b) for b in before.batch_sizes] == [1, 2, 4, 8] and ALONE_UP_TO == 4
+    assert calibration_sizes(before, 8) == [1, 4, 8] and calibration_sizes(before, 2) == [1, 2]
+    # batch 4, between the timed 2 and 8, along the batch size
+    assert np.allclose(after.at(4)[1], (2 / 3) * after.at(2)[1] + (1 / 3) * after.at(8)[1])
+
+
+def test_calibration_fills_the_sizes_it_did_not_time():
+    """Between two timed sizes a ramp's cost is interpolated along the batch size; above the
+    largest, the prepared costs are scaled as the largest timed size's were."""
+    from apparate.core.profile import LatencyProfile
+    from apparate.serve.calibrate import fill_between
+
+    S, bs = 3, np.array([1, 2, 4, 8, 16])
+    site = np.cumsum(np.ones((1, bs.size, S)), axis=2) * bs[None, :, None]
+    prepared = LatencyProfile(bs, site, np.full((1, bs.size, S), 0.01) * bs[None, :, None], bs[None, :] * 4.0)
+    timed = prepared.updated(1, {}, {0: 0.2, 1: 0.3, 2: 0.4}, None, None, 1.0).updated(
+        4, {}, {0: 0.5, 1: 0.6, 2: 0.7}, None, None, 1.0)
+    out = fill_between(prepared, timed, [1, 4])
+    assert np.allclose(out.at(1)[1], [0.2, 0.3, 0.4]) and np.allclose(out.at(4)[1], [0.5, 0.6, 0.7])
+    assert np.allclose(out.at(2)[1], [0.3, 0.4, 0.5])  # a third of the way from 1 to 4
+    for b in (8, 16):  # the prepared shape (0.01 * b), at the level timed at 4 (x 0.5/0.04 ...)
+        assert np.allclose(out.at(b)[1], 0.01 * b * np.array([0.5, 0.6, 0.7]) / 0.04)
+    assert np.array_equal(out.site_ms, prepared.site_ms) and np.array_equal(out.vanilla_ms, prepared.vanilla_ms)
 
 
 # ---------------------------------------------------------------------------------------------- live stats
