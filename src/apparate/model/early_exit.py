@@ -93,7 +93,7 @@ def pooled_features(h: torch.Tensor) -> np.ndarray:
 
 
 def _on_host(t: torch.Tensor) -> np.ndarray:
-    """A float32 numpy copy (a view for a CPU float32 tensor: no copy needed, none made)."""
+    """`t` as a float32 numpy array on the host: a view of a CPU float32 tensor, else a copy."""
     if t.device.type == "cpu" and t.dtype == torch.float32:
         return t.numpy()
     return t.detach().float().cpu().numpy()
@@ -368,9 +368,9 @@ class EarlyExitModel(nn.Module):
         `stamps`, an array indexed by site, receives `time.perf_counter()` when each active site's
         module ends, before its ramp runs (what a server times its stages by, at no extra hook).
         `pool`: each ramp's result also carries the site's features (`pooled`: a linear head's
-        input, else the spatial mean; for heads that keep learning); `detect`: each carries `sums`, the site's `pooled_features` (the
-        learned exit rule's difference detector), from the ramp's own pooling where it pools. Off,
-        the hooks do no extra work.
+        input, else the spatial mean; for heads that keep learning). `detect`: each carries
+        `sums`, the site's `pooled_features` (the learned exit rule's difference detector), from
+        the ramp's own pooling where it pools. Off, the hooks do no extra work.
         """
         act = self._active if active is None else tuple(sorted({int(s) for s in active}))
         if act and (act[0] < 0 or act[-1] >= len(self.sites)):

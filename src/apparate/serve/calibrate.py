@@ -27,7 +27,8 @@ ALONE_UP_TO = 4
 batches of one to a few inputs with one or two ramps active, where a ramp's cost on the caches
 its backbone stage evicted decides the ramp budget. Interpolating batch 2 between batch 1 (alone)
 and the max batch (all ramps at once, warm caches) under-charged it: on the vehicle ResNet-56 at
-100/s a learned server still removed 16 ramps over the budget in 90 s, 6 with batch 4 timed alone."""
+100/s a learned server still removed 16 ramps over the budget in 90 s; with batch 4 timed alone
+(and the ramp loop's budget cooldown) 6."""
 
 
 def calibration_sizes(profile: Any, max_batch: int) -> list[int]:
