@@ -94,7 +94,7 @@ def pooled_features(h: torch.Tensor) -> np.ndarray:
 
 def _on_host(t: torch.Tensor) -> np.ndarray:
     """`t` as a float32 numpy array on the host: a view of a CPU float32 tensor, else a copy."""
-    if t.device.type == "cpu" and t.dtype == torch.float32:
+    if t.is_cpu and t.dtype is torch.float32:  # (the cheapest tests: this runs inside the model)
         return t.numpy()
     return t.detach().float().cpu().numpy()
 
