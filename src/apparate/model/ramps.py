@@ -253,7 +253,7 @@ def scorer(fn: ConfidenceFn) -> Scorer:
     host transfer of a ramp. Other confidences go through `score`."""
     if fn is max_softmax:
         def fast(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-            if not logits.is_cpu:  # (not `.device.type`: it builds a device object, inside the model)
+            if logits.device.type != "cpu":
                 logits = logits.cpu()
             if logits.shape[0] == 1:  # one-element tuples: making arrays costs more than the math here
                 row = logits.tolist()[0]
