@@ -64,7 +64,7 @@ def test_a_pool_ramp_hands_over_the_sums_it_pools_bit_for_bit(kind, batch, seed)
     """`fast_with_sums`: a pool ramp's logits exactly as `fast` computes them, and the spatial sums
     exactly as the difference detector pools them alone (`pooled_features`, what recordings keep),
     so a server that reads them decides as its replay. Other ramps have none."""
-    from apparate.model.early_exit import pooled_features
+    from apparate.model.ramp_results import pooled_features
 
     torch.manual_seed(seed)
     shape = (8,) if kind == "pool-flat" else (8, 6, 6)

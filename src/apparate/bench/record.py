@@ -85,11 +85,11 @@ def record_stream(bundle: Any, stream: Any, batch_size: int = 64, progress: bool
 class _FeatureTaps:
     """Each ramp swapped for a module that keeps its reduction's output (what the linear head
     reads) and answers as the ramp does; restored on `close`. Only linear heads
-    (`model.early_exit.linear_head`: `pool`, `mean`, `cls` ramps) are retrained without the
+    (`model.ramp_results.linear_head`: `pool`, `mean`, `cls` ramps) are retrained without the
     model, as a server does, so other kinds are refused."""
 
     def __init__(self, model: Any) -> None:
-        from apparate.model.early_exit import linear_head
+        from apparate.model.ramp_results import linear_head
 
         self.model, self.ramps = model, list(model.ramps)
         bad = [s for s, r in enumerate(self.ramps) if not linear_head(r)]
@@ -145,7 +145,7 @@ class _MoveTracker:
         self.handles = [m.register_forward_hook(self._hook(s)) for s, m in enumerate(model.site_modules)]
 
     def _hook(self, s: int):
-        from apparate.model.early_exit import pooled_features
+        from apparate.model.ramp_results import pooled_features
         from apparate.model.sites import primary_output
 
         def hook(_m: Any, _i: Any, output: Any) -> None:

@@ -4,7 +4,8 @@
 """
 
 from apparate.model.bundle import Bundle, BundleError, load_bundle, save_bundle
-from apparate.model.early_exit import EarlyExitModel, EarlyExitOutput, RampResult
+from apparate.model.early_exit import EarlyExitModel, EarlyExitOutput
+from apparate.model.ramp_results import RampResult
 from apparate.model.prepare import PrepareOptions, prepare_model, prepare_workload
 from apparate.model.profiler import profile_latency
 from apparate.model.ramps import RampSpec, build_ramps

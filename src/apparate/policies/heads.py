@@ -77,9 +77,9 @@ class HeadsFeedback(Feedback):
 
 
 def linear_heads(ee: Any) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """Each site's linear head (`model.early_exit.linear_head`: `pool`, `mean`, `cls` ramps) as
+    """Each site's linear head (`model.ramp_results.linear_head`: `pool`, `mean`, `cls` ramps) as
     numpy (W, b); None elsewhere."""
-    from apparate.model.early_exit import linear_head
+    from apparate.model.ramp_results import linear_head
 
     out: list[tuple[np.ndarray, np.ndarray] | None] = []
     for ramp in ee.ramps:

@@ -42,7 +42,7 @@ import numpy as np
 from apparate.core.controller import Config
 from apparate.core.evidence import F, Scorer, StreamContext, features, features_one, movement, movement_one
 from apparate.devices import device_of
-from apparate.model.early_exit import score_all
+from apparate.model.ramp_results import score_all
 from apparate.model.host_copy import host_release_for
 from apparate.model.sites import primary_output
 
