@@ -131,7 +131,7 @@ def movement(f: np.ndarray, prev: np.ndarray | None) -> np.ndarray:
     the per-input one so the two agree bit for bit."""
     rows = np.asarray(f).tolist()
     before = [None if prev is None else np.asarray(prev).reshape(-1).tolist()] + rows[:-1]
-    return np.array([movement_one(a, b) for a, b in zip(rows, before)], dtype=np.float32).reshape(len(rows))
+    return np.array([movement_one(a, b) for a, b in zip(rows, before)], dtype=np.float32)
 
 
 def _float32(x: float) -> float:

@@ -181,7 +181,7 @@ class EarlyExitModel(nn.Module):
         self._score = scorer(self.confidence)
         self._fast = [fast_for(r) for r in self.ramps]
         self._feats = [features_for(r) for r in self.ramps]
-        self._detecting = [detecting_for(r) for r in self.ramps]
+        self._detecting = [detecting_for(r, f) for r, f in zip(self.ramps, self._fast)]
         self._token_sites = self._needing_token_weights()
         # a buffer, so that `.to(device)` moves it with the model (not saved: bundles keep it in JSON)
         self.register_buffer("label_map", None if label_map is None else torch.as_tensor(list(label_map), dtype=torch.long),
@@ -222,7 +222,7 @@ class EarlyExitModel(nn.Module):
         rebuilt from the moved ones (else the ramps would run where the model was built)."""
         out = super()._apply(fn, *args, **kwargs)
         self._fast[:] = [fast_for(r) for r in self.ramps]  # in place: the hooks hold these lists
-        self._detecting[:] = [detecting_for(r) for r in self.ramps]
+        self._detecting[:] = [detecting_for(r, f) for r, f in zip(self.ramps, self._fast)]
         return out
 
     @property
@@ -239,7 +239,7 @@ class EarlyExitModel(nn.Module):
         self.ramps[index] = ramp
         self._fast[index] = fast_for(ramp)
         self._feats[index] = features_for(ramp)
-        self._detecting[index] = detecting_for(ramp)
+        self._detecting[index] = detecting_for(ramp, self._fast[index])
         self._token_sites = self._needing_token_weights()
 
     def _needing_token_weights(self) -> frozenset[int]:

@@ -110,13 +110,14 @@ def fast_for(ramp: nn.Module) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     return lambda h, call: ramp(h, call.mask)  # any module with the ramps' (h, mask) signature
 
 
-def detecting_for(ramp: nn.Module) -> Callable[[torch.Tensor, Any], tuple[torch.Tensor, np.ndarray]]:
-    """A ramp's logits and the site's `pooled_features`, from one pooling where the head pools."""
+def detecting_for(ramp: nn.Module, fast: Callable[[torch.Tensor, Any], torch.Tensor]
+                  ) -> Callable[[torch.Tensor, Any], tuple[torch.Tensor, np.ndarray]]:
+    """A ramp's logits and the site's `pooled_features`, from one pooling where the head pools
+    (else `fast`, the ramp's `fast_for`, and a pooling of its own)."""
     f = ramp.fast_with_sums() if isinstance(ramp, Ramp) else None
     if f is not None:
         def shared(h: torch.Tensor, call: Any) -> tuple[torch.Tensor, np.ndarray]:
             logits, sums = f(h)
             return logits, _on_host(sums)
         return shared
-    fast = fast_for(ramp)
     return lambda h, call: (fast(h, call), pooled_features(h))

@@ -140,8 +140,7 @@ class Ramp(nn.Module):
             return lambda h, w: torch.addmm(b, F.adaptive_avg_pool2d(h, g).flatten(1), wt)
         if k == "pool":
             if len(self.spec.in_shape) == 3:
-                area = self.spec.in_shape[1] * self.spec.in_shape[2]
-                ws = (wt / area).contiguous()
+                ws = self._pool_weights()
                 return lambda h, w: torch.addmm(b, h.sum((2, 3)), ws)
             return lambda h, w: torch.addmm(b, h.flatten(1), wt)
         if k == "mean":
@@ -164,13 +163,18 @@ class Ramp(nn.Module):
         same op on the same tensor), so a server pays no second pooling. None for other ramps."""
         if self.spec.kind != "pool" or len(self.spec.in_shape) != 3:
             return None
-        wt, b = self.head.weight.detach().t(), self.head.bias.detach()
-        ws = (wt / (self.spec.in_shape[1] * self.spec.in_shape[2])).contiguous()  # as `fast`, bit for bit
+        b, ws = self.head.bias.detach(), self._pool_weights()
 
         def pool_ramp(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             s = h.sum((2, 3))
             return torch.addmm(b, s, ws), s
         return pool_ramp
+
+    def _pool_weights(self) -> torch.Tensor:
+        """A `pool` ramp's head weights over the map's area, transposed: a sum times these is
+        the head on the mean (a copy: fast functions are rebuilt when weights change)."""
+        area = self.spec.in_shape[1] * self.spec.in_shape[2]
+        return (self.head.weight.detach().t() / area).contiguous()
 
     @property
     def needs_token_weights(self) -> bool:
