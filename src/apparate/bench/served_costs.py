@@ -27,8 +27,8 @@ def hook_of(policy: str) -> str:
 def served_ramp_costs(bundle: Any, hook: str, max_batch: int, settings: Settings,
                       threads: int | None = None) -> LatencyProfile:
     """`bundle`'s profile with every ramp's cost as a server calibrates it here for `hook`
-    ('plain' or 'learned', the latter with `settings.evidence_movement`), at batch 1 (each ramp
-    alone) and at the profiled size nearest `max_batch`. Backbone times are the bundle's."""
+    ('plain' or 'learned', the latter with `settings.evidence_movement`), as a server's start-up
+    calibration times them (`calibration_sizes`, `fill_between`). Backbone times are the bundle's."""
     import torch
 
     from apparate.serve.calibrate import calibrate_ramps, calibration_sizes

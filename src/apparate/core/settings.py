@@ -56,7 +56,8 @@ class Settings:
     evidence_movement: bool = True
     """Image streams: the difference detector, how far each site's pooled features moved since the
     previous input (`lmove`). Off, the feature reads 0 and a server's hooks skip the pooled
-    features and their movement (on video 0.13 of the learned rule's 0.25 ms a ramp at batch 1)."""
+    features and their movement (on video about 0.05 of the learned rule's 0.19 ms a ramp at batch 1,
+    once the detector read the ramp's own pooling; 0.13 of 0.25 before)."""
 
     # --- heads that keep learning (policies `*+heads`, replay only; core/heads.py) ------------
     head_every: int = 256
