@@ -206,3 +206,42 @@ def test_a_wrong_early_answer_reaches_the_controller_without_waiting_for_the_poo
             got = ctl._pool_feedback(report(True))
         assert got == []
         assert [f.batch_size for f in ctl._pool_feedback(report(True))] == [8]
+
+
+def test_a_batch_reaches_the_controller_while_the_next_one_runs(tiny_cnn):
+    """A batch's report is handed to the control thread as the next batch enters the model (not
+    only once the engine is idle), and `flush` returns only after the last one was handled."""
+    import threading
+
+    import torch
+
+    from apparate.serve.control import ControlOptions
+    from apparate.serve.engine import Engine, EngineOptions
+    from apparate.serve.scheduler import BatchingOptions
+
+    served = served_cnn(tiny_cnn)
+    slow = served.ee.backbone.slow  # each forward waits for `hold` (once) when one is set
+    eng = Engine(served, EngineOptions(BatchingOptions("clockwork", 4), slo_ms=60_000, threads=1),
+                 ControlOptions(policy="static", update_profile=False)).start()
+    try:
+        assert eng.flush()
+        base = eng.control.handled
+        imgs = [torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8) for _ in range(3)]
+        first, second = threading.Event(), threading.Event()
+        slow.hold = first
+        a = eng.submit(imgs[:1])
+        assert wait_for(lambda: slow.hold is None, 60)  # batch A is inside the model, held
+        slow.hold = second
+        b = eng.submit(imgs[1:])
+        first.set()
+        assert wait_for(lambda: slow.hold is None, 60)  # batch B is inside the model, held
+        assert a[0].result(60).label >= 0 and not any(f.done() for f in b)
+        assert wait_for(lambda: eng.control.handled == base + 1, 60)  # A's report, while B runs
+        assert not second.is_set() and not any(f.done() for f in b)
+        second.set()
+        assert eng.flush()
+        assert eng.control.handled == base + 2 and all(f.result(0).label >= 0 for f in b)
+    finally:
+        first.set()
+        second.set()
+        eng.stop()

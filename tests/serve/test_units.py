@@ -362,3 +362,16 @@ def test_final_confidence_is_the_max_softmax_in_the_target_label_space(mapped):
         p = torch.stack([p[:, label_map == 0].sum(1), p[:, label_map == 1].sum(1)], 1)
     got = final_confidence(logits, label_map, 2 if mapped else 10)
     assert got.shape == (8,) and np.allclose(got, p.max(-1).values.numpy(), atol=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 8), st.integers(2, 40), st.floats(0.01, 60.0), st.integers(0, 2**31 - 1))
+def test_final_confidence_is_bit_for_bit_the_largest_softmax_entry(n, k, scale, seed):
+    """The shortcut (1 / the sum of exponentials) is the very float the full softmax holds at its
+    largest entry, so answers report the same confidence as before it."""
+    from apparate.serve.report import final_confidence
+
+    z = (np.random.default_rng(seed).normal(size=(n, k)) * scale).astype(np.float32)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    p = e / e.sum(axis=-1, keepdims=True)
+    assert np.array_equal(final_confidence(torch.from_numpy(z), None, k), p.max(axis=-1))

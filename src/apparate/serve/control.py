@@ -54,7 +54,6 @@ log = logging.getLogger("apparate.serve")
 
 _STOP = object()
 _NUDGE = object()  # the policy's configuration changed outside feedback (a cluster tuner's push)
-GATE_S = 0.005  # longest wait for a batch to be inside the model before handling a report
 BACKLOG_INPUTS = 64  # reports waiting for the control thread are merged up to this many inputs
 
 
@@ -94,12 +93,11 @@ class ControlLoop:
     state; hands the engine `live`, a snapshot it replaces whole."""
 
     def __init__(self, served: Any, options: ControlOptions, metrics: Any, profile: LatencyProfile | None = None,
-                 max_batch: int = 16, max_tokens: int | None = None, gate: threading.Event | None = None):
+                 max_batch: int = 16, max_tokens: int | None = None):
         self.served = served
         self.options = options
         self.metrics = metrics
         self.max_batch, self.max_tokens = max_batch, max_tokens
-        self.gate = gate  # set while a batch is inside the model (the executor's): see _run
         self.settings = options.settings or Settings.for_kind(served.kind)
         self.initial_profile: LatencyProfile = profile if profile is not None else served.profile
         self.profile: LatencyProfile = self.initial_profile
@@ -195,13 +193,6 @@ class ControlLoop:
                 rep = self._q.get(timeout=wait)
             except queue.Empty:
                 rep = None
-            if rep is not None and rep is not _STOP and self.gate is not None:
-                # Handle the report while the next batch is inside the model, where the engine
-                # thread holds the GIL only between torch ops, rather than while it encodes and
-                # releases, where it needs the GIL throughout and this thread's Python would
-                # stretch its work (measured: encoding a ResNet-56 batch of 8 took 0.65 ms in
-                # the engine against 0.02 ms alone). An idle engine delays feedback by GATE_S.
-                self.gate.wait(GATE_S)
             try:
                 if rep is _STOP:
                     self._observe_pending()  # a partial pool still belongs in the window

@@ -33,7 +33,6 @@ model fails too, the unreleased inputs get HTTP 500 and the engine carries on.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -67,7 +66,8 @@ class Executor:
         self._label_map = None if served.label_map is None else np.asarray(list(served.label_map), dtype=np.int64)
         self.ramp_failures = 0
         self.model_failures = 0
-        self.in_model = threading.Event()  # set while a batch is inside the model's forward
+        # called as each batch enters the model: the engine hands the previous batch's report over
+        self.on_model_start: Callable[[], None] | None = None
         self.drop_refused: str | None = None  # why early stop cannot drop rows of this model (check_early_stop)
         self._active: tuple[int, ...] | None = None
         # the learned rule's view of the stream (used only when a batch comes with a scorer)
@@ -284,24 +284,22 @@ class Executor:
             return self._fail(batch, pending, e)
         feedback = True
         self._use_sites(cfg.sites)
+        if self.on_model_start is not None:
+            self.on_model_start()
         try:
             t0 = clock()
-            self.in_model.set()
             host = self._host
             if host is not None:  # a CUDA model: the hook launches copies, a waiter releases (model.host_copy)
                 on_ramp = on_ramp_learned = host.bind(on_ramp_learned if learned else on_ramp)
-            try:
-                if learned:
-                    out = self.ee(x, on_ramp=on_ramp_learned, active=cfg.sites, stamps=site_end, detect=pool)
-                elif stop is not None:
-                    out = self.ee(x, on_ramp=on_ramp_stop, active=cfg.sites, stamps=site_end)
-                else:
-                    out = self.ee(x, on_ramp=on_ramp, active=cfg.sites, stamps=site_end, pool=heads is not None)
-                if host is not None:
-                    host.finish()  # every ramp handled and the device done; a callback's error is raised here
-                    site_end[:] = np.nan  # host stamps of kernel launches, not of stage ends: no stage times
-            finally:
-                self.in_model.clear()
+            if learned:
+                out = self.ee(x, on_ramp=on_ramp_learned, active=cfg.sites, stamps=site_end, detect=pool)
+            elif stop is not None:
+                out = self.ee(x, on_ramp=on_ramp_stop, active=cfg.sites, stamps=site_end)
+            else:
+                out = self.ee(x, on_ramp=on_ramp, active=cfg.sites, stamps=site_end, pool=heads is not None)
+            if host is not None:
+                host.finish()  # every ramp handled and the device done; a callback's error is raised here
+                site_end[:] = np.nan  # host stamps of kernel launches, not of stage ends: no stage times
             t1 = clock()
         except Exception as e:  # noqa: BLE001
             if self._host is not None:

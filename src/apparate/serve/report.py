@@ -88,12 +88,15 @@ def final_confidence(logits: Any, label_map: Any, num_classes: int) -> np.ndarra
     z = (z if z.dtype == torch.float32 else z.float()).numpy()
     z = z - z.max(axis=-1, keepdims=True)
     p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
-    if label_map is not None:
-        q = np.zeros((p.shape[0], num_classes), dtype=p.dtype)
-        np.add.at(q, (slice(None), label_map), p)
-        p = q
-    return p.max(axis=-1)
+    s = p.sum(axis=-1)
+    if label_map is None:
+        # the largest probability is exp(0) / sum, the very float `p / sum` holds there, in
+        # fewer steps (every step costs here: the caches are cold after a forward)
+        return np.reciprocal(s)
+    p /= s[:, None]
+    q = np.zeros((p.shape[0], num_classes), dtype=p.dtype)
+    np.add.at(q, (slice(None), label_map), p)
+    return q.max(axis=-1)
 
 
 def stage_times(rep: BatchReport, sites: tuple[int, ...], site_end: np.ndarray, rel_s: np.ndarray,
@@ -102,18 +105,19 @@ def stage_times(rep: BatchReport, sites: tuple[int, ...], site_end: np.ndarray, 
     site's module ended (NaN: not run), `hook_end` [R] as each active ramp's hook ended, `rel_s` [R]
     the time spent handing answers over at it; the forward ran from `t0` to `t1`, the batch from
     `t_start` to `t_end`. Backbone times exclude what the ramps before them cost."""
-    pos = {s: j for j, s in enumerate(sites)}
-    paid = 0.0  # ramp + release time spent so far inside the forward
-    for s in range(site_end.size):
-        if np.isnan(site_end[s]):
-            continue
-        rep.site_ms[s] = max((site_end[s] - t0 - paid) * 1e3, 0.0)
-        j = pos.get(s)
-        if j is not None and not np.isnan(hook_end[j]):
+    paid_at = np.zeros(site_end.size)  # ramp + release time spent inside the forward, per site
+    for j, s in enumerate(sites):
+        if not (np.isnan(site_end[s]) or np.isnan(hook_end[j])):
+            paid_at[s] = hook_end[j] - site_end[s]
             # as paid in the hook: the ramp, scoring, the release test; handing answers over
             # is per released input, not the ramp's cost
             rep.ramp_ms[s] = max((hook_end[j] - site_end[s] - rel_s[j]) * 1e3, 0.0)
-            paid += hook_end[j] - site_end[s]
+    # paid before each site, summed in site order (vectorised: a loop over every site cost ~30 us)
+    paid_to = np.concatenate(([0.0], np.cumsum(paid_at)))
+    ran = np.flatnonzero(~np.isnan(site_end))
+    ms = np.maximum((site_end[ran] - t0 - paid_to[ran]) * 1e3, 0.0)
+    rep.site_ms.update(zip(ran.tolist(), ms.tolist()))
+    paid = float(paid_to[-1])
     van = (t1 - t0 - paid) * 1e3
     rep.vanilla_ms = van if van > 0 else None
     rep.total_ms = (t_end - t_start) * 1e3
