@@ -353,14 +353,14 @@ def test_the_engines_quantile_is_numpys(values, q):
 
 @pytest.mark.parametrize("mapped", [False, True])
 def test_final_confidence_is_the_max_softmax_in_the_target_label_space(mapped):
-    from apparate.serve.executor import final_confidence
+    from apparate.serve.report import final_confidence, label_onehot
 
     logits = torch.tensor(np.random.default_rng(1).normal(size=(8, 10)) * 5, dtype=torch.float32)
     p = torch.softmax(logits, -1)
     label_map = np.array([0, 0, 1, 1, 1, 1, 0, 0, 1, 1]) if mapped else None
     if mapped:  # mapped classes summed: the vehicle task's "vehicle or not"
         p = torch.stack([p[:, label_map == 0].sum(1), p[:, label_map == 1].sum(1)], 1)
-    got = final_confidence(logits, label_map, 2 if mapped else 10)
+    got = final_confidence(logits, label_onehot(label_map, 2 if mapped else 10))
     assert got.shape == (8,) and np.allclose(got, p.max(-1).values.numpy(), atol=1e-6)
 
 
@@ -374,4 +374,4 @@ def test_final_confidence_is_bit_for_bit_the_largest_softmax_entry(n, k, scale, 
     z = (np.random.default_rng(seed).normal(size=(n, k)) * scale).astype(np.float32)
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     p = e / e.sum(axis=-1, keepdims=True)
-    assert np.array_equal(final_confidence(torch.from_numpy(z), None, k), p.max(axis=-1))
+    assert np.array_equal(final_confidence(torch.from_numpy(z)), p.max(axis=-1))
