@@ -337,13 +337,14 @@ class Executor:
         now = clock()
         rest = np.flatnonzero(pending)
         release_t[rest] = now
+        fp, fc = final_pred.tolist(), fconf.tolist()  # (Python scalars: per input, numpy's cost more)
         if rest.size:
-            self.release([(batch[i], self._answer(batch[i], int(final_pred[i]), float(fconf[i]), -1, False,
-                                                  t_start, now, n, cfg.version)) for i in rest])
-        if exit_pos.min(initial=R) < R:  # early answers whose callers asked for the model's own too
+            self.release([(batch[i], self._answer(batch[i], fp[i], fc[i], -1, False, t_start, now, n, cfg.version))
+                          for i in rest.tolist()])
+        if rest.size < n:  # early answers whose callers asked for the model's own too
             finals = [(FinalTarget(batch[i].final, batch[i].loop),
-                       self._answer(batch[i], int(final_pred[i]), float(fconf[i]), -1, False, t_start, now, n,
-                                    cfg.version)) for i in np.flatnonzero(exit_pos < R) if batch[i].final is not None]
+                       self._answer(batch[i], fp[i], fc[i], -1, False, t_start, now, n, cfg.version))
+                      for i in np.flatnonzero(exit_pos < R).tolist() if batch[i].final is not None]
             if finals:
                 self.release(finals)
         t_end = clock()
