@@ -23,8 +23,10 @@ Ratios, of the medians and (`paired`) the median of each round's own ratio (the 
 next to each other, so a machine that slows for a minute moves both): engine-v / bare is the
 engine's own overhead; engine-s / ee the engine's overhead with
 early release, ramps excluded (same ramps on both sides); engine-a / engine-s what the control
-loop adds (its work on the GIL, and the ramps it tries); engine-a / bare everything. Target:
-engine overhead under 5% at batch 8 for ResNet-56.
+loop adds (its work on the GIL, and the ramps it tries); engine-a / bare everything. Target
+(issue 19): engine-v / bare at most 3% at batch 8 for ResNet-56, one thread. The paired ratios'
+interquartile range is printed beside them: on a shared machine one run's median moves by a
+point or two, so compare runs interleaved (`bench/ab_revisions.sh`).
 """
 
 from __future__ import annotations
@@ -158,10 +160,11 @@ def run(args: argparse.Namespace) -> int:
                             ("apparate engine, all included (engine-a / bare)", "engine-a", "bare")):
         # paired: the two variants' times in the same round (next to each other in time), so a
         # machine that slows down for a minute moves both; the median of those ratios
-        pw = float(np.median(np.asarray(wall[num]) / np.asarray(wall[den])))
-        pc = float(np.median(np.asarray(cpu[num]) / np.asarray(cpu[den])))
+        rw = np.asarray(wall[num]) / np.asarray(wall[den]) - 1
+        rc = np.asarray(cpu[num]) / np.asarray(cpu[den]) - 1
+        qw, qc = np.percentile(rw, [25, 50, 75]), np.percentile(rc, [25, 50, 75])
         print(f"{label:64s} wall {mw[num] / mw[den] - 1:+6.1%}   CPU {mc[num] / mc[den] - 1:+6.1%}   "
-              f"paired: wall {pw - 1:+6.1%}  CPU {pc - 1:+6.1%}")
+              f"paired: wall {qw[1]:+6.1%} ({qw[0]:+.1%}..{qw[2]:+.1%})  CPU {qc[1]:+6.1%} ({qc[0]:+.1%}..{qc[2]:+.1%})")
     snap_s = es.metrics.live.snapshot()
     print(f"static: ramps {list(static_sites)}, answers released early "
           f"{1 - snap_s['window']['exit_rates'].get('final', 1.0):.1%}; apparate: config version {cfg.version}, "
