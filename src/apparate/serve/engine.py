@@ -326,9 +326,7 @@ class Engine:
         q = self.queue
         while True:
             if self._swap is not None:  # between two batches: the swapped-in bundle takes over
-                self._hand_over()  # the old bundle's last report goes to its own control loop
                 self._swap.apply(self)
-                self.executor.on_model_start = self._hand_over
             version = q.version
             items, arr, dl, cost = q.snapshot()
             if not items:
@@ -398,6 +396,8 @@ class Engine:
             # Accounting (metrics, live statistics) happens on the control thread, off this path.
             report.arrivals = np.fromiter((r.arrival for r in batch), dtype=np.float64, count=len(batch))
             report.t_start, report.t_end = t_start, t_end
+        if self._held is not None:  # (the executor's hook hands it over; an executor without one did not)
+            self._hand_over()
         self._held = (report, len(batch))
 
     def _hand_over(self) -> None:

@@ -29,7 +29,9 @@ class ChangeOver:
         """On the engine thread, between two batches (or on the caller's when not serving)."""
         engine._swap = None
         self.old = (engine.control, engine.executor)
+        engine._hand_over()  # the old bundle's last report goes to its own control loop
         engine.served, engine.executor, engine.control = self.served, self.executor, self.control
+        self.executor.on_model_start = engine._hand_over
         engine.admission.idle_costs = self.control.live.costs
         if engine.early_stop is not None:  # the new bundle's sites where leaving pays
             engine.early_stop.sites = engine.leave_sites()
