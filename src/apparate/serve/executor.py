@@ -47,7 +47,7 @@ from apparate.model.sites import primary_output
 
 from .model_io import ServedModel
 from .early_stop import EarlyStop
-from .report import BatchReport, final_confidence, label_onehot, stage_times
+from .report import BatchReport, LabelMap, final_confidence, stage_times
 from .requests import Answer, FinalTarget, Rejected, Request, Result
 
 SMALL_BATCH = 4  # the learned rule scores batches up to this size in plain floats (docs/serve.md)
@@ -63,7 +63,7 @@ class Executor:
         self.ee = served.ee
         self.release = release
         self.clock = time.perf_counter  # the EarlyExitModel's stamps use the same clock
-        self._onehot = label_onehot(None if served.label_map is None else list(served.label_map), served.num_classes)
+        self._labels = LabelMap.of(served.label_map, served.num_classes)
         self.ramp_failures = 0
         self.model_failures = 0
         # called as each batch enters the model: the engine hands the previous batch's report over
@@ -327,13 +327,13 @@ class Executor:
         rows = out.rows  # the final output's rows in the batch (None: every row, in order)
         if rows is None:
             final_pred = out.final_pred.cpu().numpy()
-            fconf = final_confidence(primary_output(out.final), self._onehot)
+            fconf = final_confidence(primary_output(out.final), self._labels)
         else:  # rows left the pass: their final answers were never computed (-1)
             final_pred = np.full(n, -1, dtype=np.int64)
             fconf = np.zeros(n)
             if rows.size:
                 final_pred[rows] = out.final_pred.cpu().numpy()
-                fconf[rows] = final_confidence(primary_output(out.final), self._onehot)
+                fconf[rows] = final_confidence(primary_output(out.final), self._labels)
         now = clock()
         rest = np.flatnonzero(pending)
         release_t[rest] = now
