@@ -179,6 +179,30 @@ def test_a_measured_profile_that_breaks_the_budget_drops_ramps_at_once():
         ctl.profile = LatencyProfile.linear(S + 1)
 
 
+def test_a_measured_profile_moves_ramps_only_past_the_budget_s_slack():
+    """Measured ramp costs vary from one profile update to the next: active ramps a little over
+    the budget stay (hysteresis, `budget_slack`); well over it, they go until they fit the budget
+    itself. A prepared profile is exact, and there the budget is strict."""
+    s = FAST.replace(ramp_budget=0.02, budget_slack=0.25)
+
+    def scaled(active, to):  # the profile with every ramp scaled so that `active` costs `to`
+        f = to / PROFILE.overhead(active)
+        return LatencyProfile(PROFILE.batch_sizes, PROFILE.site_ms, PROFILE.ramp_ms * f, PROFILE.vanilla_ms)
+
+    ctl = Controller(PROFILE, s, Config((2, 5, 8), (0.05, 0.05, 0.05)))
+    feed(ctl, synthetic_recording(400, S, seed=12), [8] * 50)
+    now, seen = ctl.config, len(ctl.events)
+    assert len(now.sites) > 1
+    ctl.profile = scaled(now.sites, 0.02 * 1.2)  # within the slack: kept
+    assert ctl.config == now and len(ctl.events) == seen
+    ctl.profile = scaled(now.sites, 0.02 * 1.4)  # past it: removed down to the budget itself
+    assert 0 < len(ctl.config.sites) < len(now.sites) and ctl.profile.overhead(ctl.config.sites) <= 0.02
+    assert any(e.kind == "remove" and "budget" in e.detail for e in list(ctl.events)[seen:])
+    # on a prepared profile (nothing measured yet) 1.2x the budget is over it
+    strict = Controller(scaled((2, 5, 8), 0.02 * 1.2), s, Config((2, 5, 8), (0.05, 0.05, 0.05)))
+    assert strict._fit_budget(None, "test") and strict.profile.overhead(strict.config.sites) <= 0.02
+
+
 def test_a_ramp_measured_over_the_budget_is_not_placed_again_at_once():
     """A live server's measured ramp costs vary: a ramp removed over the budget waits out a
     cooldown (in ramp checks, doubling while it recurs) before placement or a probe may choose it

@@ -82,13 +82,13 @@ BudgetPoint = tuple[float, float | None]  # (batch size, text length) where the 
 
 
 def within_budget(sites: Sequence[int], profile: LatencyProfile, settings: Settings,
-                  at: BudgetPoint | None = None) -> bool:
+                  at: BudgetPoint | None = None, slack: float = 0.0) -> bool:
     """The ramp budget (overhead share for a non-exiting input at `at`, else the worst case over
-    every profiled batch size) and the optional count cap."""
+    every profiled batch size), exceeded by at most `slack` of it, and the optional count cap."""
     if settings.max_ramps is not None and len(sites) > settings.max_ramps:
         return False
     b, length = at if at is not None else (None, None)
-    return profile.overhead(sorted(sites), b, length) <= settings.ramp_budget + 1e-12
+    return profile.overhead(sorted(sites), b, length) <= settings.ramp_budget * (1.0 + slack) + 1e-12
 
 
 def deeper_site(previous: Sequence[int], latest: int) -> int | None:

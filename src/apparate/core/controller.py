@@ -68,6 +68,7 @@ class Controller(RampLoop):
         self._batches_at_check = 0
         self._inputs_at_check = 0
         self._tabu: dict[int, list[int]] = {}  # site -> [blocked until check, backoff]
+        self._budget_slack = 0.0  # Settings.budget_slack once the profile is a measured one
         self._since = 0  # first input of the current regime (a detected change in the inputs)
         self._regime_next = 0  # regime size at which to re-tune next (0: the regime is settled)
         self._violation_at = -(10 ** 9)  # input count at the last re-tune for a violation
@@ -112,6 +113,7 @@ class Controller(RampLoop):
         if profile.num_sites != self._profile.num_sites:
             raise ValueError(f"new profile has {profile.num_sites} sites, not {self._profile.num_sites}")
         self._profile = profile
+        self._budget_slack = self.settings.budget_slack  # measured costs vary: see the setting
         self._fit_budget(self._budget_point(), "under the measured profile")
 
     @property

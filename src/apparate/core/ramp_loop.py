@@ -30,11 +30,14 @@ class RampLoop:
     _checks: int
     _trial: dict[str, Any] | None
     _since: int
+    _budget_slack: float
 
     def _fit_budget(self, at: BudgetPoint | None, why: str) -> bool:
-        """Drop ramps until the active ones fit the budget at `at`; True if any was dropped."""
+        """Drop ramps until the active ones fit the budget at `at`; True if any was dropped. On
+        a measured profile only ramps over the budget by more than `Settings.budget_slack` are
+        dropped (then down to the budget itself): hysteresis against the measurements' noise."""
         sites = list(self._config.sites)
-        if within_budget(sites, self._profile, self.settings, at):
+        if within_budget(sites, self._profile, self.settings, at, self._budget_slack):
             return False
         cost = self._profile.site_overheads(*(at or (None, None)))
         pooled = self._pooled() or {}

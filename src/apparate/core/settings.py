@@ -92,6 +92,12 @@ class Settings:
     # --- ramp budget ------------------------------------------------------------------------
     ramp_budget: float = 0.02
     """B: active ramps may add at most this share to worst-case latency (notes A4; artifact 5%)."""
+    budget_slack: float = 0.25
+    """Once the profile is measured while serving (its ramp costs vary from one update to the
+    next), active ramps are removed over the budget only when they exceed it by this share, and
+    then down to within the budget itself; placement and probes always fit the budget. A live
+    server otherwise removed and re-placed ramps on the budget's edge every few seconds. A
+    prepared profile (every replay) is exact: the budget there is strict."""
     max_ramps: int | None = None
     """Optional cap on the number of active ramps (artifact: 3 for CV, 2 for NLP)."""
     budget_at_served_batch: bool = True
@@ -192,6 +198,7 @@ class Settings:
         need(0 <= self.accuracy_constraint < 1, f"accuracy_constraint must be in [0, 1), got {self.accuracy_constraint}")
         need(self.margin_z >= 0, f"margin_z must be >= 0, got {self.margin_z}")
         need(self.ramp_budget >= 0, f"ramp_budget must be >= 0, got {self.ramp_budget}")
+        need(self.budget_slack >= 0, f"budget_slack must be >= 0, got {self.budget_slack}")
         need(self.max_ramps is None or self.max_ramps >= 0, f"max_ramps must be >= 0, got {self.max_ramps}")
         for name in ("window_inputs", "recent_inputs", "min_tune_inputs", "retune_every_inputs",
                      "adjust_every_batches", "utility_inputs", "emergency_after", "placement_batch_size",
