@@ -245,3 +245,43 @@ def test_a_batch_reaches_the_controller_while_the_next_one_runs(tiny_cnn):
         first.set()
         second.set()
         eng.stop()
+
+
+def test_a_failing_engine_thread_still_hands_over_and_settles_everything(tiny_cnn):
+    """If the engine thread itself fails, the queued inputs get 503 `engine failure`, the last
+    batch's report still reaches the controller, and `flush` returns (every input settled)."""
+    import threading
+
+    import torch
+
+    from apparate.serve.control import ControlOptions
+    from apparate.serve.engine import Engine, EngineOptions
+    from apparate.serve.requests import Rejected
+    from apparate.serve.scheduler import BatchingOptions
+
+    served = served_cnn(tiny_cnn)
+    slow = served.ee.backbone.slow
+    eng = Engine(served, EngineOptions(BatchingOptions("clockwork", 4), slo_ms=60_000, threads=1),
+                 ControlOptions(policy="static", update_profile=False)).start()
+    gate = threading.Event()
+    try:
+        assert eng.flush()
+        base = eng.control.handled
+        imgs = [torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8) for _ in range(3)]
+        slow.hold = gate
+        a = eng.submit(imgs[:1])
+        assert wait_for(lambda: slow.hold is None, 60)  # batch A is inside the model
+
+        def broken(*args, **kw):
+            raise RuntimeError("the scheduler broke")
+
+        eng.scheduler.decide = broken  # the engine thread fails at its next decision
+        b = eng.submit(imgs[1:])
+        gate.set()
+        assert a[0].result(60).label >= 0
+        assert all(f.result(60) == Rejected(503, "engine failure") for f in b)
+        assert eng.flush(60)
+        assert eng.control.handled == base + 1  # batch A's report was handed over
+    finally:
+        gate.set()
+        eng.stop()

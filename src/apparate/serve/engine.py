@@ -320,7 +320,10 @@ class Engine:
             self.metrics.error("engine")
             self.ready = False
             self.queue.close()
-            self._refuse(self.queue.drain_all(), "engine failure")
+            leftover = self.queue.drain_all()
+            self._refuse(leftover, "engine failure")
+            self._hand_over()  # the last batch's report, and its inputs counted settled
+            self._settle(len(leftover))
 
     def _loop(self) -> None:
         q = self.queue
