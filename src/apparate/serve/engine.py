@@ -322,8 +322,9 @@ class Engine:
             self.queue.close()
             leftover = self.queue.drain_all()
             self._refuse(leftover, "engine failure")
-            self._hand_over()  # the last batch's report, and its inputs counted settled
             self._settle(len(leftover))
+        finally:
+            self._hand_over()  # the last batch's report, and its inputs counted settled
 
     def _loop(self) -> None:
         q = self.queue
@@ -333,13 +334,12 @@ class Engine:
             version = q.version
             items, arr, dl, cost = q.snapshot()
             if not items:
-                self._hand_over()
                 if q.closed:
                     return
+                self._hand_over()
                 q.wait_change(version, None)
                 continue
             if q.closed and not self._stop_drain:
-                self._hand_over()
                 return
             live = self.live
             now = time.perf_counter()
@@ -399,8 +399,7 @@ class Engine:
             # Accounting (metrics, live statistics) happens on the control thread, off this path.
             report.arrivals = np.fromiter((r.arrival for r in batch), dtype=np.float64, count=len(batch))
             report.t_start, report.t_end = t_start, t_end
-        if self._held is not None:  # (the executor's hook hands it over; an executor without one did not)
-            self._hand_over()
+        self._hand_over()  # the previous batch's, if this one failed before entering the model
         self._held = (report, len(batch))
 
     def _hand_over(self) -> None:
