@@ -96,5 +96,5 @@ def test_inputs_of_one_batch_are_released_at_their_own_exit(tiny_cnn):
     assert (pa["early_exit"], pa["exit_site"]) == (True, 0) and pa["confidence"] > 0.99
     assert (pb["early_exit"], pb["exit_site"]) == (False, -1)
     assert results["b"][0] - results["a"][0] >= 0.1
-    total = eng.metrics.live.snapshot()["total"]
+    total = eng.metrics.snapshot()["total"]
     assert total["inputs"] == 3 and total["exits"] == {"0": 2, "final": 1}

@@ -102,7 +102,7 @@ def test_graceful_shutdown_answers_what_is_in_flight(tiny_cnn):
 
     rs = asyncio.run(go())
     assert [r.status_code for r in rs] == [200] * 6
-    assert not engine.running and engine.metrics.live.snapshot()["total"]["inputs"] == 6
+    assert not engine.running and engine.metrics.snapshot()["total"]["inputs"] == 6
     try:
         httpx.get(srv.url + "/v2/health/live", timeout=2)
         raise AssertionError("the server should be closed")

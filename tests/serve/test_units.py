@@ -295,6 +295,73 @@ def test_live_window_accuracy_is_that_of_the_last_answers(batches, window):
         assert totals.get("final" if s < 0 else str(s), 0) == sum(e == s for e, _ in seen)
 
 
+_batch = st.lists(st.tuples(st.integers(-1, 3), st.booleans(), st.floats(0, 3), st.floats(0, 1), st.booleans()),
+                  min_size=1, max_size=10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(_batch, st.booleans(), st.booleans()), max_size=90))
+def test_metrics_recorded_in_bulk_read_as_recorded_one_by_one(batches):
+    """Batches handed over are recorded in bulk (every FOLD_EVERY, and on any read); whatever is
+    read equals what prometheus_client's own metrics give, fed value by value as it came."""
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.utils import floatToGoString
+
+    from apparate.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, ServeMetrics
+
+    m = ServeMetrics(num_sites=4, window=16)
+    m.set_objectives(1.0, 0.01)
+    ref = CollectorRegistry()
+    hists = {"apparate_request_latency_seconds": Histogram("a", "", buckets=LATENCY_BUCKETS, registry=ref),
+             "apparate_queue_wait_seconds": Histogram("b", "", buckets=LATENCY_BUCKETS, registry=ref),
+             "apparate_batch_size": Histogram("c", "", buckets=BATCH_BUCKETS, registry=ref),
+             "apparate_batch_seconds": Histogram("d", "", buckets=LATENCY_BUCKETS, registry=ref)}
+    exits: dict[str, int] = {}  # every input's exit (the counter)
+    live_exits = {"final": 0}  # those whose agreement is known (the live statistics)
+    agreed = [0, 0]
+    window: list[bool] = []
+    for batch, early_stop, read in batches:
+        e = np.array([r[0] for r in batch])
+        a = np.array([r[1] for r in batch])
+        lat = np.array([r[2] for r in batch])
+        wait = np.array([r[3] for r in batch])
+        known = np.array([r[4] for r in batch]) if early_stop else None
+        m.batch_done(e, a, lat, wait, float(lat.max()), known)
+        for v in lat:
+            hists["apparate_request_latency_seconds"].observe(v)
+        for v in wait:
+            hists["apparate_queue_wait_seconds"].observe(v)
+        hists["apparate_batch_size"].observe(len(batch))
+        hists["apparate_batch_seconds"].observe(float(lat.max()))
+        for s in e.tolist():
+            key = "final" if s < 0 else str(s)
+            exits[key] = exits.get(key, 0) + 1
+        kept = a if known is None else a[known]
+        for s in (e if known is None else e[known]).tolist():
+            key = "final" if s < 0 else str(s)
+            live_exits[key] = live_exits.get(key, 0) + 1
+        agreed[0] += int(kept.sum())
+        agreed[1] += int(kept.size - kept.sum())
+        window = (window + kept.tolist())[-16:]
+        if read:  # a read records everything handed over so far
+            get = m.registry.get_sample_value
+            for name, h in hists.items():
+                for b in h._upper_bounds:
+                    le = floatToGoString(b)
+                    assert get(f"{name}_bucket", {"le": le}) == ref.get_sample_value(
+                        f"{h._name}_bucket", {"le": le}), (name, le)
+                assert get(f"{name}_count") == ref.get_sample_value(f"{h._name}_count")
+                assert get(f"{name}_sum") == pytest.approx(ref.get_sample_value(f"{h._name}_sum"))
+            for key, n in exits.items():
+                assert get("apparate_exits_total", {"site": key}) == n
+            assert (get("apparate_released_total", {"agree": "true"}) or 0) == agreed[0]
+            assert (get("apparate_released_total", {"agree": "false"}) or 0) == agreed[1]
+            assert m.snapshot()["total"]["exits"] == live_exits
+            if window:
+                assert get("apparate_window_accuracy") == pytest.approx(sum(window) / len(window))
+    assert m.snapshot()["total"]["batches"] == len(batches)
+
+
 # ---------------------------------------------------------------------------------------------- decoding
 
 _numbers = st.one_of(st.integers(-300, 300), st.floats(allow_nan=False, allow_infinity=False, width=32))

@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     mw = {n: float(np.median(v)) * 1e3 for n, v in wall.items()}
     mc = {n: float(np.median(v)) * 1e3 for n, v in cpu.items()}
     cfg = ea.live.config
-    snap = ea.metrics.live.snapshot()
+    snap = ea.metrics.snapshot()
     print(f"# Engine overhead: {wl.name}, batch {b}, {args.rounds} interleaved rounds of {K} batches back to back "
           f"(after {args.warmup} warm-up), "
           f"torch threads {torch.get_num_threads()}, {__import__('os').cpu_count()} cores\n")
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         qw, qc = np.percentile(rw, [25, 50, 75]), np.percentile(rc, [25, 50, 75])
         print(f"{label:64s} wall {mw[num] / mw[den] - 1:+6.1%}   CPU {mc[num] / mc[den] - 1:+6.1%}   "
               f"paired: wall {qw[1]:+6.1%} ({qw[0]:+.1%}..{qw[2]:+.1%})  CPU {qc[1]:+6.1%} ({qc[0]:+.1%}..{qc[2]:+.1%})")
-    snap_s = es.metrics.live.snapshot()
+    snap_s = es.metrics.snapshot()
     print(f"static: ramps {list(static_sites)}, answers released early "
           f"{1 - snap_s['window']['exit_rates'].get('final', 1.0):.1%}; apparate: config version {cfg.version}, "
           f"now ramps {list(cfg.sites)}, answers released early {1 - snap['window']['exit_rates'].get('final', 1.0):.1%}; "

@@ -13,7 +13,7 @@ def describe(engine: Any) -> dict[str, Any]:
     live = engine.live
     cfg = live.config
     names = [s.name for s in engine.served.ee.sites]
-    stats = engine.metrics.live.snapshot()
+    stats = engine.metrics.snapshot()
     prof = engine.control.profile
     mb = engine.options.batching.max_batch
     return {

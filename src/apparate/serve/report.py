@@ -71,7 +71,7 @@ class BatchReport:
         """Record the batch in the metrics (exits, agreement, latencies, batch size)."""
         sites = exit_sites_of(tuple(self.sites))[self.exit_pos]
         arr = self.arrivals if self.arrivals is not None else np.full(self.batch_size, self.t_start)
-        metrics.batch_done(sites, self.released_agree, (self.release_t - arr).tolist(), (self.t_start - arr).tolist(),
+        metrics.batch_done(sites, self.released_agree, self.release_t - arr, self.t_start - arr,
                            self.t_end - self.t_start, self.known)
         if self.left:
             metrics.early_stop(self.left, self.stopped)
