@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from .conftest import image_request, served_cnn, serving, wait_for
 
@@ -102,3 +105,33 @@ def test_the_automatic_slo_fits_the_largest_request_as_served_here(tiny_cnn):
         r = c.post("/v2/models/tiny/infer", json=image_request(32))
         assert r.status_code == 200, r.text
         assert r.json()["parameters"]["latency_ms"] <= slo
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1.0, 2000.0), st.floats(0.0, 20000.0), st.integers(1, 8))
+def test_the_capacity_search_finds_a_rate_above_its_closed_loop_estimate(closed, capacity, steps):
+    """`bench overload`'s search, for a server that passes every rate up to `capacity`: it never
+    returns a failing rate, and unless the capacity is out of its reach (below the range's
+    bottom, or past six doublings) it ends within one bisection interval of it, however far
+    the closed loop's estimate under-read it."""
+    from apparate.bench.overload import search_rate
+
+    tried: list[float] = []
+
+    def within(rate: float, k: int) -> bool:
+        tried.append(rate)
+        return rate <= capacity
+
+    found = search_rate(within, closed, steps)
+    c = max(closed, 1.0)
+    assert len(tried) == len(set(tried))  # no rate probed twice
+    if capacity < 0.3 * c:
+        assert found == pytest.approx(0.3 * c)  # nothing passes: the range's bottom
+        return
+    assert found <= capacity
+    if capacity < 1.2 * c * 2 ** 6:
+        k = 0  # the doublings that passed: the capacity then lies in the range they left
+        while k < 6 and 1.2 * c * 2 ** k <= capacity:
+            k += 1
+        width = 0.9 * c if k == 0 else 1.2 * c * 2 ** (k - 1)
+        assert capacity - found <= width / 2 ** steps * (1 + 1e-9)
