@@ -309,9 +309,41 @@ def test_served_ramp_costs_replace_only_the_ramps_costs(r20_bundle, r20, hook):
         served_ramp_costs(r20_bundle, "heads", 4, Settings())
 
 
-def test_served_ramp_costs_need_a_bundle(recorded, r20_bundle):
+@pytest.mark.parametrize("costs", [{"ramp_costs": "served"}, {"profile": "here"}])
+def test_served_ramp_costs_need_a_bundle(recorded, r20_bundle, costs):
     fam = RampFamily(r20_bundle.recording, recorded, r20_bundle.profile)
-    spec = ExperimentSpec(workload="r20", kind="image", progress=False, policies=("vanilla", "apparate"),
-                          ramp_costs="served")
+    spec = ExperimentSpec(workload="r20", kind="image", progress=False, policies=("vanilla", "apparate"), **costs)
     with pytest.raises(ValueError, match="bundle"):
         run_experiment(spec, families={"light": fam})
+
+
+def test_profile_here_retimes_the_backbone_and_every_ramp(r20_bundle, r20):
+    """`--profile here`: the bundle's backbone timed again through a server's executor at every
+    profiled batch size (its sites keep their shares of the pass), and every ramp as a server
+    calibrates it."""
+    from apparate.bench.served_costs import profile_here
+
+    before = r20_bundle.profile
+    lines: list[str] = []
+    after = profile_here(dataclasses.replace(r20_bundle, workload=r20), 4, log=lines.append)
+    for b in (int(x) for x in before.batch_sizes):
+        assert after.vanilla(b) != before.vanilla(b)  # measured now, not the bundle's
+        assert np.allclose(after.at(b)[0] / after.vanilla(b), before.at(b)[0] / before.vanilla(b))
+        assert (after.at(b)[1] > 0).all() and not np.array_equal(after.at(b)[1], before.at(b)[1])
+    assert lines and "re-timed here" in lines[0]
+
+
+def test_bench_compare_on_the_profile_re_timed_here(r20_bundle, data_dir, tmp_path, monkeypatch):
+    """Every policy, vanilla included, replays on the re-timed profile: at a rate where nothing
+    queues, vanilla's median is the re-timed batch-1 pass, not the bundle's."""
+    monkeypatch.setenv("APPARATE_CACHE", str(tmp_path / "cache"))
+    out = run_cli("bench", "compare", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
+                  "--stream", "test", "--n", "60", "--trace", "fixed", "--rate", "1", "--policies", "vanilla,apparate",
+                  "--profile", "here", "--out", str(tmp_path / "rep"), "--no-progress", "--threads", "1")
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert data["info"]["profile"] == "here"
+    retimed = float(out.stdout.split("a batch-1 pass ")[1].split(" ms")[0])
+    van = next(m for m in data["metrics"] if m["policy"] == "vanilla")
+    assert van["p50_ms"] == pytest.approx(retimed, abs=0.01)
+    assert data["info"]["vanilla_ms_batch1"] == pytest.approx(retimed, abs=0.01)

@@ -62,6 +62,7 @@ class ExperimentSpec:
     profile_max_batch: int | None = None  # largest batch profiled when preparing (default: max(64, max_batch))
     threads: int | None = None
     ramp_costs: str = "prepared"  # or "served": the ramp costs a server calibrates here (bench/served_costs.py)
+    profile: str = "prepared"  # or "here": the whole profile re-timed on this machine first (served_costs.profile_here)
     progress: bool = True
 
     def settings_for(self, kind: str) -> Settings:
@@ -199,6 +200,12 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
         trace_specs.check(spec.trace, spec.data_dir)  # and so does a malformed trace
         families = {}
         light = load_or_prepare(spec.workload, spec.data_dir, spec.bundle, None, spec, log)
+        if spec.profile == "here":  # every policy, vanilla included, replays on this machine's costs
+            from .served_costs import profile_here
+
+            light.profile = profile_here(light, spec.max_batch, spec.threads, log=log)
+        elif spec.profile != "prepared":
+            raise ValueError(f"profile must be 'prepared' or 'here', got {spec.profile!r}")
         kind = spec.kind or light.kind
         stream = spec.stream or default_stream(kind)
         rec = load_or_record(light, stream, spec.n, spec.seed, spec, log)
@@ -219,8 +226,8 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
     else:
         kind = spec.kind
         bundle = None
-        if spec.ramp_costs != "prepared":
-            raise ValueError("ramp_costs='served' measures a bundle's ramps: run it on a bundle, not given recordings")
+        if spec.ramp_costs != "prepared" or spec.profile != "prepared":
+            raise ValueError("ramp_costs='served' and profile='here' time a bundle: run it on a bundle, not given recordings")
         if kind is None and not isinstance(spec.settings, Settings):
             raise ValueError("given recordings, the experiment needs the workload's kind ('image' or 'text') "
                              "for its settings: ExperimentSpec(kind=...)")
@@ -273,6 +280,7 @@ def run_experiment(spec: ExperimentSpec, log: Log = print, families: dict[str, R
         info["all_ramps_budget"] = round(all_ramps_budget(light.profile), 4)
     costs = _ServedCosts(spec, bundle, settings, log)
     info["ramp_costs"] = spec.ramp_costs
+    info["profile"] = spec.profile
     metrics, runs = [], []
     for name in wants:
         fam = families.get(family_of(name), light)

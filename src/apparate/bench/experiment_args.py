@@ -54,6 +54,10 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
                    help="what a ramp costs the replayed inputs: the bundle's profile (prepared: each head timed "
                         "alone) or what a server calibrates on this machine for the hook each policy runs "
                         "(served: the learned exit rule's features and score included; docs/replay.md)")
+    p.add_argument("--profile", choices=("prepared", "here"), default="prepared", dest="profile_costs",
+                   help="the latency profile every policy replays on: the bundle's, measured when it was prepared, "
+                        "or re-timed here first (here: the backbone at every profiled batch size and the ramps as a "
+                        "server pays them, so the replay predicts a server on this machine; docs/replay.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-policy lines")
 
 
@@ -91,6 +95,7 @@ def spec_from_args(args: argparse.Namespace, policies=None):
         slo_ms=args.slo_ms, slo_x=args.slo_x, batching=args.batching, max_batch=args.max_batch,
         settings=changes, policies=policies, bootstrap=args.bootstrap, stream_bootstrap=args.stream_bootstrap,
         threads=args.threads, ramp_costs=getattr(args, "ramp_costs", "prepared"),
+        profile=getattr(args, "profile_costs", "prepared"),
         progress=not args.no_progress)
 
 

@@ -1,4 +1,5 @@
-"""Ramp costs as a server pays them, for a replay (`bench compare --ramp-costs served`).
+"""Costs as a server pays them here, for a replay (`bench compare --ramp-costs served`,
+`--profile here`).
 
 A bundle's profile times each ramp's head alone on a cached activation. A server pays more: the
 hook, the scoring, and for the learned exit rule its features and score (on images also the
@@ -7,6 +8,13 @@ measures that at start (`serve/calibrate.py`) and judges its ramp budget on it; 
 charges the bundle's costs lets a policy run ramps a server at the same budget could not. This
 module builds the server's executor for a bundle and returns the bundle's profile with the ramp
 costs that calibration measures on this machine, for the hook a policy runs.
+
+`--profile here` goes further: the whole profile as this machine runs it now, the backbone
+included. A bundle's backbone times are those of the moment it was prepared; on the vehicle
+ResNet-56 a batch-1 pass measured 10.7 ms then and 7.0-7.7 ms in a later session, and since a
+ramp's cost is mostly its hook's, which does not shrink with the pass, the old profile priced
+the ramps at half their share of today's pass: a replay on it gave 0.858 of vanilla's median at
+57/s, one on the profile re-timed here 1.018, as a live server measured (docs/results.md).
 """
 
 from __future__ import annotations
@@ -47,3 +55,47 @@ def served_ramp_costs(bundle: Any, hook: str, max_batch: int, settings: Settings
     finally:
         ex.close()
         served.ee.remove_hooks()
+
+
+def profile_here(bundle: Any, max_batch: int, threads: int | None = None, repeats: int = 5,
+                 log: Any = None) -> LatencyProfile:
+    """`bundle`'s profile re-timed on this machine as a server's executor runs the model: the
+    bare backbone at every profiled batch size (and text length), the median of `repeats` passes
+    after one to warm up, its sites scaled with it; then every ramp as `served_ramp_costs` times
+    it for the plain hook."""
+    import numpy as np
+    import torch
+
+    from apparate.core.controller import Config
+    from apparate.serve.calibrate import calibrate_ramps, calibration_sizes
+    from apparate.serve.executor import Executor
+    from apparate.serve.model_io import ServedModel
+    from apparate.serve.requests import Request
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    served = ServedModel.from_bundle(bundle)
+    ex = Executor(served, lambda pairs: None)
+    codec, prof = served.codec, served.profile
+    lengths = [None] if served.kind != "text" else [int(x) for x in prof.lengths]
+    try:
+        for length in lengths:
+            for b in (int(x) for x in prof.batch_sizes):
+                items = codec.example(b, length) if length else codec.example(b)
+                times = []
+                for _ in range(repeats + 1):
+                    with torch.inference_mode():
+                        rep = ex.run([Request(it, 1, 0.0, 0.0) for it in items], Config(), ex.clock())
+                    if rep is not None and rep.vanilla_ms:
+                        times.append(rep.vanilla_ms)
+                if len(times) > 1:
+                    prof = prof.updated(b, {}, {}, float(np.median(times[1:])), None if length is None else float(length), 1.0)
+        ex.reset_stream()
+        prof = calibrate_ramps(ex, prof, calibration_sizes(prof, max_batch))
+    finally:
+        ex.close()
+        served.ee.remove_hooks()
+    if log is not None:
+        log(f"profile re-timed here: a batch-1 pass {prof.vanilla(1):.2f} ms (the bundle's "
+            f"{bundle.profile.vanilla(1):.2f}), a ramp {prof.at(1)[1].mean():.3f} ms ({bundle.profile.at(1)[1].mean():.3f})")
+    return prof
