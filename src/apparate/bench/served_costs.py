@@ -11,10 +11,10 @@ costs that calibration measures on this machine, for the hook a policy runs.
 
 `--profile here` goes further: the whole profile as this machine runs it now, the backbone
 included. A bundle's backbone times are those of the moment it was prepared; on the vehicle
-ResNet-56 a batch-1 pass measured 10.7 ms then and 7.0-7.7 ms in a later session, and since a
-ramp's cost is mostly its hook's, which does not shrink with the pass, the old profile priced
-the ramps at half their share of today's pass: a replay on it gave 0.858 of vanilla's median at
-57/s, one on the profile re-timed here 1.018, as a live server measured (docs/results.md).
+ResNet-56 a batch-1 pass measured 10.7 ms then and 7.0-7.7 ms in a later session, so the same
+arrival rate loaded the replayed model more than the served one (more queueing, where early
+answers pay): a replay on the bundle's profile gave 0.858 of vanilla's median at 57/s, one on
+the profile re-timed here 1.018, as a live server measured (docs/results.md).
 """
 
 from __future__ import annotations
