@@ -331,6 +331,8 @@ def test_profile_here_retimes_the_backbone_and_every_ramp(r20_bundle, r20):
         assert np.allclose(after.at(b)[0] / after.vanilla(b), before.at(b)[0] / before.vanilla(b))
         assert (after.at(b)[1] > 0).all() and not np.array_equal(after.at(b)[1], before.at(b)[1])
     assert lines and "re-timed here" in lines[0]
+    # timed once per process: `bench capacity` and `bench spread` replay many times on one profile
+    assert profile_here(dataclasses.replace(r20_bundle, workload=r20), 4) is after
 
 
 def test_bench_compare_on_the_profile_re_timed_here(r20_bundle, data_dir, tmp_path, monkeypatch):
