@@ -83,10 +83,9 @@ def profile_here(bundle: Any, max_batch: int, threads: int | None = None, repeat
     import torch
 
     from apparate.core.controller import Config
-    from apparate.serve.calibrate import calibrate_ramps, calibration_sizes
+    from apparate.serve.calibrate import calibrate_ramps, calibration_sizes, timed_runs
     from apparate.serve.executor import Executor
     from apparate.serve.model_io import ServedModel
-    from apparate.serve.requests import Request
 
     key = ("here", str(bundle.path), max_batch, threads, repeats)
     if key in _TIMED:
@@ -101,14 +100,9 @@ def profile_here(bundle: Any, max_batch: int, threads: int | None = None, repeat
         for length in lengths:
             for b in (int(x) for x in prof.batch_sizes):
                 items = codec.example(b, length) if length else codec.example(b)
-                times = []
-                for _ in range(repeats + 1):
-                    with torch.inference_mode():
-                        rep = ex.run([Request(it, 1, 0.0, 0.0) for it in items], Config(), ex.clock())
-                    if rep is not None and rep.vanilla_ms:
-                        times.append(rep.vanilla_ms)
-                if len(times) > 1:
-                    prof = prof.updated(b, {}, {}, float(np.median(times[1:])), None if length is None else float(length), 1.0)
+                times = [rep.vanilla_ms for rep in timed_runs(ex, items, Config(), repeats) if rep.vanilla_ms]
+                if times:
+                    prof = prof.updated(b, {}, {}, float(np.median(times)), None if length is None else float(length), 1.0)
         ex.reset_stream()
         prof = calibrate_ramps(ex, prof, calibration_sizes(prof, max_batch))
     finally:

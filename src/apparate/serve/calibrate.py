@@ -69,6 +69,20 @@ def fill_between(profile: Any, calibrated: Any, sizes: Sequence[int]) -> Any:
                           calibrated.lengths, calibrated.site_names, calibrated.device)
 
 
+def timed_runs(executor: Executor, items: list[Any], cfg: Config, repeats: int, scorer: Scorer | None = None) -> list[Any]:
+    """The reports of `repeats` runs of one batch of `items` through `executor` with `cfg`, as the
+    engine runs a batch, after one more run that warms up (its report dropped)."""
+    import torch
+
+    reports = []
+    for _ in range(repeats + 1):
+        with torch.inference_mode():
+            rep = executor.run([Request(it, 1, 0.0, 0.0) for it in items], cfg, executor.clock(), scorer)
+        if rep is not None:
+            reports.append(rep)
+    return reports[1:]
+
+
 def calibrate_ramps(executor: Executor, profile: Any, sizes: Sequence[int], repeats: int = 3,
                     learned: bool = False) -> Any:
     """The profile with every ramp's cost as it is paid here: the ramp plus scoring, the hook
@@ -76,8 +90,6 @@ def calibrate_ramps(executor: Executor, profile: Any, sizes: Sequence[int], repe
     other profiled sizes filled from them (`fill_between`).
     Backbone times are left as profiled; online measurements refine everything while serving.
     `learned`: as the learned exit rule pays them (pooled features, features and scores)."""
-    import torch
-
     before = profile
     ee, codec = executor.ee, executor.served.codec
     S = ee.num_sites
@@ -90,14 +102,7 @@ def calibrate_ramps(executor: Executor, profile: Any, sizes: Sequence[int], repe
     lengths = [None] if executor.served.kind != "text" else [int(x) for x in profile.lengths]
 
     def timed(items: list[Any], run: Config) -> dict[int, float]:
-        costs: list[dict[int, float]] = []
-        for _ in range(repeats + 1):
-            reqs = [Request(it, 1, 0.0, 0.0) for it in items]
-            with torch.inference_mode():
-                rep = executor.run(reqs, run, executor.clock(), scorer)
-            if rep is not None:
-                costs.append(rep.ramp_ms)
-        costs = costs[1:]  # the first run warms up
+        costs = [rep.ramp_ms for rep in timed_runs(executor, items, run, repeats, scorer)]
         return {s: float(np.median([c[s] for c in costs])) for s in run.sites if costs and all(s in c for c in costs)}
 
     for length in lengths:
