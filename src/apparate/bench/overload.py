@@ -159,7 +159,7 @@ def find_capacity(base: str, path: str, reqs: list, slo_ms: float, max_batch: in
     0.3 and 1.2 times a closed loop's throughput, the range doubled first while its top still
     passes. A closed loop of 2 x max batch outstanding under-reads a server whose SLO is shorter
     than a full batch (it refuses most of them as overloaded: 12-21 answers/s for a ResNet-56 with
-    a 43 ms SLO that serves 53-61/s within it), so its figure only starts the search.
+    a 43 ms SLO where this search finds 53-61/s), so its figure only starts the search.
 
     With `model` (the server's, to read its state) each probe starts on a drained queue, and after
     the closed loop or a failed probe the server is first served one request at a time for
