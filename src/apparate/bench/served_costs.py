@@ -19,7 +19,8 @@ the profile re-timed here 1.018, as a live server measured (docs/results.md).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from apparate.core.profile import LatencyProfile
 from apparate.core.settings import Settings
@@ -42,31 +43,39 @@ def hook_of(policy: str) -> str:
     return "learned" if policy == "apparate-learned" else "plain"
 
 
+@contextmanager
+def _server_executor(bundle: Any, threads: int | None, movement: bool = True) -> Iterator[Any]:
+    """A server's executor for `bundle` (its hooks removed from the model afterwards)."""
+    import torch
+
+    from apparate.serve.executor import Executor
+    from apparate.serve.model_io import ServedModel
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    served = ServedModel.from_bundle(bundle)
+    ex = Executor(served, lambda pairs: None, movement=movement)
+    try:
+        yield ex
+    finally:
+        ex.close()
+        served.ee.remove_hooks()
+
+
 def served_ramp_costs(bundle: Any, hook: str, max_batch: int, settings: Settings,
                       threads: int | None = None) -> LatencyProfile:
     """`bundle`'s profile with every ramp's cost as a server calibrates it here for `hook`
     ('plain' or 'learned', the latter with `settings.evidence_movement`), as a server's start-up
     calibration times them (`calibration_sizes`, `fill_between`). Backbone times are the bundle's."""
-    import torch
-
     from apparate.serve.calibrate import calibrate_ramps, calibration_sizes
-    from apparate.serve.executor import Executor
-    from apparate.serve.model_io import ServedModel
 
     if hook not in HOOKS:
         raise ValueError(f"hook must be one of {HOOKS}, got {hook!r}")
 
     def measure() -> LatencyProfile:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        served = ServedModel.from_bundle(bundle)
-        ex = Executor(served, lambda pairs: None, movement=settings.evidence_movement)
-        try:
-            return calibrate_ramps(ex, served.profile, calibration_sizes(served.profile, max_batch),
-                                   learned=hook == "learned")
-        finally:
-            ex.close()
-            served.ee.remove_hooks()
+        with _server_executor(bundle, threads, settings.evidence_movement) as ex:
+            prof = ex.served.profile
+            return calibrate_ramps(ex, prof, calibration_sizes(prof, max_batch), learned=hook == "learned")
 
     prof = bundle.profile  # the bundle's own, or the one `--profile here` re-timed: each its own costs
     return _once(("ramps", str(bundle.path), float(prof.vanilla(1)), float(prof.ramp_ms.sum()), hook, max_batch,
@@ -80,36 +89,25 @@ def profile_here(bundle: Any, max_batch: int, threads: int | None = None, repeat
     after one to warm up, its sites scaled with it; then every ramp as `served_ramp_costs` times
     it for the plain hook. Timed once per process (`_once`'s reason), at the first call."""
     import numpy as np
-    import torch
 
     from apparate.core.controller import Config
     from apparate.serve.calibrate import calibrate_ramps, calibration_sizes, timed_runs
-    from apparate.serve.executor import Executor
-    from apparate.serve.model_io import ServedModel
 
-    key = ("here", str(bundle.path), max_batch, threads, repeats)
-    if key in _TIMED:
-        return _TIMED[key]
-    if threads is not None:
-        torch.set_num_threads(threads)
-    served = ServedModel.from_bundle(bundle)
-    ex = Executor(served, lambda pairs: None)
-    codec, prof = served.codec, served.profile
-    lengths = [None] if served.kind != "text" else [int(x) for x in prof.lengths]
-    try:
-        for length in lengths:
-            for b in (int(x) for x in prof.batch_sizes):
-                items = codec.example(b, length) if length else codec.example(b)
-                times = [rep.vanilla_ms for rep in timed_runs(ex, items, Config(), repeats) if rep.vanilla_ms]
-                if times:
-                    prof = prof.updated(b, {}, {}, float(np.median(times)), None if length is None else float(length), 1.0)
-        ex.reset_stream()
-        prof = calibrate_ramps(ex, prof, calibration_sizes(prof, max_batch))
-    finally:
-        ex.close()
-        served.ee.remove_hooks()
-    if log is not None:
-        log(f"profile re-timed here: a batch-1 pass {prof.vanilla(1):.2f} ms (the bundle's "
-            f"{bundle.profile.vanilla(1):.2f}), a ramp {prof.at(1)[1].mean():.3f} ms ({bundle.profile.at(1)[1].mean():.3f})")
-    _TIMED[key] = prof
-    return prof
+    def measure() -> LatencyProfile:
+        with _server_executor(bundle, threads) as ex:
+            codec, prof = ex.served.codec, ex.served.profile
+            lengths = [None] if ex.served.kind != "text" else [int(x) for x in prof.lengths]
+            for length in lengths:
+                for b in (int(x) for x in prof.batch_sizes):
+                    items = codec.example(b, length) if length else codec.example(b)
+                    times = [rep.vanilla_ms for rep in timed_runs(ex, items, Config(), repeats) if rep.vanilla_ms]
+                    if times:
+                        prof = prof.updated(b, {}, {}, float(np.median(times)), None if length is None else float(length), 1.0)
+            ex.reset_stream()
+            prof = calibrate_ramps(ex, prof, calibration_sizes(prof, max_batch))
+        if log is not None:
+            log(f"profile re-timed here: a batch-1 pass {prof.vanilla(1):.2f} ms (the bundle's "
+                f"{bundle.profile.vanilla(1):.2f}), a ramp {prof.at(1)[1].mean():.3f} ms ({bundle.profile.at(1)[1].mean():.3f})")
+        return prof
+
+    return _once(("here", str(bundle.path), max_batch, threads, repeats), measure)
