@@ -8,11 +8,6 @@ import sys
 
 
 def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None = None) -> None:
-    from apparate.core.serving_rules import BATCHINGS
-    from apparate.core.settings import Settings
-    from apparate.zoo import trace_specs
-
-    defaults = Settings()
     if workload_default is None:
         p.add_argument("workload", help="zoo workload (`apparate prepare --list`)")
     else:
@@ -28,6 +23,31 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
                                              "fixed --rate FPS); video:PATH streams default to their own frame times")
     p.add_argument("--n", type=int, help="inputs to replay (default: the whole stream)")
     p.add_argument("--seed", type=int, default=0)
+    add_replay_args(p)
+    p.add_argument("--bootstrap", type=int, help="bootstrap inputs when preparing a bundle")
+    p.add_argument("--stream-bootstrap", type=float, default=0.0, metavar="SHARE",
+                   help="place Apparate's ramps on this first share of the stream (the paper's bootstrap, e.g. 0.1), "
+                        "which is then not replayed; default: the bundle's held-out bootstrap inputs")
+    p.add_argument("--threads", type=int, help="torch threads when preparing and recording")
+    p.add_argument("--ramp-costs", choices=("prepared", "served"), default="prepared",
+                   help="what a ramp costs the replayed inputs: the bundle's profile (prepared: each head timed "
+                        "alone) or what a server calibrates on this machine for the hook each policy runs "
+                        "(served: the learned exit rule's features and score included; docs/replay.md)")
+    p.add_argument("--profile", choices=("prepared", "here"), default="prepared", dest="profile_costs",
+                   help="the latency profile every policy replays on: the bundle's, measured when it was prepared, "
+                        "or re-timed here first (here: the backbone at every profiled batch size and the ramps as a "
+                        "server pays them, so the replay predicts a server on this machine; docs/replay.md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or per-policy lines")
+
+
+def add_replay_args(p: argparse.ArgumentParser) -> None:
+    """The replay's own flags (arrivals, SLO, batching, the controller's constraint, budget and
+    `--set`), the same in `apparate replay` and the commands that replay every policy."""
+    from apparate.core.serving_rules import BATCHINGS
+    from apparate.core.settings import Settings
+    from apparate.zoo import trace_specs
+
+    defaults = Settings()
     p.add_argument("--trace", default="fixed", help=trace_specs.HELP + " (default fixed: a camera)")
     p.add_argument("--rate", type=float, help="mean requests per second (default 30 for synthetic traces; a real "
                                               "trace is rescaled to it when given)")
@@ -45,20 +65,6 @@ def add_experiment_args(p: argparse.ArgumentParser, workload_default: str | None
                    help="max share ramps may add to a non-exiting input's latency, at the batch size served "
                         "(default %(default)s)")
     add_set_arg(p)
-    p.add_argument("--bootstrap", type=int, help="bootstrap inputs when preparing a bundle")
-    p.add_argument("--stream-bootstrap", type=float, default=0.0, metavar="SHARE",
-                   help="place Apparate's ramps on this first share of the stream (the paper's bootstrap, e.g. 0.1), "
-                        "which is then not replayed; default: the bundle's held-out bootstrap inputs")
-    p.add_argument("--threads", type=int, help="torch threads when preparing and recording")
-    p.add_argument("--ramp-costs", choices=("prepared", "served"), default="prepared",
-                   help="what a ramp costs the replayed inputs: the bundle's profile (prepared: each head timed "
-                        "alone) or what a server calibrates on this machine for the hook each policy runs "
-                        "(served: the learned exit rule's features and score included; docs/replay.md)")
-    p.add_argument("--profile", choices=("prepared", "here"), default="prepared", dest="profile_costs",
-                   help="the latency profile every policy replays on: the bundle's, measured when it was prepared, "
-                        "or re-timed here first (here: the backbone at every profiled batch size and the ramps as a "
-                        "server pays them, so the replay predicts a server on this machine; docs/replay.md)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or per-policy lines")
 
 
 def add_set_arg(p: argparse.ArgumentParser) -> None:

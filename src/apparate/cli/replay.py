@@ -15,34 +15,16 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from apparate.core.serving_rules import BATCHINGS
-    from apparate.bench.experiment_args import add_set_arg
-    from apparate.core.settings import Settings
-    from apparate.zoo import trace_specs
+    from apparate.bench.experiment_args import add_replay_args
 
-    defaults = Settings()
     p = sub.add_parser("replay", help="replay one policy on a recorded stream with an arrival trace",
                        description=__doc__)
     p.add_argument("bundle", help="bundle directory the recording was made with")
     p.add_argument("--recording", required=True, help="recording file from `apparate record`")
     p.add_argument("--policy", default="apparate", help="vanilla, static, apparate, branchynet, ... (default apparate)")
-    p.add_argument("--trace", default="fixed", help=trace_specs.HELP + " (default fixed)")
-    p.add_argument("--rate", type=float, help="mean requests per second (default 30 for synthetic traces; a real "
-                                              "trace is rescaled to it when given)")
-    p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for --trace gamma")
-    p.add_argument("--slo-ms", type=float)
-    p.add_argument("--slo-x", type=float, default=4.0)
-    p.add_argument("--batching", default="clockwork", choices=BATCHINGS,
-                   help="the replay's batcher; +serve adds the live server's rules (shedding, full batches, "
-                        "probe; docs/replay.md) (default clockwork)")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--accuracy-constraint", type=float, default=defaults.accuracy_constraint,
-                   help="max share of released answers that may differ from the original model's (default %(default)s)")
-    p.add_argument("--ramp-budget", type=float, default=defaults.ramp_budget,
-                   help="max latency the active ramps may add, as a share of the model's (default %(default)s)")
-    add_set_arg(p)
+    add_replay_args(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="data directory (default: $APPARATE_DATA, else ../shared/data)")
     p.add_argument("--out", help="directory for report.md, metrics.json and plots")
     p.set_defaults(func=run)
 
