@@ -349,3 +349,30 @@ def test_bench_compare_on_the_profile_re_timed_here(r20_bundle, data_dir, tmp_pa
     van = next(m for m in data["metrics"] if m["policy"] == "vanilla")
     assert van["p50_ms"] == pytest.approx(retimed, abs=0.01)
     assert data["info"]["vanilla_ms_batch1"] == pytest.approx(retimed, abs=0.01)
+
+
+def test_bench_capacity_within_checks_needs_the_accuracy_too(r20_bundle, data_dir, tmp_path, monkeypatch):
+    """`--within-checks`: a rate passes only if the policy also keeps its accuracy over the stream
+    and in every window at the floor. `branchynet+opt` is tuned in hindsight to spend the whole
+    (here 20%) constraint, so it answers some inputs wrongly at every rate: in time it has a
+    capacity, but with a floor of 100% for every window it has none. Vanilla, never wrong, keeps
+    one. Bad flags fail before any replay."""
+    monkeypatch.setenv("APPARATE_CACHE", str(tmp_path / "cache"))
+    start = 0.2 * 1000 / r20_bundle.profile.vanilla(1)
+    common = ["bench", "capacity", "cifar10-resnet20", "--bundle", str(r20_bundle.path), "--data-dir", str(data_dir),
+              "--stream", "test", "--n", "160", "--trace", "poisson", "--rate", f"{start:.1f}", "--steps", "3",
+              "--refine", "2", "--policies", "vanilla,branchynet+opt", "--accuracy-constraint", "0.2", "--no-progress"]
+    plain = run_cli(*common, "--out", str(tmp_path / "plain"))
+    strict = run_cli(*common, "--within-checks", "--min-worst-window", "1.0", "--out", str(tmp_path / "strict"))
+    assert plain.returncode == 0 and strict.returncode == 0, plain.stderr + strict.stderr
+    got = {k: json.loads((tmp_path / k / "capacity.json").read_text()) for k in ("plain", "strict")}
+    assert got["plain"]["checks"] is None and got["strict"]["checks"] == {"min_accuracy": 0.8, "min_worst_window": 1.0}
+    caps = {k: {d["policy"]: d for d in g["capacity"]} for k, g in got.items()}
+    opt = caps["plain"]["branchynet+opt"]
+    assert opt["capacity_rps"] is not None and opt["worst_window_accuracy"] < 1.0  # in time, though wrong at times
+    assert caps["strict"]["branchynet+opt"]["capacity_rps"] is None
+    van = caps["strict"]["vanilla"]
+    assert van["capacity_rps"] is not None and van["accuracy"] == 1.0 and van["worst_window_accuracy"] == 1.0
+    assert "every window >= 100.00%" in strict.stdout
+    bad = run_cli(*common, "--min-worst-window", "0.9", "--out", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and "--within-checks" in bad.stderr

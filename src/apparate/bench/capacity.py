@@ -2,7 +2,10 @@
 at which it still answers in time, side by side, with goodput against offered load.
 
 A rate passes for a policy when the 99th percentile of its served requests' latency is within the
-SLO and it sheds at most `--max-drop` of them. The rates tried: from `--rate` (or 10/s) doubled
+SLO and it sheds at most `--max-drop` of them; with `--within-checks`, when it also keeps the
+accuracy constraint over the stream and every window of 500 at `--min-worst-window` (a policy
+that answers in time by answering wrongly does not pass: early stop at SST-2's capacity kept
+98.37-98.53%, below a 1% constraint). The rates tried: from `--rate` (or 10/s) doubled
 until vanilla fails, then `--steps` rates spaced geometrically up to that, then, per policy,
 doublings while it still passes at the highest rate tried, and `--refine` bisections between its
 last passing and first failing rate. Every rate replays all
@@ -41,15 +44,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=6, help="geometric rates up to vanilla's first failing one (default 6)")
     p.add_argument("--refine", type=int, default=3, help="bisections per policy around its capacity (default 3)")
     p.add_argument("--max-drop", type=float, default=0.01, help="share of requests a passing rate may shed (default 0.01)")
+    p.add_argument("--within-checks", action="store_true",
+                   help="a passing rate must also keep the accuracy constraint over the whole stream and every "
+                        "window of 500 at --min-worst-window: the capacity at the user's accuracy, not only in time")
+    p.add_argument("--min-worst-window", type=float,
+                   help="with --within-checks: the lowest accuracy any window of 500 may have "
+                        "(default 1 - 1.5 x the accuracy constraint: 98.5%% at 1%%)")
     p.add_argument("--draws", type=int, default=1, help="repeat the search on this many draws of the arrivals (default 1)")
     p.add_argument("--out", help="directory for capacity.md, capacity.json and goodput.png "
                                  "(default runs/capacity-WORKLOAD)")
     p.set_defaults(func=run)
 
 
-def passes(m: Any, slo_ms: float, max_drop: float) -> bool:
-    """Within the SLO at this rate: p99 of the served within it, and few enough shed."""
-    return m.p99_ms <= slo_ms and m.dropped <= max_drop * m.requests
+def passes(m: Any, slo_ms: float, max_drop: float, checks: tuple[float, float] | None = None) -> bool:
+    """Within the SLO at this rate: p99 of the served within it, and few enough shed; with
+    `checks` (lowest accuracy, lowest worst window) within them too."""
+    in_time = m.p99_ms <= slo_ms and m.dropped <= max_drop * m.requests
+    if checks is None or not in_time:
+        return in_time
+    return m.accuracy >= checks[0] - 1e-12 and m.worst_window_accuracy >= checks[1] - 1e-12
+
+
+def accuracy_checks(args: argparse.Namespace) -> tuple[float, float] | None:
+    """(lowest accuracy, lowest worst window) a passing rate must keep, or None (`--within-checks` off)."""
+    if not args.within_checks:
+        if args.min_worst_window is not None:
+            raise ValueError("--min-worst-window needs --within-checks")
+        return None
+    c = args.accuracy_constraint
+    worst = 1.0 - 1.5 * c if args.min_worst_window is None else args.min_worst_window
+    if not 0 <= worst <= 1:
+        raise ValueError(f"--min-worst-window must be in [0, 1], got {worst}")
+    return 1.0 - c, worst
 
 
 def capacity_of(tried: dict[float, bool]) -> float | None:
@@ -68,6 +94,10 @@ def search(spec: Any, names: tuple[str, ...], args: argparse.Namespace, progress
 
     results: dict[float, dict[str, Any]] = {}
     slo = float("nan")
+    checks = accuracy_checks(args)
+
+    def ok(m: Any) -> bool:
+        return passes(m, slo, args.max_drop, checks)
 
     def at(rate: float) -> dict[str, Any]:
         nonlocal slo
@@ -78,26 +108,26 @@ def search(spec: Any, names: tuple[str, ...], args: argparse.Namespace, progress
             results[rate] = by_policy(res)
             if progress:
                 m = results[rate]
-                print(f"  {rate:9.2f}/s  " + "  ".join(f"{n} p99 {m[n].p99_ms:.1f} ms ({'ok' if passes(m[n], slo, args.max_drop) else 'over'})"
+                print(f"  {rate:9.2f}/s  " + "  ".join(f"{n} p99 {m[n].p99_ms:.1f} ms ({'ok' if ok(m[n]) else 'over'})"
                                                       for n in names))
         return results[rate]
 
     def verdicts(name: str) -> dict[float, bool]:
-        return {r: passes(m[name], slo, args.max_drop) for r, m in results.items()}
+        return {r: ok(m[name]) for r, m in results.items()}
 
     lo = float(spec.rate or 10.0)
-    while passes(at(lo)["vanilla"], slo, args.max_drop) and lo < 1e6:
+    while ok(at(lo)["vanilla"]) and lo < 1e6:
         lo *= 2
     hi = lo
     lo = min(results)
-    if not passes(results[lo]["vanilla"], slo, args.max_drop):
+    if not ok(results[lo]["vanilla"]):
         raise ValueError(f"vanilla misses the SLO of {slo:.1f} ms already at {lo:g} requests/s: start lower with --rate")
     for r in np.geomspace(lo, hi, max(args.steps, 2)):
         at(r)
     for name in names:
         # a policy that still passes at the highest rate tried (early stop can outrun vanilla):
         # keep doubling until it fails
-        while passes(results[max(results)][name], slo, args.max_drop) and max(results) < 1e6:
+        while ok(results[max(results)][name]) and max(results) < 1e6:
             at(2 * max(results))
         for _ in range(args.refine):
             v = verdicts(name)
@@ -124,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     base = spec_from_args(args, names)
     if args.draws < 1:
         raise ValueError("--draws must be >= 1")
+    checks = accuracy_checks(args)  # bad flags fail before any replay
     from apparate.bench.spread import has_randomness
 
     k = args.draws if has_randomness(base.trace, base.stream, base.fps) else 1
@@ -134,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     results, slo = draws[0]
 
     def verdicts(name: str, res: dict[float, dict[str, Any]] = results) -> dict[float, bool]:
-        return {r: passes(m[name], slo, args.max_drop) for r, m in res.items()}
+        return {r: passes(m[name], slo, args.max_drop, checks) for r, m in res.items()}
 
     rows, dump = [], []
     van_cap = capacity_of(verdicts("vanilla"))
@@ -151,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
                      "-" if m is None else f"{m.completed:.0%}"))
     table = markdown_table(["policy", "capacity /s", "vs vanilla", "p99 ms at it", "accuracy", "worst window",
                             "mean batch", "ran to the end"], rows)
-    print(f"\n# Capacity in replay: {base.workload}, SLO {slo:.1f} ms, p99 within it and <= {args.max_drop:.0%} shed\n")
+    within = "" if checks is None else f", accuracy >= {checks[0]:.2%} and every window >= {checks[1]:.2%}"
+    print(f"\n# Capacity in replay: {base.workload}, SLO {slo:.1f} ms, p99 within it and <= {args.max_drop:.0%} shed{within}\n")
     print(table)
     spread = ""
     if len(draws) > 1:
@@ -175,9 +207,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/capacity-{base.workload}")
     out.mkdir(parents=True, exist_ok=True)
     curves = {name: [(r, results[r][name].goodput, results[r][name].p99_ms) for r in sorted(results)] for name in names}
+    rates = {n: [{"offered": r, "goodput": g, "p99_ms": p} for r, g, p in c] for n, c in curves.items()}
+    criterion = None if checks is None else {"min_accuracy": checks[0], "min_worst_window": checks[1]}
     (out / "capacity.json").write_text(json.dumps(
-        {"capacity": dump, "slo_ms": slo, "rates": {n: [{"offered": r, "goodput": g, "p99_ms": p} for r, g, p in c]
-                                                    for n, c in curves.items()}}, indent=1))
+        {"capacity": dump, "slo_ms": slo, "max_drop": args.max_drop, "checks": criterion, "rates": rates}, indent=1))
     (out / "capacity.md").write_text(f"# Capacity in replay\n\n```\n{command_line()}\n```\n\n{table}\n"
                                      + (f"\n## Over {len(draws)} draws of the arrivals\n\n{spread}\n" if spread else ""))
     _plot(out / "goodput.png", curves, {d["policy"]: d["capacity_rps"] for d in dump})
