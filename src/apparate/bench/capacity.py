@@ -71,7 +71,9 @@ def accuracy_checks(args: argparse.Namespace) -> tuple[float, float] | None:
         if args.min_worst_window is not None:
             raise ValueError("--min-worst-window needs --within-checks")
         return None
-    c = args.accuracy_constraint
+    from apparate.bench.experiment_args import settings_changes
+
+    c = float(settings_changes(args)["accuracy_constraint"])  # the flag's, or `--set`'s over it
     worst = 1.0 - 1.5 * c if args.min_worst_window is None else args.min_worst_window
     if not 0 <= worst <= 1:
         raise ValueError(f"--min-worst-window must be in [0, 1], got {worst}")
