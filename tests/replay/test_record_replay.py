@@ -371,6 +371,9 @@ def test_bench_capacity_within_checks_needs_the_accuracy_too(r20_bundle, data_di
     opt = caps["plain"]["branchynet+opt"]
     assert opt["capacity_rps"] is not None and opt["worst_window_accuracy"] < 1.0  # in time, though wrong at times
     assert caps["strict"]["branchynet+opt"]["capacity_rps"] is None
+    tried = got["strict"]["rates"]["branchynet+opt"]  # every rate tried says why it failed
+    assert tried and all(not r["passes"] and r["worst_window_accuracy"] < 1.0 for r in tried)
+    assert any(r["passes"] for r in got["plain"]["rates"]["branchynet+opt"])
     van = caps["strict"]["vanilla"]
     assert van["capacity_rps"] is not None and van["accuracy"] == 1.0 and van["worst_window_accuracy"] == 1.0
     assert "every window >= 100.00%" in strict.stdout

@@ -11,7 +11,8 @@ doublings while it still passes at the highest rate tried, and `--refine` bisect
 last passing and first failing rate. Every rate replays all
 the policies on the same recording and arrival trace (the trace is rescaled; the SLO stays the
 experiment's). Writes `capacity.md`, `capacity.json` (a list of {policy, capacity_rps, accuracy,
-worst_window_accuracy} at each policy's capacity, and every rate tried) and `goodput.png`.
+worst_window_accuracy} at each policy's capacity, and every rate tried with its goodput, p99,
+requests shed, accuracy, worst window and verdict) and `goodput.png`.
 
 The capacity criterion is a knife edge: near capacity one burst that overflows the SLO turns a
 pass into a fail. `--draws K` repeats the whole search on K draws of the arrivals (a synthetic
@@ -209,7 +210,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/capacity-{base.workload}")
     out.mkdir(parents=True, exist_ok=True)
     curves = {name: [(r, results[r][name].goodput, results[r][name].p99_ms) for r in sorted(results)] for name in names}
-    rates = {n: [{"offered": r, "goodput": g, "p99_ms": p} for r, g, p in c] for n, c in curves.items()}
+    # every rate tried, with what decides a pass: where the checks fail shows here
+    rates = {n: [{"offered": r, "goodput": m.goodput, "p99_ms": m.p99_ms, "dropped": m.dropped,
+                  "accuracy": m.accuracy, "worst_window_accuracy": m.worst_window_accuracy,
+                  "passes": passes(m, slo, args.max_drop, checks)}
+                 for r in sorted(results) for m in [results[r][n]]] for n in names}
     criterion = None if checks is None else {"min_accuracy": checks[0], "min_worst_window": checks[1]}
     (out / "capacity.json").write_text(json.dumps(
         {"capacity": dump, "slo_ms": slo, "max_drop": args.max_drop, "checks": criterion, "rates": rates}, indent=1))
