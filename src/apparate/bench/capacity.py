@@ -89,7 +89,8 @@ def capacity_of(tried: dict[float, bool]) -> float | None:
     return max(ok) if ok else None
 
 
-def search(spec: Any, names: tuple[str, ...], args: argparse.Namespace, progress: bool) -> tuple[dict[float, dict[str, Any]], float]:
+def search(spec: Any, names: tuple[str, ...], args: argparse.Namespace, progress: bool,
+           checks: tuple[float, float] | None = None) -> tuple[dict[float, dict[str, Any]], float]:
     """Every rate tried for one draw of the arrivals: {rate: {policy: Metrics}}, and the SLO."""
     import numpy as np
 
@@ -97,7 +98,6 @@ def search(spec: Any, names: tuple[str, ...], args: argparse.Namespace, progress
 
     results: dict[float, dict[str, Any]] = {}
     slo = float("nan")
-    checks = accuracy_checks(args)
 
     def ok(m: Any) -> bool:
         return passes(m, slo, args.max_drop, checks)
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     k = args.draws if has_randomness(base.trace, base.stream, base.fps) else 1
     if k < args.draws:
         print(f"the trace ({base.trace}) has no randomness: one draw")
-    draws = [search(replace(base, progress=False, trace_seed=d if k > 1 else None), names, args, base.progress)
+    draws = [search(replace(base, progress=False, trace_seed=d if k > 1 else None), names, args, base.progress, checks)
              for d in range(k)]
     results, slo = draws[0]
 
@@ -209,7 +209,6 @@ def run(args: argparse.Namespace) -> int:
         dump = [{**d, "draws": p} for d, p in zip(dump, per_draw)]
     out = Path(args.out or f"runs/capacity-{base.workload}")
     out.mkdir(parents=True, exist_ok=True)
-    curves = {name: [(r, results[r][name].goodput, results[r][name].p99_ms) for r in sorted(results)] for name in names}
     # every rate tried, with what decides a pass: where the checks fail shows here
     rates = {n: [{"offered": r, "goodput": m.goodput, "p99_ms": m.p99_ms, "dropped": m.dropped,
                   "accuracy": m.accuracy, "worst_window_accuracy": m.worst_window_accuracy,
@@ -220,22 +219,22 @@ def run(args: argparse.Namespace) -> int:
         {"capacity": dump, "slo_ms": slo, "max_drop": args.max_drop, "checks": criterion, "rates": rates}, indent=1))
     (out / "capacity.md").write_text(f"# Capacity in replay\n\n```\n{command_line()}\n```\n\n{table}\n"
                                      + (f"\n## Over {len(draws)} draws of the arrivals\n\n{spread}\n" if spread else ""))
-    _plot(out / "goodput.png", curves, {d["policy"]: d["capacity_rps"] for d in dump})
+    _plot(out / "goodput.png", rates, {d["policy"]: d["capacity_rps"] for d in dump})
     print(f"\nwritten to {out}/; reproduce: {command_line()}")
     return 0
 
 
-def _plot(path: Any, curves: dict[str, list[tuple[float, float, float]]], caps: dict[str, float | None]) -> None:
+def _plot(path: Any, rates: dict[str, list[dict[str, Any]]], caps: dict[str, float | None]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    top = max(r for c in curves.values() for r, _, _ in c)
+    top = max(x["offered"] for c in rates.values() for x in c)
     ax.plot([0, top], [0, top], color="0.7", lw=1, ls="--", label="offered")
-    for name, c in curves.items():
-        line, = ax.plot([r for r, _, _ in c], [g for _, g, _ in c], marker="o", ms=3, label=name)
+    for name, c in rates.items():
+        line, = ax.plot([x["offered"] for x in c], [x["goodput"] for x in c], marker="o", ms=3, label=name)
         if caps.get(name):
             ax.axvline(caps[name], color=line.get_color(), lw=1, alpha=0.5)
     ax.set_xlabel("offered load (requests/s)")
