@@ -153,15 +153,15 @@ def _drain(base: str, model: str, timeout_s: float = 10.0) -> dict:
     return server_state(base, model)
 
 
-def find_capacity(base: str, path: str, reqs: list, slo_ms: float, max_batch: int, seed: int,
-                  log: object = print, probe_s: float = 3.0, steps: int = 5, model: str | None = None) -> tuple[float, list[dict]]:
+def find_capacity(base: str, path: str, reqs: list, slo_ms: float, max_batch: int, seed: int, model: str,
+                  log: object = print, probe_s: float = 3.0, steps: int = 5) -> tuple[float, list[dict]]:
     """The highest Poisson rate with >= 99% of requests answered within the SLO: bisection between
     0.3 and 1.2 times a closed loop's throughput, the range doubled first while its top still
     passes. A closed loop of 2 x max batch outstanding under-reads a server whose SLO is shorter
     than a full batch (it refuses most of them as overloaded: 12-21 answers/s for a ResNet-56 with
     a 43 ms SLO where this search finds 53-61/s), so its figure only starts the search.
 
-    With `model` (the server's, to read its state) each probe starts on a drained queue, and after
+    Each probe starts on a drained queue (`model`: the server's, to read its state), and after
     the closed loop or a failed probe the server is first served one request at a time for
     `SETTLE_S`, unmeasured: its admission scales batch-time predictions by the slowdown of its
     latest 64 batches, which an overload leaves high until they are served anew (on an idle
@@ -177,8 +177,6 @@ def find_capacity(base: str, path: str, reqs: list, slo_ms: float, max_batch: in
     probes = [{"kind": "closed", "concurrency": 2 * max_batch, "throughput": closed}]
 
     def settle() -> None:
-        if model is None:
-            return
         _drain(base, model)
         # one request at a time: each finds the engine idle, so admission takes it whatever it
         # predicts, and every answer is a fresh batch time
@@ -193,7 +191,7 @@ def find_capacity(base: str, path: str, reqs: list, slo_ms: float, max_batch: in
         log(f"  {rate:6.0f}/s: {share:.1%} within the SLO")  # type: ignore[operator]
         if share < 0.99:
             settle()
-        elif model is not None:
+        else:
             _drain(base, model)
         return share >= 0.99
 
@@ -324,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"capacity: {cap:.0f} requests/s (given)")
         else:
             print("capacity (highest Poisson rate with >= 99% within the SLO):", flush=True)
-            cap, probes = find_capacity(base, path, reqs, slo, mb, args.seed, model=workload)
+            cap, probes = find_capacity(base, path, reqs, slo, mb, args.seed, workload)
             print(f"capacity: {cap:.0f} requests/s", flush=True)
         out.update(capacity=cap, capacity_probes=probes)
         _drain(base, workload)
