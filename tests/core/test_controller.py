@@ -351,3 +351,58 @@ def test_a_probe_that_wins_less_than_the_configuration_before_it_is_reverted():
     assert ctl.config.sites == (6,) or all(x > 2 for x in ctl.config.sites)
     # the reverted site is not probed again at once: fewer moves than adjustments
     assert len(moves) < sum(1 for k, _ in kinds if k in ("move", "revert", "remove", "add"))
+
+
+def _guard_run(guard_window):
+    # Thresholds tuned on an easy stream, then a burst of confident wrong answers too small for the
+    # violation check or the change detector (both switched off here), then easy inputs again.
+    s = FAST.replace(window_inputs=1024, guard_window=guard_window, violation_z=1e6, change_evidence=1e6,
+                     retune_every_inputs=300, adjust_every_batches=10 ** 6)
+    ctl = Controller(PROFILE, s, Config((3,), (0.0,)))
+    easy = synthetic_recording(3000, S, seed=8, difficulty=-0.3)
+    easy.pred[:] = easy.final[:, None]  # no wrong answer but the burst's
+    feed(ctl, easy, [10] * 60)
+    before = ctl.config.thresholds[0]
+    cfg = ctl.config
+    conf = np.full((10, 1), 0.999)  # released at ramp 3 by any threshold > 0.001
+    agree = np.ones((10, 1), dtype=bool)
+    agree[:3] = False
+    for _ in range(2):  # six wrong answers in 20 inputs
+        ctl.observe(Feedback(cfg.sites, cfg.thresholds, conf, agree))
+    during = ctl.config.thresholds[0]
+    feed(ctl, easy, [10] * 60, start=600)  # 600 more: the burst leaves the guard's window of 500
+    return ctl, before, during
+
+
+def test_the_window_guard_holds_thresholds_down_while_the_latest_window_has_spent_its_allowance():
+    ctl, before, during = _guard_run(500)
+    a = Settings().accuracy_constraint
+    guards = [e for e in ctl.events if e.detail.startswith("window guard")]
+    # 6 wrong of the 7.5 that 500 inputs may have: 1.5 left, 0.3% per input of the next window
+    assert before > 0 and guards and guards[0].detail.startswith("window guard (spends 0.30%)")
+    assert during < before
+    # once the burst has left the window, the guard lets the tuner spend the constraint again
+    # (re-tuning when its target has moved by a quarter of the constraint)
+    spent = float(guards[-1].detail.split("spends ")[1].split("%")[0]) / 100
+    assert ctl.guarded_constraint() == a and spent >= 0.75 * a
+    assert ctl.config.thresholds[0] > during
+    off, before_off, during_off = _guard_run(0)
+    assert off.guarded_constraint() == a
+    assert not any(e.detail.startswith("window guard") for e in off.events) and during_off == before_off
+
+
+def test_the_window_guard_keeps_every_window_of_500_within_its_allowance_on_drifting_streams():
+    # Ramps that turn overconfident in two phases (the drift a violation check and the change
+    # detector answer only after some wrong answers): with the guard every window of 500 stays
+    # within 1.5 times the constraint on each seed, and the worst of them is better than without.
+    from apparate.core.exits import sliding_min_mean
+
+    n, worst = 8000, {0: [], 500: []}
+    for seed in range(6):
+        rec = synthetic_recording(n, S, seed=seed, overconfidence=drift_curve(n, [(1, 0.0), (1, 0.1), (1, 0.0), (1, 0.15)]))
+        for g in worst:
+            ctl = Controller.from_bootstrap(PROFILE, BOOT.conf, BOOT.agree, Settings(guard_window=g))
+            _, ok, _ = feed(ctl, rec, [4] * (n // 4))
+            worst[g].append(sliding_min_mean(ok, 500))
+            assert 1 - ok.mean() <= 0.01
+    assert min(worst[500]) >= 0.985 and min(worst[500]) > min(worst[0]), worst

@@ -76,3 +76,31 @@ def test_one_sampled_wrong_answer_is_one_piece_of_change_evidence_not_twenty():
     plain = Window(512, S)
     plain.record(Feedback(cfg.sites, cfg.thresholds, conf, agree), 0, cfg)
     assert plain.change_point(0.02)[1] == pytest.approx(0.98)  # unweighted: as before
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 40), st.lists(st.tuples(st.integers(1, 15), st.integers(0, 3)), min_size=1, max_size=15),
+       st.integers(1, 60), st.integers(0, 1000))
+def test_recent_wrong_counts_the_latest_inputs_wrong_answers_as_a_plain_list_would(W, batches, k, seed):
+    # The window guard reads how many of the latest k inputs were answered wrongly, rows weighted
+    # by the inputs they stand for (early stop's sampled rows): walking a plain list of every row
+    # newest first, a row counts while the rows after it stand for fewer than k inputs.
+    rng = np.random.default_rng(seed)
+    cfg = Config((1,), (0.5,))
+    win = Window(W, S)
+    rows = []  # (wrong as served, weight)
+    for b, (n, weighted) in enumerate(batches):
+        conf = rng.uniform(0.3, 1.0, (n, 1))  # released at ramp 1 when >= 0.5, else at the end
+        agree = rng.uniform(size=(n, 1)) < 0.6
+        w = np.where(rng.uniform(size=n) < 0.5, 20.0, 1.0) if weighted == 3 else None
+        win.record(Feedback(cfg.sites, cfg.thresholds, conf, agree, weight=w), b, cfg)
+        _, ok = released(conf, agree, np.asarray(cfg.thresholds))
+        rows += list(zip(~ok, np.ones(n) if w is None else w))
+    rows = rows[-W:]  # what the ring holds
+    expect, before = 0.0, 0.0
+    for wrong, w in reversed(rows):
+        if before >= k:
+            break
+        expect += w * wrong
+        before += w
+    assert win.recent_wrong(k) == pytest.approx(expect)

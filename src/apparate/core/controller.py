@@ -77,6 +77,7 @@ class Controller(RampLoop):
         self._seeded = 0  # bootstrap inputs the window started with (before any served one)
         self._z = self.settings.margin_z  # the tuner's margin (adapted by released answers if adaptive)
         self._z_at_tune = self._z
+        self._a_at_tune = self.settings.accuracy_constraint  # the constraint the last tune spent
         self.events: deque[Event] = deque(maxlen=1000)
 
     # ------------------------------------------------------------------ construction
@@ -151,11 +152,15 @@ class Controller(RampLoop):
                 self._tune("periodic")
             elif abs(self._z - self._z_at_tune) >= s.margin_retune:
                 self._tune(f"margin z={self._z:.2f}")
-        # Ramps are not judged while a new regime is young: its thresholds are still held down by
-        # the margin of few inputs, so every ramp would look as if it did not pay.
+            elif abs((a := self.guarded_constraint()) - self._a_at_tune) >= s.accuracy_constraint / 4:
+                # tightening: on the latest inputs, where the errors are (as for a violation)
+                self._tune(f"window guard (spends {a:.2%})",
+                           s.violation_tune_inputs or None if a < self._a_at_tune else None)
+        # Ramps are not judged while a new regime is young, or while the window guard holds the
+        # thresholds down: every ramp would look as if it did not pay.
         if (self._batches - self._batches_at_check >= s.adjust_every_batches
                 and self.window.written - self._inputs_at_check >= s.min_adjust_inputs
-                and not self._regime_next):
+                and not self._regime_next and self._a_at_tune >= s.accuracy_constraint):
             self._batches_at_check, self._inputs_at_check = self._batches, self.window.written
             self._adjust()
         return self._config
@@ -167,6 +172,18 @@ class Controller(RampLoop):
         s = self.settings
         z = self._z + s.margin_gain * (wrong - s.margin_aim * s.accuracy_constraint * n)
         self._z = float(min(max(z, s.margin_z_min), s.margin_z_max))
+
+    def guarded_constraint(self) -> float:
+        """The loss the tuner may spend now: the constraint, or less when the wrong answers among
+        the latest `guard_window` inputs leave less of the window's allowance (`guard_loss` times
+        the constraint) than the constraint's share of a window."""
+        s = self.settings
+        a = s.accuracy_constraint
+        if not s.guard_window:
+            return a
+        g = min(s.guard_window, s.window_inputs)
+        left = max(s.guard_loss * a * g - self.window.recent_wrong(g), 0.0)
+        return float(min(a, left / g))
 
     @property
     def margin_z(self) -> float:
@@ -265,6 +282,9 @@ class Controller(RampLoop):
         if self._z != s.margin_z:
             s = replace(s, margin_z=self._z)
         self._z_at_tune = self._z
+        self._a_at_tune = self.guarded_constraint()
+        if self._a_at_tune != s.accuracy_constraint:
+            s = replace(s, accuracy_constraint=self._a_at_tune)
         res = tune(conf, agree, self.profile.table(bs, cfg.sites, length), s, fixed=fixed, evidence=evidence)
         # Ramps still gathering data join at the next periodic re-tune.
         self._since_tune = 0
@@ -348,7 +368,7 @@ class Controller(RampLoop):
                          "batches_at_check": self._batches_at_check, "inputs_at_check": self._inputs_at_check,
                          "since": self._since, "regime_next": self._regime_next,
                          "violation_at": self._violation_at, "clean": self._clean, "seeded": self._seeded,
-                         "z": self._z, "z_at_tune": self._z_at_tune},
+                         "z": self._z, "z_at_tune": self._z_at_tune, "a_at_tune": self._a_at_tune},
             "trial": self._trial,
             "fresh": sorted(self._fresh),
             "tabu": {str(k): v for k, v in self._tabu.items()},
@@ -374,6 +394,7 @@ class Controller(RampLoop):
             ctl._seeded = int(c["seeded"])
             ctl._z = float(c.get("z", ctl.settings.margin_z))
             ctl._z_at_tune = float(c.get("z_at_tune", ctl._z))
+            ctl._a_at_tune = float(c.get("a_at_tune", ctl.settings.accuracy_constraint))
             t = state["trial"]
             ctl._trial = None if t is None else {"sites": [int(x) for x in t["sites"]], "site": int(t["site"]),
                                                  "win": None if t["win"] is None else float(t["win"])}

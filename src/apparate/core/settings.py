@@ -152,6 +152,20 @@ class Settings:
     (artifact NLP) scales their thresholds."""
     emergency_shrink: float = 0.1
 
+    guard_window: int = 0
+    """The window guard (0: off; 500 matches the worst-window check of the project's benchmarks):
+    the wrong share of released answers over the latest this many inputs (their final answers say
+    which were wrong; at most `window_inputs` are read) is held within `guard_loss` times the
+    constraint. When the wrong answers there leave less than the constraint's share of that
+    allowance for the next window, the tuner aims for what is left, spread over a window, instead
+    of the constraint; it re-tunes when that moves by a quarter of the constraint (on the latest
+    `violation_tune_inputs` when it falls, as for a violation), and ramps are not judged meanwhile.
+    Off by default: it lifts the worst windows of drifting streams but costs their median
+    (docs/results.md, "The window guard")."""
+    guard_loss: float = 1.5
+    """Allowance of the window guard, in constraints (1.5: 7.5 wrong in 500 at A = 1%, i.e. every
+    window >= 98.5%, the worst window the project's checks ask)."""
+
     # --- ramp adjustment --------------------------------------------------------------------
     adjust_every_batches: int = 30
     """Ramp adjustment period (artifact: 30 batches for CV, 100 for NLP; text workloads take 100,
@@ -213,6 +227,8 @@ class Settings:
         need(0 < self.min_step <= self.init_step, "need 0 < min_step <= init_step")
         need(self.change_evidence > 0, "change_evidence must be > 0")
         need(self.violation_z >= 0, "violation_z must be >= 0")
+        need(self.guard_window >= 0, f"guard_window must be >= 0, got {self.guard_window}")
+        need(self.guard_loss >= 1, f"guard_loss must be >= 1, got {self.guard_loss}")
         need(0 <= self.exit_rate_guard <= 1, "exit_rate_guard must be in [0, 1]")
         need(0 <= self.new_ramp_threshold <= 1, "new_ramp_threshold must be in [0, 1]")
         need(0 < self.emergency_shrink < 1, "emergency_shrink must be in (0, 1)")

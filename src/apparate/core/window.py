@@ -187,6 +187,14 @@ class Window:
             return 1.0 - float(self.cf_ok[idx][valid].mean()), int(w.size)
         return float(w[~self.cf_ok[idx][valid]].sum() / w.sum()), effective_n(w)
 
+    def recent_wrong(self, inputs: int) -> float:
+        """Wrong answers, as served, among the latest `inputs` inputs (rows weighted by the inputs
+        they stand for; the bootstrap's rows are never wrong)."""
+        idx = self.last(inputs)
+        w = self.w[idx][::-1]
+        within = np.cumsum(w) - w < inputs  # newest first, until they stand for `inputs` inputs
+        return float(w[within][~self.correct[idx][::-1][within]].sum())
+
     def change_point(self, constraint: float, since: int = 0) -> tuple[int, float]:
         """Where the current config's errors began to exceed the constraint: (input number,
         evidence). The start is the suffix of the window (from `since` on) that maximises
