@@ -389,6 +389,10 @@ def test_the_window_guard_holds_thresholds_down_while_the_latest_window_has_spen
     off, before_off, during_off = _guard_run(0)
     assert off.guarded_constraint() == a
     assert not any(e.detail.startswith("window guard") for e in off.events) and during_off == before_off
+    # a constraint of 0 leaves the guard nothing to move (it must not re-tune on every batch)
+    zero = Controller(PROFILE, FAST.replace(accuracy_constraint=0.0, guard_window=500), Config((3,), (0.0,)))
+    feed(zero, synthetic_recording(800, S, seed=3), [8] * 100)
+    assert zero.guarded_constraint() == 0.0 and not any(e.detail.startswith("window guard") for e in zero.events)
 
 
 def test_the_window_guard_keeps_every_window_of_500_within_its_allowance_on_drifting_streams():

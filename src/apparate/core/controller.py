@@ -152,10 +152,11 @@ class Controller(RampLoop):
                 self._tune("periodic")
             elif abs(self._z - self._z_at_tune) >= s.margin_retune:
                 self._tune(f"margin z={self._z:.2f}")
-            elif abs((a := self.guarded_constraint()) - self._a_at_tune) >= s.accuracy_constraint / 4:
+            elif s.guard_window and s.accuracy_constraint > 0 and \
+                    abs((a := self.guarded_constraint()) - self._a_at_tune) >= s.accuracy_constraint / 4:
                 # tightening: on the latest inputs, where the errors are (as for a violation)
-                self._tune(f"window guard (spends {a:.2%})",
-                           s.violation_tune_inputs or None if a < self._a_at_tune else None)
+                recent = s.violation_tune_inputs if a < self._a_at_tune else 0
+                self._tune(f"window guard (spends {a:.2%})", recent or None)
         # Ramps are not judged while a new regime is young, or while the window guard holds the
         # thresholds down: every ramp would look as if it did not pay.
         if (self._batches - self._batches_at_check >= s.adjust_every_batches
