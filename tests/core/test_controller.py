@@ -370,6 +370,7 @@ def _guard_run(guard_window):
     for _ in range(2):  # six wrong answers in 20 inputs
         ctl.observe(Feedback(cfg.sites, cfg.thresholds, conf, agree))
     during = ctl.config.thresholds[0]
+    ctl.burst_stats = ctl.stats()
     feed(ctl, easy, [10] * 60, start=600)  # 600 more: the burst leaves the guard's window of 500
     return ctl, before, during
 
@@ -381,6 +382,9 @@ def test_the_window_guard_holds_thresholds_down_while_the_latest_window_has_spen
     # 6 wrong of the 7.5 that 500 inputs may have: 1.5 left, 0.3% per input of the next window
     assert before > 0 and guards and guards[0].detail.startswith("window guard (spends 0.30%)")
     assert during < before
+    # what a dashboard sees (`stats()`, the server's /earlyexit): the burst, and the target it left
+    assert ctl.burst_stats["guard"] == {"window": 500, "wrong": 6.0, "spends": pytest.approx(0.003)}
+    assert "guard" not in _guard_run(0)[0].stats()
     # once the burst has left the window, the guard lets the tuner spend the constraint again
     # (re-tuning when its target has moved by a quarter of the constraint)
     spent = float(guards[-1].detail.split("spends ")[1].split("%")[0]) / 100

@@ -58,6 +58,28 @@ def test_feedback_changes_thresholds_over_time(tiny_cnn):
     assert not any(e["kind"] == "remove" for e in st["control"]["events"])
 
 
+def test_the_window_guard_shows_on_earlyexit(tiny_cnn):
+    # Site 1's ramp disagrees with the model on most inputs and releases everything at the start:
+    # the wrong answers it served are what the guard counts, and /earlyexit shows them.
+    from apparate.core.controller import Config
+    from apparate.serve.control import ControlOptions
+
+    served = served_cnn(tiny_cnn)
+    control = ControlOptions(policy="apparate", settings=small_settings(guard_window=64),
+                             initial=Config((0, 1), (0.0, 1.0)))
+    with serving(served, control_opts=control) as live, httpx.Client(base_url=live.url) as c:
+        for seed in range(6):  # 48 inputs: more than the controller pools before it looks
+            assert c.post("/v2/models/tiny/infer", json=image_request(8, seed=seed)).status_code == 200
+        assert live.engine.flush()
+
+        def guard():  # the statistics are refreshed at most every 0.2 s
+            return c.get("/v2/models/tiny/earlyexit").json()["control"]["controller"]["guard"]
+
+        assert wait_for(lambda: guard()["wrong"] >= 1), guard()
+        g = guard()
+    assert g["window"] == 64 and g["spends"] < 0.05
+
+
 def test_measured_times_update_the_profile(tiny_cnn):
     from apparate.serve.control import ControlOptions
 

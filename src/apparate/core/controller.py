@@ -352,7 +352,14 @@ class Controller(RampLoop):
             "batches": self._batches,
             "inputs": win.written - self._seeded,
             "regime_start": max(self._since - self._seeded, 0),
+            **({"guard": self.guard_stats()} if self.settings.guard_window else {}),
         }
+
+    def guard_stats(self) -> dict[str, Any]:
+        """The window guard's view: wrong answers among its latest inputs, and what the tuner may
+        spend now (the constraint unless the guard holds it down)."""
+        g = min(self.settings.guard_window, self.settings.window_inputs)
+        return {"window": g, "wrong": self.window.recent_wrong(g), "spends": self.guarded_constraint()}
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, Any]:

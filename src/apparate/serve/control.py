@@ -355,7 +355,8 @@ class ControlLoop:
                                  "overhead_ms": self.overhead_ms}
         if self.controller is not None:
             cs = self.controller.stats()
-            stats["controller"] = {k: cs[k] for k in ("version", "window_inputs", "window_accuracy", "batches", "inputs")}
+            stats["controller"] = {k: cs[k] for k in ("version", "window_inputs", "window_accuracy", "batches", "inputs",
+                                                       "guard") if k in cs}
             stats["events"] = [{"batch": e.batch, "kind": e.kind, "detail": e.detail, "version": e.version}
                                for e in list(self.controller.events)[-10:]]
         model = getattr(self.policy, "model", None)
