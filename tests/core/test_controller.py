@@ -370,28 +370,27 @@ def _guard_run(guard_window):
     for _ in range(2):  # six wrong answers in 20 inputs
         ctl.observe(Feedback(cfg.sites, cfg.thresholds, conf, agree))
     during = ctl.config.thresholds[0]
-    ctl.burst_stats = ctl.stats()
+    burst = ctl.stats()
     feed(ctl, easy, [10] * 60, start=600)  # 600 more: the burst leaves the guard's window of 500
-    return ctl, before, during
+    return ctl, before, during, burst
 
 
 def test_the_window_guard_holds_thresholds_down_while_the_latest_window_has_spent_its_allowance():
-    ctl, before, during = _guard_run(500)
+    ctl, before, during, burst = _guard_run(500)
     a = Settings().accuracy_constraint
     guards = [e for e in ctl.events if e.detail.startswith("window guard")]
     # 6 wrong of the 7.5 that 500 inputs may have: 1.5 left, 0.3% per input of the next window
     assert before > 0 and guards and guards[0].detail.startswith("window guard (spends 0.30%)")
     assert during < before
     # what a dashboard sees (`stats()`, the server's /earlyexit): the burst, and the target it left
-    assert ctl.burst_stats["guard"] == {"window": 500, "wrong": 6.0, "spends": pytest.approx(0.003)}
-    assert "guard" not in _guard_run(0)[0].stats()
+    assert burst["guard"] == {"window": 500, "wrong": 6.0, "spends": pytest.approx(0.003)}
     # once the burst has left the window, the guard lets the tuner spend the constraint again
     # (re-tuning when its target has moved by a quarter of the constraint)
     spent = float(guards[-1].detail.split("spends ")[1].split("%")[0]) / 100
     assert ctl.guarded_constraint() == a and spent >= 0.75 * a
     assert ctl.config.thresholds[0] > during
-    off, before_off, during_off = _guard_run(0)
-    assert off.guarded_constraint() == a
+    off, before_off, during_off, burst_off = _guard_run(0)
+    assert off.guarded_constraint() == a and "guard" not in burst_off
     assert not any(e.detail.startswith("window guard") for e in off.events) and during_off == before_off
     # a constraint of 0 leaves the guard nothing to move (it must not re-tune on every batch)
     zero = Controller(PROFILE, FAST.replace(accuracy_constraint=0.0, guard_window=500), Config((3,), (0.0,)))

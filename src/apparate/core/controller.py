@@ -178,13 +178,7 @@ class Controller(RampLoop):
         """The loss the tuner may spend now: the constraint, or less when the wrong answers among
         the latest `guard_window` inputs leave less of the window's allowance (`guard_loss` times
         the constraint) than the constraint's share of a window."""
-        s = self.settings
-        a = s.accuracy_constraint
-        if not s.guard_window:
-            return a
-        g = min(s.guard_window, s.window_inputs)
-        left = max(s.guard_loss * a * g - self.window.recent_wrong(g), 0.0)
-        return float(min(a, left / g))
+        return self.guard_stats()["spends"]
 
     @property
     def margin_z(self) -> float:
@@ -356,10 +350,15 @@ class Controller(RampLoop):
         }
 
     def guard_stats(self) -> dict[str, Any]:
-        """The window guard's view: wrong answers among its latest inputs, and what the tuner may
-        spend now (the constraint unless the guard holds it down)."""
-        g = min(self.settings.guard_window, self.settings.window_inputs)
-        return {"window": g, "wrong": self.window.recent_wrong(g), "spends": self.guarded_constraint()}
+        """The window guard's view: its window, the wrong answers among its latest inputs, and
+        what the tuner may spend now (`guarded_constraint`; the constraint when the guard is off)."""
+        s = self.settings
+        a = s.accuracy_constraint
+        if not s.guard_window:
+            return {"window": 0, "wrong": 0.0, "spends": a}
+        g = min(s.guard_window, s.window_inputs)
+        wrong = self.window.recent_wrong(g)
+        return {"window": g, "wrong": wrong, "spends": float(min(a, max(s.guard_loss * a * g - wrong, 0.0) / g))}
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, Any]:
