@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from apparate.core.controller import Config
+from apparate.core.settings import Settings
 from apparate.core.profile import LatencyProfile
 from apparate.core.synthetic import synthetic_window
 from apparate.core.types import Feedback, released
@@ -235,3 +236,52 @@ def test_bolder_configurations_are_checked_on_full_feedback_when_asked():
         done[on] = summarize(run).completed
         assert (policy.sampler.alarms["bolder"] > 0) == on
     assert done[True] > done[False]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 16), st.integers(1, 3), st.sampled_from([1.0, 0.5, 0.2, 0.05]), st.integers(0, 20),
+       st.integers(0, 10_000))
+def test_inputs_that_leave_join_the_pool_first_come_and_weigh_one_while_it_has_room(k, R, share, room, seed):
+    prof = LatencyProfile.linear(6, vanilla_ms=10.0, ramp_fraction=0.01)
+    rng = np.random.default_rng(seed)
+    sites = tuple(sorted(rng.choice(6, size=R, replace=False).tolist()))
+    exit_pos = rng.integers(0, R + 1, size=k)
+    plain = run_stopped(prof, sites, None, exit_pos, 0.0, lambda t: True, share, np.random.default_rng(seed))
+    pooled = run_stopped(prof, sites, None, exit_pos, 0.0, lambda t: True, share, np.random.default_rng(seed),
+                         room=room)
+    # the same coins: the same inputs leave, at the same times; the pool changes only who comes back
+    assert np.array_equal(pooled.completed, plain.completed)
+    assert pooled.release_ms == pytest.approx(plain.release_ms) and pooled.end_ms == pytest.approx(plain.end_ms)
+    order = [i for j in range(R) for i in np.flatnonzero(exit_pos == j)]  # as the pass releases them
+    leavers = [i for i in order if not plain.completed[i]]
+    assert np.flatnonzero(pooled.deferred).tolist() == sorted(leavers[:room])
+    for i in order:  # kept by the coin: 1 if the pool had room at its coin, else 1/share
+        if pooled.completed[i]:
+            before = sum(1 for x in leavers if order.index(x) < order.index(i))
+            assert pooled.weight[i] == (1.0 if before < room else 1.0 / share)
+    assert np.all(pooled.weight[exit_pos == R] == 1.0)
+
+
+@pytest.mark.parametrize("cap", [4, 4000])
+def test_with_a_feedback_pool_every_pooled_input_comes_back_once(cap):
+    # Saturated (work nearly always waits), a drifting stream. With a pool that can hold them all,
+    # every served input reaches the controller exactly once, with weight 1: feedback as complete
+    # as without early stop, only later. With a small one the rest is sampled as before.
+    fam = synthetic_family(n=2000, seed=3)
+    arrivals = np.asarray(traces.poisson(1500, n=2000, seed=3))
+    policy = make_policy("apparate-stop", PolicyInputs(fam, settings=Settings(stop_pool=cap)))
+    fed: list = []
+    learn = policy.feedback
+    policy.feedback = lambda fb: (fed.append(fb), learn(fb))[1]
+    run = replay(fam.evaluation, arrivals, fam.profile, policy, ClockworkBatcher(16), slo_ms=1000)
+    rows = sum(fb.batch_size for fb in fed)
+    weight = sum(fb.batch_size if fb.weight is None else fb.weight.sum() for fb in fed)
+    pool = policy.pool
+    assert len(pool) == 0 and pool.counts["joined"] == pool.counts["idle"] + pool.counts["forced"]
+    assert summarize(run).completed < 0.9  # inputs really left their batches
+    if cap == 4000:
+        assert pool.counts["joined"] == run.served.sum() - run.completed.sum() > 0
+        assert rows == weight == run.served.sum()
+    else:
+        assert 0 < pool.counts["joined"] < run.served.sum() - run.completed.sum()
+        assert rows < run.served.sum() and weight > rows

@@ -265,3 +265,73 @@ def test_a_wrong_sampled_answer_sends_every_exit_to_the_end_for_a_while(parts):
     first = alarms.index(True)
     assert shares[first + 1:first + 3] == [1.0, 1.0]  # 16 inputs: two batches of 8
     assert 0.5 in shares[first + 3:]  # then back to the floor
+
+
+def test_inputs_that_leave_join_the_pool_and_run_again_with_the_full_batch_answers(parts):
+    from apparate.core.sampling import FeedbackPool
+
+    served, ex, released = parts
+    reqs = requests(12, seed=1)
+    cfg = half_exit_config(ex, reqs)
+    released.clear()
+    full = serve(ex, reqs, cfg)
+    answers(released, reqs)
+    released.clear()
+    pool = FeedbackPool(cap=2, max_age=100)
+    stop = EarlyStop(lambda: True, 0.25, np.random.default_rng(3), pool=pool)
+    cut = serve(ex, reqs, cfg, stop)
+    cut_ans = answers(released, reqs)
+    early = np.flatnonzero([a.early for a in cut_ans])
+    coin = np.random.default_rng(3).random(early.size) >= 0.25  # who leaves, drawn as the rule draws
+    left = early[coin]
+    assert cut.left == left.size > 2 and len(pool) == 2
+    entries = pool.take(2)
+    assert [e[1][0] for e in entries] == [reqs[i] for i in left[:2]]  # the first two that left
+    assert all(e[1][1] is cfg and e[1][2] == 0 for e in entries)  # released at ramp 0 of this config
+    kept = early[~coin]
+    before = np.cumsum(coin) - coin
+    assert np.array_equal(cut.weight[kept], np.where(before[~coin] < 2, 1.0, 4.0))  # 1 while the pool had room
+    # run again: the ramps' and the final answers of the full batch, nothing released again
+    released.clear()
+    with torch.inference_mode():
+        late = ex.rerun([reqs[i] for i in left[:2]], np.zeros(2, dtype=np.int64), cfg, lambda: False)
+        gone = ex.rerun([reqs[i] for i in left[:2]], np.zeros(2, dtype=np.int64), cfg, lambda: True)
+    assert not released and gone is None  # abandoned at the first ramp: work is waiting
+    assert late.late and late.known is None and late.weight is None
+    assert np.array_equal(late.agree, full.agree[left[:2]]) and np.allclose(late.conf, full.conf[left[:2]], atol=1e-5)
+    assert np.array_equal(late.released_agree, full.agree[left[:2], 0])
+    fb = merged_feedback([late])
+    assert fb.batch_size == 2 and fb.weight is None
+
+
+def test_an_engine_with_a_feedback_pool_runs_every_pooled_input_again_when_idle(tiny_cnn):
+    from apparate.core.settings import Settings
+    from apparate.serve.control import ControlOptions
+    from apparate.serve.engine import Engine, EngineOptions
+    from apparate.serve.scheduler import BatchingOptions
+
+    from .conftest import wait_for
+
+    served = served_cnn(tiny_cnn)
+    settings = Settings.for_kind(served.kind).replace(stop_pool=64, stop_min_rest=0.0)
+    eng = Engine(served, EngineOptions(BatchingOptions("clockwork", 8, shed=False), slo_ms=1e6, threads=1,
+                                       early_stop=True, stop_sample=0.25),
+                 ControlOptions(policy="static", initial=Config((0, 1), (1.0, 0.0)), settings=settings))
+    try:
+        futs = eng.submit([np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8) for i in range(64)])
+        eng.start()  # queued before it starts: every batch but the last finds work waiting
+        res = [f.result(timeout=60) for f in futs]
+        pool = eng.early_stop.pool
+        assert wait_for(lambda: len(pool) == 0 and eng.control.handled > 0, timeout=60)
+        assert eng.flush(60)
+        eng.control.flush(60)
+        stats = eng.describe()
+    finally:
+        eng.stop()
+        eng.executor.close()
+        served.ee.remove_hooks()
+    assert all(isinstance(r, Answer) and r.early for r in res) and len(res) == 64
+    left = stats["early_stop"]["rows_left"]
+    assert left > 0 and pool.counts["joined"] == pool.counts["idle"] == left  # each ran again, once, while idle
+    assert stats["early_stop"]["pool"]["joined"] == left and stats["early_stop"]["rows_rerun"] == left
+    assert stats["total"]["inputs"] == 64 - left and not stats["errors"]  # re-runs answer no one again

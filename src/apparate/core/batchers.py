@@ -217,7 +217,8 @@ class QueueResult:
 def drive(arrivals: np.ndarray, deadlines: np.ndarray, batcher: Batcher,
           exec_ms_for: Callable[[np.ndarray], ExecMs],
           run_batch: Callable[[np.ndarray, float], float],
-          drop: Callable[[int, str], None]) -> list[int]:
+          drop: Callable[[int, str], None],
+          background: Callable[[float, bool], float | None] | None = None) -> list[int]:
     """One worker serving a sorted trace with the batcher's batches, back to back.
 
     The batcher is asked whenever the worker is idle at an arrival, at a requested `wake_at`, or
@@ -227,6 +228,9 @@ def drive(arrivals: np.ndarray, deadlines: np.ndarray, batcher: Batcher,
     `takes_reprice` (`ServingRules`) also gets `reprice`, the predictor for part of the queue.
     Requests arriving at the very instant a decision is made are in the queue for it. Returns
     the requests left waiting when nothing more will arrive or wake the batcher. Checks that the batcher keeps the protocol.
+    `background(now, queued)`, if given, is offered the free worker before each decision: it may
+    run work of its own (early stop's feedback pool) and return when the worker is free again, or
+    None to leave the worker to the batcher.
     """
     t, n = arrivals, arrivals.size
     queue: list[int] = []
@@ -237,6 +241,11 @@ def drive(arrivals: np.ndarray, deadlines: np.ndarray, batcher: Batcher,
         if upto > admitted:
             queue.extend(range(admitted, upto))
             admitted = upto
+        if background is not None:
+            free = background(now, bool(queue))
+            if free is not None:
+                now = free
+                continue
         wake = None
         if queue:
             idx = np.asarray(queue)
@@ -264,9 +273,13 @@ def drive(arrivals: np.ndarray, deadlines: np.ndarray, batcher: Batcher,
             if wake is not None and not wake > now:
                 raise RuntimeError(f"batcher asked to be woken at {wake}, not after now ({now})")
         next_arrival = float(t[admitted]) if admitted < n else np.inf
-        now = min(next_arrival, np.inf if wake is None else wake)
-        if now == np.inf:
-            break
+        nxt = min(next_arrival, np.inf if wake is None else wake)
+        if nxt == np.inf:
+            free = None if background is None or queue else background(now, False)  # its work is left
+            if free is None:
+                break
+            nxt = free
+        now = nxt
     return queue
 
 

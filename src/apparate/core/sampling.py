@@ -18,7 +18,8 @@ in replay (`policies.base.AdaptivePolicy`) and live (the executor's early stop).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections import deque
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -85,3 +86,66 @@ def leave_sites(profile: LatencyProfile, min_rest: float) -> frozenset[int]:
     tab = profile.table(1.0, range(profile.num_sites))
     rest = 1.0 - np.asarray(tab.site_ms) / float(tab.vanilla_ms)
     return frozenset(int(s) for s in np.flatnonzero(rest >= min_rest - 1e-12))
+
+
+class FeedbackPool:
+    """Inputs that left their batch while work waited, kept to run again for their feedback.
+
+    Early stop saves the rest of a pass while requests wait; most waits are short, and the worker
+    is idle again soon after (at half of capacity about half the time). An input that left joins
+    this pool while it has room, and runs again, from the start, once nothing is queued: its final
+    answer arrives late but costs no request any time. Such a batch is abandoned at the first ramp
+    after which a request has arrived (its inputs go back to the pool), so a request waits at most
+    one stretch between ramps for it. An input older than `max_age` inputs served runs even while
+    work waits, so every input that joins the pool is eventually observed: its probability of
+    completing is 1 and its feedback row weighs 1, exactly. Inputs that find the pool full leave
+    for good unless the sampler's coin keeps them (weight 1/share), as without the pool.
+    The same object decides in replay (`replay.simulator`) and live (the engine).
+    """
+
+    def __init__(self, cap: int, max_age: int):
+        if cap < 0 or max_age < 1:
+            raise ValueError(f"need cap >= 0 and max_age >= 1, got {cap} and {max_age}")
+        self.cap, self.max_age = int(cap), int(max_age)
+        self._items: deque[tuple[int, Any]] = deque()  # (inputs served when it joined, item), oldest first
+        self.served = 0  # inputs served so far (the pool's clock)
+        self.counts = {"joined": 0, "idle": 0, "forced": 0, "abandoned": 0}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def room(self) -> int:
+        return self.cap - len(self._items)
+
+    def add(self, items: Sequence[Any]) -> None:
+        if len(items) > self.room:
+            raise ValueError(f"{len(items)} inputs for a pool with room for {self.room}")
+        self._items.extend((self.served, it) for it in items)
+        self.counts["joined"] += len(items)
+
+    def overdue(self) -> bool:
+        """Must the oldest input run now, even while work waits?"""
+        return bool(self._items) and self.served - self._items[0][0] >= self.max_age
+
+    def take(self, k: int, same: Callable[[Any, Any], bool] | None = None) -> list[tuple[int, Any]]:
+        """Up to `k` of the oldest inputs (with `same`: only those that `same(oldest, item)` accepts,
+        e.g. served with the same ramps, so that they can run as one batch)."""
+        out: list[tuple[int, Any]] = []
+        rest: list[tuple[int, Any]] = []
+        while self._items and len(out) < k:
+            entry = self._items.popleft()
+            if same is None or not out or same(out[0][1], entry[1]):
+                out.append(entry)
+            else:
+                rest.append(entry)
+        self._items.extendleft(reversed(rest))
+        return out
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def put_back(self, entries: list[tuple[int, Any]]) -> None:
+        """An abandoned batch's inputs, back at the front with their age."""
+        self._items.extendleft(reversed(entries))
+        self.counts["abandoned"] += 1

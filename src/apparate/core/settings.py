@@ -84,6 +84,16 @@ class Settings:
     """Also raise that alarm whenever the controller makes the configuration bolder (a threshold
     raised, a ramp added), so a new configuration is checked on full feedback. Safer under drift,
     at most of early stop's capacity (docs/results.md)."""
+    stop_pool: int = 0
+    """Inputs that left while work waited join a feedback pool of this size (0: off) and run again,
+    from the start, while nothing is queued (`core.sampling.FeedbackPool`): full feedback, late,
+    paid for with idle time; the sample above then covers only those that find the pool full."""
+    stop_pool_batch: int = 1
+    """Pooled inputs run again at most this many at a time: a request that arrives after a pooled
+    batch's last ramp waits for the rest of it."""
+    stop_pool_age: int = 512
+    """An input waits in the pool for at most this many inputs served; then it runs even while work
+    waits, so that every pooled input is observed (weight 1, exactly)."""
     stop_min_rest: float = 0.05
     """A released input leaves its batch only at a ramp after which at least this share of a pass
     remains (batch size 1): leaving later saves less than it costs (the rows' copy, the batch's
@@ -249,6 +259,9 @@ class Settings:
         need(0 <= self.evidence_guard_loss < 1, "evidence_guard_loss must be in [0, 1)")
         need(0 < self.stop_sample <= 1, f"stop_sample must be in (0, 1], got {self.stop_sample}")
         need(0 <= self.stop_min_rest < 1, f"stop_min_rest must be in [0, 1), got {self.stop_min_rest}")
+        need(self.stop_pool_batch >= 1, f"stop_pool_batch must be >= 1, got {self.stop_pool_batch}")
+        need(self.stop_pool >= 0 and self.stop_pool_age >= 1,
+             f"need stop_pool >= 0 and stop_pool_age >= 1, got {self.stop_pool} and {self.stop_pool_age}")
         need(self.stop_alarm >= 0, f"stop_alarm must be >= 0, got {self.stop_alarm}")
         need(self.head_every >= 1 and self.head_buffer >= 1 and self.head_lag >= 0,
              "head_every and head_buffer must be >= 1, head_lag >= 0")

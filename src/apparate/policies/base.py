@@ -8,7 +8,7 @@ import numpy as np
 
 from apparate.core.controller import Config, Controller, Feedback
 from apparate.core.exits import first_exit
-from apparate.core.sampling import FeedbackSampler, bolder_than, leave_sites
+from apparate.core.sampling import FeedbackPool, FeedbackSampler, bolder_than, leave_sites
 from apparate.core.types import exit_sites_of
 
 
@@ -39,6 +39,7 @@ class Policy:
     adaptive: bool = False
     early_stop: float | None = None  # replay: the sampled share, when exited inputs may leave the batch
     stop_sites: frozenset[int] | None = None  # ... and where they may (None: at every ramp)
+    pool: FeedbackPool | None = None  # ... and where those that left wait to run again (None: they do not)
 
     @property
     def config(self) -> Config:
@@ -122,6 +123,7 @@ class AdaptivePolicy(Policy):
         s = controller.settings
         self.sampler = None if early_stop is None else FeedbackSampler(early_stop, s.stop_alarm)
         self.stop_sites = leave_sites(controller.profile, s.stop_min_rest)
+        self.pool = FeedbackPool(s.stop_pool, s.stop_pool_age) if early_stop is not None and s.stop_pool else None
         self._planned: tuple[Config, np.ndarray, np.ndarray] | None = None  # config, its columns, thresholds
 
     @property
@@ -166,10 +168,20 @@ class AdaptivePolicy(Policy):
             w = weight[at]
             self.feedback(Feedback.trusted(plan.sites, plan.thresholds, conf[np.ix_(at, cols)], agree[np.ix_(at, cols)],
                                            length, (plan.exit_pos[at], correct[at]), None if w.max() == 1.0 else w))
+        if self.pool is not None:
+            self.pool.served += int(plan.exit_pos.size)
         if self.sampler is not None:
             bolder = self.controller.settings.stop_alarm_bolder and \
                 bolder_than(plan.sites, plan.thresholds, self.controller.config)
             self.sampler.update(plan.exit_pos < len(plan.sites), sampled_wrong, bolder)
+
+    def observe_late(self, plan: Plan, conf: np.ndarray, agree: np.ndarray, length: float | None,
+                     exit_pos: np.ndarray, correct: np.ndarray) -> None:
+        """Feedback of pooled inputs run again (`core.sampling.FeedbackPool`), served with `plan`:
+        their rows (conf, agree over all sites) weigh 1, as if they had run on."""
+        cols = list(plan.sites)
+        self.feedback(Feedback.trusted(plan.sites, plan.thresholds, conf[:, cols], agree[:, cols], length,
+                                       (exit_pos, correct)))
 
     def cost_sites(self) -> tuple[int, ...]:
         return self.controller.config.sites

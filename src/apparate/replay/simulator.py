@@ -133,7 +133,13 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
             def waiting(at: float) -> bool:
                 return int(np.searchsorted(t, at, side="right")) > last + 1
 
-            stopped = run_stopped(profile, plan.sites, length, pos, now, waiting, share, rng, policy.stop_sites)
+            pool = policy.pool
+            stopped = run_stopped(profile, plan.sites, length, pos, now, waiting, share, rng, policy.stop_sites,
+                                  0 if pool is None else pool.room)
+            if pool is not None and stopped.deferred.any():
+                rows = np.flatnonzero(stopped.deferred)
+                pool.add([(plan, conf_b[r], agree_b[r], int(pos[r]), None if lengths is None else float(lengths[members[r]]))
+                          for r in rows])
             run_ms = stopped.end_ms
             release[ix] = now + stopped.release_ms * 1e-3
             completed[ix] = stopped.completed
@@ -168,6 +174,37 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
             policy.observe_stopped(plan, conf_b, agree_b, length, ok, stopped.completed, stopped.weight)
         return finish_time(now, run_ms)
 
+    def background(now: float, queued: bool) -> float | None:
+        """The feedback pool's turn (`core.sampling.FeedbackPool`): pooled inputs run again while
+        nothing is queued (abandoned at the first ramp after a request arrives), or now if overdue."""
+        pool = policy.pool
+        if pool is None or not len(pool):
+            return None
+        forced = pool.overdue()
+        if queued and not forced:
+            return None
+        entries = pool.take(policy.controller.settings.stop_pool_batch, same=lambda a, b: (a[0].sites, a[0].thresholds) == (b[0].sites, b[0].thresholds))
+        plan = entries[0][1][0]
+        length = None if lengths is None else max(e[1][4] for e in entries)
+        tab = profile.table(len(entries), plan.sites, length)
+        if not forced:
+            upto = int(np.searchsorted(t, now, side="right"))
+            arrival = float(t[upto]) if upto < n else np.inf
+            at_ramp = now + (np.asarray(tab.site_ms) + np.cumsum(tab.ramp_ms)) * 1e-3
+            hit = np.flatnonzero(at_ramp >= arrival)
+            if hit.size:
+                pool.put_back(entries)
+                return float(at_ramp[hit[0]])
+        pool.counts["forced" if forced else "idle"] += 1
+        rows = [e[1] for e in entries]
+        exit_pos = np.asarray([r[3] for r in rows])
+        agree = np.stack([r[2] for r in rows])
+        done = exit_pos < len(plan.sites)
+        correct = np.ones(len(rows), dtype=bool)
+        correct[done] = agree[done, np.asarray(plan.sites)[exit_pos[done]]]
+        policy.observe_late(plan, np.stack([r[1] for r in rows]), agree, length, exit_pos, correct)
+        return finish_time(now, tab.end_ms)
+
     def exec_ms_for(queue: np.ndarray):
         qlen = None if lengths is None else np.maximum.accumulate(lengths[queue[: batcher.max_batch]])
         return exec_for(qlen)
@@ -175,7 +212,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
     def drop(i: int, why: str) -> None:
         reason[i] = why
 
-    for q in drive(t, deadline, batcher, exec_ms_for, run_batch, drop):
+    for q in drive(t, deadline, batcher, exec_ms_for, run_batch, drop, background if policy.pool is not None else None):
         reason[q] = "unserved"  # nothing more will arrive or wake the batcher
 
     label_correct = labeled = None

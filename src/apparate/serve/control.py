@@ -222,7 +222,7 @@ class ControlLoop:
         rep.account(self.metrics)
         if self.options.update_profile and rep.vanilla_ms:
             self._pool_times(rep)
-        w = self.options.profile_weight
+        w = 0.0 if rep.late else self.options.profile_weight  # a re-run (early stop's pool) was not timed
         self.overhead_ms = rep.overhead_ms if self.handled == 0 else (1 - w) * self.overhead_ms + w * rep.overhead_ms
         cfg = self.config
         if self.policy.adaptive and rep.feedback:  # fixed policies learn nothing: no pooling for them

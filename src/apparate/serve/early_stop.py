@@ -12,6 +12,12 @@ in the queue, that compute is what they wait for. Early stop is the scheduler's 
   complete whenever it is free.
 * Only at a ramp after which enough of the pass remains (`Settings.stop_min_rest`,
   `core.sampling.leave_sites`, as the replay decides): leaving later saves less than it costs.
+* With a feedback pool (`Settings.stop_pool`, `core.sampling.FeedbackPool`), inputs that leave
+  join it while it has room, and the engine runs them again, from the start, while its queue is
+  empty (`run_pool`): their feedback comes late, with weight 1, and costs idle time only. A
+  re-run is abandoned at the first ramp where a request is waiting (they go back to the pool),
+  and an input that waited `stop_pool_age` inputs runs even then. An input kept by the coin then
+  weighs 1 as well, since it would have completed either way; 1/sample only if the pool was full.
 * An input whose caller asked for the model's own answer as well (`Request.final`) never leaves:
   its observation probability is 1, so its weight stays 1.
 * Only rows that reached the final output are feedback (their agreement is known); weighting the
@@ -31,11 +37,11 @@ features compare consecutive inputs' answers, which dropped inputs would not hav
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from apparate.core.sampling import FeedbackSampler, bolder_than
+from apparate.core.sampling import FeedbackPool, FeedbackSampler, bolder_than
 
 
 @dataclass(eq=False)
@@ -51,6 +57,8 @@ class EarlyStop:
     alarm: int = 256
     watch_bolder: bool = False  # also look harder after the configuration became bolder
     sites: frozenset[int] | None = None  # where released inputs may leave (None: every ramp)
+    pool: FeedbackPool | None = None  # where inputs that leave wait to run again (None: they do not)
+    pool_batch: int = 1  # pooled inputs run again at most this many at a time
 
     def __post_init__(self) -> None:
         self.sampler = FeedbackSampler(check_sample(self.floor), self.alarm)
@@ -77,9 +85,46 @@ class EarlyStop:
             return np.zeros(count, dtype=bool)
         return self.rng.random(count) >= self.sample
 
-    def after(self, report: Any, config: Any = None) -> None:
-        """A batch served: update the sampled share (`FeedbackSampler.update`); `config`, the
-        configuration the next batch runs (for `watch_bolder`)."""
+    def leave(self, batch: Sequence[Any], idx: np.ndarray, stays: np.ndarray, config: Any, j: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs `idx` of `batch` released now at ramp `j` of `config` while work waits; `stays`:
+        those that never leave (their callers want the final answer too). Returns which leave, and
+        the feedback weights of the rest: 1/sample for those the coin kept, 1 if the pool would have
+        taken them. Those that leave join the pool while it has room, first come first."""
+        go = self.leaving(idx.size) & ~stays
+        room = 0 if self.pool is None else self.pool.room
+        before = np.cumsum(go) - go  # inputs that left before each one, here
+        weight = np.where(stays | (before < room), 1.0, self.weight)
+        if room and go.any():
+            self.pool.add([(batch[i], config, j) for i in idx[go][:room].tolist()])
+        return go, weight
+
+    def run_pool(self, executor: Any, queued: bool, submit: Callable[[Any], None]) -> bool:
+        """The pool's turn on the engine thread, before a batch is chosen: run pooled inputs again
+        if nothing is `queued` (abandoned at the first ramp where work waits), or if the oldest is
+        overdue; `submit` takes the feedback. Whether it used the worker."""
+        pool = self.pool
+        if pool is None or not len(pool):
+            return False
+        forced = pool.overdue()
+        if queued and not forced:
+            return False
+        entries = pool.take(self.pool_batch, same=lambda a, b: a[1] is b[1])  # one configuration per run
+        reqs, config = [e[1][0] for e in entries], entries[0][1][1]
+        pos = np.fromiter((e[1][2] for e in entries), dtype=np.int64, count=len(entries))
+        report = executor.rerun(reqs, pos, config, (lambda: False) if forced else self.waiting)
+        if report is None:
+            pool.put_back(entries)
+        else:
+            pool.counts["forced" if forced else "idle"] += len(entries)
+            submit(report)
+        return True
+
+    def after(self, report: Any, config: Any = None, served: int = 0) -> None:
+        """A batch of `served` inputs served: update the sampled share (`FeedbackSampler.update`);
+        `config`, the configuration the next batch runs (for `watch_bolder`)."""
+        if self.pool is not None:
+            self.pool.served += served
         if report is None or not report.feedback:
             return
         bolder = False
@@ -112,11 +157,17 @@ def stop_sample(on: bool | None, sample: float | None, settings: Any, kind: str)
     return check_sample(sample if sample is not None else getattr(settings, "stop_sample", 0.05))
 
 
-def engine_stop(sample: float | None, waiting: Callable[[], bool], seed: int = 0, alarm: int = 256,
-                watch_bolder: bool = False, sites: frozenset[int] | None = None) -> EarlyStop | None:
-    """The engine's rule (None when `sample` is None: off)."""
-    return None if sample is None else EarlyStop(waiting, sample, np.random.default_rng(seed), alarm, watch_bolder,
-                                                 sites)
+def engine_stop(sample: float | None, waiting: Callable[[], bool], seed: int = 0, settings: Any = None,
+                sites: frozenset[int] | None = None) -> EarlyStop | None:
+    """The engine's rule (None when `sample` is None: off), with the controller `settings`' alarm,
+    `stop_alarm_bolder` and feedback pool."""
+    if sample is None:
+        return None
+    cap = int(getattr(settings, "stop_pool", 0))
+    pool = FeedbackPool(cap, int(getattr(settings, "stop_pool_age", 512))) if cap else None
+    return EarlyStop(waiting, sample, np.random.default_rng(seed), int(getattr(settings, "stop_alarm", 256)),
+                     bool(getattr(settings, "stop_alarm_bolder", False)), sites, pool,
+                     int(getattr(settings, "stop_pool_batch", 1)))
 
 
 def stop_state(engine: Any) -> dict[str, Any]:
@@ -124,4 +175,6 @@ def stop_state(engine: Any) -> dict[str, Any]:
     stop, why = engine.early_stop, engine.executor.drop_refused
     return {"on": stop is not None and why is None, "sample": None if stop is None else stop.sample,
             **({"floor": stop.sampler.floor, "alarms": dict(stop.sampler.alarms)} if stop is not None else {}),
+            **({"pool": {"size": len(stop.pool), "cap": stop.pool.cap, **stop.pool.counts}}
+               if stop is not None and stop.pool is not None else {}),
             **({"refused": why} if stop is not None and why is not None else {})}

@@ -130,9 +130,7 @@ class Engine:
         self.admission = Admission(self, self._text)
         # early stop: work is waiting when the queue holds requests as a ramp releases inputs
         self.early_stop = engine_stop(self._stop_sample, lambda: len(self.queue) > 0, options.stop_seed,
-                                      int(getattr(control.settings, "stop_alarm", 256)),
-                                      bool(getattr(control.settings, "stop_alarm_bolder", False)),
-                                      self.leave_sites())
+                                      control.settings, self.leave_sites())
 
     def _apply_heads(self, table: Any) -> None:
         """Heads that keep learning: load a new `HeadsTable` into the model's ramps (engine thread)."""
@@ -333,6 +331,10 @@ class Engine:
                 self._swap.apply(self)
             version = q.version
             items, arr, dl, cost = q.snapshot()
+            stop = self.early_stop
+            if stop is not None and stop.pool is not None and not q.closed and \
+                    stop.run_pool(self.executor, bool(items), self._submit_late):  # idle time: pooled inputs
+                continue
             if not items:
                 if q.closed:
                     return
@@ -380,7 +382,7 @@ class Engine:
                 self._apply_heads(live.heads)  # between two batches: none sees half of a swap
             report = self.executor.run(batch, live.config, t_start, live.scorer, self.early_stop, live.heads)
             if self.early_stop is not None:
-                self.early_stop.after(report, self.live.config)
+                self.early_stop.after(report, self.live.config, len(batch))
         finally:
             self.running_batch = 0
             self.admission.busy_until = 0.0
@@ -401,6 +403,12 @@ class Engine:
             report.t_start, report.t_end = t_start, t_end
         self._hand_over()  # the previous batch's, if this one failed before entering the model
         self._held = (report, len(batch))
+
+    def _submit_late(self, report: BatchReport) -> None:
+        """Feedback of pooled inputs run again: after the held batch's, so the controller sees
+        batches in the order they ran."""
+        self._hand_over()
+        self.control.submit(report)
 
     def _hand_over(self) -> None:
         """Give the latest batch's report to the control thread, and count its inputs settled.

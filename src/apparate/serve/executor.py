@@ -202,8 +202,8 @@ class Executor:
                     if idx.size:
                         release_at(j, r, idx, at)
                         if stop.may_leave(r.site) and stop.waiting():
-                            go = stop.leaving(idx.size) & ~stays[idx]
-                            weight[idx[~go & ~stays[idx]]] = stop.weight  # sampled: they stand for 1/p inputs
+                            go, w = stop.leave(batch, idx, stays[idx], cfg, j)
+                            weight[idx[~go]] = w[~go]  # kept by the coin: they stand for 1/p inputs
                             if go.any():
                                 left[idx[go]] = True
                                 keep = np.ones(r.logits.shape[0], dtype=bool)
@@ -387,6 +387,36 @@ class Executor:
             report.vanilla_ms = None  # (the profile takes a batch's times only with its whole backbone's)
         if stop is not None and (weight != 1.0).any():
             report.weight = weight
+        return report
+
+    def rerun(self, batch: list[Request], exit_pos: np.ndarray, cfg: Config, abandon: Callable[[], bool]
+              ) -> BatchReport | None:
+        """Run again, for their feedback, inputs that were answered at ramp `exit_pos` [n] of `cfg`
+        and left their batch (early stop's pool): their final answers and every active ramp's, as a
+        report with `late` set (nothing is released). None if `abandon()` turned true at a ramp
+        (the run stops there) or the model failed (logged)."""
+        n, R = len(batch), len(cfg.sites)
+
+        def check(r: Any) -> np.ndarray | None:
+            return np.zeros(r.logits.shape[0], dtype=bool) if abandon() else None
+
+        try:
+            x = self.served.codec.encode([r.item for r in batch])
+            self._use_sites(cfg.sites)
+            out = self.ee(x, on_ramp=check, active=cfg.sites)
+        except Exception as e:  # noqa: BLE001 - feedback only: nobody waits for it
+            log.warning("a pooled re-run failed: %s: %s", type(e).__name__, e)
+            return None
+        if out.final is None:
+            return None
+        results = [out.ramps[s] for s in cfg.sites]
+        score_all(results)
+        conf = np.stack([np.asarray(r.conf, dtype=np.float64) for r in results], axis=1).reshape(n, R)
+        pred = np.stack([np.asarray(r.pred) for r in results], axis=1).reshape(n, R)
+        agree = pred == out.final_pred.cpu().numpy()[:, None]
+        report = BatchReport(cfg.sites, cfg.thresholds, cfg.version, conf, agree, exit_pos,
+                             agree[np.arange(n), exit_pos], np.zeros(n), n, self.served.codec.length(x))
+        report.late = True
         return report
 
     def _advance(self, cols: np.ndarray, conf: np.ndarray, pred: np.ndarray, final: np.ndarray,

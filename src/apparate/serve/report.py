@@ -57,6 +57,7 @@ class BatchReport:
     weight: np.ndarray | None = None
     left: int = 0
     stopped: bool = False
+    late: bool = False  # inputs answered earlier, run again for their feedback (early stop's pool)
 
     @property
     def known_count(self) -> int:
@@ -69,6 +70,9 @@ class BatchReport:
 
     def account(self, metrics: Any) -> None:
         """Record the batch in the metrics (exits, agreement, latencies, batch size)."""
+        if self.late:  # counted when they were served
+            metrics.live.count("early_stop", "rows_rerun", self.batch_size)
+            return
         sites = exit_sites_of(tuple(self.sites))[self.exit_pos]
         arr = self.arrivals if self.arrivals is not None else np.full(self.batch_size, self.t_start)
         metrics.batch_done(sites, self.released_agree, self.release_t - arr, self.t_start - arr,

@@ -35,6 +35,8 @@ class ChangeOver:
         engine.admission.idle_costs = self.control.live.costs
         if engine.early_stop is not None:  # the new bundle's sites where leaving pays
             engine.early_stop.sites = engine.leave_sites()
+            if engine.early_stop.pool is not None:  # inputs of the old bundle's configurations
+                engine.early_stop.pool.clear()
         if engine.running:
             self.control.start()
         self.done.set()
