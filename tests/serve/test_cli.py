@@ -204,7 +204,7 @@ def test_loadgen_compare_starts_the_servers_and_prints_ratios(r20_bundle, tmp_pa
         code = main(["loadgen", "--compare", str(bundle), "--stream", "cifar10-resnet20", "--stream-name", "test",
                      "--rate", "30", "--duration", "1", "--warmup", "0.5", "--trace", "poisson", "--no-progress",
                      "--data-dir", str(dd), "--threads", "1", "--max-batch", "4", "--json", str(tmp_path / "s.json"),
-                     "--server-log", str(tmp_path / "logs"), "--early-stop"])
+                     "--server-log", str(tmp_path / "logs"), "--early-stop", "--serve-arg=--set=stop_pool=16"])
     out = buf.getvalue()
     assert code == 0, out
     assert "servers: vanilla at http://127.0.0.1:" in out and "apparate at http://127.0.0.1:" in out
@@ -219,6 +219,11 @@ def test_loadgen_compare_starts_the_servers_and_prints_ratios(r20_bundle, tmp_pa
     assert summaries["vanilla"]["requests"] == summaries["apparate"]["requests"] == summaries["apparate-stop"]["requests"]
     assert summaries["vanilla"]["same_as_reference"] == 1.0  # the client's own check against vanilla's answers
     assert 0.9 <= summaries["apparate-stop"]["same_as_reference"] <= 1.0
+    # early stop's rows (those that left, those its pool ran again) from the servers' /earlyexit
+    assert summaries["vanilla"]["early_stop"] == {} == summaries["apparate"]["early_stop"]
+    stop = summaries["apparate-stop"]["early_stop"]
+    assert set(stop) <= {"left", "run again", "of which while work waited"}
+    assert stop.get("run again", 0) <= stop.get("left", 0) + 16  # (the pool may hold warm-up's too)
     # every server was shut down gracefully
     for name in ("vanilla", "apparate", "apparate-stop"):
         assert "stopped" in (tmp_path / "logs" / f"{name}.log").read_text()

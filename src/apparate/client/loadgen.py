@@ -303,6 +303,15 @@ def summarize(results: Sequence[RunResult], slo_ms: float | None = None) -> dict
         inputs += int(b.get("inputs", 0)) - int(a.get("inputs", 0))
         agree += int(b.get("agree", 0)) - int(a.get("agree", 0))
     out["server_inputs"] = inputs
+    stop: dict[str, int] = {}  # early stop over the measured runs: rows that left, and ran again (its pool)
+    for r in results:
+        a, b = r.server_before.get("early_stop", {}), r.server_after.get("early_stop", {})
+        for key, got in (("left", "rows_left"), ("run again", "rows_rerun")):
+            stop[key] = stop.get(key, 0) + int(b.get(got, 0)) - int(a.get(got, 0))
+        if "pool" in b:
+            stop["of which while work waited"] = stop.get("of which while work waited", 0) + \
+                int(b["pool"].get("forced", 0)) - int(a.get("pool", {}).get("forced", 0))
+    out["early_stop"] = {k: v for k, v in stop.items() if v or k == "left"} if any(stop.values()) else {}
     out["accuracy_vs_original"] = agree / inputs if inputs else float("nan")
     lag = np.array([o.lag_ms for o in outs])
     out["client_lag_p99_ms"] = float(np.percentile(lag, 99)) if lag.size else 0.0
@@ -351,6 +360,7 @@ def format_report(summaries: Sequence[tuple[str, dict[str, Any]]]) -> str:
     for n, s in summaries:
         extra.append(f"{n}: exits {s.get('exits')}; ramps {s.get('ramps')} thresholds {s.get('thresholds')}"
                      + (f"; 503 reasons {s['drop_reasons']}" if s.get("drop_reasons") else "")
+                     + (f"; early stop rows {s['early_stop']}" if s.get("early_stop") else "")
                      + (f"; errors {s['error_kinds']}" if s.get("error_kinds") else ""))
     return "\n".join(lines + extra)
 
