@@ -335,3 +335,21 @@ def test_an_engine_with_a_feedback_pool_runs_every_pooled_input_again_when_idle(
     assert left > 0 and pool.counts["joined"] == pool.counts["idle"] == left  # each ran again, once, while idle
     assert stats["early_stop"]["pool"]["joined"] == left and stats["early_stop"]["rows_rerun"] == left
     assert stats["total"]["inputs"] == 64 - left and not stats["errors"]  # re-runs answer no one again
+
+
+def test_a_pooled_input_whose_run_fails_is_dropped_not_retried(parts):
+    from apparate.core.sampling import FeedbackPool
+
+    served, ex, released = parts
+    good = requests(1, seed=5)[0]
+    bad = Request("not an image", 1, time.perf_counter(), 1e18, concurrent.futures.Future())
+    cfg = Config((0, 1), (1.0, 0.0), 1)
+    stop = EarlyStop(lambda: False, 0.25, pool=FeedbackPool(cap=4, max_age=100))
+    stop.pool.add([(bad, cfg, 0), (good, cfg, 0)])
+    got: list = []
+    with torch.inference_mode():
+        assert stop.run_pool(ex, False, got.append)  # the bad one: its run raises
+        assert len(stop.pool) == 1 and stop.pool.counts["failed"] == 1 and not got
+        assert stop.run_pool(ex, False, got.append)  # the next one runs
+        assert not stop.run_pool(ex, False, got.append)  # nothing left
+    assert stop.pool.counts["idle"] == 1 and len(got) == 1 and got[0].late and not released

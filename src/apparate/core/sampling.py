@@ -109,7 +109,7 @@ class FeedbackPool:
         self.cap, self.max_age = int(cap), int(max_age)
         self._items: deque[tuple[int, Any]] = deque()  # (inputs served when it joined, item), oldest first
         self.served = 0  # inputs served so far (the pool's clock)
-        self.counts = {"joined": 0, "idle": 0, "forced": 0, "abandoned": 0}
+        self.counts = {"joined": 0, "idle": 0, "forced": 0, "abandoned": 0, "failed": 0}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -127,6 +127,22 @@ class FeedbackPool:
     def overdue(self) -> bool:
         """Must the oldest input run now, even while work waits?"""
         return bool(self._items) and self.served - self._items[0][0] >= self.max_age
+
+    def turn(self, queued: bool, k: int, same: Callable[[Any, Any], bool] | None = None
+             ) -> tuple[list[tuple[int, Any]], bool] | None:
+        """The pool's turn at a free worker: up to `k` of the oldest inputs to run again (`same`: as
+        in `take`) and whether they are overdue (they run even while work waits); None when the pool
+        is empty, or work is `queued` and nothing is overdue. Give them back to `done` or `put_back`."""
+        if not self._items:
+            return None
+        forced = self.overdue()
+        if queued and not forced:
+            return None
+        return self.take(k, same), forced
+
+    def done(self, entries: list[tuple[int, Any]], forced: bool) -> None:
+        """Inputs from `turn` that ran again to the end."""
+        self.counts["forced" if forced else "idle"] += len(entries)
 
     def take(self, k: int, same: Callable[[Any, Any], bool] | None = None) -> list[tuple[int, Any]]:
         """Up to `k` of the oldest inputs (with `same`: only those that `same(oldest, item)` accepts,

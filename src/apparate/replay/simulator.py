@@ -178,12 +178,11 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         """The feedback pool's turn (`core.sampling.FeedbackPool`): pooled inputs run again while
         nothing is queued (abandoned at the first ramp after a request arrives), or now if overdue."""
         pool = policy.pool
-        if pool is None or not len(pool):
+        turn = pool.turn(queued, policy.controller.settings.stop_pool_batch,
+                         same=lambda a, b: (a[0].sites, a[0].thresholds) == (b[0].sites, b[0].thresholds))
+        if turn is None:
             return None
-        forced = pool.overdue()
-        if queued and not forced:
-            return None
-        entries = pool.take(policy.controller.settings.stop_pool_batch, same=lambda a, b: (a[0].sites, a[0].thresholds) == (b[0].sites, b[0].thresholds))
+        entries, forced = turn
         plan = entries[0][1][0]
         length = None if lengths is None else max(e[1][4] for e in entries)
         tab = profile.table(len(entries), plan.sites, length)
@@ -195,13 +194,11 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
             if hit.size:
                 pool.put_back(entries)
                 return float(at_ramp[hit[0]])
-        pool.counts["forced" if forced else "idle"] += 1
+        pool.done(entries, forced)
         rows = [e[1] for e in entries]
-        exit_pos = np.asarray([r[3] for r in rows])
+        exit_pos = np.asarray([r[3] for r in rows])  # each left at a ramp: none is the final output
         agree = np.stack([r[2] for r in rows])
-        done = exit_pos < len(plan.sites)
-        correct = np.ones(len(rows), dtype=bool)
-        correct[done] = agree[done, np.asarray(plan.sites)[exit_pos[done]]]
+        correct = agree[np.arange(len(rows)), np.asarray(plan.sites)[exit_pos]]
         policy.observe_late(plan, np.stack([r[1] for r in rows]), agree, length, exit_pos, correct)
         return finish_time(now, tab.end_ms)
 

@@ -36,12 +36,15 @@ features compare consecutive inputs' answers, which dropped inputs would not hav
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from apparate.core.sampling import FeedbackPool, FeedbackSampler, bolder_than
+
+log = logging.getLogger("apparate.serve")
 
 
 @dataclass(eq=False)
@@ -104,19 +107,22 @@ class EarlyStop:
         if nothing is `queued` (abandoned at the first ramp where work waits), or if the oldest is
         overdue; `submit` takes the feedback. Whether it used the worker."""
         pool = self.pool
-        if pool is None or not len(pool):
+        turn = None if pool is None else pool.turn(queued, self.pool_batch, same=lambda a, b: a[1] is b[1])
+        if turn is None:  # (`same`: one configuration per run)
             return False
-        forced = pool.overdue()
-        if queued and not forced:
-            return False
-        entries = pool.take(self.pool_batch, same=lambda a, b: a[1] is b[1])  # one configuration per run
+        entries, forced = turn
         reqs, config = [e[1][0] for e in entries], entries[0][1][1]
         pos = np.fromiter((e[1][2] for e in entries), dtype=np.int64, count=len(entries))
-        report = executor.rerun(reqs, pos, config, (lambda: False) if forced else self.waiting)
+        try:
+            report = executor.rerun(reqs, pos, config, (lambda: False) if forced else self.waiting)
+        except Exception as e:  # noqa: BLE001 - feedback only: nobody waits for it, and it is not retried
+            log.warning("a pooled input's run failed: %s: %s", type(e).__name__, e)
+            pool.counts["failed"] += len(entries)
+            return True
         if report is None:
             pool.put_back(entries)
         else:
-            pool.counts["forced" if forced else "idle"] += len(entries)
+            pool.done(entries, forced)
             submit(report)
         return True
 

@@ -394,19 +394,15 @@ class Executor:
         """Run again, for their feedback, inputs that were answered at ramp `exit_pos` [n] of `cfg`
         and left their batch (early stop's pool): their final answers and every active ramp's, as a
         report with `late` set (nothing is released). None if `abandon()` turned true at a ramp
-        (the run stops there) or the model failed (logged)."""
+        (the run stops there); a failure raises."""
         n, R = len(batch), len(cfg.sites)
 
         def check(r: Any) -> np.ndarray | None:
             return np.zeros(r.logits.shape[0], dtype=bool) if abandon() else None
 
-        try:
-            x = self.served.codec.encode([r.item for r in batch])
-            self._use_sites(cfg.sites)
-            out = self.ee(x, on_ramp=check, active=cfg.sites)
-        except Exception as e:  # noqa: BLE001 - feedback only: nobody waits for it
-            log.warning("a pooled re-run failed: %s: %s", type(e).__name__, e)
-            return None
+        x = self.served.codec.encode([r.item for r in batch])
+        self._use_sites(cfg.sites)
+        out = self.ee(x, on_ramp=check, active=cfg.sites)
         if out.final is None:
             return None
         results = [out.ramps[s] for s in cfg.sites]
