@@ -341,6 +341,7 @@ def test_a_pooled_input_whose_run_fails_is_dropped_not_retried(parts):
     from apparate.core.sampling import FeedbackPool
 
     served, ex, released = parts
+    released.clear()
     good = requests(1, seed=5)[0]
     bad = Request("not an image", 1, time.perf_counter(), 1e18, concurrent.futures.Future())
     cfg = Config((0, 1), (1.0, 0.0), 1)
