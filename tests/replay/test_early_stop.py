@@ -262,14 +262,14 @@ def test_inputs_that_leave_join_the_pool_first_come_and_weigh_one_while_it_has_r
     assert np.all(pooled.weight[exit_pos == R] == 1.0)
 
 
-@pytest.mark.parametrize("cap", [4, 4000])
-def test_with_a_feedback_pool_every_pooled_input_comes_back_once(cap):
+@pytest.mark.parametrize("cap,resume", [(4, False), (4000, False), (4000, True)])
+def test_with_a_feedback_pool_every_pooled_input_comes_back_once(cap, resume):
     # Saturated (work nearly always waits), a drifting stream. With a pool that can hold them all,
     # every served input reaches the controller exactly once, with weight 1: feedback as complete
     # as without early stop, only later. With a small one the rest is sampled as before.
     fam = synthetic_family(n=2000, seed=3)
     arrivals = np.asarray(traces.poisson(1500, n=2000, seed=3))
-    policy = make_policy("apparate-stop", PolicyInputs(fam, settings=Settings(stop_pool=cap)))
+    policy = make_policy("apparate-stop", PolicyInputs(fam, settings=Settings(stop_pool=cap, stop_pool_resume=resume)))
     fed: list = []
     learn = policy.feedback
     policy.feedback = lambda fb: (fed.append(fb), learn(fb))[1]
@@ -285,3 +285,17 @@ def test_with_a_feedback_pool_every_pooled_input_comes_back_once(cap):
     else:
         assert 0 < pool.counts["joined"] < run.served.sum() - run.completed.sum()
         assert rows < run.served.sum() and weight > rows
+
+
+def test_resuming_where_they_left_runs_pooled_inputs_in_less_time():
+    # `stop_pool_resume` (replay only): a pooled input costs the rest of the pass from its ramp,
+    # not a whole pass, so fewer of its runs are cut short by an arriving request.
+    fam = synthetic_family(n=2000, seed=4)
+    arrivals = np.asarray(traces.poisson(150, n=2000, seed=4))  # moderate load: idle gaps
+    pools = {}
+    for resume in (False, True):
+        policy = make_policy("apparate-stop", PolicyInputs(fam, settings=Settings(stop_pool=64, stop_pool_resume=resume)))
+        replay(fam.evaluation, arrivals, fam.profile, policy, ClockworkBatcher(16), slo_ms=1000)
+        pools[resume] = policy.pool.counts
+    assert pools[False]["joined"] > 50 and pools[True]["joined"] > 50
+    assert pools[True]["abandoned"] / pools[True]["joined"] < pools[False]["abandoned"] / pools[False]["joined"]

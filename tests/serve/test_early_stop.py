@@ -354,3 +354,17 @@ def test_a_pooled_input_whose_run_fails_is_dropped_not_retried(parts):
         assert stop.run_pool(ex, False, got.append)  # the next one runs
         assert not stop.run_pool(ex, False, got.append)  # nothing left
     assert stop.pool.counts["idle"] == 1 and len(got) == 1 and got[0].late and not released
+
+
+def test_a_server_refuses_the_replays_resuming_pool(tiny_cnn):
+    from apparate.core.settings import Settings
+    from apparate.serve.control import ControlOptions
+    from apparate.serve.engine import Engine, EngineOptions
+
+    served = served_cnn(tiny_cnn)
+    settings = Settings.for_kind(served.kind).replace(stop_pool=8, stop_pool_resume=True)
+    try:
+        with pytest.raises(ValueError, match="for the replay only"):
+            Engine(served, EngineOptions(slo_ms=1e6, threads=1, early_stop=True), ControlOptions(settings=settings))
+    finally:
+        served.ee.remove_hooks()

@@ -91,6 +91,10 @@ class Settings:
     stop_pool_batch: int = 1
     """Pooled inputs run again at most this many at a time: a request that arrives after a pooled
     batch's last ramp waits for the rest of it."""
+    stop_pool_resume: bool = False
+    """Replay only: a pooled input resumes from the ramp where it left instead of running again
+    from the start: what a model that can be entered at a site would give (docs/results.md). The
+    live engine cannot (its ramps are hooks on the unchanged model) and refuses the setting."""
     stop_pool_age: int = 512
     """An input waits in the pool for at most this many inputs served; then it runs even while work
     waits, so that every pooled input is observed (weight 1, exactly)."""

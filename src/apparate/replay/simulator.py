@@ -186,11 +186,14 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         plan = entries[0][1][0]
         length = None if lengths is None else max(e[1][4] for e in entries)
         tab = profile.table(len(entries), plan.sites, length)
+        ramp_ms = np.asarray(tab.site_ms) + np.cumsum(tab.ramp_ms)  # from the start to each ramp's end
+        # resuming (`stop_pool_resume`): from the earliest ramp where one of them left
+        skip = float(ramp_ms[min(e[1][3] for e in entries)]) if policy.controller.settings.stop_pool_resume else 0.0
         if not forced:
             upto = int(np.searchsorted(t, now, side="right"))
             arrival = float(t[upto]) if upto < n else np.inf
-            at_ramp = now + (np.asarray(tab.site_ms) + np.cumsum(tab.ramp_ms)) * 1e-3
-            hit = np.flatnonzero(at_ramp >= arrival)
+            at_ramp = now + (ramp_ms - skip) * 1e-3
+            hit = np.flatnonzero((at_ramp >= arrival) & (ramp_ms > skip))
             if hit.size:
                 pool.put_back(entries)
                 return float(at_ramp[hit[0]])
@@ -200,7 +203,7 @@ def replay(recording: Recording, arrivals: np.ndarray, profile: LatencyProfile, 
         agree = np.stack([r[2] for r in rows])
         correct = agree[np.arange(len(rows)), np.asarray(plan.sites)[exit_pos]]
         policy.observe_late(plan, np.stack([r[1] for r in rows]), agree, length, exit_pos, correct)
-        return finish_time(now, tab.end_ms)
+        return finish_time(now, tab.end_ms - skip)
 
     def exec_ms_for(queue: np.ndarray):
         qlen = None if lengths is None else np.maximum.accumulate(lengths[queue[: batcher.max_batch]])
