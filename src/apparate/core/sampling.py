@@ -93,7 +93,8 @@ class FeedbackPool:
 
     Early stop saves the rest of a pass while requests wait; most waits are short, and the worker
     is idle again soon after (at half of capacity about half the time). An input that left joins
-    this pool while it has room, and runs again, from the start, once nothing is queued: its final
+    this pool while it has room, and runs again, from the start (in replay, optionally from where
+    it left: `Settings.stop_pool_resume`), once nothing is queued: its final
     answer arrives late but costs no request any time. Such a batch is abandoned at the first ramp
     after which a request has arrived (its inputs go back to the pool), so a request waits at most
     one stretch between ramps for it. An input older than `max_age` inputs served runs even while
