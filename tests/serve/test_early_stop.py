@@ -368,3 +368,22 @@ def test_a_server_refuses_the_replays_resuming_pool(tiny_cnn):
             Engine(served, EngineOptions(slo_ms=1e6, threads=1, early_stop=True), ControlOptions(settings=settings))
     finally:
         served.ee.remove_hooks()
+
+
+def test_a_pooled_input_waits_while_work_waits_and_runs_regardless_once_overdue(parts):
+    from apparate.core.sampling import FeedbackPool
+
+    served, ex, released = parts
+    released.clear()
+    cfg = Config((0, 1), (1.0, 0.0), 1)
+    stop = EarlyStop(lambda: True, 0.25, pool=FeedbackPool(cap=4, max_age=8))  # work is always waiting
+    stop.pool.add([(requests(1, seed=6)[0], cfg, 0)])
+    got: list = []
+    with torch.inference_mode():
+        assert not stop.run_pool(ex, True, got.append)  # queued, not overdue: the batch goes first
+        assert stop.run_pool(ex, False, got.append)  # the queue looks empty, but a request waits at ramp 0
+        assert len(stop.pool) == 1 and stop.pool.counts["abandoned"] == 1 and not got
+        stop.after(None, served=8)  # 8 inputs served since it joined: overdue
+        assert stop.run_pool(ex, True, got.append)  # runs though work waits, to the end
+    assert len(stop.pool) == 0 and stop.pool.counts["forced"] == 1 and len(got) == 1 and got[0].late
+    assert not released
