@@ -160,6 +160,9 @@ def stop_sample(on: bool | None, sample: float | None, settings: Any, kind: str)
         settings = Settings.for_kind(kind)
     if not (on if on is not None else bool(getattr(settings, "early_stop", False))):
         return None
+    if getattr(settings, "stop_pool_resume", False):  # refused before the model is calibrated
+        raise ValueError("stop_pool_resume is for the replay only: a server runs pooled inputs again from the "
+                         "start (its ramps are hooks on the unchanged model, which cannot be entered at a site)")
     return check_sample(sample if sample is not None else getattr(settings, "stop_sample", 0.05))
 
 
@@ -169,9 +172,6 @@ def engine_stop(sample: float | None, waiting: Callable[[], bool], seed: int = 0
     `stop_alarm_bolder` and feedback pool."""
     if sample is None:
         return None
-    if getattr(settings, "stop_pool_resume", False):
-        raise ValueError("stop_pool_resume is for the replay only: a server runs pooled inputs again from the "
-                         "start (its ramps are hooks on the unchanged model, which cannot be entered at a site)")
     cap = int(getattr(settings, "stop_pool", 0))
     pool = FeedbackPool(cap, int(getattr(settings, "stop_pool_age", 512))) if cap else None
     return EarlyStop(waiting, sample, np.random.default_rng(seed), int(getattr(settings, "stop_alarm", 256)),
