@@ -84,14 +84,18 @@ def test_a_batch_whose_inputs_all_left_stops_at_that_ramp():
         assert out.end_ms < tab_full.end_ms
 
 
+def random_batch(k: int, R: int, seed: int) -> tuple[LatencyProfile, tuple[int, ...], np.ndarray]:
+    """A linear 6-site profile, R random active sites and k inputs' random releasing ramps."""
+    rng = np.random.default_rng(seed)
+    sites = tuple(sorted(rng.choice(6, size=R, replace=False).tolist()))
+    return LatencyProfile.linear(6, vanilla_ms=10.0, ramp_fraction=0.01), sites, rng.integers(0, R + 1, size=k)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 16), st.integers(0, 3), st.floats(0.0, 30.0), st.sampled_from([1.0, 0.5, 0.2, 0.05]),
        st.integers(0, 10_000))
 def test_early_stop_never_delays_an_answer_and_weights_are_inverse_probabilities(k, R, wait_from_ms, share, seed):
-    prof = LatencyProfile.linear(6, vanilla_ms=10.0, ramp_fraction=0.01)
-    rng = np.random.default_rng(seed)
-    sites = tuple(sorted(rng.choice(6, size=R, replace=False).tolist()))
-    exit_pos = rng.integers(0, R + 1, size=k)
+    prof, sites, exit_pos = random_batch(k, R, seed)
     out = run_stopped(prof, sites, None, exit_pos, 0.0, lambda t: t * 1e3 >= wait_from_ms, share,
                       np.random.default_rng(seed))
     full = prof.table(k, sites)
@@ -242,10 +246,7 @@ def test_bolder_configurations_are_checked_on_full_feedback_when_asked():
 @given(st.integers(1, 16), st.integers(1, 3), st.sampled_from([1.0, 0.5, 0.2, 0.05]), st.integers(0, 20),
        st.integers(0, 10_000))
 def test_inputs_that_leave_join_the_pool_first_come_and_weigh_one_while_it_has_room(k, R, share, room, seed):
-    prof = LatencyProfile.linear(6, vanilla_ms=10.0, ramp_fraction=0.01)
-    rng = np.random.default_rng(seed)
-    sites = tuple(sorted(rng.choice(6, size=R, replace=False).tolist()))
-    exit_pos = rng.integers(0, R + 1, size=k)
+    prof, sites, exit_pos = random_batch(k, R, seed)
     plain = run_stopped(prof, sites, None, exit_pos, 0.0, lambda t: True, share, np.random.default_rng(seed))
     pooled = run_stopped(prof, sites, None, exit_pos, 0.0, lambda t: True, share, np.random.default_rng(seed),
                          room=room)

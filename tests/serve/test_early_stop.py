@@ -62,14 +62,21 @@ def half_exit_config(ex, reqs) -> Config:
     return Config((0, 1), (float(np.median(1.0 - c)) + 1e-9, 0.0), 1)
 
 
-def test_dropped_rows_leave_the_rest_with_the_full_batch_answers(parts):
-    served, ex, released = parts
+def full_batch(ex, released) -> tuple[list[Request], Config, object, list[Answer]]:
+    """12 inputs, a configuration that releases about half at ramp 0, and the batch served whole:
+    (requests, config, report, answers); `released` is left empty."""
     reqs = requests(12, seed=1)
     cfg = half_exit_config(ex, reqs)
     released.clear()
     full = serve(ex, reqs, cfg)
     full_ans = answers(released, reqs)
     released.clear()
+    return reqs, cfg, full, full_ans
+
+
+def test_dropped_rows_leave_the_rest_with_the_full_batch_answers(parts):
+    served, ex, released = parts
+    reqs, cfg, full, full_ans = full_batch(ex, released)
     stop = EarlyStop(lambda: True, 0.25, np.random.default_rng(3))
     cut = serve(ex, reqs, cfg, stop)
     cut_ans = answers(released, reqs)
@@ -271,12 +278,7 @@ def test_inputs_that_leave_join_the_pool_and_run_again_with_the_full_batch_answe
     from apparate.core.sampling import FeedbackPool
 
     served, ex, released = parts
-    reqs = requests(12, seed=1)
-    cfg = half_exit_config(ex, reqs)
-    released.clear()
-    full = serve(ex, reqs, cfg)
-    answers(released, reqs)
-    released.clear()
+    reqs, cfg, full, _ = full_batch(ex, released)
     pool = FeedbackPool(cap=2, max_age=100)
     stop = EarlyStop(lambda: True, 0.25, np.random.default_rng(3), pool=pool)
     cut = serve(ex, reqs, cfg, stop)
