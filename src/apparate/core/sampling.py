@@ -112,6 +112,13 @@ class FeedbackPool:
         self.served = 0  # inputs served so far (the pool's clock)
         self.counts = {"joined": 0, "idle": 0, "forced": 0, "abandoned": 0, "failed": 0}
 
+    @classmethod
+    def of(cls, settings: Any) -> "FeedbackPool | None":
+        """The pool `settings` (a `Settings`, or None for the defaults) ask for: None when
+        `stop_pool` is 0 (off). One reading of the settings for replay and live."""
+        cap = int(getattr(settings, "stop_pool", 0))
+        return cls(cap, int(getattr(settings, "stop_pool_age", 512))) if cap else None
+
     def __len__(self) -> int:
         return len(self._items)
 

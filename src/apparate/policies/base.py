@@ -123,7 +123,7 @@ class AdaptivePolicy(Policy):
         s = controller.settings
         self.sampler = None if early_stop is None else FeedbackSampler(early_stop, s.stop_alarm)
         self.stop_sites = leave_sites(controller.profile, s.stop_min_rest)
-        self.pool = FeedbackPool(s.stop_pool, s.stop_pool_age) if early_stop is not None and s.stop_pool else None
+        self.pool = FeedbackPool.of(s) if early_stop is not None else None
         self._planned: tuple[Config, np.ndarray, np.ndarray] | None = None  # config, its columns, thresholds
 
     @property

@@ -172,10 +172,8 @@ def engine_stop(sample: float | None, waiting: Callable[[], bool], seed: int = 0
     `stop_alarm_bolder` and feedback pool."""
     if sample is None:
         return None
-    cap = int(getattr(settings, "stop_pool", 0))
-    pool = FeedbackPool(cap, int(getattr(settings, "stop_pool_age", 512))) if cap else None
     return EarlyStop(waiting, sample, np.random.default_rng(seed), int(getattr(settings, "stop_alarm", 256)),
-                     bool(getattr(settings, "stop_alarm_bolder", False)), sites, pool,
+                     bool(getattr(settings, "stop_alarm_bolder", False)), sites, FeedbackPool.of(settings),
                      int(getattr(settings, "stop_pool_batch", 1)))
 
 
